@@ -1,0 +1,383 @@
+"""Frozen configuration: the model (from a Hugging Face config.json or a preset) and the build.
+
+Every derived size is a property; every invariant is checked when the object is made, with a
+message that names the key and the expected value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """Exact integer division; `what` names the quantity in the error message."""
+    if denominator <= 0 or numerator % denominator != 0:
+        raise ConfigError(f"{what}={numerator} must be divisible by {denominator}")
+    return numerator // denominator
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling (Scout uses it, Maverick does not)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # each routed expert and the shared expert
+    intermediate_size_mlp: int  # dense FFN layers
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    moe_layers: tuple[int, ...]
+    no_rope_layers: tuple[int, ...]  # 1 = the layer uses RoPE (and chunked attention)
+    attention_chunk_size: int
+    rope_theta: float
+    rope_scaling: RopeScaling | None = None
+    use_qk_norm: bool = False
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 1048576
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "num_local_experts", "num_experts_per_tok", "attention_chunk_size")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{key}={value!r}: expected a positive integer")
+        divide(self.num_attention_heads, self.num_key_value_heads,
+               "num_attention_heads (per num_key_value_heads)")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim}: expected an even number (RoPE rotates pairs)")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok}: expected at most "
+                              f"num_local_experts={self.num_local_experts}")
+        if len(self.no_rope_layers) != self.num_hidden_layers:
+            raise ConfigError(f"no_rope_layers has {len(self.no_rope_layers)} entries: expected "
+                              f"num_hidden_layers={self.num_hidden_layers}")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"moe_layers {bad}: expected layer ids in [0, {self.num_hidden_layers})")
+        for name in ("bos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            if tid is not None and not 0 <= tid < self.vocab_size:
+                raise ConfigError(f"{name}={tid}: expected a token id in [0, {self.vocab_size})")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def uses_rope(self, layer: int) -> bool:
+        """RoPE layers use chunked local attention; NoPE layers are global."""
+        return bool(self.no_rope_layers[layer])
+
+    @property
+    def rope_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.uses_rope(i))
+
+    @property
+    def nope_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if not self.uses_rope(i))
+
+    @property
+    def dense_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i))
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def local_heads(self, tp_size: int) -> int:
+        return divide(self.num_attention_heads, tp_size, "num_attention_heads (per tp_size)")
+
+    def local_kv_heads(self, tp_size: int) -> int:
+        return divide(self.num_key_value_heads, tp_size, "num_key_value_heads (per tp_size)")
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocabulary rounded up so every rank holds the same number of rows (multiple of 8)."""
+        step = 8 * tp_size
+        return (self.vocab_size + step - 1) // step * step
+
+    def validate_parallel(self, tp_size: int, ep_size: int = 1) -> None:
+        """Raise ConfigError unless the model shards evenly over tp_size ranks, experts over ep_size."""
+        self.local_heads(tp_size)
+        self.local_kv_heads(tp_size)
+        if ep_size < 1 or tp_size % ep_size:
+            raise ConfigError(f"ep_size={ep_size}: expected a divisor of tp_size={tp_size}")
+        divide(self.num_local_experts, ep_size, "num_local_experts (per ep_size)")
+        divide(self.intermediate_size, tp_size // ep_size, "intermediate_size (per tp_size/ep_size)")
+        divide(self.intermediate_size, tp_size, "intermediate_size (shared expert, per tp_size)")
+        divide(self.intermediate_size_mlp, tp_size, "intermediate_size_mlp (per tp_size)")
+
+    def num_parameters(self) -> int:
+        """Total parameter count (embeddings and lm_head included)."""
+        h, q, kv = self.hidden_size, self.q_size, self.kv_size
+        attn = h * (q + 2 * kv) + q * h + 2 * h
+        dense = 3 * h * self.intermediate_size_mlp
+        moe = (self.num_local_experts + 1) * 3 * h * self.intermediate_size + self.num_local_experts * h
+        layers = sum(attn + (moe if self.is_moe_layer(i) else dense) for i in range(self.num_hidden_layers))
+        return layers + 2 * self.vocab_size * h + h
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["moe_layers"] = list(self.moe_layers)
+        d["no_rope_layers"] = list(self.no_rope_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict (the engine's config.json); unknown keys are an error."""
+        _reject_unknown(d, {f.name for f in dataclasses.fields(cls)}, "model config")
+        d = dict(d)
+        d["moe_layers"] = tuple(d["moe_layers"])
+        d["no_rope_layers"] = tuple(d["no_rope_layers"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict (Llama4Config or Llama4TextConfig)."""
+        arch = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        if model_type == "llama4" or "text_config" in hf:
+            if "text_config" not in hf:
+                raise ConfigError("config.json: model_type 'llama4' needs a 'text_config' section")
+            text = dict(hf["text_config"])
+        elif model_type == "llama4_text":
+            text = dict(hf)
+        else:
+            raise ConfigError(f"config.json: unsupported architecture {arch or model_type!r}: expected "
+                              "model_type 'llama4' (Llama4ForConditionalGeneration) or 'llama4_text' "
+                              "(Llama4ForCausalLM)")
+        return cls._from_text_config(text)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.exists():
+            raise ConfigError(f"{cfg_file}: no config.json found (expected a Hugging Face checkpoint)")
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+        return cls.from_hf(hf)
+
+    @classmethod
+    def _from_text_config(cls, t: dict[str, Any]) -> "ModelConfig":
+        def need(key: str) -> Any:
+            if key not in t or t[key] is None:
+                raise ConfigError(f"config.json: missing key '{key}' in the text config")
+            return t[key]
+
+        layers = need("num_hidden_layers")
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        head_dim = t.get("head_dim") or hidden // heads
+        step = t.get("interleave_moe_layer_step", 1)
+        moe_layers = t.get("moe_layers")
+        if moe_layers is None:
+            moe_layers = list(range(step - 1, layers, step)) if step else []
+        interval = t.get("no_rope_layer_interval", 4)
+        no_rope = t.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", t.get("rope_theta", 500000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                                  float(rope["high_freq_factor"]),
+                                  int(rope["original_max_position_embeddings"]))
+        elif rope_type not in ("default", None):
+            raise ConfigError(f"rope_parameters.rope_type={rope_type!r}: expected 'default' or 'llama3'")
+        if t.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act={t['hidden_act']!r}: expected 'silu'")
+        if t.get("attention_bias", False):
+            raise ConfigError("attention_bias=true: expected false (Llama 4 has no attention bias)")
+        eos = t.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        chunk = t.get("attention_chunk_size") or t.get("max_position_embeddings") or 8192
+        return cls(
+            vocab_size=need("vocab_size"), hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            intermediate_size_mlp=t.get("intermediate_size_mlp") or need("intermediate_size"),
+            num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=t.get("num_key_value_heads") or heads, head_dim=head_dim,
+            num_local_experts=t.get("num_local_experts", 1),
+            num_experts_per_tok=t.get("num_experts_per_tok", 1),
+            moe_layers=tuple(moe_layers), no_rope_layers=tuple(int(x) for x in no_rope),
+            attention_chunk_size=chunk, rope_theta=float(theta), rope_scaling=scaling,
+            use_qk_norm=bool(t.get("use_qk_norm", False)),
+            attn_temperature_tuning=bool(t.get("attn_temperature_tuning", True)),
+            floor_scale=float(t.get("floor_scale", 8192)), attn_scale=float(t.get("attn_scale", 0.1)),
+            rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(t.get("max_position_embeddings") or 1048576),
+            bos_token_id=t.get("bos_token_id"), eos_token_ids=eos, pad_token_id=t.get("pad_token_id"),
+        )
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        return cls._from_text_config(PRESETS[name])
+
+
+_LLAMA4_COMMON = dict(
+    vocab_size=202048, hidden_size=5120, intermediate_size=8192, num_hidden_layers=48,
+    num_attention_heads=40, num_key_value_heads=8, head_dim=128, num_experts_per_tok=1,
+    attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+    rms_norm_eps=1e-5, max_position_embeddings=1048576, bos_token_id=200000,
+    eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Llama 4 Maverick 17B-128E: dense and MoE layers alternate, no QK-norm, no RoPE scaling.
+    "maverick": dict(_LLAMA4_COMMON, intermediate_size_mlp=16384, num_local_experts=128,
+                     interleave_moe_layer_step=2, use_qk_norm=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    # Llama 4 Scout 17B-16E: every layer MoE, QK-norm, llama3 RoPE scaling.
+    "scout": dict(_LLAMA4_COMMON, intermediate_size_mlp=16384, num_local_experts=16,
+                  interleave_moe_layer_step=1, use_qk_norm=True, max_position_embeddings=10485760,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}),
+    # The bundled tiny default: every Maverick feature at toy size (see scripts/make_tiny_checkpoint.py).
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                 attention_chunk_size=32, use_qk_norm=False, floor_scale=8, attn_scale=0.1,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                 max_position_embeddings=4096, bos_token_id=1, eos_token_id=[2], pad_token_id=0),
+}
+
+
+def _reject_unknown(d: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected keys among {sorted(known)}")
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+QUANT_ALGOS = (None, "FP8")
+KV_CACHE_ALGOS = (None, "FP8")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    algo: str | None = None  # None (weights in `dtype`) or "FP8" (per-tensor FP8 e4m3)
+    kv_cache_algo: str | None = None
+    # Meta's FP8 checkpoints: routed experts per output channel with dynamic per-token activations.
+    expert_weight_granularity: str = "tensor"  # "tensor" | "channel"
+    exclude_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.algo not in QUANT_ALGOS:
+            raise ConfigError(f"quant.algo={self.algo!r}: expected one of {QUANT_ALGOS}")
+        if self.kv_cache_algo not in KV_CACHE_ALGOS:
+            raise ConfigError(f"quant.kv_cache_algo={self.kv_cache_algo!r}: expected one of {KV_CACHE_ALGOS}")
+        if self.expert_weight_granularity not in ("tensor", "channel"):
+            raise ConfigError(f"quant.expert_weight_granularity={self.expert_weight_granularity!r}: "
+                              "expected 'tensor' or 'channel'")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What an engine is built for. Field names follow TensorRT-LLM's LLM API."""
+
+    tp_size: int = 1
+    ep_size: int = 1
+    max_batch_size: int = 8
+    max_seq_len: int = 8192
+    max_num_tokens: int = 8192
+    dtype: str = "bfloat16"
+    kv_cache_block_size: int = 64
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    target_arch: str = "any"
+
+    def __post_init__(self) -> None:
+        for key, lo, hi in (("tp_size", 1, 64), ("ep_size", 1, 64), ("max_batch_size", 1, 4096),
+                            ("max_seq_len", 2, 1 << 24), ("max_num_tokens", 1, 1 << 20),
+                            ("kv_cache_block_size", 1, 4096)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"{key}={value!r}: expected an integer in [{lo}, {hi}]")
+        if self.tp_size % self.ep_size:
+            raise ConfigError(f"ep_size={self.ep_size}: expected a divisor of tp_size={self.tp_size}")
+        if self.kv_cache_block_size & (self.kv_cache_block_size - 1):
+            raise ConfigError(f"kv_cache_block_size={self.kv_cache_block_size}: expected a power of two")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
+        if any(b < 1 for b in self.cuda_graph_batch_sizes):
+            raise ConfigError(f"cuda_graph_batch_sizes={self.cuda_graph_batch_sizes}: expected positive sizes")
+
+    def validate_for(self, model: ModelConfig) -> None:
+        model.validate_parallel(self.tp_size, self.ep_size)
+        if model.attention_chunk_size % self.kv_cache_block_size and \
+                model.attention_chunk_size < self.max_seq_len:
+            raise ConfigError(f"kv_cache_block_size={self.kv_cache_block_size}: expected a divisor of "
+                              f"attention_chunk_size={model.attention_chunk_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cuda_graph_batch_sizes"] = list(self.cuda_graph_batch_sizes)
+        d["quant"]["exclude_modules"] = list(self.quant.exclude_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "build config") -> "BuildConfig":
+        _reject_unknown(d, {f.name for f in dataclasses.fields(cls)}, where)
+        d = dict(d)
+        if "quant" in d:
+            q = d["quant"] or {}
+            if not isinstance(q, dict):
+                raise ConfigError(f"{where}: quant must be a mapping, got {q!r}")
+            _reject_unknown(q, {f.name for f in dataclasses.fields(QuantConfig)}, f"{where}.quant")
+            q = dict(q)
+            q["exclude_modules"] = tuple(q.get("exclude_modules", ()))
+            d["quant"] = QuantConfig(**q)
+        if "cuda_graph_batch_sizes" in d:
+            d["cuda_graph_batch_sizes"] = tuple(d["cuda_graph_batch_sizes"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "BuildConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+

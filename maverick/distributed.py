@@ -1,0 +1,83 @@
+"""Ranks, process groups and the collectives the model calls explicitly in forward().
+
+One process per rank. With one rank every collective is the identity, so the model runs
+unchanged without torch.distributed. gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class _State:
+    rank: int = 0
+    world_size: int = 1
+
+
+_STATE = _State()
+
+
+def rank() -> int:
+    return _STATE.rank
+
+
+def world_size() -> int:
+    return _STATE.world_size
+
+
+def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s: float = 300.0) -> None:
+    """Join the tensor-parallel group (all ranks of this engine)."""
+    import datetime
+
+    _STATE.rank, _STATE.world_size = rank_, world_size_
+    if world_size_ > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank_, world_size=world_size_,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE.rank, _STATE.world_size = 0, 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum partial results of a row-parallel layer over the TP group (in place)."""
+    if _STATE.world_size == 1:
+        return x
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate each rank's shard along dim (vocab-parallel logits)."""
+    if _STATE.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_STATE.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable step plan from rank 0 to every rank (control path, not weights)."""
+    if _STATE.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_under_mpi() -> bool:
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))

@@ -1,0 +1,13 @@
+"""Tensor-parallel building blocks. Global sizes in, local sizes computed with divide()."""
+from .attention import Llama4Attention
+from .embedding import ParallelLMHead, VocabParallelEmbedding
+from .forward_batch import ForwardBatch
+from .linear import Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from .mlp import Llama4MLP
+from .moe import Llama4MoE
+from .norm import RMSNorm
+from .rotary import RotaryEmbedding
+
+__all__ = ["ForwardBatch", "Linear", "Llama4Attention", "Llama4MLP", "Llama4MoE",
+           "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RMSNorm",
+           "RotaryEmbedding", "RowParallelLinear", "VocabParallelEmbedding"]

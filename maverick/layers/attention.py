@@ -1,0 +1,68 @@
+"""Llama 4 attention: fused QKV, RoPE + optional QK-norm on RoPE (chunked, local) layers,
+temperature-tuned queries on NoPE (global) layers, paged KV cache, GQA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import maverick_plugins as ops
+from maverick.config import ModelConfig
+
+from .forward_batch import ForwardBatch
+from .linear import QKVParallelLinear, RowParallelLinear
+
+
+class Llama4Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp_size: int, dtype: torch.dtype,
+                 fp8: bool = False, fp8_kv_cache: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.use_rope = cfg.uses_rope(layer_id)
+        self.use_qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk_size = cfg.attention_chunk_size if self.use_rope else None
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.head_dim, tp_size, dtype, fp8)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, tp_size, dtype, fp8)
+        self.heads, self.kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
+        if fp8_kv_cache:  # amax / 448 of k and v, from calibration
+            self.k_scale = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+            self.v_scale = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+        else:
+            self.k_scale = self.v_scale = None
+
+    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
+        """Per-token query scale log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1 [T, 1, 1]."""
+        scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.cfg.floor_scale))
+        return (scale * self.cfg.attn_scale + 1.0)[:, None, None]
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Returns this rank's partial o_proj output; the decoder layer all-reduces it."""
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        q = q.view(T, self.heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
+        v = v.view(T, self.kv_heads, self.head_dim)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        if self.use_qk_norm:
+            q, k = ops.l2_norm(q, self.cfg.rms_norm_eps), ops.l2_norm(k, self.cfg.rms_norm_eps)
+        if self.temperature_tuning:
+            q = (q * self.temperature(batch.positions)).to(q.dtype)
+
+        k_cache, v_cache = kv_cache
+        if self.use_rope:
+            table, slots = batch.local_block_table, batch.local_slots
+        else:
+            table, slots = batch.global_block_table, batch.global_slots
+        o = ops.paged_attention(q, k, v, k_cache, v_cache, table, batch.ctx_lens, batch.q_index,
+                                batch.q_positions, batch.token_to_padded, self.scale, self.chunk_size,
+                                self.k_scale, self.v_scale)
+        ops.kv_cache_write(k, v, k_cache, v_cache, slots, self.k_scale, self.v_scale)
+        return self.o_proj(o.reshape(T, self.heads * self.head_dim))

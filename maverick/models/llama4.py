@@ -1,0 +1,75 @@
+"""The Llama 4 text network (the "network definition"), tensor parallel.
+
+Pre-norm decoder layers: h = x + o_proj(attn(input_layernorm(x))); out = h + ffn(post_attention_layernorm(h)),
+with FFN dense on some layers and MoE on others (Maverick alternates). Two all-reduces per layer, both
+visible below. Weight names equal the engine's tensor names (see maverick/checkpoint/names.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from maverick import distributed as dist
+from maverick.config import ModelConfig
+from maverick.layers import (ForwardBatch, Llama4Attention, Llama4MLP, Llama4MoE, ParallelLMHead,
+                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one rank's copy of the network is laid out (everything the builder decided)."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    ep_size: int = 1
+    dtype: torch.dtype = torch.bfloat16
+    fp8: bool = False  # FP8 per-tensor weights and static activation scales (ModelOpt)
+    fp8_kv_cache: bool = False
+    expert_channel_scales: bool = False  # Meta FP8: per-channel expert weights, dynamic inputs
+
+
+class Llama4DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, spec: ModelSpec):
+        super().__init__()
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        self.uses_rope = cfg.uses_rope(layer_id)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype)
+        self.self_attn = Llama4Attention(cfg, layer_id, spec.tp_size, spec.dtype, spec.fp8, spec.fp8_kv_cache)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype)
+        if self.is_moe:
+            self.feed_forward = Llama4MoE(cfg, spec.tp_size, spec.tp_rank, spec.ep_size, spec.dtype,
+                                          spec.fp8, spec.expert_channel_scales)
+        else:
+            self.feed_forward = Llama4MLP(cfg.hidden_size, cfg.intermediate_size_mlp, spec.tp_size,
+                                          spec.dtype, spec.fp8)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope, kv_cache) -> torch.Tensor:
+        h = x + dist.all_reduce(self.self_attn(self.input_layernorm(x), batch, rope, kv_cache))
+        return h + dist.all_reduce(self.feed_forward(self.post_attention_layernorm(h)))
+
+
+class Llama4ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: ModelSpec = ModelSpec()):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        cfg.validate_parallel(spec.tp_size, spec.ep_size)
+        padded = cfg.padded_vocab_size(spec.tp_size)
+        self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, spec.tp_size, spec.tp_rank, spec.dtype)
+        self.layers = nn.ModuleList(Llama4DecoderLayer(cfg, i, spec) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, padded, cfg.hidden_size, spec.tp_size, spec.dtype)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Per-layer K (and V) pool shape; one extra scratch block at the end."""
+        return (num_blocks + 1, block_size, self.layers[0].self_attn.kv_heads, self.cfg.head_dim)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list) -> torch.Tensor:
+        """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached)."""
+        x = self.embed_tokens(batch.input_ids)
+        rope = self.rotary_emb(batch.positions)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, batch, rope, kv)
+        return self.lm_head(self.norm(x[batch.logits_indices]))

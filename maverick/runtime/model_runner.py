@@ -1,0 +1,43 @@
+"""Owns one rank's model and KV pools; runs a step's ForwardBatch and returns logits."""
+from __future__ import annotations
+
+import torch
+
+from maverick.models import Llama4ForCausalLM
+
+from .batch import StepSeq, build_forward_batch, ring_blocks
+from .kv_cache import KVCacheManager, cdiv
+
+
+class ModelRunner:
+    def __init__(self, model: Llama4ForCausalLM, max_seq_len: int, max_batch_size: int, block_size: int,
+                 kv_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 num_global_blocks: int | None = None, num_local_blocks: int | None = None):
+        self.model, self.device = model, torch.device(device)
+        cfg = model.cfg
+        self.block_size, self.chunk = block_size, cfg.attention_chunk_size
+        self.max_seq_len = max_seq_len
+        if num_global_blocks is None:
+            num_global_blocks = max_batch_size * cdiv(max_seq_len, block_size)
+        if num_local_blocks is None:
+            num_local_blocks = max_batch_size * ring_blocks(max_seq_len, self.chunk, block_size)
+        has_g, has_l = bool(cfg.nope_layer_ids), bool(cfg.rope_layer_ids)
+        self.kv = KVCacheManager(num_global_blocks if has_g else 0, num_local_blocks if has_l else 0,
+                                 block_size, self.chunk, has_g, has_l)
+        dtype = kv_dtype or model.spec.dtype
+        if model.spec.fp8_kv_cache:
+            dtype = torch.float8_e4m3fn
+        self.kv_caches = []
+        for layer in model.layers:
+            n = num_local_blocks if layer.uses_rope else num_global_blocks
+            shape = model.kv_cache_shape(n, block_size)
+            self.kv_caches.append((torch.zeros(shape, dtype=dtype, device=self.device),
+                                   torch.zeros(shape, dtype=dtype, device=self.device)))
+        self.scratch_global = num_global_blocks * block_size
+        self.scratch_local = num_local_blocks * block_size
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
+        """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
+        batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
+        return self.model(batch.to(self.device), self.kv_caches)

@@ -1,0 +1,41 @@
+"""FP8 (e4m3) reference ops: what every FP8 GPU kernel must compute.
+
+Per-tensor static scales follow ModelOpt: scale = amax / 448, x8 = saturate(x / scale),
+x = x8 * scale. A GEMM multiplies the FP8 values exactly (every e4m3 product fits fp32) and
+accumulates in fp32, then applies input_scale * weight_scale once.
+"""
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated to +-448 and rounded to e4m3 (round to nearest even)."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_fp8_dynamic_per_token(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale amax/448 computed on the fly (Meta's FP8 activations). Returns (x8, scale [T, 1])."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(eps) / FP8_MAX
+    return quantize_fp8_static(x, scale), scale
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (x8.float() * scale.float()).to(dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = quant(x) @ weight^T * scales.
+
+    x [..., K] high precision; weight [N, K] e4m3; weight_scale a scalar or [N] / [N, 1] (per output
+    channel); input_scale a scalar (static) or None (dynamic per token).
+    """
+    if input_scale is None:
+        x8, x_scale = quantize_fp8_dynamic_per_token(x)
+    else:
+        x8, x_scale = quantize_fp8_static(x, input_scale), input_scale.float()
+    acc = x8.float() @ weight.float().t()  # exact products, fp32 accumulation
+    w_scale = weight_scale.float().reshape(-1) if weight_scale.numel() > 1 else weight_scale.float()
+    return (acc * x_scale * w_scale).to(out_dtype)

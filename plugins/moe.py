@@ -1,0 +1,53 @@
+"""Top-k sigmoid router and routed experts (reference).
+
+Llama 4 scales the expert INPUT by sigmoid(router logit); SwiGLU is not homogeneous, so the score
+cannot move to the output. This reference runs every local expert densely with a zero input for
+tokens not routed to it (SwiGLU(0) = 0): exact, simple, and the spec the fast kernels must meet.
+"""
+import torch
+
+from .activation import swiglu
+from .fp8 import fp8_linear
+
+
+def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits in x's dtype, top-k ids [T, k] and sigmoid scores [T, k] (in x's dtype)."""
+    logits = x @ router_weight.t().to(x.dtype)
+    top_vals, top_ids = torch.topk(logits, top_k, dim=-1)
+    return top_ids, torch.sigmoid(top_vals.float()).to(x.dtype)
+
+
+def _expert_linear(x: torch.Tensor, w: torch.Tensor, w_scale, in_scale, out_dtype) -> torch.Tensor:
+    if w.dtype == torch.float8_e4m3fn:
+        return fp8_linear(x, w, w_scale, in_scale, out_dtype)
+    return x @ w.t()
+
+
+def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int = 0,
+                gate_up_scale: torch.Tensor | None = None, gate_up_input_scale: torch.Tensor | None = None,
+                down_scale: torch.Tensor | None = None,
+                down_input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over k of expert[top_ids[:, k]](top_scores[:, k] * x) for the experts held here.
+
+    x [T, H]; gate_up [E_local, 2I, H] (gate rows first); down [E_local, H, I]; this rank holds
+    experts expert_offset .. expert_offset + E_local - 1. FP8 weights take per-tensor scales
+    (scalars shared by all experts) or per-channel scales [E_local, N].
+    """
+    E = gate_up.shape[0]
+    local_ids = top_ids - expert_offset
+    # weight[t, e]: the score with which token t enters local expert e (0 if not routed there)
+    onehot = (local_ids[:, :, None] == torch.arange(E, device=x.device)[None, None, :]).to(x.dtype)
+    weight = (onehot * top_scores[:, :, None]).sum(dim=1)  # [T, E]
+    out = torch.zeros_like(x, dtype=torch.float32)
+    for e in range(E):  # static loop over local experts: capturable, no data-dependent shapes
+        xe = x * weight[:, e:e + 1]
+        h = swiglu(_expert_linear(xe, gate_up[e], _pick(gate_up_scale, e), gate_up_input_scale, x.dtype))
+        out += _expert_linear(h, down[e], _pick(down_scale, e), down_input_scale, x.dtype).float()
+    return out.to(x.dtype)
+
+
+def _pick(scale: torch.Tensor | None, e: int):
+    if scale is None or scale.dim() == 0:
+        return scale
+    return scale[e]

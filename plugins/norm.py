@@ -1,0 +1,15 @@
+"""RMSNorm and the weightless L2 (QK) norm, exactly as transformers' Llama 4 computes them."""
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`(x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) * weight` over the last dim."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS norm over the last dim (Llama 4 QK-norm), computed in fp32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
