@@ -44,8 +44,8 @@ def hf_model(path: Path):
 
 
 def runner_for(path: Path, tp_size: int = 1, tp_rank: int = 0, block_size: int = 8, max_seq_len: int = 256,
-               max_batch_size: int = 4, dtype=torch.float32) -> ModelRunner:
-    model = load_model_from_checkpoint(open_checkpoint(path), ModelSpec(tp_size, tp_rank, dtype=dtype))
+               max_batch_size: int = 4, dtype=torch.float32, ep_size: int = 1) -> ModelRunner:
+    model = load_model_from_checkpoint(open_checkpoint(path), ModelSpec(tp_size, tp_rank, ep_size, dtype=dtype))
     return ModelRunner(model, max_seq_len=max_seq_len, max_batch_size=max_batch_size, block_size=block_size)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maverick import distributed as dist
+from .collectives import all_gather, all_reduce
 from maverick.config import divide
 
 
@@ -19,7 +19,7 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.start
         mine = (local >= 0) & (local < self.rows)
         out = self.weight[local.clamp(0, self.rows - 1)] * mine[:, None].to(self.weight.dtype)
-        return dist.all_reduce(out)  # each id lives on exactly one rank
+        return all_reduce(out)  # each id lives on exactly one rank
 
 
 class ParallelLMHead(nn.Module):
@@ -32,4 +32,4 @@ class ParallelLMHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] on every rank."""
         local = torch.nn.functional.linear(h, self.weight).float()
-        return dist.all_gather(local, dim=-1)[:, : self.vocab]
+        return all_gather(local, dim=-1)[:, : self.vocab]

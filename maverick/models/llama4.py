@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maverick import distributed as dist
 from maverick.config import ModelConfig
 from maverick.layers import (ForwardBatch, Llama4Attention, Llama4MLP, Llama4MoE, ParallelLMHead,
-                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding)
+                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, all_reduce)
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,8 @@ class Llama4DecoderLayer(nn.Module):
                                           spec.dtype, spec.fp8)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope, kv_cache) -> torch.Tensor:
-        h = x + dist.all_reduce(self.self_attn(self.input_layernorm(x), batch, rope, kv_cache))
-        return h + dist.all_reduce(self.feed_forward(self.post_attention_layernorm(h)))
+        h = x + all_reduce(self.self_attn(self.input_layernorm(x), batch, rope, kv_cache))
+        return h + all_reduce(self.feed_forward(self.post_attention_layernorm(h)))
 
 
 class Llama4ForCausalLM(nn.Module):

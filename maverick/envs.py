@@ -1,0 +1,22 @@
+"""Every environment variable the package reads, in one place (never inside layers)."""
+from __future__ import annotations
+
+import os
+
+
+def mpi_world() -> tuple[int, int] | None:
+    """(rank, size) when launched under mpirun/mpiexec (Open MPI, MPICH/PMI), else None."""
+    for rank_key, size_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                               ("PMIX_RANK", "PMIX_SIZE")):
+        if rank_key in os.environ and size_key in os.environ:
+            return int(os.environ[rank_key]), int(os.environ[size_key])
+    return None
+
+
+def log_level() -> str:
+    return os.environ.get("MAVERICK_LOG_LEVEL", "WARNING")
+
+
+def rank_timeout_s() -> float:
+    """How long LLM waits for a rank to answer before declaring it dead."""
+    return float(os.environ.get("MAVERICK_RANK_TIMEOUT_S", "300"))

@@ -1,0 +1,35 @@
+"""Load one rank of an engine: verify everything on the host, then copy weights to the device."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from maverick.build.engine_format import (SAFETENSORS_DTYPE, EngineConfig, EngineError, check_tensors,
+                                          rank_file, read_engine_config, verify_files)
+from maverick.build.spec import model_spec
+from maverick.models import Llama4ForCausalLM
+
+
+def open_engine(engine_dir: str | Path, tp_size: int | None = None, verify: bool = True) -> EngineConfig:
+    """Read and check an engine's config (and, with verify, every file's sha256)."""
+    cfg = read_engine_config(engine_dir)
+    if tp_size is not None and tp_size != cfg.build.tp_size:
+        raise EngineError(f"{engine_dir}: engine was built for tp_size={cfg.build.tp_size}, "
+                          f"but tp_size={tp_size} was requested; rebuild it with --tp-size {tp_size}")
+    if verify:
+        verify_files(engine_dir, cfg)
+    return cfg
+
+
+def load_rank_model(engine_dir: str | Path, cfg: EngineConfig, rank: int,
+                    device: torch.device) -> Llama4ForCausalLM:
+    path = Path(engine_dir) / rank_file(rank)
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(cfg.model, model_spec(cfg.build, rank))
+    expected = {n: (tuple(t.shape), SAFETENSORS_DTYPE[str(t.dtype)]) for n, t in model.state_dict().items()}
+    check_tensors(path, expected)  # names, shapes, dtypes: before any device memory is used
+    tensors = load_file(str(path), device=str(device))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.to(device).eval()

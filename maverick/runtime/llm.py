@@ -1,0 +1,239 @@
+"""The Python API: `LLM(engine_dir).generate(prompts, SamplingParams(...))` (TensorRT-LLM / vLLM style)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from maverick import distributed as dist
+from maverick import envs
+
+from .engine import EngineCore
+from .engine_loader import open_engine
+from .request import RequestOutput
+from .sampling_params import SamplingParams
+from .worker import STOP, build_runner, join_group, serve_steps, worker_main
+
+
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank died or failed to start."""
+
+
+class LLM:
+    """Load an engine and generate.
+
+    Parameters
+    ----------
+    engine_dir : str or Path
+        A directory written by build_engine.py.
+    device : {"cuda", "cpu"}, optional
+        Default: cuda when available.
+    tp_size : int, optional
+        Must equal the engine's tp_size when given. With tp_size > 1 the ranks are started here
+        (local processes), or taken from mpirun when launched under it.
+    verify : bool
+        Check every engine file's sha256 before loading (default True).
+    """
+
+    def __init__(self, engine_dir: str | Path, device: str | None = None, tp_size: int | None = None,
+                 verify: bool = True):
+        self.engine_dir = Path(engine_dir)
+        self.cfg = open_engine(self.engine_dir, tp_size, verify)
+        kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if kind not in ("cuda", "cpu"):
+            raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' asked for, but no CUDA GPU is visible")
+        self.device_kind = kind
+        self._procs: list = []
+        self._errors = None
+        self._closed = False
+        self._lock = threading.RLock()
+        world = self.cfg.build.tp_size
+        mpi = envs.mpi_world()
+        if world > 1:
+            if mpi is not None and mpi[1] == world:
+                self._join_mpi(mpi[0], world)  # ranks > 0 never return from here
+            else:
+                self._spawn_ranks(world)
+        device = torch.device("cuda:0") if kind == "cuda" else torch.device("cpu")
+        if kind == "cuda":
+            torch.cuda.set_device(device)
+        self.tokenizer = self._load_tokenizer()
+        runner = build_runner(self.engine_dir, self.cfg, 0, device)
+        b = self.cfg.build
+        self.engine = EngineCore(runner, self.tokenizer, b.max_batch_size, b.max_num_tokens,
+                                 before_step=self._broadcast if world > 1 else None)
+
+    # ---- ranks -------------------------------------------------------------------------------
+    def _backend(self) -> str:
+        return "nccl" if self.device_kind == "cuda" else "gloo"
+
+    def _spawn_ranks(self, world: int) -> None:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._errors = ctx.Queue()
+        init = f"tcp://127.0.0.1:{dist.free_port()}"
+        timeout = envs.rank_timeout_s()
+        for r in range(1, world):
+            p = ctx.Process(target=worker_main, args=(r, world, str(self.engine_dir), self.device_kind,
+                                                       self._backend(), init, timeout, self._errors), daemon=True)
+            p.start()
+            self._procs.append(p)
+        try:
+            join_group(0, world, self._backend(), init, timeout)
+        except Exception as e:
+            self._kill_ranks()
+            raise RankFailure(f"tensor-parallel group did not form: {self._rank_error() or e}") from None
+
+    def _join_mpi(self, rank: int, world: int) -> None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        init = comm.bcast(f"tcp://127.0.0.1:{dist.free_port()}" if rank == 0 else None, root=0)
+        join_group(rank, world, self._backend(), init, envs.rank_timeout_s())
+        if rank == 0:
+            return
+        device = torch.device(f"cuda:{rank % max(1, torch.cuda.device_count())}") \
+            if self.device_kind == "cuda" else torch.device("cpu")
+        serve_steps(build_runner(self.engine_dir, self.cfg, rank, device))
+        dist.shutdown()
+        raise SystemExit(0)
+
+    def _rank_error(self) -> str | None:
+        if self._errors is None:
+            return None
+        try:
+            return self._errors.get(timeout=1.0)
+        except Exception:
+            dead = [f"rank {i + 1} exited with code {p.exitcode}" for i, p in enumerate(self._procs)
+                    if not p.is_alive()]
+            return "; ".join(dead) or None
+
+    def _check_ranks(self) -> None:
+        dead = [p for p in self._procs if not p.is_alive()]
+        if dead:
+            msg = self._rank_error()
+            self.shutdown()
+            raise RankFailure(f"a tensor-parallel rank failed: {msg}")
+
+    def _broadcast(self, plan) -> None:
+        self._check_ranks()
+        try:
+            dist.broadcast_object(plan)
+        except Exception as e:
+            msg = self._rank_error()
+            self.shutdown()
+            raise RankFailure(f"a tensor-parallel rank failed during a step: {msg or e}") from None
+
+    def _kill_ranks(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self._procs:
+            p.join(timeout=10)
+        self._procs = []
+
+    def _load_tokenizer(self):
+        if not (self.engine_dir / "tokenizer_config.json").exists() and not (self.engine_dir / "tokenizer.json").exists():
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.engine_dir))
+
+    # ---- generation -----------------------------------------------------------------------------
+    def _params(self, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"sampling_params: {len(sampling_params)} given for {n} prompts")
+        return list(sampling_params)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt under in-flight batching; outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = self._params(sampling_params, len(prompts))
+        with self._lock:
+            self._ensure_open()
+            reqs = []
+            try:
+                for p, sp in zip(prompts, params):
+                    reqs.append(self.engine.add_request(p, sp))
+                while any(not r.finished for r in reqs):
+                    self.engine.step()
+            except BaseException:
+                for r in reqs:
+                    self.engine.abort(r.request_id)
+                raise
+            return [r.output() for r in reqs]
+
+    def generate_async(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None,
+                       streaming: bool = True) -> Iterator[RequestOutput]:
+        """Yield RequestOutput as tokens are produced (text_diff / token_ids_diff hold the new part).
+        Closing the iterator early aborts the request and frees its KV blocks."""
+        with self._lock:
+            self._ensure_open()
+            req = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        try:
+            while True:
+                with self._lock:
+                    if not req.finished:
+                        self.engine.step()
+                    out = req.output(delta=True)
+                if streaming and (out.outputs[0].token_ids_diff or out.finished):
+                    yield out
+                if out.finished:
+                    if not streaming:
+                        yield req.output()
+                    return
+        finally:
+            if not req.finished:
+                with self._lock:
+                    self.engine.abort(req.request_id)
+
+    def abort(self, request_id: int) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+
+    @property
+    def kv_cache(self):
+        return self.engine.runner.kv
+
+    # ---- lifetime -----------------------------------------------------------------------------
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("LLM has been shut down")
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._procs:
+            if all(p.is_alive() for p in self._procs):
+                try:
+                    dist.broadcast_object(STOP)
+                except Exception:
+                    pass
+            for p in self._procs:
+                p.join(timeout=30)
+            self._kill_ranks()
+        dist.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

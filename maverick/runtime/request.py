@@ -1,0 +1,97 @@
+"""A request's state and its user-facing outputs (plain Python)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, sampled first
+    text_diff: str = ""
+    token_ids_diff: list[int] = field(default_factory=list)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        if self.logprobs is None:
+            return None
+        return sum(next(iter(d.values())) for d in self.logprobs)
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    num_computed: int = 0  # tokens whose KV is in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    arrival_step: int = 0
+    # streaming cursors
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        self.status, self.finish_reason, self.stop_reason = Status.FINISHED, reason, stop_reason
+
+    def _streamable_text_end(self) -> int:
+        """While running, hold back what may still change: a partial UTF-8 character, or a tail
+        that could be the start of a stop string."""
+        if self.finished:
+            return len(self.text)
+        end = len(self.text.rstrip("\ufffd"))
+        if self.params.stop:
+            end = min(end, len(self.text) - (max(len(s) for s in self.params.stop) - 1))
+        return max(end, self.sent_text)
+
+    def output(self, delta: bool = False) -> RequestOutput:
+        """A snapshot; with delta=True, text_diff/token_ids_diff hold what is new since the last delta."""
+        tokens = self.output_token_ids
+        end = self._streamable_text_end()
+        out = CompletionOutput(0, self.text, list(tokens), self.finish_reason, self.stop_reason,
+                               list(self.output_logprobs) if self.params.logprobs is not None else None,
+                               self.text[self.sent_text:end], tokens[self.sent_tokens:])
+        if delta:
+            self.sent_text, self.sent_tokens = end, len(tokens)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], self.finished)

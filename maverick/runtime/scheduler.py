@@ -1,0 +1,87 @@
+"""In-flight batching with chunked prefill (plain Python).
+
+Each step has a token budget (max_num_tokens) shared by running requests first (decode, or the rest
+of a prefill), then newly admitted ones. Admission into the batch is separate from the budget: a
+request joins only while there are fewer than max_batch_size running and the KV pool can hold its
+whole prompt. When the pool runs dry mid-generation the newest request is preempted (its blocks
+freed, recomputed later), so the oldest requests always make progress.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_cache import KVCacheManager
+from .request import Request, Status
+
+
+@dataclass
+class Scheduled:
+    request: Request
+    num_new: int  # tokens fed this step: all_token_ids[num_computed : num_computed + num_new]
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the last known token, so a new token is sampled."""
+        return self.request.num_computed + self.num_new == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_batch_size: int, max_num_tokens: int):
+        self.kv, self.max_batch_size, self.max_num_tokens = kv, max_batch_size, max_num_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request) -> None:
+        """Drop a finished (or aborted) request and return all its KV blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed, req.status = 0, Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_num_tokens
+        out: list[Scheduled] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted below to make room for an older request
+                continue
+            n = min(req.num_tokens - req.num_computed, budget)
+            while not self.kv.can_grow(req.request_id, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req not in self.running:
+                continue
+            self.kv.grow(req.request_id, req.num_computed + n)
+            out.append(Scheduled(req, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            if not self.kv.can_grow(req.request_id, req.num_tokens + 1):
+                break  # KV admission: wait until the whole prompt (and one new token) fits
+            self.waiting.popleft()
+            n = min(req.num_tokens - req.num_computed, budget)
+            self.kv.grow(req.request_id, req.num_computed + n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.append(Scheduled(req, n))
+            budget -= n
+        return out

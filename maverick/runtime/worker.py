@@ -1,0 +1,57 @@
+"""Ranks 1..N-1: join the group, load this rank's weights, then run every step rank 0 broadcasts.
+
+Rank 0 lives in the user's process (it owns the scheduler and tokenizer); the others are spawned
+by LLM or started by mpirun. All ranks run the same forward; only rank 0 samples.
+"""
+from __future__ import annotations
+
+import traceback
+
+import torch
+
+from maverick import distributed as dist
+
+STOP = "stop"
+
+
+def build_runner(engine_dir, cfg, rank: int, device: torch.device):
+    from .engine_loader import load_rank_model
+    from .model_runner import ModelRunner
+
+    b = cfg.build
+    model = load_rank_model(engine_dir, cfg, rank, device)
+    return ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
+                       block_size=b.kv_cache_block_size, device=device)
+
+
+def join_group(rank: int, world: int, backend: str, init_method: str, timeout_s: float) -> None:
+    dist.init(rank, world, backend, init_method, timeout_s)
+
+
+def serve_steps(runner) -> None:
+    """Follow rank 0: each broadcast is a step plan (a list of StepSeq) or STOP."""
+    while True:
+        plan = dist.broadcast_object(None)
+        if plan == STOP:
+            return
+        runner.forward(plan)
+
+
+def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
+                timeout_s: float, error_queue) -> None:
+    """Entry point of a spawned rank (torch.multiprocessing)."""
+    try:
+        from .engine_loader import open_engine
+
+        device = torch.device(f"cuda:{rank}") if device_kind == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        join_group(rank, world, backend, init_method, timeout_s)
+        cfg = open_engine(engine_dir, verify=False)  # rank 0 verified every file's hash
+        runner = build_runner(engine_dir, cfg, rank, device)
+        serve_steps(runner)
+    except Exception as e:  # report to rank 0, which raises a clear error instead of hanging
+        error_queue.put(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        raise SystemExit(1)
+    finally:
+        dist.shutdown()

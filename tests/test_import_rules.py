@@ -1,0 +1,118 @@
+"""The module boundaries of shared/DESIGN.md section 3, checked by walking every import."""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "plugins":
+        parts[0] = "maverick_plugins"
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    mod = _module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+                out |= {name} if node.module else {f"{name}.{a.name}" for a in node.names}
+            else:
+                out.add(node.module)
+                if node.module == "maverick":  # `from maverick import distributed`
+                    out |= {f"maverick.{a.name}" for a in node.names}
+    return out
+
+
+def _files(sub: str) -> list[Path]:
+    return sorted((ROOT / sub).rglob("*.py"))
+
+
+def _third_party(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _check(files, allowed, rule):
+    bad = []
+    for f in files:
+        for imp in _imports(f):
+            top = _third_party(imp)
+            if top in STDLIB:
+                continue
+            if not any(imp == a or imp.startswith(a + ".") for a in allowed):
+                bad.append(f"{f.relative_to(ROOT)} imports {imp}")
+    assert not bad, f"{rule}:\n" + "\n".join(bad)
+
+
+def test_plugins_import_only_torch_triton_and_itself():
+    _check(_files("plugins"), ["torch", "triton", "maverick_plugins"], "rule 1")
+
+
+def test_layers_imports():
+    _check(_files("maverick/layers"), ["torch", "triton", "maverick_plugins", "maverick.layers",
+                                        "maverick.distributed", "maverick.config"], "rule 2")
+
+
+def test_models_import_layers_and_config_only():
+    _check(_files("maverick/models"), ["torch", "maverick.layers", "maverick.config", "maverick.models"], "rule 3")
+
+
+@pytest.mark.parametrize("sub", ["maverick/build", "maverick/checkpoint"])
+def test_build_and_checkpoint_never_import_runtime(sub):
+    bad = [f"{f.relative_to(ROOT)} imports {i}" for f in _files(sub) for i in _imports(f)
+           if i.startswith("maverick.runtime")]
+    assert not bad, "rule 4:\n" + "\n".join(bad)
+
+
+def test_runtime_plain_python_parts():
+    for name in ("request.py", "scheduler.py", "block_allocator.py", "kv_cache.py", "sampling_params.py"):
+        f = ROOT / "maverick/runtime" / name
+        if f.exists():
+            bad = [i for i in _imports(f) if _third_party(i) == "torch"]
+            assert not bad, f"rule 5: {name} must be plain Python, imports {bad}"
+
+
+def _grep(pattern: str, subs=("maverick", "plugins")) -> list[str]:
+    hits = []
+    for sub in subs:
+        for f in _files(sub):
+            if pattern in f.read_text():
+                hits.append(str(f.relative_to(ROOT)))
+    return hits
+
+
+def test_only_cuda_graph_module_touches_cudagraph():
+    assert set(_grep("CUDAGraph")) <= {"maverick/runtime/cuda_graph.py"}
+
+
+def test_only_distributed_and_worker_init_process_groups():
+    assert set(_grep("init_process_group")) <= {"maverick/distributed.py", "maverick/runtime/worker.py"}
+
+
+def test_environment_read_in_one_module():
+    hits = set(_grep("os.environ")) | set(_grep("getenv"))
+    assert hits <= {"maverick/envs.py"}, hits
+
+
+def test_top_level_clis_are_thin():
+    for name in ("build_engine.py", "quantize.py"):
+        f = ROOT / name
+        assert f.exists(), f"{name} missing"
+        assert len(f.read_text().splitlines()) < 40, f"{name} should only parse arguments and call the package"
+        assert {_third_party(i) for i in _imports(f)} <= STDLIB | {"maverick"}
