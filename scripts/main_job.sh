@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the bundled tiny default: make the checkpoint, quantize to FP8 with ModelOpt,
+# build an engine, generate. Runs on CPU in about a minute.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+$PY scripts/make_tiny_checkpoint.py --output tiny/checkpoint
+$PY build_engine.py --checkpoint tiny/checkpoint --output tiny/engine --config configs/cpu-tiny.yaml
+$PY -m maverick.generate tiny/engine "The harbor was quiet" "Memory bandwidth limits" --max-tokens 24 --device cpu
