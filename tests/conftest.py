@@ -27,3 +27,45 @@ def tiny_ckpt(ckpt_root):
 @pytest.fixture(scope="session", params=sorted(CONFIGS))
 def any_ckpt(request, ckpt_root):
     return make_ckpt(ckpt_root, request.param)
+
+
+@pytest.fixture(scope="session")
+def engine_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("engines")
+
+
+def _build(ckpt, out, **kw):
+    from maverick.build.builder import build_engine
+    from maverick.config import BuildConfig
+
+    if not (out / "config.json").exists():
+        build_engine(ckpt, out, BuildConfig(dtype="float32", max_seq_len=256, max_batch_size=4, max_num_tokens=64,
+                                            kv_cache_block_size=8, **kw), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt, engine_root):
+    return _build(tiny_ckpt, engine_root / "tp1")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_tp2(tiny_ckpt, engine_root):
+    return _build(tiny_ckpt, engine_root / "tp2", tp_size=2)
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_engine):
+    from maverick import LLM
+
+    with LLM(tiny_engine, device="cpu") as m:
+        yield m
+
+
+@pytest.fixture(autouse=True)
+def _kv_blocks_all_free(request):
+    """After every test that used the shared LLM, every KV block is back in the pool."""
+    yield
+    if "llm" in request.fixturenames:
+        llm = request.getfixturevalue("llm")
+        assert llm.kv_cache.all_free, "KV blocks leaked"
