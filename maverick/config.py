@@ -290,16 +290,17 @@ def _reject_unknown(d: dict[str, Any], known: set[str], where: str) -> None:
 
 
 DTYPES = ("bfloat16", "float16", "float32")
-QUANT_ALGOS = (None, "FP8")
+# FP8: ModelOpt per-tensor weights and static activation scales on every linear and expert.
+# FP8_PER_CHANNEL_PER_TOKEN: Meta's FP8 Maverick: routed experts only, per-output-channel weight
+# scales, activations quantized per token on the fly; everything else in `dtype`.
+QUANT_ALGOS = (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN")
 KV_CACHE_ALGOS = (None, "FP8")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    algo: str | None = None  # None (weights in `dtype`) or "FP8" (per-tensor FP8 e4m3)
+    algo: str | None = None  # one of QUANT_ALGOS
     kv_cache_algo: str | None = None
-    # Meta's FP8 checkpoints: routed experts per output channel with dynamic per-token activations.
-    expert_weight_granularity: str = "tensor"  # "tensor" | "channel"
     exclude_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -307,9 +308,6 @@ class QuantConfig:
             raise ConfigError(f"quant.algo={self.algo!r}: expected one of {QUANT_ALGOS}")
         if self.kv_cache_algo not in KV_CACHE_ALGOS:
             raise ConfigError(f"quant.kv_cache_algo={self.kv_cache_algo!r}: expected one of {KV_CACHE_ALGOS}")
-        if self.expert_weight_granularity not in ("tensor", "channel"):
-            raise ConfigError(f"quant.expert_weight_granularity={self.expert_weight_granularity!r}: "
-                              "expected 'tensor' or 'channel'")
 
 
 @dataclass(frozen=True)

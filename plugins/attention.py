@@ -18,9 +18,10 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     """Write k, v [T, kv_heads, head_dim] to flat slots [T] (quantised when the cache is FP8)."""
     kc = k_cache.view(-1, *k_cache.shape[2:])
     vc = v_cache.view(-1, *v_cache.shape[2:])
-    if k_cache.dtype == torch.float8_e4m3fn:
-        k = _quantize(k, k_scale)
-        v = _quantize(v, v_scale)
+    if k_cache.dtype == torch.float8_e4m3fn:  # byte views: index_copy_ has no fp8 kernel on CPU
+        kc.view(torch.uint8).index_copy_(0, slot_mapping, _quantize(k, k_scale).view(torch.uint8))
+        vc.view(torch.uint8).index_copy_(0, slot_mapping, _quantize(v, v_scale).view(torch.uint8))
+        return
     kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
     vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
 
@@ -56,6 +57,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     T, H, D = q.shape
     kvh = k.shape[1]
     dt = torch.float32
+    if k_cache.dtype == torch.float8_e4m3fn:  # attend to this step's keys exactly as the cache will hold them
+        k = _quantize(k, k_scale).float() * k_scale.float()
+        v = _quantize(v, v_scale).float() * v_scale.float()
     kc = _read(k_cache, block_table, k_scale, dt)  # [B, L, kvh, D]
     vc = _read(v_cache, block_table, v_scale, dt)
     L = kc.shape[1]

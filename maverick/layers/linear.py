@@ -1,8 +1,10 @@
 """Linear layers. The builder writes each rank's weights already sharded (and fused), so a layer
 takes global sizes, computes its local sizes with an asserting divide(), and never slices.
 
-Weights are [out, in] in the compute dtype, or FP8 e4m3 with a per-tensor `weight_scale` and a
-static per-tensor `input_scale` (ModelOpt's format).
+Weights are [out, in] in the compute dtype, or FP8 e4m3 with a static per-tensor `input_scale`
+(ModelOpt's format) and a `weight_scale` that is a scalar, or, for fused weights (q|k|v, gate|up),
+one value per output row: each fused segment keeps its own checkpoint scale, so fusing adds no
+rounding error (a requantization to one shared scale would).
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ def _param(shape, dtype) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x @ weight^T at local sizes; FP8 when `fp8` (weights e4m3, per-tensor scales)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool = False):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool = False,
+                 row_scales: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.fp8 = in_features, out_features, fp8
         self.out_dtype = dtype
         if fp8:
             self.weight = _param((out_features, in_features), torch.float8_e4m3fn)
-            self.weight_scale = _param((), torch.float32)
+            self.weight_scale = _param((out_features,) if row_scales else (), torch.float32)
             self.input_scale = _param((), torch.float32)
         else:
             self.weight = _param((out_features, in_features), dtype)
@@ -46,7 +49,7 @@ class QKVParallelLinear(Linear):
         self.local_kv_heads = divide(kv_heads, tp_size, "num_key_value_heads (per tp_size)")
         self.q_size = self.local_heads * head_dim
         self.kv_size = self.local_kv_heads * head_dim
-        super().__init__(hidden, self.q_size + 2 * self.kv_size, dtype, fp8)
+        super().__init__(hidden, self.q_size + 2 * self.kv_size, dtype, fp8, row_scales=True)
 
 
 class MergedColumnParallelLinear(Linear):
@@ -54,7 +57,7 @@ class MergedColumnParallelLinear(Linear):
 
     def __init__(self, hidden: int, intermediate: int, tp_size: int, dtype: torch.dtype, fp8: bool = False):
         self.local_intermediate = divide(intermediate, tp_size, "intermediate size (per tp_size)")
-        super().__init__(hidden, 2 * self.local_intermediate, dtype, fp8)
+        super().__init__(hidden, 2 * self.local_intermediate, dtype, fp8, row_scales=True)
 
 
 class RowParallelLinear(Linear):

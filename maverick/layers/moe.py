@@ -17,7 +17,7 @@ from .mlp import Llama4MLP
 
 class Llama4MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_size: int, tp_rank: int, ep_size: int, dtype: torch.dtype,
-                 fp8: bool = False, expert_channel_scales: bool = False):
+                 fp8: bool = False, experts_fp8: str | None = None):
         super().__init__()
         E, H = cfg.num_local_experts, cfg.hidden_size
         self.top_k = cfg.num_experts_per_tok
@@ -30,18 +30,19 @@ class Llama4MoE(nn.Module):
         self.router = nn.Module()
         self.router.weight = nn.Parameter(torch.empty(E, H, dtype=dtype), requires_grad=False)
         self.experts = nn.Module()
-        wdt = torch.float8_e4m3fn if fp8 else dtype
+        wdt = torch.float8_e4m3fn if experts_fp8 else dtype
         self.experts.gate_up_proj = nn.Parameter(torch.empty(self.local_experts, 2 * I, H, dtype=wdt),
                                                  requires_grad=False)
         self.experts.down_proj = nn.Parameter(torch.empty(self.local_experts, H, I, dtype=wdt),
                                               requires_grad=False)
-        self.fp8, self.dynamic_inputs = fp8, expert_channel_scales
-        if fp8:
-            s13 = (self.local_experts, 2 * I) if expert_channel_scales else ()
-            s2 = (self.local_experts, H) if expert_channel_scales else ()
+        self.experts_fp8 = experts_fp8
+        self.dynamic_inputs = experts_fp8 == "channel"
+        if experts_fp8:  # ModelOpt: one scalar per tensor for all experts; Meta: per output channel
+            s13 = (self.local_experts, 2 * I) if self.dynamic_inputs else ()
+            s2 = (self.local_experts, H) if self.dynamic_inputs else ()
             for name, shape in (("gate_up_proj_weight_scale", s13), ("down_proj_weight_scale", s2)):
                 setattr(self.experts, name, nn.Parameter(torch.empty(shape), requires_grad=False))
-            if not expert_channel_scales:  # static per-tensor input scales (ModelOpt)
+            if not self.dynamic_inputs:  # static per-tensor input scales (ModelOpt)
                 for name in ("gate_up_proj_input_scale", "down_proj_input_scale"):
                     setattr(self.experts, name, nn.Parameter(torch.empty(()), requires_grad=False))
         self.shared_expert = Llama4MLP(H, cfg.intermediate_size, tp_size, dtype, fp8)
@@ -49,7 +50,7 @@ class Llama4MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top_ids, top_scores = ops.moe_router(x, self.router.weight, self.top_k)
         ex = self.experts
-        if self.fp8:
+        if self.experts_fp8:
             in13 = None if self.dynamic_inputs else ex.gate_up_proj_input_scale
             in2 = None if self.dynamic_inputs else ex.down_proj_input_scale
             routed = ops.moe_experts(x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset,

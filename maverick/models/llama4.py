@@ -24,9 +24,9 @@ class ModelSpec:
     tp_rank: int = 0
     ep_size: int = 1
     dtype: torch.dtype = torch.bfloat16
-    fp8: bool = False  # FP8 per-tensor weights and static activation scales (ModelOpt)
+    fp8: bool = False  # linears: FP8 per-tensor weights and static activation scales (ModelOpt)
     fp8_kv_cache: bool = False
-    expert_channel_scales: bool = False  # Meta FP8: per-channel expert weights, dynamic inputs
+    experts_fp8: str | None = None  # routed experts: None, "tensor" (ModelOpt) or "channel" (Meta FP8)
 
 
 class Llama4DecoderLayer(nn.Module):
@@ -39,7 +39,7 @@ class Llama4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype)
         if self.is_moe:
             self.feed_forward = Llama4MoE(cfg, spec.tp_size, spec.tp_rank, spec.ep_size, spec.dtype,
-                                          spec.fp8, spec.expert_channel_scales)
+                                          spec.fp8, spec.experts_fp8)
         else:
             self.feed_forward = Llama4MLP(cfg.hidden_size, cfg.intermediate_size_mlp, spec.tp_size,
                                           spec.dtype, spec.fp8)

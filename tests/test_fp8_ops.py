@@ -1,0 +1,51 @@
+"""The FP8 reference ops: the specification every FP8 GPU kernel is tested against."""
+import torch
+
+import maverick_plugins as ops
+
+
+def test_quantize_static_rounds_and_saturates():
+    scale = torch.tensor(0.5)
+    x = torch.tensor([0.0, 1.0, -3.3, 1000.0, -1000.0, 0.26])
+    q = ops.quantize_fp8_static(x, scale)
+    assert q.dtype == torch.float8_e4m3fn
+    back = ops.dequantize_fp8(q, scale)
+    assert back[3] == 448 * 0.5 and back[4] == -448 * 0.5  # saturated, never inf/nan
+    assert back[1] == 1.0
+    assert torch.allclose(back[:3], x[:3], rtol=2 ** -3)
+
+
+def test_fp8_linear_is_exact_product_of_dequantized_values():
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 64), torch.randn(48, 64)
+    ws, xs = w.abs().max() / 448, x.abs().max() / 448
+    w8 = ops.quantize_fp8_static(w, ws)
+    y = ops.fp8_linear(x, w8, ws, xs, torch.float32)
+    ref = ops.dequantize_fp8(ops.quantize_fp8_static(x, xs), xs).double() @ ops.dequantize_fp8(w8, ws).double().t()
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    # against the unquantized product: FP8 error, a few percent
+    assert ((y - x @ w.t()).norm() / (x @ w.t()).norm()).item() < 0.08
+
+
+def test_fp8_linear_per_channel_dynamic():
+    torch.manual_seed(1)
+    x, w = torch.randn(4, 32), torch.randn(16, 32)
+    ws = w.abs().amax(1, keepdim=True) / 448
+    w8 = (w / ws).to(torch.float8_e4m3fn)
+    y = ops.fp8_linear(x, w8, ws, None, torch.float32)
+    x8, xs = ops.quantize_fp8_dynamic_per_token(x)
+    ref = (x8.float() * xs) @ (w8.float() * ws).t()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_kv_write_read_roundtrip():
+    torch.manual_seed(2)
+    k_cache = torch.zeros(3, 4, 2, 8, dtype=torch.float8_e4m3fn)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    ks, vs = k.abs().max() / 448, v.abs().max() / 448
+    slots = torch.tensor([0, 1, 5, 6, 11])
+    ops.kv_cache_write(k, v, k_cache, v_cache, slots, ks, vs)
+    got = k_cache.view(-1, 2, 8)[slots].float() * ks
+    assert torch.allclose(got, k, rtol=2 ** -3, atol=ks.item())
+    assert torch.equal(k_cache.view(-1, 2, 8)[slots], ops.quantize_fp8_static(k, ks))
