@@ -1,0 +1,1 @@
+"""Engine builder: map -> fuse -> quantize/requantize -> shard -> write; memory planner; manifest."""

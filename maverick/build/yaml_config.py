@@ -1,0 +1,39 @@
+"""Engine configs in YAML (configs/*.yaml): BuildConfig fields, strictly validated."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from maverick.config import BuildConfig, ConfigError
+
+
+def load_build_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: engine config not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of build options, got {type(data).__name__}")
+    data.pop("description", None)  # free text for humans
+    BuildConfig.from_dict(data, where=str(path))  # validate now: unknown keys, ranges
+    return data
+
+
+def build_config_from(yaml_path: str | Path | None, overrides: dict) -> BuildConfig:
+    """YAML values, then command-line overrides (those that were given)."""
+    data = load_build_yaml(yaml_path) if yaml_path else {}
+    quant = dict(data.get("quant") or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("algo", "kv_cache_algo"):
+            quant[key] = value
+        else:
+            data[key] = value
+    if quant:
+        data["quant"] = quant
+    return BuildConfig.from_dict(data, where=str(yaml_path or "command line"))
