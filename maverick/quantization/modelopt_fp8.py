@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from maverick.build.builder import TOKENIZER_FILES
 from maverick.tiny_checkpoint import DATA
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model")
 
 
 @dataclass
