@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from maverick.checkpoint import CheckpointError
+from maverick.checkpoint.quant_formats import detect_quant_format
 from maverick.config import ConfigError, ModelConfig
 
 from .engine_format import EngineError
@@ -46,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         build = build_config_from(a.config, overrides)
         if a.dry_run:
             cfg = ModelConfig.preset(a.preset) if a.preset else ModelConfig.from_pretrained(a.checkpoint)
-            if a.checkpoint and build.quant.algo is None:
-                from maverick.checkpoint.quant_formats import detect_quant_format
-                from pathlib import Path
-
+            if a.checkpoint and build.quant.algo is None:  # plan what the checkpoint's format implies
                 q = detect_quant_format(Path(a.checkpoint))
                 if q.kind != "none":
                     build = build.replace(quant=q.build_quant())

@@ -9,6 +9,7 @@ import torch
 from maverick.layers.sampler import SamplingTensors, logprobs, sample
 
 from .batch import StepSeq
+from .detokenizer import detokenize_step
 from .model_runner import ModelRunner
 from .request import Request, Status
 from .sampling_params import InvalidRequest, SamplingParams
@@ -136,7 +137,9 @@ class EngineCore:
             r.finish("stop", token)
         if self.tokenizer is not None:
             prev = len(r.text)
-            r.text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            new, r.prefix_offset, r.read_offset = detokenize_step(
+                self.tokenizer, r.output_token_ids, r.prefix_offset, r.read_offset, p.skip_special_tokens)
+            r.text += new
             if p.stop and r.status is not Status.FINISHED:
                 start = max(0, prev - max(len(s) for s in p.stop))
                 hits = [(r.text.find(s, start), s) for s in p.stop if r.text.find(s, start) >= 0]

@@ -56,6 +56,9 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     arrival_step: int = 0
+    # incremental detokenization window (maverick.runtime.detokenizer)
+    prefix_offset: int = 0
+    read_offset: int = 0
     # streaming cursors
     sent_tokens: int = 0
     sent_text: int = 0
@@ -76,11 +79,11 @@ class Request:
         self.status, self.finish_reason, self.stop_reason = Status.FINISHED, reason, stop_reason
 
     def _streamable_text_end(self) -> int:
-        """While running, hold back what may still change: a partial UTF-8 character, or a tail
-        that could be the start of a stop string."""
+        """While running, hold back a tail that could be the start of a stop string (partial UTF-8
+        characters never reach self.text: the detokenizer holds them back)."""
         if self.finished:
             return len(self.text)
-        end = len(self.text.rstrip("\ufffd"))
+        end = len(self.text)
         if self.params.stop:
             end = min(end, len(self.text) - (max(len(s) for s in self.params.stop) - 1))
         return max(end, self.sent_text)
