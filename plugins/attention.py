@@ -11,6 +11,8 @@ p % C == j. A query at position p sees keys in [p // C * C, p]; those all sit in
 """
 import torch
 
+from .dispatch import threshold
+
 
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
@@ -39,6 +41,22 @@ def _read(cache: torch.Tensor, block_table: torch.Tensor, scale: torch.Tensor | 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    ctx_lens: torch.Tensor, q_index: torch.Tensor, q_positions: torch.Tensor,
+                    token_to_padded: torch.Tensor, scale: float, chunk_size: int | None,
+                    k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Split-KV Triton kernel for a few new tokens per sequence on CUDA, else the reference."""
+    if q_index.shape[1] <= threshold(q, "attention_max_new_tokens") and k_cache.shape[1] >= 16:
+        from .kernels.decode_attention import decode_attention
+
+        return decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale,
+                                chunk_size, k_scale, v_scale)
+    return paged_attention_ref(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions,
+                               token_to_padded, scale, chunk_size, k_scale, v_scale)
+
+
+def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     ctx_lens: torch.Tensor, q_index: torch.Tensor, q_positions: torch.Tensor,
                     token_to_padded: torch.Tensor, scale: float, chunk_size: int | None,

@@ -6,6 +6,9 @@ accumulates in fp32, then applies input_scale * weight_scale once.
 """
 import torch
 
+from .activation import swiglu
+from .dispatch import threshold
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -27,6 +30,26 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 linear: the low-latency kernel for a few tokens on CUDA, else the reference."""
+    if input_scale is not None and x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
+        from .kernels.fp8_gemm import fp8_gemm_small_m
+
+        return fp8_gemm_small_m(x.contiguous(), weight, weight_scale, input_scale, out_dtype)
+    return fp8_linear_ref(x, weight, weight_scale, input_scale, out_dtype)
+
+
+def fp8_linear_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      input_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up of an FP8 gate|up GEMM: fused in the kernel epilogue for a few tokens on CUDA."""
+    if x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
+        from .kernels.fp8_gemm import fp8_gemm_small_m
+
+        return fp8_gemm_small_m(x.contiguous(), weight, weight_scale, input_scale, out_dtype, swiglu=True)
+    return swiglu(fp8_linear_ref(x, weight, weight_scale, input_scale, out_dtype))
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """y = quant(x) @ weight^T * scales.
 
     x [..., K] high precision; weight [N, K] e4m3; weight_scale a scalar or [N] / [N, 1] (per output

@@ -7,7 +7,8 @@ tokens not routed to it (SwiGLU(0) = 0): exact, simple, and the spec the fast ke
 import torch
 
 from .activation import swiglu
-from .fp8 import fp8_linear
+from .dispatch import threshold
+from .fp8 import fp8_linear_ref
 
 
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +20,7 @@ def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tupl
 
 def _expert_linear(x: torch.Tensor, w: torch.Tensor, w_scale, in_scale, out_dtype) -> torch.Tensor:
     if w.dtype == torch.float8_e4m3fn:
-        return fp8_linear(x, w, w_scale, in_scale, out_dtype)
+        return fp8_linear_ref(x, w, w_scale, in_scale, out_dtype)
     return x @ w.t()
 
 
@@ -28,6 +29,21 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
                 gate_up_scale: torch.Tensor | None = None, gate_up_input_scale: torch.Tensor | None = None,
                 down_scale: torch.Tensor | None = None,
                 down_input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts: only the chosen experts' FP8 weights on CUDA for a few tokens, else the reference."""
+    if gate_up.dtype == torch.float8_e4m3fn and x.shape[0] <= threshold(x, "moe_max_tokens"):
+        from .kernels.moe_gemv import moe_experts_gemv
+
+        return moe_experts_gemv(x.contiguous(), top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                                gate_up_input_scale, down_scale, down_input_scale)
+    return moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                           gate_up_input_scale, down_scale, down_input_scale)
+
+
+def moe_experts_ref(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                    gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int = 0,
+                    gate_up_scale: torch.Tensor | None = None, gate_up_input_scale: torch.Tensor | None = None,
+                    down_scale: torch.Tensor | None = None,
+                    down_input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over k of expert[top_ids[:, k]](top_scores[:, k] * x) for the experts held here.
 
     x [T, H]; gate_up [E_local, 2I, H] (gate rows first); down [E_local, H, I]; this rank holds

@@ -1,8 +1,19 @@
 """RMSNorm and the weightless L2 (QK) norm, exactly as transformers' Llama 4 computes them."""
 import torch
 
+from .dispatch import kernels_enabled
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm: the Triton kernel on CUDA, else the reference."""
+    if x.is_cuda and kernels_enabled():
+        from .kernels.rms_norm import rms_norm_triton
+
+        return rms_norm_triton(x.contiguous(), weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`(x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) * weight` over the last dim."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -9,6 +9,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # run the Triton kernels in the interpreter (before any @triton.jit import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import CONFIGS, make_ckpt  # noqa: E402
 

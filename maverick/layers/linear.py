@@ -59,6 +59,12 @@ class MergedColumnParallelLinear(Linear):
         self.local_intermediate = divide(intermediate, tp_size, "intermediate size (per tp_size)")
         super().__init__(hidden, 2 * self.local_intermediate, dtype, fp8, row_scales=True)
 
+    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up; FP8 fuses it into the GEMM epilogue (FC13 + SwiGLU)."""
+        if self.fp8:
+            return ops.fp8_linear_swiglu(x, self.weight, self.weight_scale, self.input_scale, self.out_dtype)
+        return ops.swiglu(torch.nn.functional.linear(x, self.weight))
+
 
 class RowParallelLinear(Linear):
     """Input dim sharded: each rank produces a partial sum; the caller all-reduces it."""

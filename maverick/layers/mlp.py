@@ -2,8 +2,6 @@
 import torch
 from torch import nn
 
-import maverick_plugins as ops
-
 from .linear import MergedColumnParallelLinear, RowParallelLinear
 
 
@@ -15,4 +13,4 @@ class Llama4MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Partial sum over this rank's intermediate slice; the caller all-reduces."""
-        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.forward_swiglu(x))

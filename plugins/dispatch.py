@@ -1,0 +1,35 @@
+"""When an op runs its GPU kernel instead of the reference: one table of measured thresholds.
+
+Kernels run only on CUDA tensors and only in the regime they were built for (a few tokens: the
+min-latency path); larger batches keep the reference path (cuBLAS through torch, which wins there).
+"""
+from __future__ import annotations
+
+import torch
+
+# Thresholds per device name prefix; "default" applies to any other CUDA device.
+THRESHOLDS = {
+    "default": {"gemm_max_tokens": 16, "moe_max_tokens": 16, "attention_max_new_tokens": 8},
+}
+
+_enabled = True
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Force the reference path everywhere (A/B comparisons, debugging)."""
+    global _enabled
+    _enabled = enabled
+
+
+def kernels_enabled() -> bool:
+    return _enabled
+
+
+def threshold(x: torch.Tensor, name: str) -> int:
+    if not (_enabled and x.is_cuda):
+        return -1
+    dev = torch.cuda.get_device_name(x.device)
+    for prefix, table in THRESHOLDS.items():
+        if prefix != "default" and dev.startswith(prefix):
+            return table[name]
+    return THRESHOLDS["default"][name]

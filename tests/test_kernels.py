@@ -1,0 +1,138 @@
+"""Triton kernels against their pure-torch references (the specification).
+
+On CPU these run in the Triton interpreter (TRITON_INTERPRET=1, set in conftest when there is no GPU),
+at small shapes. Its in-kernel FP8 downcast rounds some values one ulp off (shared/ENV.md), so FP8
+cases there use a looser tolerance; on a GPU the same tests run with the tight one.
+"""
+import pytest
+import torch
+
+import maverick_plugins as ops
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+# relative L2 error allowed. fp32: summation order only. fp8: on a GPU the in-kernel quantization may
+# round an element to the neighbouring e4m3 value where x / scale sits on a boundary; on CPU the inputs
+# are made exactly representable (act() below) because the interpreter's FP8 downcast rounds wrongly.
+TOL = {"fp32": 1e-5, "fp8": 1e-3}
+ACT_SCALE = 2.0 ** -4  # a power of two: x / scale is exact
+
+
+def act(*shape, scale=ACT_SCALE):
+    """Activations. On CPU: e4m3 values times `scale` (each row reaching 448 * scale), so quantizing
+    them in the interpreter involves no rounding; on a GPU: plain normal values."""
+    if GPU:
+        return torch.randn(*shape, device=DEV)
+    f = torch.randn(*shape).mul(64).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    f[..., 0] = 448.0
+    return f * scale
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_rms_norm():
+    from maverick_plugins.kernels.rms_norm import rms_norm_triton
+
+    x, w = torch.randn(3, 80, device=DEV), torch.randn(80, device=DEV)
+    assert rel(rms_norm_triton(x, w, 1e-5), ops.rms_norm_ref(x, w, 1e-5)) < TOL["fp32"]
+
+
+def _fp8_weight(n, k, rows=False):
+    w = torch.randn(n, k, device=DEV)
+    s = (w.abs().amax(1) / 448) if rows else (w.abs().max() / 448)
+    return ((w / (s[:, None] if rows else s)).to(torch.float8_e4m3fn)), s.float()
+
+
+@pytest.mark.parametrize("m,rows,swiglu", [(1, False, False), (3, True, False), (5, True, True), (16, False, True)])
+def test_fp8_gemm_small_m(m, rows, swiglu):
+    from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m
+
+    torch.manual_seed(m)
+    K, N = 96, 64
+    w8, ws = _fp8_weight(N, K, rows)
+    x = act(m, K)
+    xs = torch.tensor(ACT_SCALE, device=DEV)
+    out = fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, block_n=16, block_k=32)
+    ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
+    if swiglu:
+        ref = ops.swiglu(ref)
+    assert out.shape == ref.shape
+    assert rel(out, ref) < TOL["fp8"]
+
+
+@pytest.mark.parametrize("top_k,channel", [(1, False), (2, False), (1, True)])
+def test_moe_gemv(top_k, channel):
+    from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
+
+    torch.manual_seed(top_k)
+    T, H, I, E, offset = 3, 64, 32, 4, 2  # this rank holds experts 2..5 of 8
+    x = act(T, H)
+    logits = torch.randn(T, 8, device=DEV)
+    vals, ids = logits.topk(top_k, dim=-1)
+    scores = torch.sigmoid(vals) if GPU else torch.ones_like(vals)  # score * x must stay exact on CPU
+    gu = torch.randn(E, 2 * I, H, device=DEV)
+    dn = torch.randn(E, H, I, device=DEV)
+    if channel:
+        gs, ds = gu.abs().amax(-1) / 448, dn.abs().amax(-1) / 448  # [E, 2I], [E, H]
+        gu8, dn8 = (gu / gs[..., None]).to(torch.float8_e4m3fn), (dn / ds[..., None]).to(torch.float8_e4m3fn)
+        gis = dis = None
+    else:
+        gs, ds = gu.abs().max() / 448, dn.abs().max() / 448
+        gu8, dn8 = (gu / gs).to(torch.float8_e4m3fn), (dn / ds).to(torch.float8_e4m3fn)
+        gis = torch.tensor(ACT_SCALE, device=DEV)
+        dis = torch.tensor(0.5 / 448, device=DEV)
+    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, block_n=16, block_k=32)
+    ref = ops.moe_experts_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis)
+    assert ((ids >= offset) & (ids < offset + E)).any(), "test must route some tokens here"
+    # the second GEMM quantizes the first one's output: boundary cases there are real on any device
+    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+
+
+def _attention_case(B, Q, ctx, chunk, fp8, seed=0):
+    torch.manual_seed(seed)
+    kvh, group, D, bs = 2, 3, 16, 16
+    H = kvh * group
+    nb = (max(ctx) + Q + bs - 1) // bs
+    blocks = B * nb
+    dtype = torch.float8_e4m3fn if fp8 else torch.float32
+    kc = torch.randn(blocks + 1, bs, kvh, D, device=DEV).to(dtype)
+    vc = torch.randn(blocks + 1, bs, kvh, D, device=DEV).to(dtype)
+    table = torch.randperm(blocks, device=DEV).view(B, nb)
+    T = B * Q
+    q = torch.randn(T, H, D, device=DEV)
+    k, v = (act(T, kvh, D, scale=1 / 8), act(T, kvh, D, scale=1 / 8)) if fp8 else \
+        (torch.randn(T, kvh, D, device=DEV), torch.randn(T, kvh, D, device=DEV))
+    q_index = torch.arange(T, device=DEV).view(B, Q)
+    ctx_t = torch.tensor(ctx, device=DEV)
+    q_pos = ctx_t[:, None] + torch.arange(Q, device=DEV)[None, :]
+    t2p = torch.arange(T, device=DEV)
+    ks = vs = torch.tensor(1.0 / 8, device=DEV) if fp8 else None
+    return (q, k, v, kc, vc, table, ctx_t, q_index, q_pos, t2p, D ** -0.5, chunk, ks, vs)
+
+
+@pytest.mark.parametrize("Q,chunk,fp8", [(1, None, False), (3, None, False), (1, 32, False), (4, 32, False),
+                                         (2, None, True)])
+def test_decode_attention(Q, chunk, fp8):
+    from maverick_plugins.kernels.decode_attention import decode_attention
+
+    args = _attention_case(2, Q, [20, 45], chunk, fp8)
+    ref = ops.paged_attention_ref(*args)
+    (q, k, v, kc, vc, table, ctx, qi, qp, t2p, sc, ch, ks, vs) = args
+    out = decode_attention(q, k, v, kc, vc, table, ctx, qi, qp, sc, ch, ks, vs, num_splits=2)
+    assert rel(out, ref) < (TOL["fp8"] if fp8 else TOL["fp32"])
+
+
+def test_decode_attention_padded_sequence_rows_are_not_written():
+    from maverick_plugins.kernels.decode_attention import decode_attention
+
+    args = list(_attention_case(2, 2, [20, 30], None, False))
+    args[8] = args[8].clone()
+    args[8][1, 1] = -1  # sequence 1 has only one new token this step; its second row is padding
+    args[7] = args[7].clone()
+    args[7][1, 1] = 0  # padding points at token 0, which must keep its own output
+    ref = ops.paged_attention_ref(*args)
+    (q, k, v, kc, vc, table, ctx, qi, qp, t2p, sc, ch, ks, vs) = args
+    out = decode_attention(q, k, v, kc, vc, table, ctx, qi, qp, sc, ch, ks, vs)
+    assert rel(out[:3], ref[:3]) < TOL["fp32"]
