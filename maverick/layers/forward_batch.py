@@ -29,6 +29,13 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
 
+    def pad_logits(self, rows: int) -> "ForwardBatch":
+        """Pad logits_indices to `rows` entries (padding rows read token 0; their logits are dropped)."""
+        n = self.logits_indices.shape[0]
+        if n < rows:
+            self.logits_indices = torch.cat([self.logits_indices, self.logits_indices.new_zeros(rows - n)])
+        return self
+
     def to(self, device: torch.device | str) -> "ForwardBatch":
         return ForwardBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
                                for f in fields(self)})

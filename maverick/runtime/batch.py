@@ -23,7 +23,7 @@ class StepSeq:
 
 def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, scratch_global: int,
                         scratch_local: int, pad_batch: int = 0, pad_q: int = 0, pad_global_blocks: int = 0,
-                        pad_tokens: int = 0) -> ForwardBatch:
+                        pad_tokens: int = 0, pad_local_blocks: int = 0) -> ForwardBatch:
     """Flatten seqs into a ForwardBatch (CPU tensors).
 
     scratch_*: the flat slot that padded or overwritten tokens write to (first slot of the
@@ -32,7 +32,7 @@ def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, s
     B = max(len(seqs), pad_batch)
     Q = max([len(s.tokens) for s in seqs] + [pad_q, 1])
     nbg = max([len(s.blocks.global_blocks) for s in seqs] + [pad_global_blocks, 1])
-    nbl = max([len(s.blocks.local_blocks) for s in seqs] + [1])
+    nbl = max([len(s.blocks.local_blocks) for s in seqs] + [pad_local_blocks, 1])
     ids, pos, gslots, lslots, t2p, logits = [], [], [], [], [], []
     q_index = [[0] * Q for _ in range(B)]
     q_pos = [[-1] * Q for _ in range(B)]

@@ -35,10 +35,12 @@ class LLM:
         (local processes), or taken from mpirun when launched under it.
     verify : bool
         Check every engine file's sha256 before loading (default True).
+    cuda_graphs : bool
+        Capture decode steps as CUDA graphs on GPU (default True).
     """
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, tp_size: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, cuda_graphs: bool = True):
         self.engine_dir = Path(engine_dir)
         self.cfg = open_engine(self.engine_dir, tp_size, verify)
         kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,6 +49,7 @@ class LLM:
         if kind == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' asked for, but no CUDA GPU is visible")
         self.device_kind = kind
+        self.cuda_graphs = cuda_graphs
         self._procs: list = []
         self._errors = None
         self._closed = False
@@ -62,7 +65,7 @@ class LLM:
         if kind == "cuda":
             torch.cuda.set_device(device)
         self.tokenizer = self._load_tokenizer()
-        runner = build_runner(self.engine_dir, self.cfg, 0, device)
+        runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs)
         b = self.cfg.build
         self.engine = EngineCore(runner, self.tokenizer, b.max_batch_size, b.max_num_tokens,
                                  before_step=self._broadcast if world > 1 else None)
@@ -80,7 +83,8 @@ class LLM:
         timeout = envs.rank_timeout_s()
         for r in range(1, world):
             p = ctx.Process(target=worker_main, args=(r, world, str(self.engine_dir), self.device_kind,
-                                                       self._backend(), init, timeout, self._errors), daemon=True)
+                                                       self._backend(), init, timeout, self._errors,
+                                                       self.cuda_graphs), daemon=True)
             p.start()
             self._procs.append(p)
         try:
@@ -99,7 +103,7 @@ class LLM:
             return
         device = torch.device(f"cuda:{rank % max(1, torch.cuda.device_count())}") \
             if self.device_kind == "cuda" else torch.device("cpu")
-        serve_steps(build_runner(self.engine_dir, self.cfg, rank, device))
+        serve_steps(build_runner(self.engine_dir, self.cfg, rank, device, self.cuda_graphs))
         dist.shutdown()
         raise SystemExit(0)
 

@@ -35,9 +35,34 @@ class ModelRunner:
                                    torch.zeros(shape, dtype=dtype, device=self.device)))
         self.scratch_global = num_global_blocks * block_size
         self.scratch_local = num_local_blocks * block_size
+        self.graph_blocks = cdiv(max_seq_len, block_size)  # block-table width every graph is captured with
+        self.graphs = None
+
+    def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
+        """Capture decode steps (one new token per sequence) for these batch sizes."""
+        from .cuda_graph import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, batch_sizes, self.graph_blocks,
+                                   ring_blocks(self.max_seq_len, self.chunk, self.block_size), self.device)
+        self.graphs.capture(lambda b: self._padded([], b))
+
+    def _padded(self, seqs: list[StepSeq], rows: int):
+        batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local,
+                                    pad_batch=rows, pad_q=1, pad_global_blocks=self.graph_blocks,
+                                    pad_local_blocks=ring_blocks(self.max_seq_len, self.chunk, self.block_size),
+                                    pad_tokens=rows)
+        return batch.pad_logits(rows)
+
+    def _graphable(self, seqs: list[StepSeq]) -> int | None:
+        if self.graphs is None or not all(len(s.tokens) == 1 and s.num_logits == 1 for s in seqs):
+            return None
+        return self.graphs.size_for(len(seqs))
 
     @torch.inference_mode()
     def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
+        rows = self._graphable(seqs)
+        if rows is not None:  # decode: replay the captured graph of the next size up
+            return self.graphs.replay(self._padded(seqs, rows).to(self.device), len(seqs))
         batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
         return self.model(batch.to(self.device), self.kv_caches)

@@ -14,14 +14,17 @@ from maverick import distributed as dist
 STOP = "stop"
 
 
-def build_runner(engine_dir, cfg, rank: int, device: torch.device):
+def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: bool = True):
     from .engine_loader import load_rank_model
     from .model_runner import ModelRunner
 
     b = cfg.build
     model = load_rank_model(engine_dir, cfg, rank, device)
-    return ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
-                       block_size=b.kv_cache_block_size, device=device)
+    runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
+                         block_size=b.kv_cache_block_size, device=device)
+    if cuda_graphs and device.type == "cuda":
+        runner.capture_cuda_graphs([s for s in b.cuda_graph_batch_sizes if s <= b.max_batch_size])
+    return runner
 
 
 def join_group(rank: int, world: int, backend: str, init_method: str, timeout_s: float) -> None:
@@ -38,7 +41,7 @@ def serve_steps(runner) -> None:
 
 
 def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
-                timeout_s: float, error_queue) -> None:
+                timeout_s: float, error_queue, cuda_graphs: bool = True) -> None:
     """Entry point of a spawned rank (torch.multiprocessing)."""
     try:
         from .engine_loader import open_engine
@@ -48,7 +51,7 @@ def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backen
             torch.cuda.set_device(device)
         join_group(rank, world, backend, init_method, timeout_s)
         cfg = open_engine(engine_dir, verify=False)  # rank 0 verified every file's hash
-        runner = build_runner(engine_dir, cfg, rank, device)
+        runner = build_runner(engine_dir, cfg, rank, device, cuda_graphs)
         serve_steps(runner)
     except Exception as e:  # report to rank 0, which raises a clear error instead of hanging
         error_queue.put(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Microbenchmarks of the min-latency kernels against cuBLAS (torch._scaled_mm), torch and a plain
+read of the same bytes, all in CUDA graphs on this card, weights rotated out of L2. Prints a table."""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import maverick  # noqa: E402,F401  (binds maverick_plugins from the source tree)
+import maverick_plugins as ops  # noqa: E402
+from maverick_plugins.kernels.decode_attention import decode_attention  # noqa: E402
+from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m  # noqa: E402
+from maverick_plugins.kernels.moe_gemv import moe_experts_gemv  # noqa: E402
+
+L2_BYTES = 60 << 20
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + pid, tl.sum(x.to(tl.int32), axis=0))
+
+
+def plain_read(nbytes):
+    x = torch.randint(0, 100, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    out = torch.empty(triton.cdiv(x.numel(), 4096), dtype=torch.int32, device="cuda")
+    return lambda: _read_kernel[(out.numel(),)](x, out, x.numel(), BLOCK=4096)
+
+
+def graph_ms(fns, reps=20, iters=50):
+    """Capture `reps` calls (rotating over fns) in one graph; median time per call."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fns[i % len(fns)]()
+    g.replay()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / reps)
+    return statistics.median(ts) * 1e3  # us
+
+
+def copies(nbytes):
+    return max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
+
+
+def fp8_weight(n, k):
+    return (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def bench_gemm(name, n, k, m, rows, swiglu=False):
+    nbytes = n * k
+    ws = [fp8_weight(n, k) for _ in range(copies(nbytes))]
+    scale = torch.full((n,), 1e-3, device="cuda") if rows else torch.tensor(1e-3, device="cuda")
+    xs = torch.tensor(8 / 448, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ours = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, scale, xs, torch.bfloat16, swiglu=swiglu) for w in ws])
+    x8 = torch.zeros(16, k, device="cuda", dtype=torch.float8_e4m3fn)  # cuBLAS needs M padded to 16
+    one = torch.tensor(1.0, device="cuda")
+    cublas = graph_ms([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16) for w in ws])
+    read = graph_ms([plain_read(nbytes)])
+    return (name, m, nbytes / 1e6, ours, cublas, read)
+
+
+def bench_moe(h, i, e, m):
+    gu = [(torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+    dn = [(torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+    s = torch.tensor(1e-3, device="cuda")
+    xs = torch.tensor(8 / 448, device="cuda")
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, e, (m, 1), device="cuda")
+    sc = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
+    ours = graph_ms([lambda a=a, b=b: moe_experts_gemv(x, ids, sc, a, b, 0, s, xs, s, xs) for a, b in zip(gu, dn)])
+    distinct = len(set(ids.flatten().tolist()))
+    nbytes = distinct * 3 * h * i
+    return ("moe experts (selected)", m, nbytes / 1e6, ours, float("nan"), graph_ms([plain_read(nbytes)]))
+
+
+def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64):
+    nb = -(-ctx // bs)
+    blocks = batch * nb
+    kc = torch.randn(blocks + 1, bs, kvh, d, device="cuda").to(torch.float8_e4m3fn)
+    vc = torch.randn(blocks + 1, bs, kvh, d, device="cuda").to(torch.float8_e4m3fn)
+    table = torch.arange(blocks, device="cuda").view(batch, nb)
+    q = torch.randn(batch, kvh * group, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kvh, d, device="cuda", dtype=torch.bfloat16)
+    ctx_t = torch.full((batch,), ctx - 1, device="cuda")
+    qi = torch.arange(batch, device="cuda").view(batch, 1)
+    qp = ctx_t.view(batch, 1).clone()
+    s = torch.tensor(0.05, device="cuda")
+    ours = graph_ms([lambda: decode_attention(q, k, k, kc, vc, table, ctx_t, qi, qp, d ** -0.5, None, s, s)])
+    nbytes = 2 * batch * ctx * kvh * d
+    return (f"attention fp8 ctx={ctx}", batch, nbytes / 1e6, ours, float("nan"), graph_ms([plain_read(nbytes)]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tp-size", type=int, default=8)
+    a = p.parse_args()
+    tp = a.tp_size
+    H, I, M_, E = 5120, 8192, 16384, 128
+    print(f"card={torch.cuda.get_device_name()} tp_size={tp} (per-rank Maverick shapes)")
+    rows = []
+    shapes = [("qkv", (40 + 16) * 128 // tp, H, True), ("o_proj", H, 40 * 128 // tp, False),
+              ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
+              ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
+              ("lm_head bf16->fp8", 202048 // tp, H, False)]
+    for m in (1, 8):
+        for name, n, k, r in shapes:
+            rows.append(bench_gemm(name, n, k, m, r))
+        rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
+        rows.append(bench_moe(H, I // tp, E, m))
+    for ctx in (8192, 131072):
+        for b in (1, 8):
+            rows.append(bench_attention(ctx, b))
+    print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m, mb, ours, cub, read in rows:
+        print(f"| {name} | {m} | {mb:.2f} | {ours:.1f} | {cub:.1f} | {read:.1f} | {mb * 1e3 / ours:.0f} | "
+              f"{read / ours:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
