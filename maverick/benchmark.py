@@ -43,12 +43,12 @@ def median_ms(fn, iters: int = 30, warmup: int = 3) -> float:
 
 def hbm_read_bandwidth(gib: float = 4.0) -> float:
     """Bytes/s of a large reduction (reads only), best of several graph replays."""
-    x = torch.randn(int(gib * (1 << 30) // 2), dtype=torch.bfloat16, device="cuda")
-    out = torch.empty((), dtype=torch.float32, device="cuda")
+    x = torch.randn(int(gib * (1 << 30) // 2), dtype=torch.bfloat16, device="cuda").view(-1, 1 << 16)
+    out = torch.empty(x.shape[0], dtype=torch.float32, device="cuda")
     g = torch.cuda.CUDAGraph()
-    torch.sum(x, dtype=torch.float32, out=out)
+    torch.sum(x, dim=1, dtype=torch.float32, out=out)
     with torch.cuda.graph(g):
-        torch.sum(x, dtype=torch.float32, out=out)
+        torch.sum(x, dim=1, dtype=torch.float32, out=out)
     ms = median_ms(g.replay, iters=20)
     del x
     return x_bytes(gib) / (ms / 1e3)

@@ -65,6 +65,7 @@ def fp8_weight(n, k):
 
 
 def bench_gemm(name, n, k, m, rows, swiglu=False):
+    n = -(-n // 16) * 16  # cuBLAS FP8 needs multiples of 16 (lm_head 25256 -> 25264)
     nbytes = n * k
     ws = [fp8_weight(n, k) for _ in range(copies(nbytes))]
     scale = torch.full((n,), 1e-3, device="cuda") if rows else torch.tensor(1e-3, device="cuda")

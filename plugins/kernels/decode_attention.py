@@ -22,7 +22,7 @@ def _partial_kernel(
     m_out, l_out, acc_out,
     # sizes and strides
     Q, NBT, SPLIT_LEN, CHUNK, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, stride_ch,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
@@ -49,7 +49,8 @@ def _partial_kernel(
     acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
     if s < NUM_SPLITS:  # a slice of the cached context
         start = s * SPLIT_LEN
-        end = tl.minimum(start + SPLIT_LEN, ctx)
+        # a local layer's table is a ring of NBT blocks: context beyond it lives in those same slots
+        end = tl.minimum(tl.minimum(start + SPLIT_LEN, ctx), NBT * BLOCK_KV)
         for t0 in range(start, end, BLOCK_KV):
             slots = t0 + tl.arange(0, BLOCK_KV)
             blk = tl.load(table_ptr + b * NBT + t0 // BLOCK_KV).to(tl.int64)
@@ -81,9 +82,10 @@ def _partial_kernel(
         jj_ok = jj < Q
         ktok = tl.load(qidx_ptr + b * Q + jj, mask=jj_ok, other=0).to(tl.int64)
         kpos = tl.load(qpos_ptr + b * Q + jj, mask=jj_ok, other=-1)
-        off = ktok[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
-        k = tl.load(k_ptr + off, mask=jj_ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + off, mask=jj_ok[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + ktok[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=jj_ok[:, None],
+                    other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + ktok[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=jj_ok[:, None],
+                    other=0.0).to(tl.float32)
         if FP8:  # attend to the keys exactly as the cache will hold them
             k = tl.clamp(k / k_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * k_scale
             v = tl.clamp(v / v_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * v_scale
@@ -145,6 +147,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     nbt = block_table.shape[1]
     assert bs >= 16 and bs & (bs - 1) == 0, f"block size {bs}: expected a power of two >= 16"
     assert D & (D - 1) == 0, f"head_dim {D}: expected a power of two"
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1, "q, k, v need a contiguous head_dim"
     if num_splits is None:
         num_splits = max(1, min(nbt, triton.cdiv(2 * NUM_SMS, B * kvh)))
     split_len = triton.cdiv(nbt, num_splits) * bs
@@ -162,7 +165,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
         k_scale if fp8 else dummy, v_scale if fp8 else dummy, m, l, acc,
         Q, nbt, split_len, chunk_size or 1, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), kc.stride(0), kc.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
         LOCAL=chunk_size is not None, FP8=fp8, num_warps=4)
     out = torch.zeros_like(q)
