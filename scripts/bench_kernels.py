@@ -94,7 +94,7 @@ def bench_moe(h, i, e, m):
     return ("moe experts (selected)", m, nbytes / 1e6, ours, float("nan"), graph_ms(plain_read(nbytes)))
 
 
-def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64):
+def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
     nb = -(-ctx // bs)
     blocks = batch * nb
     kc = torch.randn(blocks + 1, bs, kvh, d, device="cuda").to(torch.float8_e4m3fn)
@@ -106,7 +106,8 @@ def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64):
     qi = torch.arange(batch, device="cuda").view(batch, 1)
     qp = ctx_t.view(batch, 1).clone()
     s = torch.tensor(0.05, device="cuda")
-    ours = graph_ms([lambda: decode_attention(q, k, k, kc, vc, table, ctx_t, qi, qp, d ** -0.5, None, s, s)])
+    ours = graph_ms([lambda: decode_attention(q, k, k, kc, vc, table, ctx_t, qi, qp, d ** -0.5, None, s, s,
+                                              num_splits=splits)])
     nbytes = 2 * batch * ctx * kvh * d
     return (f"attention fp8 ctx={ctx}", batch, nbytes / 1e6, ours, float("nan"), graph_ms(plain_read(nbytes)))
 
@@ -128,7 +129,7 @@ def main():
             rows.append(bench_gemm(name, n, k, m, r))
         rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
         rows.append(bench_moe(H, I // tp, E, m))
-    for ctx in (8192, 131072):
+    for ctx in (1024, 8192, 131072):
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
     print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")

@@ -26,43 +26,48 @@ def test_cuda_greedy_equals_cpu(tiny_engine):
     assert got == ref
 
 
-@pytest.mark.parametrize("kv", [None, "FP8"])
-def test_kernels_and_cuda_graphs_equal_reference(kv):
-    """Tiny preset, random FP8 weights in engine layout: decode with Triton kernels inside CUDA graphs
-    gives the reference path's logits (eager, kernels off) step after step."""
+def _decode_logits(runner, prompts, tokens, kernels):
+    """Prefill (reference path), then teacher-forced decode steps feeding `tokens` [steps][seq]."""
     import maverick_plugins as ops
+    from maverick.runtime.batch import StepSeq
+
+    ops.set_kernels_enabled(False)
+    seqs = [StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(prompts)]
+    runner.forward(seqs)
+    ops.set_kernels_enabled(kernels)
+    out = []
+    for step, toks in enumerate(tokens):
+        cur = [len(p) + step for p in prompts]
+        seqs = [StepSeq(i, [toks[i]], cur[i], runner.kv.grow(i, cur[i] + 1)) for i in range(len(prompts))]
+        out.append(runner.forward(seqs).clone())
+    for i in range(len(prompts)):
+        runner.kv.free(i)
+    ops.set_kernels_enabled(True)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kv", [None, "FP8"])
+def test_kernels_and_cuda_graphs(kv):
+    """Tiny preset, random FP8 weights in engine layout, 12 teacher-forced decode steps of 3 sequences:
+    (1) CUDA-graph replays equal eager execution of the same kernels bit for bit; (2) the kernels
+    equal the reference path up to FP8 rounding (the GEMM kernel accumulates in another order, and a
+    flipped e4m3 rounding downstream moves a random model's logits by a few percent; an indexing or
+    scale bug moves them by 100%)."""
     from maverick.build.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
-    from maverick.runtime.batch import StepSeq
     from maverick.runtime.model_runner import ModelRunner
 
     cfg = ModelConfig.preset("tiny")
     build = BuildConfig(max_seq_len=256, max_batch_size=4, kv_cache_block_size=16, quant=QuantConfig("FP8", kv))
     model = synthetic_model(cfg, build, 0, "cuda", seed=1)
-    fast = ModelRunner(model, 256, 4, 16, device="cuda")
-    slow = ModelRunner(model, 256, 4, 16, device="cuda")
-    fast.capture_cuda_graphs([1, 2, 4])
     prompts = [prompt_ids(40, seed=1, vocab=500), prompt_ids(7, seed=2, vocab=500), prompt_ids(70, seed=3, vocab=500)]
-    toks, pos, worst = {}, {}, 0.0
-    for runner, kernels in ((fast, True), (slow, False)):
-        ops.set_kernels_enabled(kernels)
-        seqs = [StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(prompts)]
-        logits = runner.forward(seqs)
-        out = [logits.argmax(-1).tolist()]
-        steps = [logits]
-        for step in range(12):
-            cur = [len(p) + step for p in prompts]
-            seqs = [StepSeq(i, [out[-1][i]], cur[i], runner.kv.grow(i, cur[i] + 1)) for i in range(3)]
-            logits = runner.forward(seqs)
-            steps.append(logits)
-            out.append(logits.argmax(-1).tolist())
-        toks[kernels], pos[kernels] = out, steps
-        for i in range(3):
-            runner.kv.free(i)
-    ops.set_kernels_enabled(True)
-    assert fast.graphs.graphs, "decode steps must have replayed captured graphs"
-    for a, b in zip(pos[True], pos[False]):
-        worst = max(worst, ((a - b).norm() / b.norm()).item())
-    assert worst < 0.05, worst  # bf16 activations, FP8 GEMMs: summation order and SwiGLU rounding differ
-    same = sum(x == y for a, b in zip(toks[True], toks[False]) for x, y in zip(a, b)) / (13 * 3)
-    assert same > 0.9, same
+    tokens = torch.randint(4, 500, (12, 3), generator=torch.Generator().manual_seed(0)).tolist()
+    graphed = ModelRunner(model, 256, 4, 16, device="cuda")
+    graphed.capture_cuda_graphs([1, 2, 4])
+    g = _decode_logits(graphed, prompts, tokens, kernels=True)
+    e = _decode_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=True)
+    r = _decode_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=False)
+    assert torch.equal(g, e)
+    rel = ((e - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
+    assert rel < 0.15, rel
+    print(f"kv={kv}: kernels vs reference, worst per-row relative logit difference {rel:.3f}")

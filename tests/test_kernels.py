@@ -45,8 +45,9 @@ def _fp8_weight(n, k, rows=False):
     return ((w / (s[:, None] if rows else s)).to(torch.float8_e4m3fn)), s.float()
 
 
-@pytest.mark.parametrize("m,rows,swiglu", [(1, False, False), (3, True, False), (5, True, True), (16, False, True)])
-def test_fp8_gemm_small_m(m, rows, swiglu):
+@pytest.mark.parametrize("m,rows,swiglu,split_k", [(1, False, False, 1), (3, True, False, 1), (5, True, True, 1),
+                                                   (16, False, True, 1), (2, True, False, 3), (4, True, True, 2)])
+def test_fp8_gemm_small_m(m, rows, swiglu, split_k):
     from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m
 
     torch.manual_seed(m)
@@ -54,7 +55,7 @@ def test_fp8_gemm_small_m(m, rows, swiglu):
     w8, ws = _fp8_weight(N, K, rows)
     x = act(m, K)
     xs = torch.tensor(ACT_SCALE, device=DEV)
-    out = fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, block_n=16, block_k=32)
+    out = fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=(16, 32, split_k, 4, 2))
     ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
     if swiglu:
         ref = ops.swiglu(ref)
@@ -83,7 +84,7 @@ def test_moe_gemv(top_k, channel):
         gu8, dn8 = (gu / gs).to(torch.float8_e4m3fn), (dn / ds).to(torch.float8_e4m3fn)
         gis = torch.tensor(ACT_SCALE, device=DEV)
         dis = torch.tensor(0.5 / 448, device=DEV)
-    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, block_n=16, block_k=32)
+    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, config=(16, 32, 4))
     ref = ops.moe_experts_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis)
     assert ((ids >= offset) & (ids < offset + E)).any(), "test must route some tokens here"
     # the second GEMM quantizes the first one's output: boundary cases there are real on any device

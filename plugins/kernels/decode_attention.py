@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
+SPLIT_MIN_BLOCKS = 2
 
 
 @triton.jit
@@ -109,6 +110,7 @@ def _combine_kernel(
     m_in, l_in, acc_in, qidx_ptr, qpos_ptr, out_ptr,
     Q, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NUM_PARTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -117,13 +119,13 @@ def _combine_kernel(
     j = rows // GROUP
     g = rows % GROUP
     row_ok = j < Q
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # slices of head_dim merge in parallel
     base = ((b * n_kvh + h) * NUM_PARTS).to(tl.int64) * BLOCK_R
     m_max = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
     for s in range(NUM_PARTS):
         m_max = tl.maximum(m_max, tl.load(m_in + base + s * BLOCK_R + rows))
     l_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for s in range(NUM_PARTS):
         w = tl.exp(tl.load(m_in + base + s * BLOCK_R + rows) - m_max)
         l_sum += tl.load(l_in + base + s * BLOCK_R + rows) * w
@@ -148,8 +150,8 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     assert bs >= 16 and bs & (bs - 1) == 0, f"block size {bs}: expected a power of two >= 16"
     assert D & (D - 1) == 0, f"head_dim {D}: expected a power of two"
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1, "q, k, v need a contiguous head_dim"
-    if num_splits is None:
-        num_splits = max(1, min(nbt, triton.cdiv(2 * NUM_SMS, B * kvh)))
+    if num_splits is None:  # enough programs to cover the SMs, at least SPLIT_MIN_BLOCKS blocks each
+        num_splits = max(1, min(triton.cdiv(nbt, SPLIT_MIN_BLOCKS), triton.cdiv(NUM_SMS, B * kvh)))
     split_len = triton.cdiv(nbt, num_splits) * bs
     block_r = max(16, triton.next_power_of_2(Q * group))
     block_q = max(16, triton.next_power_of_2(Q))
@@ -169,6 +171,8 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
         LOCAL=chunk_size is not None, FP8=fp8, num_warps=4)
     out = torch.zeros_like(q)
-    _combine_kernel[(B, kvh)](m, l, acc, q_index, q_positions, out, Q, out.stride(0), out.stride(1), GROUP=group, HEAD_DIM=D,
-                              BLOCK_R=block_r, NUM_PARTS=parts, num_warps=4)
+    block_d = min(D, 32)
+    _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, out, Q, out.stride(0), out.stride(1),
+                                            GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, NUM_PARTS=parts,
+                                            BLOCK_D=block_d, num_warps=4)
     return out

@@ -14,14 +14,15 @@ import triton.language as tl
 @triton.jit
 def _fp8_gemm_kernel(
     # tensors
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr, partial_ptr,
     # sizes and strides
-    M, N_OUT, K, stride_xm, stride_wn, stride_om,
+    M, N_OUT, K, K_PER_SPLIT, stride_xm, stride_wn, stride_om,
     # meta
-    ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr,
+    ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -30,10 +31,10 @@ def _fp8_gemm_kernel(
     x_scale = tl.load(x_scale_ptr)
     rows = offs_n.to(tl.int64) * stride_wn  # int64: lm_head rows * K passes 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU:
-        up_rows = (offs_n + N_OUT).to(tl.int64) * stride_wn
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # used with SWIGLU only
+    up_rows = (offs_n + N_OUT).to(tl.int64) * stride_wn
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
@@ -44,6 +45,19 @@ def _fp8_gemm_kernel(
         if SWIGLU:
             wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc_up += tl.dot(x8, tl.trans(wu))
+    if SPLIT_K > 1:  # raw partial sums [SPLIT_K, 2, BLOCK_M, N_OUT]; _splitk_epilogue_kernel finishes
+        base = partial_ptr + (pid_k * 2 * BLOCK_M + offs_m[:, None]) * N_OUT + offs_n[None, :]
+        tl.store(base, acc, mask=n_mask[None, :])
+        if SWIGLU:
+            tl.store(base + BLOCK_M * N_OUT, acc_up, mask=n_mask[None, :])
+    else:
+        _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om, N_OUT,
+                  ROW_SCALES, SWIGLU)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om, N_OUT,
+              ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr):
     if ROW_SCALES:
         ws = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     else:
@@ -60,9 +74,33 @@ def _fp8_gemm_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N_OUT, stride_om,
+                            ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        base = partial_ptr + (s * 2 * BLOCK_M + offs_m[:, None]) * N_OUT + offs_n[None, :]
+        acc += tl.load(base, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if SWIGLU:
+            acc_up += tl.load(base + BLOCK_M * N_OUT, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, tl.load(x_scale_ptr), out_ptr, stride_om,
+              N_OUT, ROW_SCALES, SWIGLU)
+
+
+# Measured configs (scripts/tune_kernels.py): (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+DEFAULT_CONFIG = (32, 512, 1, 4, 3)
+
+
 def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
-                     out_dtype: torch.dtype, swiglu: bool = False, block_n: int = 16, block_k: int = 256,
-                     num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+                     out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16), weight [N, K] e4m3, weight_scale scalar or [N], input_scale scalar.
     Returns [M, N] (or [M, N/2] with swiglu) in out_dtype."""
     M, K = x.shape
@@ -72,10 +110,17 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         f"weight must be e4m3 [N, {K}] row-major, got {weight.dtype} {list(weight.shape)}"
     assert x.stride(1) == 1
     n_out = N // 2 if swiglu else N
+    block_n, block_k, split_k, num_warps, num_stages = config or CONFIGS.get((N, K), DEFAULT_CONFIG)
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     row_scales = weight_scale.numel() > 1
-    grid = (triton.cdiv(n_out, block_n),)
-    _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, M, n_out, K, x.stride(0), weight.stride(0),
-                           out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu, BLOCK_M=16, BLOCK_N=block_n,
-                           BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    partial = torch.empty((split_k, 2, 16, n_out), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    grid = (triton.cdiv(n_out, block_n), split_k)
+    _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, M, n_out, K, k_per_split, x.stride(0),
+                           weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu, SPLIT_K=split_k,
+                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        _splitk_epilogue_kernel[(triton.cdiv(n_out, 128),)](partial, weight_scale, input_scale, out, M, n_out,
+                                                              out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
+                                                              SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=128, num_warps=4)
     return out
