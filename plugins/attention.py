@@ -11,13 +11,17 @@ p % C == j. A query at position p sees keys in [p // C * C, p]; those all sit in
 """
 import torch
 
-from .dispatch import threshold
+from .dispatch import kernels_enabled, threshold
 
 
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                    v_scale: torch.Tensor | None = None) -> None:
     """Write k, v [T, kv_heads, head_dim] to flat slots [T] (quantised when the cache is FP8)."""
+    if k.is_cuda and kernels_enabled() and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]:
+        from .kernels.small_ops import kv_write_triton
+
+        return kv_write_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     kc = k_cache.view(-1, *k_cache.shape[2:])
     vc = v_cache.view(-1, *v_cache.shape[2:])
     if k_cache.dtype == torch.float8_e4m3fn:  # byte views: index_copy_ has no fp8 kernel on CPU

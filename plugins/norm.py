@@ -24,3 +24,17 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm over the last dim (Llama 4 QK-norm), computed in fp32."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + delta (in x's dtype) and rms_norm(h): the residual add fused with the next norm."""
+    if x.is_cuda and kernels_enabled():
+        from .kernels.small_ops import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, delta, weight, eps)
+    return add_rms_norm_ref(x, delta, weight, eps)
+
+
+def add_rms_norm_ref(x, delta, weight, eps):
+    h = x + delta
+    return h, rms_norm_ref(h, weight, eps)

@@ -62,7 +62,8 @@ def test_kernels_and_cuda_graphs(kv):
     from maverick.runtime.model_runner import ModelRunner
 
     cfg = ModelConfig.preset("tiny")
-    build = BuildConfig(max_seq_len=256, max_batch_size=4, kv_cache_block_size=16, quant=QuantConfig("FP8", kv))
+    build = BuildConfig(max_seq_len=256, max_batch_size=4, kv_cache_block_size=16, quant=QuantConfig("FP8", kv),
+                        dtype="float32")  # fp32 activations: the kernels' and the reference's roundings agree
     model = synthetic_model(cfg, build, 0, "cuda", seed=1)
     prompts = [prompt_ids(40, seed=1, vocab=500), prompt_ids(7, seed=2, vocab=500), prompt_ids(70, seed=3, vocab=500)]
     tokens = torch.randint(4, 500, (12, 3), generator=torch.Generator().manual_seed(0)).tolist()
@@ -73,5 +74,5 @@ def test_kernels_and_cuda_graphs(kv):
     r = _decode_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=False)
     assert torch.equal(g, e)
     rel = ((e - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
-    assert rel < 0.15, rel
+    assert rel < 0.05, rel
     print(f"kv={kv}: kernels vs reference, worst per-row relative logit difference {rel:.3f}")

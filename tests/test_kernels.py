@@ -140,3 +140,44 @@ def test_decode_attention_padded_sequence_rows_are_not_written():
     (q, k, v, kc, vc, table, ctx, qi, qp, t2p, sc, ch, ks, vs) = args
     out = decode_attention(q, k, v, kc, vc, table, ctx, qi, qp, sc, ch, ks, vs)
     assert rel(out[:3], ref[:3]) < TOL["fp32"]
+
+
+def test_add_rms_norm():
+    from maverick_plugins.kernels.small_ops import add_rms_norm_triton
+
+    x, d, w = torch.randn(3, 80, device=DEV), torch.randn(3, 80, device=DEV), torch.randn(80, device=DEV)
+    h, y = add_rms_norm_triton(x, d, w, 1e-5)
+    hr, yr = ops.add_rms_norm_ref(x, d, w, 1e-5)
+    assert rel(h, hr) < TOL["fp32"] and rel(y, yr) < TOL["fp32"]
+
+
+@pytest.mark.parametrize("rope,qk_norm,temp", [(True, False, False), (True, True, False), (False, False, True)])
+def test_qkv_post(rope, qk_norm, temp):
+    from maverick_plugins.kernels.small_ops import qkv_post_triton
+
+    T, H, KVH, D = 5, 4, 2, 16
+    qkv = torch.randn(T, (H + 2 * KVH) * D, device=DEV)
+    pos = torch.tensor([0, 3, 7, 40, 1000], device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    cos, sin = ops.rope_cos_sin(pos, inv)
+    args = (qkv, cos, sin, pos, H, KVH, D, rope, qk_norm, 1e-5, (4.0, 0.1) if temp else None)
+    for got, ref in zip(qkv_post_triton(*args), ops.qkv_post_ref(*args)):
+        assert rel(got, ref) < TOL["fp32"]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kv_write(fp8):
+    from maverick_plugins.kernels.small_ops import kv_write_triton
+
+    dt = torch.float8_e4m3fn if fp8 else torch.float32
+    caches = [torch.zeros(4, 8, 2, 16, device=DEV, dtype=dt) for _ in range(4)]
+    k = act(3, 2, 16, scale=1 / 8) if fp8 else torch.randn(3, 2, 16, device=DEV)
+    v = torch.cat([k, k], dim=-1)[..., :16] * 2  # strided like the model's v
+    slots = torch.tensor([0, 9, 31], device=DEV)
+    s = torch.tensor(1 / 8, device=DEV)
+    kv_write_triton(k, v, caches[0], caches[1], slots, s, s)
+    ops.set_kernels_enabled(False)
+    ops.kv_cache_write(k, v, caches[2], caches[3], slots, s, s)
+    ops.set_kernels_enabled(True)
+    assert torch.equal(caches[0].view(torch.uint8) if fp8 else caches[0], caches[2].view(torch.uint8) if fp8 else caches[2])
+    assert torch.equal(caches[1].view(torch.uint8) if fp8 else caches[1], caches[3].view(torch.uint8) if fp8 else caches[3])

@@ -6,9 +6,9 @@ from .forward_batch import ForwardBatch
 from .linear import Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from .mlp import Llama4MLP
 from .moe import Llama4MoE
-from .norm import RMSNorm
+from .norm import RMSNorm, add_rms_norm
 from .rotary import RotaryEmbedding
 
 __all__ = ["ForwardBatch", "all_gather", "all_reduce", "Linear", "Llama4Attention", "Llama4MLP", "Llama4MoE",
-           "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RMSNorm",
+           "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RMSNorm", "add_rms_norm",
            "RotaryEmbedding", "RowParallelLinear", "VocabParallelEmbedding"]

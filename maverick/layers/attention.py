@@ -34,27 +34,14 @@ class Llama4Attention(nn.Module):
         else:
             self.k_scale = self.v_scale = None
 
-    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
-        """Per-token query scale log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1 [T, 1, 1]."""
-        scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.cfg.floor_scale))
-        return (scale * self.cfg.attn_scale + 1.0)[:, None, None]
-
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Returns this rank's partial o_proj output; the decoder layer all-reduces it."""
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        q = q.view(T, self.heads, self.head_dim)
-        k = k.view(T, self.kv_heads, self.head_dim)
-        v = v.view(T, self.kv_heads, self.head_dim)
-        if self.use_rope:
-            cos, sin = rope
-            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        if self.use_qk_norm:
-            q, k = ops.l2_norm(q, self.cfg.rms_norm_eps), ops.l2_norm(k, self.cfg.rms_norm_eps)
-        if self.temperature_tuning:
-            q = (q * self.temperature(batch.positions)).to(q.dtype)
+        temperature = (self.cfg.floor_scale, self.cfg.attn_scale) if self.temperature_tuning else None
+        # RoPE + QK-norm (RoPE layers) and the temperature scale of q (NoPE layers): one fused op
+        q, k, v = ops.qkv_post(self.qkv_proj(x), rope[0], rope[1], batch.positions, self.heads, self.kv_heads,
+                               self.head_dim, self.use_rope, self.use_qk_norm, self.cfg.rms_norm_eps, temperature)
 
         k_cache, v_cache = kv_cache
         if self.use_rope:

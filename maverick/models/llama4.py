@@ -13,7 +13,7 @@ from torch import nn
 
 from maverick.config import ModelConfig
 from maverick.layers import (ForwardBatch, Llama4Attention, Llama4MLP, Llama4MoE, ParallelLMHead,
-                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, all_reduce)
+                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, add_rms_norm, all_reduce)
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,13 @@ class Llama4DecoderLayer(nn.Module):
             self.feed_forward = Llama4MLP(cfg.hidden_size, cfg.intermediate_size_mlp, spec.tp_size,
                                           spec.dtype, spec.fp8)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope, kv_cache) -> torch.Tensor:
-        h = x + all_reduce(self.self_attn(self.input_layernorm(x), batch, rope, kv_cache))
-        return h + all_reduce(self.feed_forward(self.post_attention_layernorm(h)))
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, batch: ForwardBatch, rope, kv_cache,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream; normed: input_layernorm(x), computed by the previous layer's fused add.
+        Returns the new residual and next_norm of it (the next layer's input norm, or the final norm)."""
+        h, n2 = add_rms_norm(x, all_reduce(self.self_attn(normed, batch, rope, kv_cache)),
+                             self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return add_rms_norm(h, all_reduce(self.feed_forward(n2)), next_norm.weight, next_norm.eps)
 
 
 class Llama4ForCausalLM(nn.Module):
@@ -69,6 +73,8 @@ class Llama4ForCausalLM(nn.Module):
         """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached)."""
         x = self.embed_tokens(batch.input_ids)
         rope = self.rotary_emb(batch.positions)
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, batch, rope, kv)
-        return self.lm_head(self.norm(x[batch.logits_indices]))
+        normed = self.layers[0].input_layernorm(x)
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv, next_norm in zip(self.layers, kv_caches, norms):
+            x, normed = layer(x, normed, batch, rope, kv, next_norm)
+        return self.lm_head(normed[batch.logits_indices])

@@ -1,0 +1,112 @@
+"""Fused element-wise kernels of the decode step (one launch each instead of 5-20 small torch ops).
+
+- add_rms_norm: h = x + delta; (h, rmsnorm(h)) -- the residual add and the next norm.
+- qkv_post: split the fused QKV output, RoPE (interleaved pairs) + QK L2-norm on RoPE layers, the
+  NoPE temperature scale on queries; one program per (token, head).
+- kv_write: this step's K and V into their cache slots, quantized when the cache is FP8.
+Each rounds to the activation dtype where the reference does, so results match it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    h = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0) + tl.load(d_ptr + row * N + offs, mask=mask, other=0.0)
+    h = h.to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * N + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    y = (hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)).to(y_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + row * N + offs, (y * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm_triton(x, delta, weight, eps):
+    x, delta = x.contiguous(), delta.contiguous()
+    h, y = torch.empty_like(x), torch.empty_like(x)
+    N = x.shape[-1]
+    block = triton.next_power_of_2(N)
+    _add_rms_norm_kernel[(x.numel() // N,)](x, delta, weight, h, y, N, eps, BLOCK=block,
+                                           num_warps=8 if block >= 4096 else 4)
+    return h, y
+
+
+@triton.jit
+def _qkv_post_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr,
+    stride_t, HQ, eps, floor_scale, attn_scale,
+    HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    is_q = head < HQ
+    half = tl.arange(0, HEAD_DIM // 2)
+    src = qkv_ptr + t * stride_t + head * HEAD_DIM
+    xe = tl.load(src + 2 * half).to(tl.float32)
+    xo = tl.load(src + 2 * half + 1).to(tl.float32)
+    dt = q_ptr.dtype.element_ty
+    if USE_ROPE:
+        c = tl.load(cos_ptr + t * (HEAD_DIM // 2) + half)
+        s = tl.load(sin_ptr + t * (HEAD_DIM // 2) + half)
+        ye = (xe * c - xo * s).to(dt).to(tl.float32)
+        yo = (xe * s + xo * c).to(dt).to(tl.float32)
+    else:
+        ye, yo = xe, xo
+    if QK_NORM:
+        r = tl.rsqrt((tl.sum(ye * ye, axis=0) + tl.sum(yo * yo, axis=0)) / HEAD_DIM + eps)
+        ye = (ye * r).to(dt).to(tl.float32)
+        yo = (yo * r).to(dt).to(tl.float32)
+    if TEMPERATURE:
+        if is_q:
+            pos = tl.load(pos_ptr + t).to(tl.float32)
+            scale = tl.log(tl.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
+            ye = ye * scale
+            yo = yo * scale
+    if is_q:
+        dst = q_ptr + (t * HQ + head) * HEAD_DIM
+    else:
+        dst = k_ptr + (t * (tl.num_programs(1) - HQ) + head - HQ) * HEAD_DIM
+    tl.store(dst + 2 * half, ye.to(dt))
+    tl.store(dst + 2 * half + 1, yo.to(dt))
+
+
+def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature):
+    T = qkv.shape[0]
+    q = torch.empty((T, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((T, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(T, kv_heads, head_dim)
+    floor_scale, attn_scale = temperature if temperature else (1.0, 0.0)
+    _qkv_post_kernel[(T, heads + kv_heads)](qkv, cos, sin, positions, q, k, qkv.stride(0), heads, eps,
+                                            float(floor_scale), float(attn_scale), HEAD_DIM=head_dim,
+                                            USE_ROPE=use_rope, QK_NORM=qk_norm, TEMPERATURE=temperature is not None,
+                                            num_warps=1)
+    return q, k, v
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_kt, stride_vt, KVH,
+                     HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs = tl.arange(0, HEAD_DIM)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    k = tl.load(k_ptr + t * stride_kt + h * HEAD_DIM + offs)
+    v = tl.load(v_ptr + t * stride_vt + h * HEAD_DIM + offs)
+    if FP8:
+        k = tl.clamp(k.to(tl.float32) / tl.load(ks_ptr), -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / tl.load(vs_ptr), -448.0, 448.0)
+    dst = (slot * KVH + h) * HEAD_DIM + offs
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
+
+
+def kv_write_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale):
+    T, kvh, D = k.shape
+    assert k.stride(1) == D and v.stride(1) == D and k.stride(2) == 1 and v.stride(2) == 1
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    _kv_write_kernel[(T, kvh)](k, v, k_cache, v_cache, slots, k_scale if fp8 else slots, v_scale if fp8 else slots,
+                               k.stride(0), v.stride(0), kvh, HEAD_DIM=D, FP8=fp8, num_warps=1)
