@@ -7,13 +7,17 @@ tokens not routed to it (SwiGLU(0) = 0): exact, simple, and the spec the fast ke
 import torch
 
 from .activation import swiglu
-from .dispatch import threshold
+from .dispatch import kernels_enabled, threshold
 from .fp8 import fp8_linear_ref
 
 
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits in x's dtype, top-k ids [T, k] and sigmoid scores [T, k] (in x's dtype)."""
     logits = x @ router_weight.t().to(x.dtype)
+    if x.is_cuda and kernels_enabled():  # top-k and sigmoid in one launch instead of three
+        from .kernels.small_ops import router_topk_triton
+
+        return router_topk_triton(logits, top_k)
     top_vals, top_ids = torch.topk(logits, top_k, dim=-1)
     return top_ids, torch.sigmoid(top_vals.float()).to(x.dtype)
 

@@ -76,3 +76,19 @@ def test_kernels_and_cuda_graphs(kv):
     rel = ((e - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
     assert rel < 0.05, rel
     print(f"kv={kv}: kernels vs reference, worst per-row relative logit difference {rel:.3f}")
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_decode_attention_bf16(chunk):
+    """bf16 models take the bf16 tensor-core path (the interpreter cannot run bf16 dots, shared/ENV.md)."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.decode_attention import decode_attention
+    from test_kernels import _attention_case
+
+    args = list(_attention_case(2, 3, [20, 45], chunk, False))
+    for i in (0, 1, 2, 3, 4):  # q, k, v and the caches in bf16
+        args[i] = args[i].to(torch.bfloat16)
+    ref = ops.paged_attention_ref(*args).float()
+    (q, k, v, kc, vc, table, ctx, qi, qp, t2p, sc, ch, ks, vs) = args
+    out = decode_attention(q, k, v, kc, vc, table, ctx, qi, qp, sc, ch, ks, vs).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2  # probabilities rounded to bf16 for the PV product

@@ -181,3 +181,14 @@ def test_kv_write(fp8):
     ops.set_kernels_enabled(True)
     assert torch.equal(caches[0].view(torch.uint8) if fp8 else caches[0], caches[2].view(torch.uint8) if fp8 else caches[2])
     assert torch.equal(caches[1].view(torch.uint8) if fp8 else caches[1], caches[3].view(torch.uint8) if fp8 else caches[3])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_topk(top_k):
+    from maverick_plugins.kernels.small_ops import router_topk_triton
+
+    logits = torch.randn(5, 128, device=DEV)
+    ids, scores = router_topk_triton(logits, top_k)
+    vals, ref_ids = logits.topk(top_k, dim=-1)
+    assert torch.equal(ids, ref_ids)
+    assert rel(scores, torch.sigmoid(vals)) < TOL["fp32"]

@@ -27,6 +27,7 @@ def _partial_kernel(
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
+    BF16_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -70,13 +71,19 @@ def _partial_kernel(
             vis = valid[None, :] & (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] >= 0)
             if LOCAL:
                 vis = vis & ((kpos[None, :] // CHUNK) == (qpos[:, None] // CHUNK))
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+            if BF16_DOT:  # bf16 model: q and k are bf16 values, so the products are exact
+                sc = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16))) * sm_scale
+            else:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
             sc = tl.where(vis, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            if BF16_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             m_i = m_new
     else:  # this step's own keys
         jj = tl.arange(0, BLOCK_Q)
@@ -169,7 +176,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         Q, nbt, split_len, chunk_size or 1, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
-        LOCAL=chunk_size is not None, FP8=fp8, num_warps=4)
+        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, num_warps=4)
     out = torch.empty_like(q)  # rows of tokens outside q_index (graph padding) stay unwritten: never read
     block_d = min(D, 32)
     _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, out, Q, out.stride(0), out.stride(1),

@@ -110,3 +110,26 @@ def kv_write_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     _kv_write_kernel[(T, kvh)](k, v, k_cache, v_cache, slots, k_scale if fp8 else slots, v_scale if fp8 else slots,
                                k.stride(0), v.stride(0), kvh, HEAD_DIM=D, FP8=fp8, num_warps=1)
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    for j in range(TOP_K):  # k rounds of argmax; ties go to the lowest id, as torch.topk does here
+        best = tl.max(x, axis=0)
+        idx = tl.min(tl.where(x == best, offs, BLOCK_E), axis=0)
+        tl.store(ids_ptr + t * TOP_K + j, idx.to(tl.int64))
+        score = (1.0 / (1.0 + tl.exp(-best))).to(scores_ptr.dtype.element_ty)
+        tl.store(scores_ptr + t * TOP_K + j, score)
+        x = tl.where(offs == idx, float("-inf"), x)
+
+
+def router_topk_triton(logits: torch.Tensor, top_k: int):
+    T, E = logits.shape
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
+    scores = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
+    _router_topk_kernel[(T,)](logits.contiguous(), ids, scores, E, TOP_K=top_k,
+                              BLOCK_E=triton.next_power_of_2(E), num_warps=1)
+    return ids, scores
