@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import maverick  # noqa: E402,F401  (binds maverick_plugins from the source tree)
 import maverick_plugins as ops  # noqa: E402
 from maverick.build.synthetic import synthetic_model  # noqa: E402
 from maverick.config import BuildConfig, ModelConfig, QuantConfig  # noqa: E402
