@@ -14,6 +14,13 @@ THRESHOLDS = {
 
 _enabled = True
 
+# Programmatic dependent launch (Hopper+): every kernel lets its successor launch at once and waits
+# for its inputs with griddepcontrol, hiding the launch gap between the ~750 kernels of a decode step
+# (2.83 ms of kernel time replayed in 3.90 ms on H200 without it). Off where there is no CUDA device
+# (the Triton interpreter has no griddepcontrol).
+PDL = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
+
 
 def set_kernels_enabled(enabled: bool) -> None:
     """Force the reference path everywhere (A/B comparisons, debugging)."""

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import PDL, PDL_LAUNCH
+
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
 SPLIT_MIN_BLOCKS = 1  # H200, TP8 shapes: 16 splits best at 1K context (16 us vs 21 us with 8)
 
@@ -27,8 +29,11 @@ def _partial_kernel(
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
-    BF16_DOT: tl.constexpr,
+    BF16_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -117,8 +122,11 @@ def _combine_kernel(
     m_in, l_in, acc_in, qidx_ptr, qpos_ptr, out_ptr,
     Q, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NUM_PARTS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_kvh = tl.num_programs(1)
@@ -176,10 +184,10 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         Q, nbt, split_len, chunk_size or 1, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
-        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, num_warps=4)
+        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     out = torch.empty_like(q)  # rows of tokens outside q_index (graph padding) stay unwritten: never read
     block_d = min(D, 32)
     _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, out, Q, out.stride(0), out.stride(1),
                                             GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, NUM_PARTS=parts,
-                                            BLOCK_D=block_d, num_warps=4)
+                                            BLOCK_D=block_d, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return out

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import PDL, PDL_LAUNCH
+
 
 @triton.jit
 def _fp8_gemm_kernel(
@@ -19,8 +21,11 @@ def _fp8_gemm_kernel(
     M, N_OUT, K, K_PER_SPLIT, stride_xm, stride_wn, stride_om,
     # meta
     ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -77,7 +82,10 @@ def _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale,
 @triton.jit
 def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N_OUT, stride_om,
                             ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,9 +140,9 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     grid = (triton.cdiv(n_out, block_n), split_k)
     _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, M, n_out, K, k_per_split, x.stride(0),
                            weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu, SPLIT_K=split_k,
-                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         _splitk_epilogue_kernel[(triton.cdiv(n_out, 128),)](partial, weight_scale, input_scale, out, M, n_out,
                                                               out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
-                                                              SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=128, num_warps=4)
+                                                              SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=128, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return out

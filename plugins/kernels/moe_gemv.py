@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import PDL, PDL_LAUNCH
+
 
 @triton.jit
 def _moe_gemv_kernel(
@@ -21,8 +23,11 @@ def _moe_gemv_kernel(
     # meta
     X_PER_PAIR: tl.constexpr,  # x rows are per (token, k) pair (pass 2) instead of per token (pass 1)
     SCALE_INPUT: tl.constexpr, SWIGLU: tl.constexpr, CHANNEL_SCALES: tl.constexpr, DYNAMIC_X: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     pair = tl.program_id(1)
     token = pair // TOP_K
@@ -92,7 +97,7 @@ def _launch(x, ids, scores, w, w_scale, x_scale, n_out, x_per_pair, swiglu, expe
                            n_out, K, E_local, expert_offset, top_k, w.stride(0), w.stride(1), x.stride(0),
                            out.stride(0), X_PER_PAIR=x_per_pair, SCALE_INPUT=swiglu, SWIGLU=swiglu,
                            CHANNEL_SCALES=channel, DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k,
-                           num_warps=num_warps)
+                           PDL=PDL, **PDL_LAUNCH, num_warps=num_warps)
     return out
 
 

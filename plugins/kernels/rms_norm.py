@@ -3,9 +3,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import PDL, PDL_LAUNCH
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, N, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -24,5 +29,5 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     N = shape[-1]
     block = triton.next_power_of_2(N)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), N, eps, BLOCK=block,
-                                     num_warps=8 if block >= 4096 else 4)
+                                     PDL=PDL, **PDL_LAUNCH, num_warps=8 if block >= 4096 else 4)
     return out.view(shape)

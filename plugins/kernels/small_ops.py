@@ -10,9 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import PDL, PDL_LAUNCH
+
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -31,7 +36,7 @@ def add_rms_norm_triton(x, delta, weight, eps):
     N = x.shape[-1]
     block = triton.next_power_of_2(N)
     _add_rms_norm_kernel[(x.numel() // N,)](x, delta, weight, h, y, N, eps, BLOCK=block,
-                                           num_warps=8 if block >= 4096 else 4)
+                                           PDL=PDL, **PDL_LAUNCH, num_warps=8 if block >= 4096 else 4)
     return h, y
 
 
@@ -39,8 +44,11 @@ def add_rms_norm_triton(x, delta, weight, eps):
 def _qkv_post_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr,
     stride_t, HQ, eps, floor_scale, attn_scale,
-    HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < HQ
@@ -83,13 +91,16 @@ def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rop
     _qkv_post_kernel[(T, heads + kv_heads)](qkv, cos, sin, positions, q, k, qkv.stride(0), heads, eps,
                                             float(floor_scale), float(attn_scale), HEAD_DIM=head_dim,
                                             USE_ROPE=use_rope, QK_NORM=qk_norm, TEMPERATURE=temperature is not None,
-                                            num_warps=1)
+                                            PDL=PDL, **PDL_LAUNCH, num_warps=1)
     return q, k, v
 
 
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_kt, stride_vt, KVH,
-                     HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HEAD_DIM)
@@ -109,11 +120,14 @@ def kv_write_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     assert k.stride(1) == D and v.stride(1) == D and k.stride(2) == 1 and v.stride(2) == 1
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     _kv_write_kernel[(T, kvh)](k, v, k_cache, v_cache, slots, k_scale if fp8 else slots, v_scale if fp8 else slots,
-                               k.stride(0), v.stride(0), kvh, HEAD_DIM=D, FP8=fp8, num_warps=1)
+                               k.stride(0), v.stride(0), kvh, HEAD_DIM=D, FP8=fp8, PDL=PDL, **PDL_LAUNCH, num_warps=1)
 
 
 @triton.jit
-def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr):
+def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -131,5 +145,5 @@ def router_topk_triton(logits: torch.Tensor, top_k: int):
     ids = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
     scores = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
     _router_topk_kernel[(T,)](logits.contiguous(), ids, scores, E, TOP_K=top_k,
-                              BLOCK_E=triton.next_power_of_2(E), num_warps=1)
+                              BLOCK_E=triton.next_power_of_2(E), PDL=PDL, **PDL_LAUNCH, num_warps=1)
     return ids, scores
