@@ -134,12 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true", help="also time batch 1 with the kernels off")
     p.add_argument("--allreduce-us", type=float, help="one all-reduce's latency, measured elsewhere")
     p.add_argument("--json", help="write results here")
-    p.add_argument("--no-pdl", action="store_true", help="launch kernels without programmatic dependent launch")
+    p.add_argument("--pdl", action="store_true", help="launch kernels with programmatic dependent launch")
     a = p.parse_args(argv)
-    if a.no_pdl:  # before any kernel module is imported: they bind the flag at import
-        import maverick_plugins.dispatch as dispatch
+    import maverick_plugins.dispatch as dispatch
 
-        dispatch.PDL, dispatch.PDL_LAUNCH = False, {}
+    dispatch.set_pdl(a.pdl)  # before any kernel module is imported: they bind the flag at import
     if not torch.cuda.is_available():
         print("error: maverick-bench needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         quant=QuantConfig("FP8", "FP8" if a.kv_cache_dtype == "fp8" else None),
                         kv_cache_block_size=64)
     card = torch.cuda.get_device_name()
-    head = (f"card={card} gpus=1 mode=one-rank tp_size={a.tp_size} preset={a.preset} pdl={not a.no_pdl} "
+    head = (f"card={card} gpus=1 mode=one-rank tp_size={a.tp_size} preset={a.preset} pdl={a.pdl} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
     print(head, flush=True)

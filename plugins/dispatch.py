@@ -14,12 +14,20 @@ THRESHOLDS = {
 
 _enabled = True
 
-# Programmatic dependent launch (Hopper+): every kernel lets its successor launch at once and waits
-# for its inputs with griddepcontrol, hiding the launch gap between the ~750 kernels of a decode step
-# (2.83 ms of kernel time replayed in 3.90 ms on H200 without it). Off where there is no CUDA device
-# (the Triton interpreter has no griddepcontrol).
-PDL = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
+# Programmatic dependent launch (Hopper+): each kernel lets its successor launch at once and waits
+# for its inputs with griddepcontrol. Measured OFF by default: in one run on H200 (TP8 one-rank step,
+# batch 1, 1K context) waiting at kernel entry made the step slower, 3.17-3.20 ms with it against
+# 2.87-2.88 ms without. It can only pay once kernels stream their weights before the wait.
+# `maverick-bench --no-pdl` / set_pdl() compare the two.
+PDL = False
+PDL_LAUNCH: dict = {}
+
+
+def set_pdl(enabled: bool) -> None:
+    """Must run before the first kernel launch: kernel modules bind the flag when imported."""
+    global PDL, PDL_LAUNCH
+    PDL = enabled and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
 
 
 def set_kernels_enabled(enabled: bool) -> None:
