@@ -111,18 +111,20 @@ def _partial_kernel(
         p = tl.exp(sc - m_i[:, None])
         l_i = tl.sum(p, axis=1)
         acc = tl.dot(p, v, input_precision="ieee")
-    base = ((b * n_kvh + h) * (NUM_SPLITS + 1) + s).to(tl.int64) * BLOCK_R
-    tl.store(m_out + base + rows, m_i)
-    tl.store(l_out + base + rows, l_i)
-    tl.store(acc_out + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    # splits past this sequence's context did no work: they store nothing and the merge skips them
+    if (s == NUM_SPLITS) | (s * SPLIT_LEN < tl.minimum(ctx, NBT * BLOCK_KV)):
+        base = ((b * n_kvh + h) * (NUM_SPLITS + 1) + s).to(tl.int64) * BLOCK_R
+        tl.store(m_out + base + rows, m_i)
+        tl.store(l_out + base + rows, l_i)
+        tl.store(acc_out + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc)
 
 
 @triton.jit
 def _combine_kernel(
-    m_in, l_in, acc_in, qidx_ptr, qpos_ptr, out_ptr,
-    Q, stride_ot, stride_oh,
+    m_in, l_in, acc_in, qidx_ptr, qpos_ptr, ctx_ptr, out_ptr,
+    Q, NBT, SPLIT_LEN, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NUM_PARTS: tl.constexpr,
-    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
         tl.extra.cuda.gdc_launch_dependents()
@@ -136,12 +138,17 @@ def _combine_kernel(
     row_ok = j < Q
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # slices of head_dim merge in parallel
     base = ((b * n_kvh + h) * NUM_PARTS).to(tl.int64) * BLOCK_R
-    m_max = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
-    for s in range(NUM_PARTS):
+    # only the splits that held context (cost follows the context, not max_seq_len), then the new keys
+    ctx = tl.minimum(tl.load(ctx_ptr + b), NBT * BLOCK_KV)
+    n_active = (ctx + SPLIT_LEN - 1) // SPLIT_LEN
+    last = base + (NUM_PARTS - 1) * BLOCK_R
+    m_max = tl.load(m_in + last + rows)
+    for s in range(0, n_active):
         m_max = tl.maximum(m_max, tl.load(m_in + base + s * BLOCK_R + rows))
-    l_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for s in range(NUM_PARTS):
+    w = tl.exp(tl.load(m_in + last + rows) - m_max)
+    l_sum = tl.load(l_in + last + rows) * w
+    acc = tl.load(acc_in + (last + rows)[:, None] * HEAD_DIM + offs_d[None, :]) * w[:, None]
+    for s in range(0, n_active):
         w = tl.exp(tl.load(m_in + base + s * BLOCK_R + rows) - m_max)
         l_sum += tl.load(l_in + base + s * BLOCK_R + rows) * w
         acc += tl.load(acc_in + (base + s * BLOCK_R + rows)[:, None] * HEAD_DIM + offs_d[None, :]) * w[:, None]
@@ -187,7 +194,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     out = torch.empty_like(q)  # rows of tokens outside q_index (graph padding) stay unwritten: never read
     block_d = min(D, 32)
-    _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, out, Q, out.stride(0), out.stride(1),
-                                            GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, NUM_PARTS=parts,
-                                            BLOCK_D=block_d, PDL=PDL, **PDL_LAUNCH, num_warps=4)
+    _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, ctx_lens, out, Q, nbt, split_len,
+                                            out.stride(0), out.stride(1), GROUP=group, HEAD_DIM=D, BLOCK_R=block_r,
+                                            NUM_PARTS=parts, BLOCK_D=block_d, BLOCK_KV=bs, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return out
