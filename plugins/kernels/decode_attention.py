@@ -196,5 +196,6 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     block_d = min(D, 32)
     _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, ctx_lens, out, Q, nbt, split_len,
                                             out.stride(0), out.stride(1), GROUP=group, HEAD_DIM=D, BLOCK_R=block_r,
-                                            NUM_PARTS=parts, BLOCK_D=block_d, BLOCK_KV=bs, PDL=PDL, **PDL_LAUNCH, num_warps=4)
+                                            NUM_PARTS=parts, BLOCK_D=block_d, BLOCK_KV=bs,
+                                            PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return out

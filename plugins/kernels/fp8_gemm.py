@@ -140,9 +140,11 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     grid = (triton.cdiv(n_out, block_n), split_k)
     _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, M, n_out, K, k_per_split, x.stride(0),
                            weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu, SPLIT_K=split_k,
-                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
+                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                           PDL=PDL, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         _splitk_epilogue_kernel[(triton.cdiv(n_out, 128),)](partial, weight_scale, input_scale, out, M, n_out,
                                                               out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
-                                                              SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=128, PDL=PDL, **PDL_LAUNCH, num_warps=4)
+                                                              SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=128,
+                                                              PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return out
