@@ -116,6 +116,18 @@ def decode_step(runner: ModelRunner, cfg, build, batch: int, context: int, bandw
     return StepResult(batch, context, ms, floor, nbytes, 1e3 / ms, batch * 1e3 / ms / tp_size)
 
 
+def time_to_first_token(runner: ModelRunner, prompt_len: int) -> float:
+    """Eager prefill of one prompt (CUDA events, median of 3 after a warm-up), in ms."""
+    ids = torch.randint(4, 200000, (prompt_len,)).tolist()
+
+    def once():
+        blocks = runner.kv.grow(20_000, prompt_len)
+        runner.forward([StepSeq(20_000, ids, 0, blocks)])
+        runner.kv.free(20_000)
+
+    return median_ms(once, iters=3, warmup=1)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="1024,8192")
     p.add_argument("--kv-cache-dtype", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--reference", action="store_true", help="also time batch 1 with the kernels off")
+    p.add_argument("--ttft", default="", help="prompt lengths for time to first token, e.g. 1024,8192")
     p.add_argument("--allreduce-us", type=float, help="one all-reduce's latency, measured elsewhere")
     p.add_argument("--json", help="write results here")
     p.add_argument("--pdl", action="store_true", help="launch kernels with programmatic dependent launch")
@@ -147,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.preset(a.preset)
     batches = [int(x) for x in a.batches.split(",")]
     contexts = [int(x) for x in a.contexts.split(",")]
-    build = BuildConfig(tp_size=a.tp_size, max_batch_size=max(batches), max_seq_len=max(contexts) + 64,
+    longest = max(contexts + [int(x) for x in a.ttft.split(",") if x])
+    build = BuildConfig(tp_size=a.tp_size, max_batch_size=max(batches), max_seq_len=longest + 64,
                         quant=QuantConfig("FP8", "FP8" if a.kv_cache_dtype == "fp8" else None),
                         kv_cache_block_size=64)
     card = torch.cuda.get_device_name()
@@ -172,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("kernels", r))
             print(f"  decode b={b} ctx={ctx}: {r.step_ms:.3f} ms/step, floor {r.floor_ms:.3f} ms "
                   f"({r.bytes_per_step / 1e9:.3f} GB), {r.ratio:.0%} of roofline", flush=True)
+    for n in [int(x) for x in a.ttft.split(",") if x]:
+        print(f"  time to first token, {n}-token prompt (eager prefill, one rank): {time_to_first_token(runner, n):.1f} ms",
+              flush=True)
     if a.reference:
         ops.set_kernels_enabled(False)
         r = decode_step(runner, cfg, build, 1, contexts[0], bw, a.tp_size)

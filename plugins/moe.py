@@ -8,7 +8,7 @@ import torch
 
 from .activation import swiglu
 from .dispatch import kernels_enabled, threshold
-from .fp8 import fp8_linear_ref
+from .fp8 import fp8_linear, fp8_linear_ref
 
 
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +39,49 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
 
         return moe_experts_gemv(x.contiguous(), top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                 gate_up_input_scale, down_scale, down_input_scale)
+    if x.is_cuda and kernels_enabled():  # many tokens (prefill): each expert only on its own tokens
+        return moe_experts_grouped(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                                   gate_up_input_scale, down_scale, down_input_scale)
     return moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                            gate_up_input_scale, down_scale, down_input_scale)
+
+
+def moe_experts_grouped(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                        gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int = 0,
+                        gate_up_scale: torch.Tensor | None = None, gate_up_input_scale: torch.Tensor | None = None,
+                        down_scale: torch.Tensor | None = None,
+                        down_input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as moe_experts_ref, computing each local expert on the tokens routed to it only
+    (tokens sorted by expert; one FP8 GEMM pair per expert that has tokens). The per-expert token
+    counts come to the host, so this is for eager prefill, never inside a CUDA graph."""
+    T, H = x.shape
+    E = gate_up.shape[0]
+    k = top_ids.shape[1]
+    ids = top_ids.reshape(-1) - expert_offset
+    scores = top_scores.reshape(-1)
+    token = torch.arange(T, device=x.device).repeat_interleave(k)
+    local = (ids >= 0) & (ids < E)
+    ids, scores, token = ids[local], scores[local], token[local]
+    order = torch.argsort(ids, stable=True)
+    ids, scores, token = ids[order], scores[order], token[order]
+    counts = torch.bincount(ids, minlength=E).tolist()
+    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = slice(start, start + n)
+        start += n
+        xe = x[token[sel]] * scores[sel, None]  # the score scales the expert input, in x's dtype
+        h = swiglu(_linear(xe, gate_up[e], _pick(gate_up_scale, e), gate_up_input_scale, x.dtype))
+        out.index_add_(0, token[sel], _linear(h, down[e], _pick(down_scale, e), down_input_scale, x.dtype).float())
+    return out.to(x.dtype)
+
+
+def _linear(x, w, w_scale, in_scale, out_dtype):
+    if w.dtype == torch.float8_e4m3fn:
+        return fp8_linear(x, w, w_scale, in_scale, out_dtype)
+    return x @ w.t()
 
 
 def moe_experts_ref(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
