@@ -39,7 +39,9 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
 
         return moe_experts_gemv(x.contiguous(), top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                 gate_up_input_scale, down_scale, down_input_scale)
-    if x.is_cuda and kernels_enabled():  # many tokens (prefill): each expert only on its own tokens
+    # many tokens (prefill, eager): each expert only on its own tokens. Never for decode-sized steps:
+    # the grouping reads token counts on the host, which a CUDA-graph capture cannot do.
+    if x.is_cuda and kernels_enabled() and x.shape[0] > threshold(x, "moe_max_tokens"):
         return moe_experts_grouped(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                    gate_up_input_scale, down_scale, down_input_scale)
     return moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
