@@ -22,9 +22,10 @@ def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tupl
     return top_ids, torch.sigmoid(top_vals.float()).to(x.dtype)
 
 
-def _expert_linear(x: torch.Tensor, w: torch.Tensor, w_scale, in_scale, out_dtype) -> torch.Tensor:
+def _expert_linear(x: torch.Tensor, w: torch.Tensor, w_scale, in_scale, out_dtype,
+                   fp8_gemm=fp8_linear_ref) -> torch.Tensor:
     if w.dtype == torch.float8_e4m3fn:
-        return fp8_linear_ref(x, w, w_scale, in_scale, out_dtype)
+        return fp8_gemm(x, w, w_scale, in_scale, out_dtype)
     return x @ w.t()
 
 
@@ -75,15 +76,10 @@ def moe_experts_grouped(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torc
         sel = slice(start, start + n)
         start += n
         xe = x[token[sel]] * scores[sel, None]  # the score scales the expert input, in x's dtype
-        h = swiglu(_linear(xe, gate_up[e], _pick(gate_up_scale, e), gate_up_input_scale, x.dtype))
-        out.index_add_(0, token[sel], _linear(h, down[e], _pick(down_scale, e), down_input_scale, x.dtype).float())
+        h = swiglu(_expert_linear(xe, gate_up[e], _pick(gate_up_scale, e), gate_up_input_scale, x.dtype, fp8_linear))
+        y = _expert_linear(h, down[e], _pick(down_scale, e), down_input_scale, x.dtype, fp8_linear)
+        out.index_add_(0, token[sel], y.float())
     return out.to(x.dtype)
-
-
-def _linear(x, w, w_scale, in_scale, out_dtype):
-    if w.dtype == torch.float8_e4m3fn:
-        return fp8_linear(x, w, w_scale, in_scale, out_dtype)
-    return x @ w.t()
 
 
 def moe_experts_ref(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
