@@ -15,6 +15,7 @@ import torch.distributed as dist
 class _State:
     rank: int = 0
     world_size: int = 1
+    peer: object = None  # maverick_plugins.PeerWorkspace once enable_peer_all_reduce succeeded
 
 
 _STATE = _State()
@@ -39,9 +40,33 @@ def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s
 
 
 def shutdown() -> None:
+    _STATE.peer = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _STATE.rank, _STATE.world_size = 0, 1
+
+
+def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Map every rank's all-reduce buffers into every other rank (collective: all ranks call it, before
+    CUDA graph capture). False, and NCCL stays in use, with one rank or where peers cannot be mapped."""
+    from maverick import envs
+
+    if _STATE.world_size == 1 or device.type != "cuda" or not envs.fused_all_reduce():
+        return False
+    import maverick_plugins as ops
+
+    try:
+        _STATE.peer = ops.PeerWorkspace(dist.group.WORLD.group_name, sites, rows, hidden, dtype, device)
+    except (RuntimeError, ImportError) as e:  # no P2P between these GPUs, no symmetric memory in this torch
+        import logging
+
+        logging.getLogger("maverick").warning("fused all-reduce unavailable (%s); using NCCL", e)
+        _STATE.peer = None
+    return _STATE.peer is not None
+
+
+def peer_workspace():
+    return _STATE.peer
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

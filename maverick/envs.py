@@ -20,3 +20,8 @@ def log_level() -> str:
 def rank_timeout_s() -> float:
     """How long LLM waits for a rank to answer before declaring it dead."""
     return float(os.environ.get("MAVERICK_RANK_TIMEOUT_S", "300"))
+
+
+def fused_all_reduce() -> bool:
+    """MAVERICK_FUSED_ALLREDUCE=0 keeps NCCL + a separate add+norm even where peers are reachable."""
+    return os.environ.get("MAVERICK_FUSED_ALLREDUCE", "1") != "0"

@@ -9,7 +9,8 @@ import torch
 
 # Thresholds per device name prefix; "default" applies to any other CUDA device.
 THRESHOLDS = {
-    "default": {"gemm_max_tokens": 16, "moe_max_tokens": 16, "attention_max_new_tokens": 8},
+    "default": {"gemm_max_tokens": 16, "moe_max_tokens": 16, "attention_max_new_tokens": 8,
+                "allreduce_max_tokens": 16},
 }
 
 _enabled = True

@@ -1,54 +1,82 @@
 #!/usr/bin/env python3
-"""One-token all-reduce latency (bf16 x hidden 5120 = 10 KB) inside CUDA graphs, on every GPU of this
-host: NCCL, and PyTorch symmetric-memory one-shot (multicast off). Run with
-`torchrun --nproc_per_node=N scripts/bench_allreduce.py`; rank 0 prints the table."""
+"""All-reduce (+ residual add + RMSNorm) latency inside CUDA graphs on every GPU of this host.
+
+Rows: NCCL all-reduce alone; NCCL + our add+RMSNorm kernel (the fallback path); PyTorch's symmetric
+memory one-shot all-reduce alone (multicast off); our fused one-shot all-reduce + add + RMSNorm over
+peer buffers. bf16 x hidden 5120 = 10 KB per token; 1 and 8 tokens. Each figure: median over 30
+replays of a graph of 48 back-to-back calls (what one decode step's layers do), per call.
+Run: `PYTHONPATH=$PWD torchrun --nproc_per_node=N scripts/bench_allreduce.py`; rank 0 prints.
+"""
 import os
 import statistics
+import subprocess
 
 import torch
 import torch.distributed as dist
 
+import maverick  # noqa: F401  (binds maverick_plugins from the source tree)
+import maverick_plugins as ops
 
-def graph_us(fn, reps=50, iters=30):
+REPS = 48  # calls per graph
+
+
+def graph_us(fn, iters=30):
     for _ in range(3):
-        fn()
+        fn(0)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+        for i in range(REPS):
+            fn(i)
     ts = []
     for _ in range(iters):
         dist.barrier()
+        torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
+        ts.append(a.elapsed_time(b) * 1e3 / REPS)
     return statistics.median(ts)
 
 
 def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device(f"cuda:{rank}"))
-    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
-    rows = [("NCCL all_reduce", graph_us(lambda: dist.all_reduce(x)))]
-    try:
-        import torch.distributed._symmetric_memory as symm_mem
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", device_id=dev)
+    group = dist.group.WORLD.group_name
+    hidden, eps = 5120, 1e-5
+    ws = ops.PeerWorkspace(group, REPS, 16, hidden, torch.bfloat16, dev)
+    w = torch.randn(hidden, device=dev, dtype=torch.bfloat16)
+    rows = []
+    for tokens in (1, 8):
+        x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+        d = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16) / world
+        rows.append((tokens, "NCCL all_reduce", graph_us(lambda i: dist.all_reduce(d))))
+        rows.append((tokens, "NCCL all_reduce + add_rms_norm kernel",
+                     graph_us(lambda i: ops.add_rms_norm(x, dist.all_reduce(d) or d, w, eps))))
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
 
-        buf = symm_mem.empty(1, 5120, device="cuda", dtype=torch.bfloat16)
-        symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
-        buf.copy_(x)
-        rows.append(("symm-mem one_shot_all_reduce", graph_us(
-            lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", dist.group.WORLD.group_name))))
-    except Exception as e:  # report, keep the NCCL figure
-        rows.append((f"symm-mem unavailable: {type(e).__name__}: {str(e)[:80]}", float("nan")))
+            buf = symm_mem.empty(tokens, hidden, device=dev, dtype=torch.bfloat16)
+            symm_mem.rendezvous(buf, group)
+            buf.copy_(d)
+            rows.append((tokens, "torch symm-mem one_shot_all_reduce (alone)", graph_us(
+                lambda i: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group))))
+        except Exception as e:  # report, keep the others
+            rows.append((tokens, f"torch symm-mem unavailable: {type(e).__name__}: {str(e)[:60]}", float("nan")))
+        rows.append((tokens, "maverick fused one-shot all_reduce + add + RMSNorm",
+                     graph_us(lambda i: ws.allreduce_add_rms_norm(x, d, w, eps, i))))
     if rank == 0:
-        print(f"card={torch.cuda.get_device_name()} gpus={world} message=10 KB (1 x 5120 bf16), CUDA graph, median")
-        for name, us in rows:
-            print(f"| {name} | {us:.1f} us |")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        print(f"card={torch.cuda.get_device_name()} gpus={world} commit={commit or 'unknown'} "
+              f"dtype=bf16 hidden={hidden} CUDA graph of {REPS} calls, median of 30 replays, per call")
+        print("| tokens | path | us per call |")
+        print("|---|---|---|")
+        for tokens, name, us in rows:
+            print(f"| {tokens} | {name} | {us:.2f} |")
     dist.destroy_process_group()
 
 

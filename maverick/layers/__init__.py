@@ -1,6 +1,6 @@
 """Tensor-parallel building blocks. Global sizes in, local sizes computed with divide()."""
 from .attention import Llama4Attention
-from .collectives import all_gather, all_reduce
+from .collectives import all_gather, all_reduce, all_reduce_add_rms_norm
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .forward_batch import ForwardBatch
 from .linear import Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -9,6 +9,6 @@ from .moe import Llama4MoE
 from .norm import RMSNorm, add_rms_norm
 from .rotary import RotaryEmbedding
 
-__all__ = ["ForwardBatch", "all_gather", "all_reduce", "Linear", "Llama4Attention", "Llama4MLP", "Llama4MoE",
+__all__ = ["ForwardBatch", "all_gather", "all_reduce", "all_reduce_add_rms_norm", "Linear", "Llama4Attention", "Llama4MLP", "Llama4MoE",
            "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RMSNorm", "add_rms_norm",
            "RotaryEmbedding", "RowParallelLinear", "VocabParallelEmbedding"]

@@ -2,7 +2,7 @@
 
 Pre-norm decoder layers: h = x + o_proj(attn(input_layernorm(x))); out = h + ffn(post_attention_layernorm(h)),
 with FFN dense on some layers and MoE on others (Maverick alternates). Two all-reduces per layer, both
-visible below. Weight names equal the engine's tensor names (see maverick/checkpoint/names.py).
+visible below (each fused with the residual add and the next RMSNorm). Weight names equal the engine's tensor names (see maverick/checkpoint/names.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from maverick.config import ModelConfig
 from maverick.layers import (ForwardBatch, Llama4Attention, Llama4MLP, Llama4MoE, ParallelLMHead,
-                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, add_rms_norm, all_reduce)
+                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, all_reduce_add_rms_norm)
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ModelSpec:
 class Llama4DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, spec: ModelSpec):
         super().__init__()
+        self.layer_id = layer_id
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.uses_rope = cfg.uses_rope(layer_id)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype)
@@ -48,9 +49,10 @@ class Llama4DecoderLayer(nn.Module):
                 next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream; normed: input_layernorm(x), computed by the previous layer's fused add.
         Returns the new residual and next_norm of it (the next layer's input norm, or the final norm)."""
-        h, n2 = add_rms_norm(x, all_reduce(self.self_attn(normed, batch, rope, kv_cache)),
-                             self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        return add_rms_norm(h, all_reduce(self.feed_forward(n2)), next_norm.weight, next_norm.eps)
+        site = 2 * self.layer_id  # each all-reduce of the step has its own peer buffer
+        h, n2 = all_reduce_add_rms_norm(x, self.self_attn(normed, batch, rope, kv_cache),
+                                        self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, site)
+        return all_reduce_add_rms_norm(h, self.feed_forward(n2), next_norm.weight, next_norm.eps, site + 1)
 
 
 class Llama4ForCausalLM(nn.Module):

@@ -20,11 +20,21 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
 
     b = cfg.build
     model = load_rank_model(engine_dir, cfg, rank, device)
+    enable_fused_all_reduce(model, device)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device)
     if cuda_graphs and device.type == "cuda":
         runner.capture_cuda_graphs([s for s in b.cuda_graph_batch_sizes if s <= b.max_batch_size])
     return runner
+
+
+def enable_fused_all_reduce(model, device: torch.device) -> bool:
+    """Peer buffers for the one-shot all-reduce + add + RMSNorm of every layer (collective; before capture)."""
+    import maverick_plugins as ops
+
+    rows = ops.dispatch.THRESHOLDS["default"]["allreduce_max_tokens"]
+    return dist.enable_peer_all_reduce(2 * model.cfg.num_hidden_layers, rows, model.cfg.hidden_size,
+                                       model.spec.dtype, device)
 
 
 def join_group(rank: int, world: int, backend: str, init_method: str, timeout_s: float) -> None:
