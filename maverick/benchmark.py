@@ -129,6 +129,10 @@ def time_to_first_token(runner: ModelRunner, prompt_len: int) -> float:
 
 
 def git_commit() -> str:
+    from maverick import envs
+
+    if envs.commit_override():
+        return envs.commit_override()
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"

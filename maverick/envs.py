@@ -25,3 +25,8 @@ def rank_timeout_s() -> float:
 def fused_all_reduce() -> bool:
     """MAVERICK_FUSED_ALLREDUCE=0 keeps NCCL + a separate add+norm even where peers are reachable."""
     return os.environ.get("MAVERICK_FUSED_ALLREDUCE", "1") != "0"
+
+
+def commit_override() -> str | None:
+    """MAVERICK_COMMIT: the commit a benchmark reports when the tree it runs from has no usable .git."""
+    return os.environ.get("MAVERICK_COMMIT") or None

@@ -35,8 +35,10 @@ class PeerWorkspace:
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.rank, self.world = handle.rank, handle.world_size
         pad_words = handle.get_signal_pad(handle.rank, dtype=torch.int32).numel()
-        if pad_words < rows * self.world:
-            raise RuntimeError(f"signal pad has {pad_words} int32 slots, need rows x world = {rows * self.world}")
+        self.spare_slot = rows * self.world
+        if pad_words < rows * self.world + 2 * self.world:
+            raise RuntimeError(f"signal pad has {pad_words} int32 slots, need (rows + 2) x world = "
+                               f"{(rows + 2) * self.world}")
         handle.get_signal_pad(handle.rank, dtype=torch.int32).zero_()
         self.buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
@@ -52,4 +54,4 @@ class PeerWorkspace:
         from .kernels.allreduce_norm import allreduce_add_rms_norm_triton
 
         return allreduce_add_rms_norm_triton(x, delta, weight, eps, self.buf_ptrs, self.pad_ptrs, self.rank,
-                                             self.world, site * self.rows * self.hidden)
+                                             self.world, site * self.rows * self.hidden, self.spare_slot)

@@ -9,13 +9,13 @@ Run: `PYTHONPATH=$PWD torchrun --nproc_per_node=N scripts/bench_allreduce.py`; r
 """
 import os
 import statistics
-import subprocess
 
 import torch
 import torch.distributed as dist
 
 import maverick  # noqa: F401  (binds maverick_plugins from the source tree)
 import maverick_plugins as ops
+from maverick.benchmark import git_commit
 
 REPS = 48  # calls per graph
 
@@ -70,8 +70,7 @@ def main():
         rows.append((tokens, "maverick fused one-shot all_reduce + add + RMSNorm",
                      graph_us(lambda i: ws.allreduce_add_rms_norm(x, d, w, eps, i))))
     if rank == 0:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        print(f"card={torch.cuda.get_device_name()} gpus={world} commit={commit or 'unknown'} "
+        print(f"card={torch.cuda.get_device_name()} gpus={world} commit={git_commit()} "
               f"dtype=bf16 hidden={hidden} CUDA graph of {REPS} calls, median of 30 replays, per call")
         print("| tokens | path | us per call |")
         print("|---|---|---|")

@@ -6,6 +6,7 @@ GPU (`-m gpu`, 2 and 4 GPUs): real ranks over PyTorch symmetric memory, eager an
 against the reference and against NCCL + add_rms_norm, and the tiny model at TP2 on CUDA.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,23 +28,34 @@ def test_fused_allreduce_one_rank_view(rows, hidden, dtype):
     world, sites, site = 2, 3, 2
     g = torch.Generator().manual_seed(rows)
     bufs = [torch.zeros(sites, rows, hidden, dtype=dtype) for _ in range(world)]
-    pads = [torch.zeros(rows * world, dtype=torch.int32) for _ in range(world)]
+    pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
     parts = [torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(world)]
     bufs[1][site].copy_(parts[1])  # rank 1 already wrote its partial ...
     pads[0][1::world] = 1  # ... and signalled rank 0 on every row
     x, w = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(hidden, generator=g).to(dtype)
     ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
-    h, y = allreduce_add_rms_norm_triton(x, parts[0], w, 1e-5, *ptrs, 0, world, site * rows * hidden)
+    h, y = allreduce_add_rms_norm_triton(x, parts[0], w, 1e-5, *ptrs, 0, world, site * rows * hidden, rows * world)
     hr, yr = ops.allreduce_add_rms_norm_ref(x, parts, w, 1e-5)
     assert (h - hr).abs().max().item() <= 1e-6  # fp32: summation order of two partials only
     assert (y - yr).abs().max().item() <= 1e-5
     assert torch.equal(bufs[0][site], parts[0])  # our partial is where peers read it
     assert bufs[0][:site].abs().sum() == 0 and bufs[0][site + 1:].abs().sum() == 0  # no other site touched
-    assert pads[0].tolist() == [0] * (rows * world)  # rank 1's signals consumed
-    assert pads[1].tolist() == [1, 0] * rows  # rank 0 signalled rank 1 on every row, on its own slot
+    assert pads[0][:rows * world].tolist() == [0] * (rows * world)  # rank 1's signals consumed
+    assert pads[1][:rows * world].tolist() == [1, 0] * rows  # rank 0 signalled rank 1 on every row, on its slot
+    assert pads[1][rows * world:].abs().sum() == 0  # spare words are ours, never a peer's
 
 
 def _rank_main(rank, world, init, out_dir):
+    import traceback
+
+    try:
+        _rank_checks(rank, world, init, out_dir)
+    except Exception:  # the parent reads it: a spawned rank's traceback is otherwise lost in pytest's output
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _rank_checks(rank, world, init, out_dir):
     import torch.distributed as dist
 
     from maverick import distributed
@@ -120,8 +132,12 @@ def test_fused_allreduce_on_gpus(world, tmp_path):
 
     if torch.cuda.device_count() < world:
         pytest.fail(f"needs {world} GPUs, this machine has {torch.cuda.device_count()}: run on a {world}-GPU kind")
-    mp.start_processes(_rank_main, args=(world, f"tcp://127.0.0.1:{free_port()}", str(tmp_path)),
-                       nprocs=world, start_method="spawn")
+    try:
+        mp.start_processes(_rank_main, args=(world, f"tcp://127.0.0.1:{free_port()}", str(tmp_path)),
+                           nprocs=world, start_method="spawn")
+    except mp.ProcessExitedException:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"a rank failed:\n{errs}")
     for r in range(world):
         worst = torch.load(tmp_path / f"rank{r}.pt")
         print(f"world {world} rank {r}: relative error {worst}")

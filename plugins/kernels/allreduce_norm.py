@@ -3,8 +3,10 @@
 One program per token row, one launch per all-reduce (instead of NCCL + an add+norm kernel):
 1. copy this rank's partial row into its own peer-visible buffer (call site `site`);
 2. barrier with every peer on this row's signal slots: send with CAS 0 -> 1 (release, system scope)
-   into the peer's pad, wait with CAS 1 -> 0 (acquire) on our own pad. Sending waits for the slot
-   to be free, so a fast rank can never overwrite a signal its peer has not consumed yet;
+   into the peer's pad, wait with CAS 1 -> 0 (acquire) on our own pad, all peers in parallel (one
+   lane each: with one thread signalling peers in turn, 4 GPUs took 13.9 us against 8.5 us for
+   PyTorch's one-shot). Sending waits for the slot to be free, so a fast rank can never overwrite a
+   signal its peer has not consumed yet;
 3. read every rank's row in rank order (the same order on all ranks: identical results everywhere),
    sum in fp32, round to the activation dtype (what the all-reduce returns), add the residual,
    RMSNorm.
@@ -18,26 +20,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _signal(pad_ptrs, peer, slot):
-    pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
-    seen = tl.atomic_cas(pad + slot, 0, 1, sem="release", scope="sys")
-    while seen != 0:
-        seen = tl.atomic_cas(pad + slot, 0, 1, sem="release", scope="sys")
-
-
-@triton.jit
-def _wait(pad_ptrs, rank, slot):
-    pad = tl.load(pad_ptrs + rank).to(tl.pointer_type(tl.int32))
-    seen = tl.atomic_cas(pad + slot, 1, 0, sem="acquire", scope="sys")
-    while seen != 1:
-        seen = tl.atomic_cas(pad + slot, 1, 0, sem="acquire", scope="sys")
+def _cas_all(ptrs, spare, cmp: tl.constexpr, val: tl.constexpr, SEM: tl.constexpr, WORLD: tl.constexpr):
+    """CAS cmp -> val on every slot of `ptrs` at once (one lane per peer, in parallel), retrying the
+    lanes that found the slot not yet at cmp. Finished lanes retry on a spare word whose result is
+    ignored (tl.atomic_cas takes no mask), so a slot is never written twice."""
+    cmps = tl.full((WORLD,), cmp, tl.int32)
+    vals = tl.full((WORLD,), val, tl.int32)
+    old = tl.atomic_cas(ptrs, cmps, vals, sem=SEM, scope="sys")
+    pending = old != cmp
+    while tl.max(pending.to(tl.int32), axis=0) != 0:
+        old = tl.atomic_cas(tl.where(pending, ptrs, spare), cmps, vals, sem=SEM, scope="sys")
+        pending = pending & (old != cmp)
 
 
 @triton.jit
 def _allreduce_add_rms_norm_kernel(
     d_ptr, x_ptr, w_ptr, h_ptr, y_ptr, buf_ptrs, pad_ptrs,
     rank, site_offset, N, eps,
-    WORLD: tl.constexpr, BLOCK: tl.constexpr,
+    WORLD: tl.constexpr, SPARE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -46,10 +46,13 @@ def _allreduce_add_rms_norm_kernel(
     mine = tl.load(buf_ptrs + rank).to(d_ptr.dtype)
     tl.store(mine + elem, tl.load(d_ptr + row * N + offs, mask=mask, other=0.0), mask=mask)
     tl.debug_barrier()  # every thread's store precedes the release below
-    for peer in tl.static_range(WORLD):
-        _signal(pad_ptrs, peer, row * WORLD + rank)
-    for peer in tl.static_range(WORLD):
-        _wait(pad_ptrs, rank, row * WORLD + peer)
+    peers = tl.arange(0, WORLD)
+    my_pad = tl.load(pad_ptrs + rank).to(tl.pointer_type(tl.int32))
+    spare = my_pad + SPARE + peers  # past the rows x world signal slots
+    # signal: our slot in every peer's pad (0 -> 1, release) ...
+    _cas_all(tl.load(pad_ptrs + peers).to(tl.pointer_type(tl.int32)) + row * WORLD + rank, spare, 0, 1, "release", WORLD)
+    # ... then consume every peer's slot in ours (1 -> 0, acquire)
+    _cas_all(my_pad + row * WORLD + peers, spare + WORLD, 1, 0, "acquire", WORLD)
     tl.debug_barrier()
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for peer in tl.static_range(WORLD):
@@ -66,13 +69,14 @@ def _allreduce_add_rms_norm_kernel(
 
 def allreduce_add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                                   buf_ptrs: torch.Tensor, pad_ptrs: torch.Tensor, rank: int, world: int,
-                                  site_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """buf_ptrs / pad_ptrs: int64 [world] device tensors of every rank's buffer and signal pad."""
+                                  site_offset: int, spare_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """buf_ptrs / pad_ptrs: int64 [world] device tensors of every rank's buffer and signal pad; each pad
+    holds rows x world signal slots, then 2 x world spare words from spare_slot on."""
     x, delta = x.contiguous(), delta.contiguous()
     h, y = torch.empty_like(x), torch.empty_like(x)
     N = x.shape[-1]
     block = triton.next_power_of_2(N)
     _allreduce_add_rms_norm_kernel[(x.numel() // N,)](
         delta, x, weight, h, y, buf_ptrs, pad_ptrs, rank, site_offset, N, eps,
-        WORLD=world, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+        WORLD=world, SPARE=spare_slot, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return h, y
