@@ -50,12 +50,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     token_to_padded: torch.Tensor, scale: float, chunk_size: int | None,
                     k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Split-KV Triton kernel for a few new tokens per sequence on CUDA, else the reference."""
-    if q_index.shape[1] <= threshold(q, "attention_max_new_tokens") and k_cache.shape[1] >= 16:
-        from .kernels.decode_attention import decode_attention
+    """On CUDA: the split-KV kernel for a few new tokens per sequence, the FlashAttention-style kernel
+    for more (prefill); else the reference."""
+    if q.is_cuda and kernels_enabled() and k_cache.shape[1] >= 16 and q.shape[-1] >= 16:
+        if q_index.shape[1] <= threshold(q, "attention_max_new_tokens"):
+            from .kernels.decode_attention import decode_attention
 
-        return decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale,
-                                chunk_size, k_scale, v_scale)
+            return decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale,
+                                    chunk_size, k_scale, v_scale)
+        from .kernels.prefill_attention import prefill_attention
+
+        return prefill_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale,
+                                 chunk_size, k_scale, v_scale)
     return paged_attention_ref(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions,
                                token_to_padded, scale, chunk_size, k_scale, v_scale)
 

@@ -40,13 +40,67 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
 
         return moe_experts_gemv(x.contiguous(), top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                 gate_up_input_scale, down_scale, down_input_scale)
-    # many tokens (prefill, eager): each expert only on its own tokens. Never for decode-sized steps:
-    # the grouping reads token counts on the host, which a CUDA-graph capture cannot do.
+    # many tokens (prefill, large decode batches): each expert only on its own tokens
     if x.is_cuda and kernels_enabled() and x.shape[0] > threshold(x, "moe_max_tokens"):
+        if _grouped_mm_ok(x, gate_up):  # one grouped GEMM per projection, no host sync: capturable
+            return moe_experts_grouped_mm(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                                          gate_up_input_scale, down_scale, down_input_scale)
         return moe_experts_grouped(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                    gate_up_input_scale, down_scale, down_input_scale)
     return moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                            gate_up_input_scale, down_scale, down_input_scale)
+
+
+def _grouped_mm_ok(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """torch._scaled_grouped_mm: FP8 on Hopper (sm90) with a bf16 output only."""
+    return (gate_up.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def _grouped_linear(xs: torch.Tensor, offs: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                    in_scale: torch.Tensor | None) -> torch.Tensor:
+    """Rows of xs sorted by expert (expert e owns rows offs[e-1]:offs[e]) times w[e]^T, in FP8 with
+    row-wise scales: the activation's (static or per token) and the weight's per output channel."""
+    from .fp8 import quantize_fp8_dynamic_per_token, quantize_fp8_static
+
+    E, N, _ = w.shape
+    if in_scale is None:
+        x8, sa = quantize_fp8_dynamic_per_token(xs)
+    else:
+        x8, sa = quantize_fp8_static(xs, in_scale), in_scale.float()
+    sa = sa.reshape(-1).expand(xs.shape[0]).contiguous() if sa.numel() == 1 else sa.reshape(-1).contiguous()
+    sb = w_scale.float().reshape(-1, N) if w_scale.numel() > 1 else w_scale.float().reshape(1, 1)
+    sb = sb.expand(E, N).contiguous()
+    return torch._scaled_grouped_mm(x8, w.transpose(1, 2), sa, sb, offs=offs, out_dtype=torch.bfloat16)
+
+
+def moe_experts_grouped_mm(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                           gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int = 0,
+                           gate_up_scale: torch.Tensor | None = None,
+                           gate_up_input_scale: torch.Tensor | None = None,
+                           down_scale: torch.Tensor | None = None,
+                           down_input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as moe_experts_ref with two grouped FP8 GEMMs (torch._scaled_grouped_mm): the
+    T x k (token, expert) pairs are sorted by expert on the GPU, group ends come from a scatter-add,
+    pairs routed to experts held elsewhere sort last, past the final group, and are dropped. No
+    shape depends on the routing, so a decode step of any batch size can be captured."""
+    T, H = x.shape
+    E = gate_up.shape[0]
+    k = top_ids.shape[1]
+    ids = top_ids.reshape(-1) - expert_offset
+    local = (ids >= 0) & (ids < E)
+    ids = torch.where(local, ids, E)  # E: the "elsewhere" group, after every local one
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.int32))
+    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
+    token = order // k
+    xs = x[token] * top_scores.reshape(-1)[order, None]  # the score scales the expert input, in x's dtype
+    h = swiglu(_grouped_linear(xs, offs, gate_up, gate_up_scale, gate_up_input_scale))
+    y = _grouped_linear(h, offs, down, down_scale, down_input_scale)
+    y = torch.where(local[order, None], y, torch.zeros((), dtype=y.dtype, device=y.device))  # rows past offs[-1]
+    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, y.float()).to(x.dtype)
 
 
 def moe_experts_grouped(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,

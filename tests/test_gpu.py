@@ -94,6 +94,53 @@ def test_decode_attention_bf16(chunk):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2  # probabilities rounded to bf16 for the PV product
 
 
+@pytest.mark.parametrize("Q,ctx,chunk,fp8", [(1000, [0, 300], None, False), (1000, [0, 300], 512, False),
+                                             (700, [1200, 0], 1024, True), (130, [64, 0], None, True)])
+def test_prefill_attention_at_model_shapes(Q, ctx, chunk, fp8):
+    """Maverick per-rank TP8 attention shapes (5 query heads per kv head, head_dim 128, 64-token blocks), bf16
+    activations, against the reference; then the kernel's time against the reference's in the same run."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.prefill_attention import prefill_attention
+
+    torch.manual_seed(0)
+    B, kvh, group, D, bs = 2, 1, 5, 128, 64
+    H = kvh * group
+    nb = (max(ctx) + Q + bs - 1) // bs
+    if chunk is not None:
+        nb = min(nb, chunk // bs)
+    dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    kc = torch.randn(B * nb + 1, bs, kvh, D, device="cuda").to(dt)
+    vc = torch.randn(B * nb + 1, bs, kvh, D, device="cuda").to(dt)
+    table = torch.randperm(B * nb, device="cuda").view(B, nb)
+    T = B * Q
+    q = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(T, kvh, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(T, kvh, D, device="cuda", dtype=torch.bfloat16)
+    qi = torch.arange(T, device="cuda").view(B, Q)
+    ctx_t = torch.tensor(ctx, device="cuda")
+    qp = ctx_t[:, None] + torch.arange(Q, device="cuda")[None, :]
+    s = torch.tensor(0.25, device="cuda") if fp8 else None
+    args = (q, k, v, kc, vc, table, ctx_t, qi, qp, torch.arange(T, device="cuda"), D ** -0.5, chunk, s, s)
+    ref = ops.paged_attention_ref(*args).float()
+    out = prefill_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, D ** -0.5, chunk, s, s).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2  # bf16 probabilities in the PV product
+
+    def ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(5):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 5
+
+    t_k = ms(lambda: prefill_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, D ** -0.5, chunk, s, s))
+    t_r = ms(lambda: ops.paged_attention_ref(*args))
+    print(f"prefill attention Q={Q} ctx={ctx} chunk={chunk} fp8={fp8}: kernel {t_k:.3f} ms, reference {t_r:.3f} ms")
+
+
 @pytest.mark.parametrize("rows,dynamic", [(False, False), (True, False), (True, True)])
 def test_fp8_linear_cublas_equals_reference(rows, dynamic):
     import maverick_plugins as ops
@@ -108,18 +155,56 @@ def test_fp8_linear_cublas_equals_reference(rows, dynamic):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding
 
 
-def test_grouped_moe_on_cuda_equals_reference():
+@pytest.mark.parametrize("T,offset,dynamic", [(64, 0, False), (256, 0, False), (37, 4, False), (64, 0, True)])
+def test_grouped_moe_on_cuda_equals_reference(T, offset, dynamic):
+    """Both many-token MoE paths (host-grouped cuBLAS; capturable torch._scaled_grouped_mm), also with
+    expert parallelism (offset: half the routed experts live on another rank) and Meta-style per-channel
+    weight scales with dynamic per-token activations."""
     import maverick_plugins as ops
 
     torch.manual_seed(1)
-    T, H, I, E = 64, 256, 128, 8
+    H, I, E = 256, 128, 8
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    vals, ids = torch.randn(T, E, device="cuda").topk(1, dim=-1)
+    vals, ids = torch.randn(T, E + offset, device="cuda").topk(1, dim=-1)
     sc = torch.sigmoid(vals).to(torch.bfloat16)
     gu8 = (torch.randn(E, 2 * I, H, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
     dn8 = (torch.randn(E, H, I, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
-    s = torch.tensor(1 / (32 * 16.0), device="cuda")
-    xs = torch.tensor(4 / 448, device="cuda")
-    args = (x, ids, sc, gu8, dn8, 0, s, xs, s, xs)
-    got, ref = ops.moe_experts_grouped(*args).float(), ops.moe_experts_ref(*args).float()
-    assert ((got - ref).norm() / ref.norm()).item() < 2e-2  # cuBLAS vs fp32-upcast products, bf16 rounding
+    if dynamic:
+        s13 = torch.rand(E, 2 * I, device="cuda") / (32 * 16.0) + 1e-3
+        s2 = torch.rand(E, H, device="cuda") / (32 * 16.0) + 1e-3
+        args = (x, ids, sc, gu8, dn8, offset, s13, None, s2, None)
+    else:
+        s = torch.tensor(1 / (32 * 16.0), device="cuda")
+        xs = torch.tensor(4 / 448, device="cuda")
+        args = (x, ids, sc, gu8, dn8, offset, s, xs, s, xs)
+    ref = ops.moe_experts_ref(*args).float()
+    assert ref.norm() > 0
+    for path in (ops.moe_experts_grouped, ops.moe.moe_experts_grouped_mm):
+        got = path(*args).float()
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2, path  # cuBLAS vs fp32 products, bf16 rounding
+    if offset:  # tokens routed to the other rank's experts contribute nothing here
+        assert torch.equal(got[(ids < offset).squeeze(1)], torch.zeros_like(got[(ids < offset).squeeze(1)]))
+
+
+def test_grouped_mm_moe_captures_in_a_cuda_graph():
+    import maverick_plugins as ops
+
+    torch.manual_seed(2)
+    T, H, I, E = 64, 256, 128, 8
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    gu8 = (torch.randn(E, 2 * I, H, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    dn8 = (torch.randn(E, H, I, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s, xs = torch.tensor(1 / 512.0, device="cuda"), torch.tensor(4 / 448, device="cuda")
+    ids = torch.randint(0, E, (T, 1), device="cuda")
+    sc = torch.rand(T, 1, device="cuda").to(torch.bfloat16)
+    run = lambda: ops.moe.moe_experts_grouped_mm(x, ids, sc, gu8, dn8, 0, s, xs, s, xs)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    for seed in range(3):  # new routing each replay: no shape depends on it
+        ids.copy_(torch.randint(0, E, (T, 1), generator=torch.Generator().manual_seed(seed)))
+        g.replay()
+        ref = ops.moe_experts_ref(x, ids, sc, gu8, dn8, 0, s, xs, s, xs).float()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2

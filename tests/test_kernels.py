@@ -142,6 +142,36 @@ def test_decode_attention_padded_sequence_rows_are_not_written():
     assert rel(out[:3], ref[:3]) < TOL["fp32"]
 
 
+@pytest.mark.parametrize("Q,ctx,chunk,fp8,block", [(20, [0, 0], None, False, 16), (20, [0, 13], 16, False, 16),
+                                                    (37, [5, 40], 32, False, 16), (9, [0, 21], None, True, 16),
+                                                    (33, [17, 0], 32, True, 32)])
+def test_prefill_attention(Q, ctx, chunk, fp8, block):
+    """Many new tokens per sequence: fresh prompts, chunked prefill over cached context, chunk
+    boundaries inside the step (chunk 16/32 < Q + ctx), tiles smaller than Q, FP8 cache."""
+    from maverick_plugins.kernels.prefill_attention import prefill_attention
+
+    args = _attention_case(2, Q, ctx, chunk, fp8)
+    ref = ops.paged_attention_ref(*args)
+    (q, k, v, kc, vc, table, ctx_t, qi, qp, t2p, sc, ch, ks, vs) = args
+    out = prefill_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, sc, ch, ks, vs, block_m=block, block_n=block)
+    assert rel(out, ref) < (TOL["fp8"] if fp8 else TOL["fp32"])
+
+
+def test_prefill_attention_padding_rows_are_not_written():
+    from maverick_plugins.kernels.prefill_attention import prefill_attention
+
+    args = list(_attention_case(2, 18, [0, 4], 16, False))
+    args[8] = args[8].clone()
+    args[8][1, 15:] = -1  # sequence 1 has 15 new tokens; its last 3 rows are padding ...
+    args[7] = args[7].clone()
+    args[7][1, 15:] = 0  # ... pointing at token 0, which must keep its own output
+    ref = ops.paged_attention_ref(*args)
+    (q, k, v, kc, vc, table, ctx_t, qi, qp, t2p, sc, ch, ks, vs) = args
+    out = prefill_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, sc, ch, ks, vs, block_m=16, block_n=16)
+    keep = torch.cat([torch.arange(18), torch.arange(18, 33)])
+    assert rel(out[keep], ref[keep]) < TOL["fp32"]
+
+
 def test_add_rms_norm():
     from maverick_plugins.kernels.small_ops import add_rms_norm_triton
 
