@@ -2,9 +2,13 @@
 
 One-rank mode (the default): rank 0 of TP=N does its full per-rank work (all 48 layers at per-rank
 shapes, random FP8 weights made on the GPU) on one GPU; the all-reduces are not run, their cost is
-reported apart from a latency given with --allreduce-us (measured on a multi-GPU machine). Every
-figure is timed with CUDA events over CUDA-graph replays (median), next to the roofline measured in
-the same run: HBM read bandwidth, the bytes the step must read, floor = bytes / bandwidth.
+reported apart from a latency given with --allreduce-us (measured on a multi-GPU machine).
+Ranks mode (`torchrun --nproc_per_node=N scripts/bench.py`): TP=N for real, each rank its own
+synthetic weights, all-reduces run (fused one-shot over peer buffers where possible) and their
+measured latency joins the floor. Every figure is timed with CUDA events over CUDA-graph replays
+(median), next to the roofline measured in the same run: HBM read bandwidth, the bytes the step must
+read, floor = bytes / bandwidth (+ all-reduces x their latency). Also: time to first token, an
+ISL/OSL concurrency sweep (maverick/bench/sweep.py) and a transformers peer baseline (bench/peer.py).
 """
 from __future__ import annotations
 
@@ -116,16 +120,46 @@ def decode_step(runner: ModelRunner, cfg, build, batch: int, context: int, bandw
     return StepResult(batch, context, ms, floor, nbytes, 1e3 / ms, batch * 1e3 / ms / tp_size)
 
 
-def time_to_first_token(runner: ModelRunner, prompt_len: int) -> float:
-    """Eager prefill of one prompt (CUDA events, median of 3 after a warm-up), in ms."""
-    ids = torch.randint(4, 200000, (prompt_len,)).tolist()
+def prefill_step_ms(runner: ModelRunner, prompts: int, prompt_len: int) -> float:
+    """One eager prefill step of `prompts` prompts of prompt_len tokens (CUDA events, median of 3 after a
+    warm-up), in ms. With one prompt it is the time to first token."""
+    gen = torch.Generator().manual_seed(prompt_len)  # the same prompts on every rank
+    ids = [torch.randint(4, 200000, (prompt_len,), generator=gen).tolist() for _ in range(prompts)]
 
     def once():
-        blocks = runner.kv.grow(20_000, prompt_len)
-        runner.forward([StepSeq(20_000, ids, 0, blocks)])
-        runner.kv.free(20_000)
+        seqs = [StepSeq(20_000 + i, p, 0, runner.kv.grow(20_000 + i, prompt_len)) for i, p in enumerate(ids)]
+        runner.forward(seqs)
+        for i in range(prompts):
+            runner.kv.free(20_000 + i)
 
     return median_ms(once, iters=3, warmup=1)
+
+
+def time_to_first_token(runner: ModelRunner, prompt_len: int) -> float:
+    return prefill_step_ms(runner, 1, prompt_len)
+
+
+def allreduce_us(model, device: torch.device) -> float:
+    """One all-reduce + add + RMSNorm of one token as the layers run it (fused one-shot over peer
+    buffers, or NCCL + the add+norm kernel): median per call over graph replays of 2 x layers calls."""
+    from maverick.layers import all_reduce_add_rms_norm
+
+    H = model.cfg.hidden_size
+    x = torch.randn(1, H, device=device, dtype=model.spec.dtype)
+    d = torch.randn(1, H, device=device, dtype=model.spec.dtype)
+    w = torch.ones(H, device=device, dtype=model.spec.dtype)
+    n = 2 * model.cfg.num_hidden_layers
+
+    def calls():
+        for site in range(n):
+            all_reduce_add_rms_norm(x, d, w, 1e-5, site)
+
+    calls()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        calls()
+    return median_ms(g.replay, iters=20) * 1e3 / n
 
 
 def git_commit() -> str:
@@ -140,16 +174,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+def kv_blocks(cfg: ModelConfig, block_size: int, plans: list[tuple[int, int]]) -> tuple[int, int]:
+    """Global and local KV blocks for the largest of the (batch, tokens per sequence) plans."""
+    from maverick.runtime.kv_cache import cdiv
+
+    g = max(b * cdiv(n, block_size) for b, n in plans)
+    loc = max(b * cdiv(min(n, cfg.attention_chunk_size), block_size) for b, n in plans)
+    return g, loc
+
+
+def print_peer(say, peer: list[tuple[str, float]]) -> None:
+    say("\npeer baseline, reduced Maverick (4 layers at full width, 16 experts), batch 1, same card, same process:")
+    say("| engine | ms per token | tokens/s | transformers / this |\n|---|---|---|---|")
+    for name, ms in peer:
+        say(f"| {name} | {ms:.2f} | {1e3 / ms:.1f} | {peer[0][1] / ms:.1f}x |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="maverick-bench", description=__doc__)
     p.add_argument("--preset", default="maverick")
-    p.add_argument("--tp-size", type=int, default=8, help="per-rank shapes of this TP size (one-rank mode)")
+    p.add_argument("--tp-size", type=int, default=8,
+                   help="one-rank mode: per-rank shapes of this TP size (under torchrun: the world size)")
     p.add_argument("--batches", default="1,4,8,16", help="decode batch sizes")
     p.add_argument("--contexts", default="1024,8192")
     p.add_argument("--kv-cache-dtype", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--reference", action="store_true", help="also time batch 1 with the kernels off")
     p.add_argument("--ttft", default="", help="prompt lengths for time to first token, e.g. 1024,8192")
-    p.add_argument("--allreduce-us", type=float, help="one all-reduce's latency, measured elsewhere")
+    p.add_argument("--sweep", default="", help="ISL/OSL workloads for the concurrency sweep, e.g. 128/2048,1024/2048")
+    p.add_argument("--concurrency", default="1,4,16,64,256", help="concurrency levels of the sweep")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per prefill step in the sweep")
+    p.add_argument("--peer-baseline", action="store_true",
+                   help="transformers vs maverick on a reduced Maverick (4 layers, 16 experts), one GPU")
+    p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
     p.add_argument("--json", help="write results here")
     p.add_argument("--pdl", action="store_true", help="launch kernels with programmatic dependent launch")
     a = p.parse_args(argv)
@@ -160,59 +216,137 @@ def main(argv: list[str] | None = None) -> int:
         print("error: maverick-bench needs a CUDA GPU", file=sys.stderr)
         return 2
     import maverick_plugins as ops
+    from maverick import distributed, envs
+    from maverick.bench.sweep import HEADER, SweepPoint, parse_workloads, prefill_ms
 
+    rank, world, local_rank = envs.torchrun_world() or (0, 1, 0)
+    if world > 1:  # torchrun: every rank runs its share for real, all-reduces included
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        distributed.init(rank, world, "nccl", "env://")
+        a.tp_size = world
+        if a.peer_baseline:
+            print("error: --peer-baseline runs on one GPU: run it without torchrun", file=sys.stderr)
+            return 2
+    else:
+        device = torch.device("cuda")
+    say = print if rank == 0 else (lambda *x, **k: None)
     cfg = ModelConfig.preset(a.preset)
-    batches = [int(x) for x in a.batches.split(",")]
-    contexts = [int(x) for x in a.contexts.split(",")]
-    longest = max(contexts + [int(x) for x in a.ttft.split(",") if x])
-    build = BuildConfig(tp_size=a.tp_size, max_batch_size=max(batches), max_seq_len=longest + 64,
+    batches = [int(x) for x in a.batches.split(",") if x]
+    contexts = [int(x) for x in a.contexts.split(",") if x]
+    ttfts = [int(x) for x in a.ttft.split(",") if x]
+    workloads = parse_workloads(a.sweep) if a.sweep else []
+    concurrency = [int(x) for x in a.concurrency.split(",") if x]
+    # what each part runs: (sequences, tokens per sequence), for the KV pool and the graph sizes
+    plans = [(b, c + 1) for b in batches for c in contexts] + [(1, n) for n in ttfts]
+    plans += [(c, isl + osl // 2 + 1) for isl, osl in workloads for c in concurrency]
+    plans += [(max(1, min(c, a.max_num_tokens // isl)), isl) for isl, _ in workloads for c in concurrency]
+    if not plans and not a.peer_baseline:
+        print("error: nothing to run: give --batches and --contexts, --ttft, --sweep or --peer-baseline",
+              file=sys.stderr)
+        return 2
+    longest = max((n for _, n in plans), default=1)
+    max_batch = max((b for b, _ in plans), default=1)
+    build = BuildConfig(tp_size=a.tp_size, max_batch_size=max_batch, max_seq_len=longest + 64,
                         quant=QuantConfig("FP8", "FP8" if a.kv_cache_dtype == "fp8" else None),
                         kv_cache_block_size=64)
     card = torch.cuda.get_device_name()
-    head = (f"card={card} gpus=1 mode=one-rank tp_size={a.tp_size} preset={a.preset} pdl={a.pdl} "
+    mode = "one-rank" if world == 1 else "ranks"
+    head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} pdl={a.pdl} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
-    print(head, flush=True)
+    say(head, flush=True)
     bw = hbm_read_bandwidth()
-    print(f"HBM read bandwidth (4 GiB reduction, graph replay, median): {bw / 1e12:.2f} TB/s", flush=True)
+    say(f"HBM read bandwidth (4 GiB reduction, graph replay, median): {bw / 1e12:.2f} TB/s", flush=True)
+    if not plans:  # the peer baseline alone
+        from maverick.bench.peer import peer_baseline
+
+        print_peer(say, peer_baseline(bw))
+        return 0
     t0 = time.time()
-    model = synthetic_model(cfg, build, 0, "cuda")
+    model = synthetic_model(cfg, build, rank, device)
     torch.cuda.synchronize()
     wbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(f"synthetic rank-0 weights: {wbytes / 1e9:.2f} GB in {time.time() - t0:.1f} s", flush=True)
-    runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=max(batches),
-                         block_size=build.kv_cache_block_size, device="cuda")
-    rows = []
+    say(f"synthetic rank-{rank} weights: {wbytes / 1e9:.2f} GB in {time.time() - t0:.1f} s", flush=True)
     n_ar = 2 * cfg.num_hidden_layers
+    ar_us = a.allreduce_us
+    if world > 1:
+        from maverick.runtime.worker import enable_fused_all_reduce
+
+        fused = enable_fused_all_reduce(model, device)
+        ar_us = allreduce_us(model, device)
+        say(f"all-reduce + add + RMSNorm, 1 token, {'fused one-shot over peer buffers' if fused else 'NCCL'}: "
+            f"{ar_us:.2f} us per call (graph of {n_ar} calls, median), {n_ar} per step", flush=True)
+    g_blocks, l_blocks = kv_blocks(cfg, build.kv_cache_block_size, plans)
+    runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=max_batch,
+                         block_size=build.kv_cache_block_size, device=device,
+                         num_global_blocks=g_blocks, num_local_blocks=l_blocks)
+    rows = []
     for ctx in contexts:
         for b in batches:
             r = decode_step(runner, cfg, build, b, ctx, bw, a.tp_size)
+            if ar_us and world > 1:  # the step ran its all-reduces: they belong in its floor
+                r.floor_ms += n_ar * ar_us / 1e3
             rows.append(("kernels", r))
-            print(f"  decode b={b} ctx={ctx}: {r.step_ms:.3f} ms/step, floor {r.floor_ms:.3f} ms "
-                  f"({r.bytes_per_step / 1e9:.3f} GB), {r.ratio:.0%} of roofline", flush=True)
-    for n in [int(x) for x in a.ttft.split(",") if x]:
-        print(f"  time to first token, {n}-token prompt (eager prefill, one rank): {time_to_first_token(runner, n):.1f} ms",
-              flush=True)
+            say(f"  decode b={b} ctx={ctx}: {r.step_ms:.3f} ms/step, floor {r.floor_ms:.3f} ms "
+                f"({r.bytes_per_step / 1e9:.3f} GB), {r.ratio:.0%} of roofline", flush=True)
+    ttft = {}
+    for n in ttfts:
+        ttft[n] = time_to_first_token(runner, n)
+        say(f"  time to first token, {n}-token prompt (eager prefill): {ttft[n]:.1f} ms", flush=True)
     if a.reference:
         ops.set_kernels_enabled(False)
         r = decode_step(runner, cfg, build, 1, contexts[0], bw, a.tp_size)
         ops.set_kernels_enabled(True)
         rows.append(("reference", r))
-    print("\n| path | batch | context | step ms | floor ms | floor/step | tok/s/user | tok/s/GPU (TP) |")
-    print("|---|---|---|---|---|---|---|---|")
+    sweep = []
+    for isl, osl in workloads:
+        for c in concurrency:
+            pre = prefill_ms(lambda n, L: prefill_step_ms(runner, n, L), c, isl, a.max_num_tokens)
+            step = decode_step(runner, cfg, build, c, isl + osl // 2, bw, a.tp_size).step_ms
+            sweep.append(SweepPoint(isl, osl, c, pre, step, a.tp_size))
+            say("  sweep " + sweep[-1].row(), flush=True)
+    peer = []
+    if a.peer_baseline:
+        del runner, model
+        torch.cuda.empty_cache()
+        from maverick.bench.peer import peer_baseline
+
+        peer = peer_baseline(bw)
+    say("\n| path | batch | context | step ms | floor ms | floor/step | tok/s/user | tok/s/GPU (TP) |")
+    say("|---|---|---|---|---|---|---|---|")
     for path, r in rows:
-        print(f"| {path} | {r.batch} | {r.context} | {r.step_ms:.3f} | {r.floor_ms:.3f} | {r.ratio:.0%} | "
-              f"{r.tokens_per_s_per_user:.0f} | {r.tokens_per_s_per_gpu:.0f} |")
-    if a.allreduce_us:
-        ar_ms = n_ar * a.allreduce_us / 1e3
-        print(f"all-reduces not run in one-rank mode: {n_ar} x {a.allreduce_us} us = {ar_ms:.3f} ms per step")
+        say(f"| {path} | {r.batch} | {r.context} | {r.step_ms:.3f} | {r.floor_ms:.3f} | {r.ratio:.0%} | "
+            f"{r.tokens_per_s_per_user:.0f} | {r.tokens_per_s_per_gpu:.0f} |")
+    if ttft:
+        say("\n| prompt tokens | time to first token ms |\n|---|---|")
+        for n, ms in ttft.items():
+            say(f"| {n} | {ms:.1f} |")
+    if sweep:
+        say("\nconcurrency sweep (MODEL over measured parts: c prompts prefilled, then OSL steps at batch c timed "
+            "at context ISL + OSL/2; maverick/bench/sweep.py)")
+        say(HEADER)
+        for pt in sweep:
+            say(pt.row())
+    if peer:
+        print_peer(say, peer)
+    if world == 1 and ar_us:
+        say(f"all-reduces not run in one-rank mode: {n_ar} x {ar_us} us = {n_ar * ar_us / 1e3:.3f} ms per step")
     b200_bw = 8e12
-    one = next(r for p_, r in rows if p_ == "kernels" and r.batch == 1)
-    print(f"PROJECTION (not measured) DGX B200 TP8 batch 1 ctx {one.context}: floor "
-          f"{one.bytes_per_step / b200_bw * 1e3:.3f} ms/step at 8 TB/s + {n_ar} all-reduces")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"header": head, "bandwidth_Bps": bw,
-                                            "rows": [dict(path=p_, **asdict(r)) for p_, r in rows]}, indent=1))
+    one = next((r for p_, r in rows if p_ == "kernels" and r.batch == 1), None)
+    if one is not None:
+        ar_note = f" + {n_ar} x {ar_us:.1f} us all-reduces (as measured here)" if ar_us else f" + {n_ar} all-reduces"
+        say(f"PROJECTION (not measured) DGX B200 TP8 batch 1 ctx {one.context}: floor "
+            f"{one.bytes_per_step * a.tp_size / 8 / b200_bw * 1e3:.3f} ms/step at 8 TB/s{ar_note}")
+    if a.json and rank == 0:
+        Path(a.json).write_text(json.dumps({
+            "header": head, "bandwidth_Bps": bw, "allreduce_us": ar_us,
+            "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": ttft,
+            "sweep": [dict(asdict(pt), tokens_per_s_per_user=pt.tokens_per_s_per_user,
+                           tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu) for pt in sweep],
+            "peer": [{"engine": n, "ms_per_token": ms} for n, ms in peer]}, indent=1))
+    if world > 1:
+        distributed.shutdown()
     return 0
 
 

@@ -30,3 +30,11 @@ def fused_all_reduce() -> bool:
 def commit_override() -> str | None:
     """MAVERICK_COMMIT: the commit a benchmark reports when the tree it runs from has no usable .git."""
     return os.environ.get("MAVERICK_COMMIT") or None
+
+
+def torchrun_world() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = int(os.environ["RANK"])
+        return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
+    return None

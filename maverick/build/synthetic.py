@@ -39,6 +39,7 @@ def synthetic_model(cfg: ModelConfig, build: BuildConfig, rank: int, device: str
     model = model.to_empty(device=device)
     model.rotary_emb.inv_freq.copy_(rope_inv_freq(cfg))  # derived buffer: to_empty left it undefined
     gen = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
+    shared = torch.Generator(device=device).manual_seed(seed)  # replicated tensors: equal on every rank
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in params.items():
@@ -53,6 +54,8 @@ def synthetic_model(cfg: ModelConfig, build: BuildConfig, rank: int, device: str
                 p.fill_(ACT_AMAX / 448.0)
             elif name == "embed_tokens.weight":
                 _fill_normal(p, 1.0, gen)
-            else:  # high-precision weights [out, in] (router, lm_head, unquantized linears)
+            elif ".router." in name:  # replicated: every rank must route a token to the same experts
+                _fill_normal(p, 1.0 / math.sqrt(p.shape[-1]), shared)
+            else:  # high-precision weights [out, in] (lm_head, unquantized linears)
                 _fill_normal(p, 1.0 / math.sqrt(p.shape[-1]), gen)
     return model.eval()
