@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
         distributed.init(rank, world, "nccl", "env://")
         a.tp_size = world
+        import faulthandler
+
+        faulthandler.dump_traceback_later(120, repeat=True)  # a rank stuck in a collective names where
         if a.peer_baseline:
             print("error: --peer-baseline runs on one GPU: run it without torchrun", file=sys.stderr)
             return 2
@@ -346,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                            tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu) for pt in sweep],
             "peer": [{"engine": n, "ms_per_token": ms} for n, ms in peer]}, indent=1))
     if world > 1:
+        faulthandler.cancel_dump_traceback_later()
         distributed.shutdown()
     return 0
 

@@ -16,6 +16,7 @@ class _State:
     rank: int = 0
     world_size: int = 1
     peer: object = None  # maverick_plugins.PeerWorkspace once enable_peer_all_reduce succeeded
+    peer_on: bool = True
 
 
 _STATE = _State()
@@ -66,7 +67,12 @@ def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtyp
 
 
 def peer_workspace():
-    return _STATE.peer
+    return _STATE.peer if _STATE.peer_on else None
+
+
+def use_peer_all_reduce(enabled: bool) -> None:
+    """Switch between the fused one-shot path and NCCL + add+norm (A/B runs; call on every rank alike)."""
+    _STATE.peer_on = enabled
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
