@@ -47,12 +47,14 @@ def shutdown() -> None:
     _STATE.rank, _STATE.world_size = 0, 1
 
 
-def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
+def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                           force: bool = False) -> bool:
     """Map every rank's all-reduce buffers into every other rank (collective: all ranks call it, before
-    CUDA graph capture). False, and NCCL stays in use, with one rank or where peers cannot be mapped."""
+    CUDA graph capture). False, and NCCL stays in use, with one rank, where peers cannot be mapped, or
+    unless MAVERICK_FUSED_ALLREDUCE=1 (or force) asks for it."""
     from maverick import envs
 
-    if _STATE.world_size == 1 or device.type != "cuda" or not envs.fused_all_reduce():
+    if _STATE.world_size == 1 or device.type != "cuda" or not (force or envs.fused_all_reduce()):
         return False
     import maverick_plugins as ops
 

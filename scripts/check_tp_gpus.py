@@ -41,7 +41,7 @@ def main() -> int:
     build = BuildConfig(tp_size=world, max_batch_size=4, max_seq_len=256, kv_cache_block_size=16,
                         quant=QuantConfig("FP8", None), dtype="bfloat16" if cuda else "float32")
     model = synthetic_model(cfg, build, rank, device, seed=3)
-    fused = enable_fused_all_reduce(model, device)
+    fused = enable_fused_all_reduce(model, device, force=True)
     log(f"model ready, fused all-reduce: {fused}")
     prompts = [list(range(5, 45)), list(range(7, 20))]
     results = {}

@@ -65,7 +65,7 @@ def _rank_checks(rank, world, init, out_dir):
     dev = torch.device("cuda", rank)
     distributed.init(rank, world, "nccl", init)
     hidden, rows_max, sites, eps = 5120, 16, 6, 1e-5
-    assert distributed.enable_peer_all_reduce(sites, rows_max, hidden, torch.bfloat16, dev)
+    assert distributed.enable_peer_all_reduce(sites, rows_max, hidden, torch.bfloat16, dev, force=True)
     ws = distributed.peer_workspace()
     w = torch.randn(hidden, generator=torch.Generator().manual_seed(7)).to(dev, torch.bfloat16)
     worst = {"ref": 0.0, "nccl": 0.0, "graph": 0.0}
@@ -149,11 +149,11 @@ def test_fused_allreduce_on_gpus(world, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_tiny_model_tp2_on_gpus_equals_tp1(tiny_engine, tiny_engine_tp2, cuda_graphs):
-    """The runtime at TP2 on two GPUs (fused one-shot all-reduce + norm, kernels, graphs or eager)
-    gives TP1's greedy tokens on the fp32 tiny engine."""
+    """The runtime at TP2 on two GPUs (NCCL all-reduces, the default; kernels; graphs or eager) gives
+    TP1's greedy tokens on the fp32 tiny engine."""
     from helpers import prompt_ids
 
-    from maverick import LLM, SamplingParams, distributed
+    from maverick import LLM, SamplingParams
 
     if torch.cuda.device_count() < 2:
         pytest.fail("needs 2 GPUs: run on a multi-GPU kind")
@@ -162,6 +162,5 @@ def test_tiny_model_tp2_on_gpus_equals_tp1(tiny_engine, tiny_engine_tp2, cuda_gr
     with LLM(tiny_engine, device="cuda", cuda_graphs=cuda_graphs) as one:
         ref = [o.outputs[0].token_ids for o in one.generate(prompts, p)]
     with LLM(tiny_engine_tp2, device="cuda", cuda_graphs=cuda_graphs) as two:
-        assert distributed.peer_workspace() is not None, "TP2 on GPUs did not map the peer buffers"
         got = [o.outputs[0].token_ids for o in two.generate(prompts, p)]
     assert got == ref

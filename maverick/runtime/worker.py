@@ -28,13 +28,13 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     return runner
 
 
-def enable_fused_all_reduce(model, device: torch.device) -> bool:
+def enable_fused_all_reduce(model, device: torch.device, force: bool = False) -> bool:
     """Peer buffers for the one-shot all-reduce + add + RMSNorm of every layer (collective; before capture)."""
     import maverick_plugins as ops
 
     rows = ops.dispatch.THRESHOLDS["default"]["allreduce_max_tokens"]
     return dist.enable_peer_all_reduce(2 * model.cfg.num_hidden_layers, rows, model.cfg.hidden_size,
-                                       model.spec.dtype, device)
+                                       model.spec.dtype, device, force)
 
 
 def join_group(rank: int, world: int, backend: str, init_method: str, timeout_s: float) -> None:
