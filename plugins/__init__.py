@@ -1,6 +1,7 @@
 """Maverick kernels. Each op is a pure-torch reference (its specification, runs on CPU and GPU)
 plus, where one exists, a GPU kernel behind the same name. Imports only torch, triton and itself.
 """
+from . import library  # noqa: F401  (torch.ops.maverick.*: custom ops with fake implementations)
 from .activation import swiglu
 from .allreduce import PeerWorkspace, allreduce_add_rms_norm_ref
 from .attention import kv_cache_write, paged_attention, paged_attention_ref
