@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fused = enable_fused_all_reduce(model, device)
         ar_us = allreduce_us(model, device)
+        distributed.check_peer_all_reduce()
         say(f"all-reduce + add + RMSNorm, 1 token, {'fused one-shot over peer buffers' if fused else 'NCCL'}: "
             f"{ar_us:.2f} us per call (graph of {n_ar} calls, median), {n_ar} per step", flush=True)
     g_blocks, l_blocks = kv_blocks(cfg, build.kv_cache_block_size, plans)
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for ctx in contexts:
         for b in batches:
             r = decode_step(runner, cfg, build, b, ctx, bw, a.tp_size)
+            distributed.check_peer_all_reduce()
             if ar_us and world > 1:  # the step ran its all-reduces: they belong in its floor
                 r.floor_ms += n_ar * ar_us / 1e3
             rows.append(("kernels", r))

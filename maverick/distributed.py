@@ -72,6 +72,12 @@ def peer_workspace():
     return _STATE.peer if _STATE.peer_on else None
 
 
+def check_peer_all_reduce() -> None:
+    """Raise a clear error if a fused all-reduce barrier timed out (a sync; only with the fused path on)."""
+    if _STATE.peer is not None and _STATE.peer_on:
+        _STATE.peer.check()
+
+
 def use_peer_all_reduce(enabled: bool) -> None:
     """Switch between the fused one-shot path and NCCL + add+norm (A/B runs; call on every rank alike)."""
     _STATE.peer_on = enabled

@@ -42,6 +42,7 @@ class PeerWorkspace:
         handle.get_signal_pad(handle.rank, dtype=torch.int32).zero_()
         self.buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        self.errors = torch.zeros(3, dtype=torch.int32, device=device)  # see allreduce_add_rms_norm_triton
         self._handle = handle  # keeps the mapping alive
         handle.barrier()  # every pad is zero before anyone signals
 
@@ -54,4 +55,21 @@ class PeerWorkspace:
         from .kernels.allreduce_norm import allreduce_add_rms_norm_triton
 
         return allreduce_add_rms_norm_triton(x, delta, weight, eps, self.buf_ptrs, self.pad_ptrs, self.rank,
-                                             self.world, site * self.rows * self.hidden, self.spare_slot)
+                                             self.world, site, site * self.rows * self.hidden, self.spare_slot,
+                                             self.errors)
+
+    def check(self) -> None:
+        """Raise if any fused barrier timed out since creation (reads 3 ints from the GPU: a sync)."""
+        raise_on_barrier_timeouts(self.errors, self.rank)
+
+
+def raise_on_barrier_timeouts(errors: torch.Tensor, rank: int) -> None:
+    count, site, peers = errors.tolist()
+    if count:
+        unseen = [p for p in range(8) if peers >> p & 1]
+        unsent = [p for p in range(8) if peers >> (8 + p) & 1]
+        raise RuntimeError(
+            f"fused all-reduce on rank {rank}: {count} barrier(s) timed out, the last at call site {site}; "
+            f"no signal from rank(s) {unseen}, could not signal rank(s) {unsent} (their previous signal was "
+            f"never consumed). The results of those calls are wrong; the peer buffers are out of step. "
+            f"Run with MAVERICK_FUSED_ALLREDUCE=0 (NCCL) and report this.")

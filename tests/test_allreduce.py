@@ -32,10 +32,13 @@ def test_fused_allreduce_one_rank_view(rows, hidden, dtype):
     pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
     parts = [torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(world)]
     bufs[1][site].copy_(parts[1])  # rank 1 already wrote its partial ...
-    pads[0][1::world] = 1  # ... and signalled rank 0 on every row
+    pads[0][1:rows * world:world] = 1  # ... and signalled rank 0 on every row
     x, w = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(hidden, generator=g).to(dtype)
     ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
-    h, y = allreduce_add_rms_norm_triton(x, parts[0], w, 1e-5, *ptrs, 0, world, site * rows * hidden, rows * world)
+    errors = torch.zeros(3, dtype=torch.int32)
+    h, y = allreduce_add_rms_norm_triton(x, parts[0], w, 1e-5, *ptrs, 0, world, site, site * rows * hidden,
+                                         rows * world, errors)
+    assert errors.tolist() == [0, 0, 0]
     hr, yr = ops.allreduce_add_rms_norm_ref(x, parts, w, 1e-5)
     assert (h - hr).abs().max().item() <= 1e-6  # fp32: summation order of two partials only
     assert (y - yr).abs().max().item() <= 1e-5
@@ -44,6 +47,34 @@ def test_fused_allreduce_one_rank_view(rows, hidden, dtype):
     assert pads[0][:rows * world].tolist() == [0] * (rows * world)  # rank 1's signals consumed
     assert pads[1][:rows * world].tolist() == [1, 0] * rows  # rank 0 signalled rank 1 on every row, on its slot
     assert pads[1][rows * world:].abs().sum() == 0  # spare words are ours, never a peer's
+
+
+@pytest.mark.parametrize("stuck", ["peer silent", "peer never consumed"])
+def test_fused_allreduce_times_out_instead_of_hanging(stuck):
+    """A peer that never signals (or never consumed our last signal): the barrier gives up after
+    max_spin retries, records who and where, and check() raises a clear error (no hang)."""
+    from maverick_plugins.allreduce import raise_on_barrier_timeouts
+    from maverick_plugins.kernels.allreduce_norm import allreduce_add_rms_norm_triton
+
+    if GPU:
+        pytest.skip("one process plays rank 0 of 2 in the interpreter; GPU tests use real ranks")
+    world, rows, hidden, site = 2, 2, 32, 1
+    bufs = [torch.zeros(2, rows, hidden) for _ in range(world)]
+    pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
+    if stuck == "peer never consumed":
+        pads[0][1:rows * world:world] = 1  # rank 1 did signal us ...
+        pads[1][0:rows * world:world] = 1  # ... but still holds our previous signal on every row
+    x, d, w = torch.randn(rows, hidden), torch.randn(rows, hidden), torch.ones(hidden)
+    ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
+    errors = torch.zeros(3, dtype=torch.int32)
+    allreduce_add_rms_norm_triton(x, d, w, 1e-5, *ptrs, 0, world, site, site * rows * hidden, rows * world, errors,
+                                  max_spin=3)
+    count, last_site, peers = errors.tolist()
+    assert count == rows and last_site == site
+    assert peers == (1 << 1 if stuck == "peer silent" else 1 << (8 + 1))
+    with pytest.raises(RuntimeError, match=r"rank 0: 2 barrier\(s\) timed out, the last at call site 1; "
+                                           r"no signal from rank\(s\) \[" + ("1" if stuck == "peer silent" else "")):
+        raise_on_barrier_timeouts(errors, 0)
 
 
 def _rank_main(rank, world, init, out_dir):
@@ -118,6 +149,7 @@ def _rank_checks(rank, world, init, out_dir):
             ref, _ = ops.allreduce_add_rms_norm_ref(ref, parts, w, eps)
         worst["graph"] = max(worst["graph"], err(out_h, ref))
     torch.cuda.synchronize()
+    ws.check()  # no barrier timed out
     torch.save(worst, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.shutdown()
 
@@ -164,3 +196,36 @@ def test_tiny_model_tp2_on_gpus_equals_tp1(tiny_engine, tiny_engine_tp2, cuda_gr
     with LLM(tiny_engine_tp2, device="cuda", cuda_graphs=cuda_graphs) as two:
         got = [o.outputs[0].token_ids for o in two.generate(prompts, p)]
     assert got == ref
+
+
+_COMPILE_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, sys.argv[1])
+import maverick  # noqa: F401
+from maverick_plugins.kernels.allreduce_norm import _allreduce_add_rms_norm_kernel as k
+sig = {"d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",
+       "buf_ptrs": "*i64", "pad_ptrs": "*i64", "err_ptr": "*i32", "rank": "i32", "site": "i32",
+       "site_offset": "i32", "N": "i32", "eps": "fp32", "max_spin": "i32",
+       "WORLD": "constexpr", "SPARE": "constexpr", "BLOCK": "constexpr"}
+src = ASTSource(fn=k, signature=sig, constexprs={"WORLD": 4, "SPARE": 64, "BLOCK": 8192})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+print(ptx.count("atom.global.release.sys.cas"), ptx.count("atom.global.acquire.sys.cas"))
+"""
+
+
+def test_fused_allreduce_compiles_for_hopper():
+    """The GPU build of the kernel (sm_90 PTX, compiled here without a GPU): the signalling CASes are
+    system-scope release / acquire atomics, as the protocol needs across GPUs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90, str(Path(__file__).resolve().parent.parent)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sends, waits = (int(n) for n in out.stdout.split()[-2:])
+    assert sends >= 1 and waits >= 1, out.stdout

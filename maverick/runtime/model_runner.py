@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from maverick import distributed as dist
 from maverick.models import Llama4ForCausalLM
 
 from .batch import StepSeq, build_forward_batch, ring_blocks
@@ -63,6 +64,9 @@ class ModelRunner:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
         rows = self._graphable(seqs)
         if rows is not None:  # decode: replay the captured graph of the next size up
-            return self.graphs.replay(self._padded(seqs, rows).to(self.device), len(seqs))
-        batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
-        return self.model(batch.to(self.device), self.kv_caches)
+            logits = self.graphs.replay(self._padded(seqs, rows).to(self.device), len(seqs))
+        else:
+            batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
+            logits = self.model(batch.to(self.device), self.kv_caches)
+        dist.check_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
+        return logits

@@ -13,6 +13,9 @@ One program per token row, one launch per all-reduce (instead of NCCL + an add+n
 There is no closing barrier: each call site (2 per layer) has its own buffer, and a rank can only
 reach the same site again after every peer has signalled a later site, i.e. finished reading this
 one. At one token a row is 10 KB (hidden 5120, bf16): the cost is the two signal round trips.
+A barrier never waits forever: after max_spin retries (seconds) it records the site and the silent
+peers in an error buffer that the runtime checks after every step (PeerWorkspace.check), so a peer
+that is gone or out of step becomes a clear error instead of a hang.
 """
 import torch
 import triton
@@ -20,23 +23,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _cas_all(ptrs, spare, cmp: tl.constexpr, val: tl.constexpr, SEM: tl.constexpr, WORLD: tl.constexpr):
+def _cas_all(ptrs, spare, max_spin, cmp: tl.constexpr, val: tl.constexpr, SEM: tl.constexpr, WORLD: tl.constexpr):
     """CAS cmp -> val on every slot of `ptrs` at once (one lane per peer, in parallel), retrying the
     lanes that found the slot not yet at cmp. Finished lanes retry on a spare word whose result is
-    ignored (tl.atomic_cas takes no mask), so a slot is never written twice."""
+    ignored (tl.atomic_cas takes no mask), so a slot is never written twice. Gives up after max_spin
+    retries: returns the bit mask of the peers still pending (0 when every lane succeeded)."""
+    lanes = tl.arange(0, WORLD)
     cmps = tl.full((WORLD,), cmp, tl.int32)
     vals = tl.full((WORLD,), val, tl.int32)
     old = tl.atomic_cas(ptrs, cmps, vals, sem=SEM, scope="sys")
     pending = old != cmp
-    while tl.max(pending.to(tl.int32), axis=0) != 0:
+    spins = 0
+    while (tl.max(pending.to(tl.int32), axis=0) != 0) & (spins < max_spin):
         old = tl.atomic_cas(tl.where(pending, ptrs, spare), cmps, vals, sem=SEM, scope="sys")
         pending = pending & (old != cmp)
+        spins += 1
+    return tl.sum(tl.where(pending, 1 << lanes, 0), axis=0)
 
 
 @triton.jit
 def _allreduce_add_rms_norm_kernel(
     d_ptr, x_ptr, w_ptr, h_ptr, y_ptr, buf_ptrs, pad_ptrs,
-    rank, site_offset, N, eps,
+    err_ptr, rank, site, site_offset, N, eps, max_spin,
     WORLD: tl.constexpr, SPARE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -50,9 +58,14 @@ def _allreduce_add_rms_norm_kernel(
     my_pad = tl.load(pad_ptrs + rank).to(tl.pointer_type(tl.int32))
     spare = my_pad + SPARE + peers  # past the rows x world signal slots
     # signal: our slot in every peer's pad (0 -> 1, release) ...
-    _cas_all(tl.load(pad_ptrs + peers).to(tl.pointer_type(tl.int32)) + row * WORLD + rank, spare, 0, 1, "release", WORLD)
+    unsent = _cas_all(tl.load(pad_ptrs + peers).to(tl.pointer_type(tl.int32)) + row * WORLD + rank, spare,
+                      max_spin, 0, 1, "release", WORLD)
     # ... then consume every peer's slot in ours (1 -> 0, acquire)
-    _cas_all(my_pad + row * WORLD + peers, spare + WORLD, 1, 0, "acquire", WORLD)
+    unseen = _cas_all(my_pad + row * WORLD + peers, spare + WORLD, max_spin, 1, 0, "acquire", WORLD)
+    if (unsent | unseen) != 0:  # a peer never answered: record it for the host instead of hanging
+        tl.atomic_add(err_ptr, 1)
+        tl.atomic_xchg(err_ptr + 1, site)
+        tl.atomic_or(err_ptr + 2, unseen | (unsent << 8))
     tl.debug_barrier()
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for peer in tl.static_range(WORLD):
@@ -69,14 +82,17 @@ def _allreduce_add_rms_norm_kernel(
 
 def allreduce_add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                                   buf_ptrs: torch.Tensor, pad_ptrs: torch.Tensor, rank: int, world: int,
-                                  site_offset: int, spare_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                  site: int, site_offset: int, spare_slot: int, errors: torch.Tensor,
+                                  max_spin: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor]:
     """buf_ptrs / pad_ptrs: int64 [world] device tensors of every rank's buffer and signal pad; each pad
-    holds rows x world signal slots, then 2 x world spare words from spare_slot on."""
+    holds rows x world signal slots, then 2 x world spare words from spare_slot on. errors: int32 [3]
+    (timed-out barriers, last site, peers: bits 0-7 not heard from, bits 8-15 not signalled); a barrier
+    gives up after max_spin retries (about 1 us each, so seconds), leaving a wrong result and the record."""
     x, delta = x.contiguous(), delta.contiguous()
     h, y = torch.empty_like(x), torch.empty_like(x)
     N = x.shape[-1]
     block = triton.next_power_of_2(N)
     _allreduce_add_rms_norm_kernel[(x.numel() // N,)](
-        delta, x, weight, h, y, buf_ptrs, pad_ptrs, rank, site_offset, N, eps,
+        delta, x, weight, h, y, buf_ptrs, pad_ptrs, errors, rank, site, site_offset, N, eps, max_spin,
         WORLD=world, SPARE=spare_slot, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return h, y
