@@ -71,3 +71,17 @@ def test_pareto_png(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     src.write_text(json.dumps({"header": "h", "sweep": []}))
     assert main([str(src), str(tmp_path / "q.png")]) == 2
+
+
+def test_chain_benchmark_smoke():
+    """scripts/bench_chain.py end to end at toy shapes on CPU (kernels in the interpreter): every mode
+    builds and runs the chain in its own process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_chain.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("'finite': True") == 3
