@@ -16,23 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT: tl.constexpr):
-    if BF16_DOT:  # bf16 model: q and k hold bf16 values, the products are exact in the tensor core
-        sc = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16))) * sm_scale
-    else:
-        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-    sc = tl.where(vis, sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-    p = tl.exp(sc - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if BF16_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-    return m_new, l_i, acc
+from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
 
 
 @triton.jit
@@ -55,31 +39,18 @@ def _prefill_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + hq * stride_qh + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0).to(tl.float32)
     ctx = tl.load(ctx_ptr + b)
-    if FP8:
-        k_scale = tl.load(k_scale_ptr)
-        v_scale = tl.load(v_scale_ptr)
+    k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
+    v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
 
     # 1. the cached context, one cache block per tile (a local layer's table is a ring of NBT blocks)
     for t0 in range(0, tl.minimum(ctx, NBT * BLOCK_KV), BLOCK_KV):
-        slots = t0 + tl.arange(0, BLOCK_KV)
-        blk = tl.load(table_ptr + b * NBT + t0 // BLOCK_KV).to(tl.int64)
-        kv_off = (blk * BLOCK_KV + tl.arange(0, BLOCK_KV))[:, None] * stride_cs + h * stride_ch + offs_d[None, :]
-        k = tl.load(kc_ptr + kv_off).to(tl.float32)
-        v = tl.load(vc_ptr + kv_off).to(tl.float32)
-        if FP8:
-            k = k * k_scale
-            v = v * v_scale
-        if LOCAL:  # ring slot -> newest position with that residue below ctx
-            kpos = slots + CHUNK * ((ctx - 1 - slots) // CHUNK)
-        else:
-            kpos = slots
-        vis = (slots < ctx)[None, :] & (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] >= 0)
-        if LOCAL:
-            vis = vis & ((kpos[None, :] // CHUNK) == (qpos[:, None] // CHUNK))
-        m_i, l_i, acc = _tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
+        k, v, kpos, valid = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, t0, h, ctx, stride_cs, stride_ch, offs_d,
+                                       k_scale, v_scale, CHUNK, BLOCK_KV, LOCAL, FP8)
+        vis = valid[None, :] & visible(kpos, qpos, CHUNK, LOCAL)
+        m_i, l_i, acc = online_softmax_tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
 
     # 2. this step's keys: causal, so only up to the block's last row; local: from its chunk start
     pos0 = tl.load(qpos_ptr + b * Q)  # position of new token 0 (token j sits at pos0 + j)
@@ -89,21 +60,10 @@ def _prefill_kernel(
         j_lo = tl.maximum(first // CHUNK * CHUNK - pos0, 0) // BLOCK_N * BLOCK_N
     j_hi = tl.minimum(m0 + BLOCK_M, Q)
     for j0 in range(j_lo, j_hi, BLOCK_N):
-        jj = j0 + tl.arange(0, BLOCK_N)
-        jj_ok = jj < Q
-        ktok = tl.load(qidx_ptr + b * Q + jj, mask=jj_ok, other=0).to(tl.int64)
-        kpos = tl.load(qpos_ptr + b * Q + jj, mask=jj_ok, other=-1)
-        k = tl.load(k_ptr + ktok[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=jj_ok[:, None],
-                    other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + ktok[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=jj_ok[:, None],
-                    other=0.0).to(tl.float32)
-        if FP8:  # attend to the keys exactly as the cache will hold them
-            k = tl.clamp(k / k_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * k_scale
-            v = tl.clamp(v / v_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * v_scale
-        vis = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] >= 0)
-        if LOCAL:
-            vis = vis & ((kpos[None, :] // CHUNK) == (qpos[:, None] // CHUNK))
-        m_i, l_i, acc = _tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
+        k, v, kpos = new_tile(k_ptr, v_ptr, qidx_ptr, qpos_ptr, b, Q, j0 + tl.arange(0, BLOCK_N), h, stride_kt,
+                              stride_kh, stride_vt, stride_vh, offs_d, k_scale, v_scale, FP8)
+        vis = visible(kpos, qpos, CHUNK, LOCAL)
+        m_i, l_i, acc = online_softmax_tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     ok = row_ok & (qpos >= 0)  # padding rows are not written
