@@ -183,6 +183,33 @@ def kv_blocks(cfg: ModelConfig, block_size: int, plans: list[tuple[int, int]]) -
     return g, loc
 
 
+GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_num_tokens: int, tp_size: int,
+            rank: int, world: int, say) -> list:
+    """Every rank captures the decode graphs; rank 0 runs the engine loop and sends each step's plan to
+    the other ranks, which follow (the LLM's own arrangement)."""
+    from maverick import distributed
+    from maverick.bench.e2e import inflight_run
+    from maverick.runtime.worker import STOP, serve_steps
+
+    runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)])
+    points = []
+    if rank == 0:
+        send = distributed.broadcast_object if world > 1 else None
+        for isl, osl in workloads:
+            for c in concurrency:
+                points.append(inflight_run(runner, isl, osl, c, max_num_tokens, tp_size, cfg.vocab_size, send))
+                say("  e2e " + points[-1].row(), flush=True)
+        if world > 1:
+            distributed.broadcast_object(STOP)
+    else:
+        serve_steps(runner)
+    runner.graphs = None
+    return points
+
+
 def print_peer(say, peer: list[tuple[str, float]]) -> None:
     say("\npeer baseline, reduced Maverick (4 layers at full width, 16 experts), batch 1, same card, same process:")
     say("| engine | ms per token | tokens/s | transformers / this |\n|---|---|---|---|")
@@ -203,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", default="", help="ISL/OSL workloads for the concurrency sweep, e.g. 128/2048,1024/2048")
     p.add_argument("--concurrency", default="1,4,16,64,256", help="concurrency levels of the sweep")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per prefill step in the sweep")
+    p.add_argument("--e2e", default="", help="ISL/OSL workloads run end to end through the engine loop at each "
+                                             "--concurrency (in-flight batching, chunked prefill, graphs)")
     p.add_argument("--peer-baseline", action="store_true",
                    help="transformers vs maverick on a reduced Maverick (4 layers, 16 experts), one GPU")
     p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
@@ -239,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [int(x) for x in a.contexts.split(",") if x]
     ttfts = [int(x) for x in a.ttft.split(",") if x]
     workloads = parse_workloads(a.sweep) if a.sweep else []
+    e2e_workloads = parse_workloads(a.e2e) if a.e2e else []
     concurrency = [int(x) for x in a.concurrency.split(",") if x]
     # what each part runs: (sequences, tokens per sequence), for the KV pool and the graph sizes
     plans = [(b, c + 1) for b in batches for c in contexts] + [(1, n) for n in ttfts]
     plans += [(c, isl + osl // 2 + 1) for isl, osl in workloads for c in concurrency]
     plans += [(max(1, min(c, a.max_num_tokens // isl)), isl) for isl, _ in workloads for c in concurrency]
+    plans += [(c, isl + osl + 1) for isl, osl in e2e_workloads for c in concurrency]
     if not plans and not a.peer_baseline:
         print("error: nothing to run: give --batches and --contexts, --ttft, --sweep or --peer-baseline",
               file=sys.stderr)
@@ -311,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             step = decode_step(runner, cfg, build, c, isl + osl // 2, bw, a.tp_size).step_ms
             sweep.append(SweepPoint(isl, osl, c, pre, step, a.tp_size))
             say("  sweep " + sweep[-1].row(), flush=True)
+    e2e = run_e2e(runner, cfg, e2e_workloads, concurrency, a.max_num_tokens, a.tp_size, rank, world, say) \
+        if e2e_workloads else []
     peer = []
     if a.peer_baseline:
         del runner, model
@@ -333,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         say(HEADER)
         for pt in sweep:
             say(pt.row())
+    if e2e:
+        from maverick.bench.e2e import HEADER as E2E_HEADER
+
+        say("\nend to end through the engine loop (MEASURED: in-flight batching, chunked prefill, graphs, sampling; "
+            f"{'no all-reduces in one-rank mode' if world == 1 else 'all-reduces run'})")
+        say(E2E_HEADER)
+        for pt in e2e:
+            say(pt.row())
     if peer:
         print_peer(say, peer)
     if world == 1 and ar_us:
@@ -349,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": ttft,
             "sweep": [dict(asdict(pt), tokens_per_s_per_user=pt.tokens_per_s_per_user,
                            tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu) for pt in sweep],
+            "e2e": [dict(asdict(pt), tokens_per_s_per_user=pt.tokens_per_s_per_user,
+                         tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu) for pt in e2e],
             "peer": [{"engine": n, "ms_per_token": ms} for n, ms in peer]}, indent=1))
     if world > 1:
         faulthandler.cancel_dump_traceback_later()

@@ -85,3 +85,34 @@ def test_chain_benchmark_smoke():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("'finite': True") == 3
+
+
+def test_inflight_run_through_the_engine_loop():
+    """The e2e benchmark drives the real engine (scheduler, chunked prefill, sampling) to completion:
+    every request gets exactly OSL tokens, times are ordered, and the rates follow from them."""
+    from maverick.bench.e2e import inflight_run
+    from maverick.build.synthetic import synthetic_model
+    from maverick.config import BuildConfig, ModelConfig, QuantConfig
+    from maverick.runtime.model_runner import ModelRunner
+
+    cfg = ModelConfig.preset("tiny")
+    build = BuildConfig(max_seq_len=64, max_batch_size=3, kv_cache_block_size=16, quant=QuantConfig("FP8", None),
+                        dtype="float32")
+    runner = ModelRunner(synthetic_model(cfg, build, 0, "cpu"), 64, 3, 16)
+    pt = inflight_run(runner, isl=20, osl=5, concurrency=3, max_num_tokens=32, tp_size=1, vocab=cfg.vocab_size)
+    assert pt.steps >= 2 + 4  # 60 prompt tokens need 2 chunks of 32, then 4 more decode steps
+    assert 0 < pt.mean_ttft_ms / 1e3 <= pt.mean_latency_s <= pt.wall_s
+    assert pt.tokens_per_s_per_gpu == pytest.approx(3 * 5 / pt.wall_s)
+    assert pt.tokens_per_s_per_user == pytest.approx(5 / pt.mean_latency_s)
+    assert runner.kv.global_pool.num_free == runner.kv.global_pool.num_blocks  # every block back
+
+
+def test_pareto_png_with_end_to_end_points(tmp_path):
+    from maverick.bench.plot import main
+
+    e2e = [dict(isl=128, osl=2048, concurrency=c, tokens_per_s_per_user=300 / c, tokens_per_s_per_gpu=40 * c)
+           for c in (1, 4)]
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps({"header": "card=X command=y", "e2e": e2e}))
+    assert main([str(src), str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000

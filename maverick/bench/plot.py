@@ -1,4 +1,5 @@
-"""Pareto plot of a sweep: tokens/s per GPU against tokens/s per user, one line per ISL/OSL.
+"""Pareto plot: tokens/s per GPU against tokens/s per user, one line per ISL/OSL, measured end-to-end
+runs (`--e2e`, solid) and the step model (`--sweep`, dashed).
 
 Reads the JSON that `maverick-bench --sweep ... --json FILE` writes; needs matplotlib (not a runtime
 dependency: `pip install matplotlib`). `python -m maverick.bench.plot results.json out.png`.
@@ -17,14 +18,15 @@ def pareto_png(results: dict, out: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    points = results["sweep"]
-    for isl, osl in sorted({(p["isl"], p["osl"]) for p in points}):
-        pts = sorted((p for p in points if (p["isl"], p["osl"]) == (isl, osl)), key=lambda p: p["concurrency"])
-        xs = [p["tokens_per_s_per_user"] for p in pts]
-        ys = [p["tokens_per_s_per_gpu"] for p in pts]
-        ax.plot(xs, ys, marker="o", label=f"ISL/OSL {isl}/{osl}")
-        for p, x, y in zip(pts, xs, ys):
-            ax.annotate(str(p["concurrency"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for key, style, what in (("e2e", "-", "measured end to end"), ("sweep", "--", "model over measured steps")):
+        points = results.get(key) or []
+        for isl, osl in sorted({(p["isl"], p["osl"]) for p in points}):
+            pts = sorted((p for p in points if (p["isl"], p["osl"]) == (isl, osl)), key=lambda p: p["concurrency"])
+            xs = [p["tokens_per_s_per_user"] for p in pts]
+            ys = [p["tokens_per_s_per_gpu"] for p in pts]
+            ax.plot(xs, ys, style, marker="o", label=f"ISL/OSL {isl}/{osl} ({what})")
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(str(p["concurrency"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("tokens/s per user")
     ax.set_ylabel("tokens/s per GPU")
     ax.set_xscale("log")
@@ -42,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m maverick.bench.plot RESULTS.json OUT.png", file=sys.stderr)
         return 2
     results = json.loads(Path(argv[0]).read_text())
-    if not results.get("sweep"):
-        print(f"{argv[0]}: no 'sweep' results (run maverick-bench with --sweep)", file=sys.stderr)
+    if not results.get("sweep") and not results.get("e2e"):
+        print(f"{argv[0]}: no 'sweep' or 'e2e' results (run maverick-bench with --sweep or --e2e)", file=sys.stderr)
         return 2
     pareto_png(results, argv[1])
     return 0
