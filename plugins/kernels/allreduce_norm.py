@@ -13,6 +13,9 @@ One program per token row, one launch per all-reduce (instead of NCCL + an add+n
 There is no closing barrier: each call site (2 per layer) has its own buffer, and a rank can only
 reach the same site again after every peer has signalled a later site, i.e. finished reading this
 one. At one token a row is 10 KB (hidden 5120, bf16): the cost is the two signal round trips.
+Why it cannot deadlock: to start call k + 1 a rank has passed call k's barrier, so every rank has
+started call k; a rank therefore leads any other by at most one call, and a sender blocked on a slot
+(its call-k signal not consumed yet) waits for a peer that is in call k and consumes it at once.
 A barrier never waits forever: after max_spin retries (seconds) it records the site and the silent
 peers in an error buffer that the runtime checks after every step (PeerWorkspace.check), so a peer
 that is gone or out of step becomes a clear error instead of a hang.
