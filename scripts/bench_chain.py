@@ -73,7 +73,7 @@ def run_mode(mode: str, smoke: bool) -> dict:
     if smoke:
         out = chain(x, layers, gemm)
         return {"mode": mode, "bytes": nbytes, "shape": list(out.shape), "finite": bool(torch.isfinite(out).all())}
-    from maverick.benchmark import hbm_read_bandwidth, median_ms
+    from maverick.bench.measure import hbm_read_bandwidth, median_ms
 
     bw = hbm_read_bandwidth()
     chain(x, layers, gemm)  # compile, warm up

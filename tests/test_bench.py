@@ -39,7 +39,7 @@ def test_parse_workloads_errors_name_the_item():
 
 
 def test_kv_blocks_cover_the_largest_plan():
-    from maverick.benchmark import kv_blocks
+    from maverick.bench.measure import kv_blocks
     from maverick.config import ModelConfig
 
     cfg = ModelConfig.preset("maverick")  # chunk 8192
