@@ -2,7 +2,8 @@
 """Multi-GPU smoke check of the runtime at TP=N: tiny preset, synthetic bf16/FP8 weights, every rank on its
 own GPU. Phases (each printed as it ends, so a hang names its phase; a rank stuck for 60 s dumps every
 thread's Python stack): eager prefill, eager decode, CUDA-graph capture, graph replays; once with the
-fused one-shot all-reduce + add + RMSNorm and once with NCCL + add+norm, logits compared.
+fused one-shot all-reduce + add + RMSNorm and once with NCCL + add+norm, logits compared; then a
+stress run of the fused kernel alone (96 calls per graph, replays with no barrier between ranks).
 Run: `PYTHONPATH=$PWD torchrun --nproc_per_node=N scripts/check_tp_gpus.py`.
 """
 import faulthandler
@@ -18,6 +19,36 @@ from maverick.config import BuildConfig, ModelConfig, QuantConfig
 from maverick.runtime.batch import StepSeq
 from maverick.runtime.model_runner import ModelRunner
 from maverick.runtime.worker import enable_fused_all_reduce
+
+
+def stress(device: torch.device, log, sites: int = 96, replays: int = 60) -> bool:
+    """What hung once at TP4: a graph of 96 fused calls at Maverick's width (one per all-reduce of a step)
+    replayed back to back with no host barrier between ranks. A barrier that times out is reported."""
+    import torch.distributed as tdist
+
+    import maverick_plugins as ops
+
+    ws = ops.PeerWorkspace(tdist.group.WORLD.group_name, sites, 16, 5120, torch.bfloat16, device)
+    x = torch.randn(1, 5120, device=device, dtype=torch.bfloat16)
+    d = torch.randn(1, 5120, device=device, dtype=torch.bfloat16)
+    w = torch.ones(5120, device=device, dtype=torch.bfloat16)
+    for site in range(sites):
+        ws.allreduce_add_rms_norm(x, d, w, 1e-5, site)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for site in range(sites):
+            ws.allreduce_add_rms_norm(x, d, w, 1e-5, site)
+    for _ in range(replays):
+        g.replay()
+    torch.cuda.synchronize()
+    try:
+        ws.check()
+    except RuntimeError as e:
+        log(f"stress: {replays} replays of {sites} fused calls FAILED: {e}")
+        return False
+    log(f"stress: {replays} replays of {sites} fused calls, no barrier timed out")
+    return True
 
 
 def main() -> int:
@@ -71,9 +102,10 @@ def main() -> int:
         results[mode] = torch.cat([o.float() for o in out])
     diff = ((results["fused"] - results["nccl"]).norm() / results["nccl"].norm()).item()
     log(f"logits fused vs NCCL: relative difference {diff:.2e} (bf16 sums in another order)")
+    stress_ok = stress(device, log) if cuda else True
     faulthandler.cancel_dump_traceback_later()
     distributed.shutdown()
-    ok = diff < 2e-2 and torch.isfinite(results["fused"]).all().item()
+    ok = diff < 2e-2 and torch.isfinite(results["fused"]).all().item() and stress_ok
     if rank == 0:
         print("TP CHECK", "PASSED" if ok else "FAILED",
               f"world={world} card={torch.cuda.get_device_name() if cuda else 'cpu'}")

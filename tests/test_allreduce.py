@@ -77,6 +77,23 @@ def test_fused_allreduce_times_out_instead_of_hanging(stuck):
         raise_on_barrier_timeouts(errors, 0)
 
 
+def test_fused_allreduce_fails_fast_after_a_timeout():
+    """Once a barrier has failed, later calls make one attempt instead of spinning (here max_spin is far
+    beyond what the interpreter could run: the call only returns because it does not wait)."""
+    from maverick_plugins.kernels.allreduce_norm import allreduce_add_rms_norm_triton
+
+    if GPU:
+        pytest.skip("one process plays rank 0 of 2 in the interpreter; GPU tests use real ranks")
+    world, rows, hidden = 2, 1, 32
+    bufs = [torch.zeros(1, rows, hidden) for _ in range(world)]
+    pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
+    ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
+    errors = torch.tensor([1, 7, 2], dtype=torch.int32)  # an earlier call at site 7 timed out
+    x, d, w = torch.randn(rows, hidden), torch.randn(rows, hidden), torch.ones(hidden)
+    allreduce_add_rms_norm_triton(x, d, w, 1e-5, *ptrs, 0, world, 0, 0, rows * world, errors, max_spin=1 << 30)
+    assert errors.tolist() == [2, 0, 2]  # one more failure recorded, at site 0; peer 1 still silent
+
+
 def _rank_main(rank, world, init, out_dir):
     import traceback
 

@@ -18,7 +18,8 @@ started call k; a rank therefore leads any other by at most one call, and a send
 (its call-k signal not consumed yet) waits for a peer that is in call k and consumes it at once.
 A barrier never waits forever: after max_spin retries (seconds) it records the site and the silent
 peers in an error buffer that the runtime checks after every step (PeerWorkspace.check), so a peer
-that is gone or out of step becomes a clear error instead of a hang.
+that is gone or out of step becomes a clear error instead of a hang; after a failure, later calls stop
+waiting (one attempt each), so a step with 96 all-reduces still ends quickly and raises.
 """
 import torch
 import triton
@@ -60,6 +61,8 @@ def _allreduce_add_rms_norm_kernel(
     peers = tl.arange(0, WORLD)
     my_pad = tl.load(pad_ptrs + rank).to(tl.pointer_type(tl.int32))
     spare = my_pad + SPARE + peers  # past the rows x world signal slots
+    # once a barrier has failed the buffers are out of step: later calls try once and move on (fail fast)
+    max_spin = tl.where(tl.load(err_ptr, volatile=True) == 0, max_spin, 0)
     # signal: our slot in every peer's pad (0 -> 1, release) ...
     unsent = _cas_all(tl.load(pad_ptrs + peers).to(tl.pointer_type(tl.int32)) + row * WORLD + rank, spare,
                       max_spin, 0, 1, "release", WORLD)
