@@ -23,12 +23,23 @@ _enabled = True
 PDL = False
 PDL_LAUNCH: dict = {}
 
+# Split-K GEMMs: the last split of each column block reduces the partials (an arrival counter per block)
+# instead of a second "epilogue" launch. The epilogue launches cost 252 us of a 2.9 ms step (96 launches,
+# profile of 2998a6a). Off until measured on a GPU: numerics equal the two-launch path (CPU tests).
+SPLITK_SERIAL = False
+
 
 def set_pdl(enabled: bool) -> None:
     """Must run before the first kernel launch: kernel modules bind the flag when imported."""
     global PDL, PDL_LAUNCH
     PDL = enabled and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
+
+
+def set_splitk_serial(enabled: bool) -> None:
+    """Must run before the first kernel launch, like set_pdl (the GEMM module binds the flag at import)."""
+    global SPLITK_SERIAL
+    SPLITK_SERIAL = enabled
 
 
 def set_kernels_enabled(enabled: bool) -> None:

@@ -22,7 +22,14 @@ _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 
 def kernels():
-    from maverick_plugins.kernels import allreduce_norm, decode_attention, prefill_attention
+    from maverick_plugins.kernels import allreduce_norm, decode_attention, fp8_gemm, prefill_attention
+
+    yield "fp8_gemm serial split-K", fp8_gemm._fp8_gemm_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
+        "partial_ptr": "*fp32", "counter_ptr": "*i32", "M": _I32, "N_OUT": _I32, "K": _I32, "K_PER_SPLIT": _I32,
+        "stride_xm": _I32, "stride_wn": _I32, "stride_om": _I32,
+    }, {"ROW_SCALES": False, "SWIGLU": True, "SPLIT_K": 4, "SERIAL": True, "BLOCK_M": 16, "BLOCK_N": 64,
+        "BLOCK_K": 256, "PDL": False}, 4
 
     yield "allreduce_norm", allreduce_norm._allreduce_add_rms_norm_kernel, {
         "d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",
@@ -50,7 +57,8 @@ def main(names: list[str]) -> int:
         sig = {**sig, **{k: "constexpr" for k in consts}}
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": warps}).asm["ptx"]
-        print(f"{name}: release_sys_cas={ptx.count('atom.global.release.sys.cas')} "
+        print(f"{name}: acq_rel_add={ptx.count('atom.global.gpu.acq_rel.add')} "
+              f"release_sys_cas={ptx.count('atom.global.release.sys.cas')} "
               f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} mma={ptx.count('mma.sync') + ptx.count('wgmma')}")
     return 0
 

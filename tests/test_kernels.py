@@ -63,6 +63,28 @@ def test_fp8_gemm_small_m(m, rows, swiglu, split_k):
     assert rel(out, ref) < TOL["fp8"]
 
 
+@pytest.mark.parametrize("m,swiglu,split_k,rows", [(2, False, 3, True), (4, True, 2, True), (1, True, 4, False)])
+def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
+    """The last split of each column block reduces the partials itself: the same sums in the same order
+    as the epilogue launch (bit-exact), arrival counters back at zero for the next call."""
+    from maverick_plugins.kernels import fp8_gemm
+
+    torch.manual_seed(10 + m)
+    K, N = 96, 64
+    w8, ws = _fp8_weight(N, K, rows)
+    xs = torch.tensor(ACT_SCALE, device=DEV)
+    cfg = (16, 32, split_k, 4, 2)
+    for call in range(2):  # the second call finds the counters reset by the first
+        x = act(m, K)
+        # serial first: its partial buffer may be memory the previous call used, holding other inputs' sums
+        one = fp8_gemm.fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=cfg, serial=True)
+        two = fp8_gemm.fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=cfg, serial=False)
+        assert torch.equal(one, two), call
+        assert int(fp8_gemm._counters(x.device, 1).abs().sum()) == 0
+    ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
+    assert rel(one, ops.swiglu(ref) if swiglu else ref) < TOL["fp8"]
+
+
 @pytest.mark.parametrize("top_k,channel", [(1, False), (2, False), (1, True)])
 def test_moe_gemv(top_k, channel):
     from maverick_plugins.kernels.moe_gemv import moe_experts_gemv

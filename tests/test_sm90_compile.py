@@ -24,6 +24,11 @@ def test_fused_allreduce_builds_with_system_scope_signals():
     assert "release_sys_cas=0" not in info and "acquire_sys_cas=0" not in info, info
 
 
+def test_serial_split_k_gemm_builds_with_its_arrival_counter():
+    info = _compile("fp8_gemm")["fp8_gemm serial split-K"]
+    assert "acq_rel_add=0" not in info and "mma=0" not in info, info
+
+
 def test_attention_kernels_build_with_tensor_core_dots():
     got = _compile("decode_attention", "prefill_attention")
     assert len(got) == 4, got

@@ -10,17 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import PDL, PDL_LAUNCH
+from ..dispatch import PDL, PDL_LAUNCH, SPLITK_SERIAL
 
 
 @triton.jit
 def _fp8_gemm_kernel(
     # tensors
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr, partial_ptr,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr, partial_ptr, counter_ptr,
     # sizes and strides
     M, N_OUT, K, K_PER_SPLIT, stride_xm, stride_wn, stride_om,
     # meta
-    ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
@@ -55,6 +55,15 @@ def _fp8_gemm_kernel(
         tl.store(base, acc, mask=n_mask[None, :])
         if SWIGLU:
             tl.store(base + BLOCK_M * N_OUT, acc_up, mask=n_mask[None, :])
+        if SERIAL:  # the last split of this column block to finish reduces them: no epilogue launch
+            tl.debug_barrier()  # every thread's partial store precedes the release below
+            done = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT_K - 1:
+                acc, acc_up = _sum_splits(partial_ptr, offs_m, offs_n, m_mask, n_mask, N_OUT, SWIGLU, SPLIT_K,
+                                          BLOCK_M, BLOCK_N, True)
+                _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om,
+                          N_OUT, ROW_SCALES, SWIGLU)
+                tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call (and graph replay)
     else:
         _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om, N_OUT,
                   ROW_SCALES, SWIGLU)
@@ -80,6 +89,27 @@ def _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale,
 
 
 @triton.jit
+def _sum_splits(partial_ptr, offs_m, offs_n, m_mask, n_mask, N_OUT, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L2_ONLY: tl.constexpr):
+    """Partial sums of every split, added in split order (the same order in both reductions).
+    L2_ONLY: the partials were written by other programs of this launch: read past L1."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    mask = m_mask[:, None] & n_mask[None, :]
+    for s in range(SPLIT_K):
+        base = partial_ptr + (s * 2 * BLOCK_M + offs_m[:, None]) * N_OUT + offs_n[None, :]
+        if L2_ONLY:
+            acc += tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
+            if SWIGLU:
+                acc_up += tl.load(base + BLOCK_M * N_OUT, mask=mask, other=0.0, cache_modifier=".cg")
+        else:
+            acc += tl.load(base, mask=mask, other=0.0)
+            if SWIGLU:
+                acc_up += tl.load(base + BLOCK_M * N_OUT, mask=mask, other=0.0)
+    return acc, acc_up
+
+
+@triton.jit
 def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N_OUT, stride_om,
                             ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
@@ -91,13 +121,8 @@ def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N_OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        base = partial_ptr + (s * 2 * BLOCK_M + offs_m[:, None]) * N_OUT + offs_n[None, :]
-        acc += tl.load(base, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        if SWIGLU:
-            acc_up += tl.load(base + BLOCK_M * N_OUT, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    acc, acc_up = _sum_splits(partial_ptr, offs_m, offs_n, m_mask, n_mask, N_OUT, SWIGLU, SPLIT_K, BLOCK_M, BLOCK_N,
+                              False)
     _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, tl.load(x_scale_ptr), out_ptr, stride_om,
               N_OUT, ROW_SCALES, SWIGLU)
 
@@ -121,10 +146,24 @@ def default_config(n: int, k: int) -> tuple[int, int, int, int, int]:
     return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 3)
 
 
+_COUNTERS: dict = {}  # per device: one arrival counter per column block, back at 0 after every call
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Made on first use (an eager warm-up, before any graph capture) and kept: captured graphs hold it."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
 def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
-                     out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None,
+                     serial: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16), weight [N, K] e4m3, weight_scale scalar or [N], input_scale scalar.
-    Returns [M, N] (or [M, N/2] with swiglu) in out_dtype."""
+    Returns [M, N] (or [M, N/2] with swiglu) in out_dtype. serial (default: dispatch.SPLITK_SERIAL):
+    with split-K, the last split of each column block reduces the partials itself instead of a second
+    epilogue launch."""
     M, K = x.shape
     N = weight.shape[0]
     assert M <= 16, f"fp8_gemm_small_m: M={M} tokens, expected at most 16"
@@ -138,11 +177,13 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     partial = torch.empty((split_k, 2, 16, n_out), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n_out, block_n), split_k)
-    _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, M, n_out, K, k_per_split, x.stride(0),
-                           weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu, SPLIT_K=split_k,
-                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+    serial = (SPLITK_SERIAL if serial is None else serial) and split_k > 1
+    counters = _counters(x.device, grid[0]) if serial else partial
+    _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, counters, M, n_out, K, k_per_split,
+                           x.stride(0), weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
+                           SPLIT_K=split_k, SERIAL=serial, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
                            PDL=PDL, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
-    if split_k > 1:
+    if split_k > 1 and not serial:
         _splitk_epilogue_kernel[(triton.cdiv(n_out, 128),)](partial, weight_scale, input_scale, out, M, n_out,
                                                               out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
                                                               SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=128,
