@@ -24,6 +24,14 @@ def quantize_fp8_dynamic_per_token(x: torch.Tensor, eps: float = 1e-12) -> tuple
     return quantize_fp8_static(x, scale), scale
 
 
+def quantize_fp8(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 linear's activation: static per-tensor scale (ModelOpt) or, with None, dynamic per token
+    (Meta). Returns (x8, fp32 scale: a scalar or [..., 1])."""
+    if input_scale is None:
+        return quantize_fp8_dynamic_per_token(x)
+    return quantize_fp8_static(x, input_scale), input_scale.float()
+
+
 def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (x8.float() * scale.float()).to(dtype)
 
@@ -44,10 +52,7 @@ def fp8_linear_cublas(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
                       input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Many tokens (prefill, large batches): cuBLAS FP8 through torch._scaled_mm, same math as the
     reference (exact e4m3 products, fp32 accumulation, scales applied once)."""
-    if input_scale is None:
-        x8, xs = quantize_fp8_dynamic_per_token(x)
-    else:
-        x8, xs = quantize_fp8_static(x, input_scale), input_scale.float()
+    x8, xs = quantize_fp8(x, input_scale)
     ws = weight_scale.float()
     if ws.numel() > 1 or xs.numel() > 1:  # row-wise scaling needs both operands row-wise
         xs = xs.reshape(-1, 1).expand(x8.shape[0], 1).contiguous()
@@ -72,10 +77,7 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     x [..., K] high precision; weight [N, K] e4m3; weight_scale a scalar or [N] / [N, 1] (per output
     channel); input_scale a scalar (static) or None (dynamic per token).
     """
-    if input_scale is None:
-        x8, x_scale = quantize_fp8_dynamic_per_token(x)
-    else:
-        x8, x_scale = quantize_fp8_static(x, input_scale), input_scale.float()
+    x8, x_scale = quantize_fp8(x, input_scale)
     acc = x8.float() @ weight.float().t()  # exact products, fp32 accumulation
     w_scale = weight_scale.float().reshape(-1) if weight_scale.numel() > 1 else weight_scale.float()
     return (acc * x_scale * w_scale).to(out_dtype)

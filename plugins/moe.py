@@ -8,7 +8,7 @@ import torch
 
 from .activation import swiglu
 from .dispatch import kernels_enabled, threshold
-from .fp8 import fp8_linear, fp8_linear_ref
+from .fp8 import fp8_linear, fp8_linear_ref, quantize_fp8
 
 
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,14 +61,9 @@ def _grouped_linear(xs: torch.Tensor, offs: torch.Tensor, w: torch.Tensor, w_sca
                     in_scale: torch.Tensor | None) -> torch.Tensor:
     """Rows of xs sorted by expert (expert e owns rows offs[e-1]:offs[e]) times w[e]^T, in FP8 with
     row-wise scales: the activation's (static or per token) and the weight's per output channel."""
-    from .fp8 import quantize_fp8_dynamic_per_token, quantize_fp8_static
-
     E, N, _ = w.shape
-    if in_scale is None:
-        x8, sa = quantize_fp8_dynamic_per_token(xs)
-    else:
-        x8, sa = quantize_fp8_static(xs, in_scale), in_scale.float()
-    sa = sa.reshape(-1).expand(xs.shape[0]).contiguous() if sa.numel() == 1 else sa.reshape(-1).contiguous()
+    x8, sa = quantize_fp8(xs, in_scale)
+    sa = sa.reshape(-1).expand(xs.shape[0]).contiguous()  # one scale per row (a static one repeated)
     sb = w_scale.float().reshape(-1, N) if w_scale.numel() > 1 else w_scale.float().reshape(1, 1)
     sb = sb.expand(E, N).contiguous()
     return torch._scaled_grouped_mm(x8, w.transpose(1, 2), sa, sb, offs=offs, out_dtype=torch.bfloat16)
