@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .small_ops import add_rms_norm_row
+
 
 @triton.jit
 def _cas_all(ptrs, spare, max_spin, cmp: tl.constexpr, val: tl.constexpr, SEM: tl.constexpr, WORLD: tl.constexpr):
@@ -78,12 +80,7 @@ def _allreduce_add_rms_norm_kernel(
         buf = tl.load(buf_ptrs + peer).to(d_ptr.dtype)
         acc += tl.load(buf + elem, mask=mask, other=0.0, volatile=True).to(tl.float32)
     delta = acc.to(x_ptr.dtype.element_ty)  # what an all-reduce in the activation dtype returns
-    h = (tl.load(x_ptr + row * N + offs, mask=mask, other=0.0) + delta).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + row * N + offs, h, mask=mask)
-    hf = h.to(tl.float32)
-    y = (hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)).to(y_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + row * N + offs, (y * w).to(y_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_row(x_ptr, delta, w_ptr, h_ptr, y_ptr, row, N, eps, offs, mask)
 
 
 def allreduce_add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,

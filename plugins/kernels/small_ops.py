@@ -14,6 +14,17 @@ from ..dispatch import PDL, PDL_LAUNCH
 
 
 @triton.jit
+def add_rms_norm_row(x_ptr, delta, w_ptr, h_ptr, y_ptr, row, N, eps, offs, mask):
+    """Row `row`: h = x + delta (rounded to h's dtype, as the reference adds), stored; then RMSNorm(h) * w."""
+    h = (tl.load(x_ptr + row * N + offs, mask=mask, other=0.0) + delta).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * N + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    y = (hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)).to(y_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + row * N + offs, (y * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
         tl.extra.cuda.gdc_launch_dependents()
@@ -21,13 +32,8 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.co
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    h = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0) + tl.load(d_ptr + row * N + offs, mask=mask, other=0.0)
-    h = h.to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + row * N + offs, h, mask=mask)
-    hf = h.to(tl.float32)
-    y = (hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)).to(y_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + row * N + offs, (y * w).to(y_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_row(x_ptr, tl.load(d_ptr + row * N + offs, mask=mask, other=0.0), w_ptr, h_ptr, y_ptr, row, N, eps,
+                     offs, mask)
 
 
 def add_rms_norm_triton(x, delta, weight, eps):
