@@ -74,8 +74,9 @@ def peer_workspace():
 
 def check_peer_all_reduce() -> None:
     """Raise a clear error if a fused all-reduce barrier timed out (a sync; only with the fused path on)."""
-    if _STATE.peer is not None and _STATE.peer_on:
-        _STATE.peer.check()
+    ws = peer_workspace()
+    if ws is not None:
+        ws.check()
 
 
 def use_peer_all_reduce(enabled: bool) -> None:

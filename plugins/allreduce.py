@@ -34,12 +34,12 @@ class PeerWorkspace:
         self.buffer = symm_mem.empty(sites, rows, hidden, dtype=dtype, device=device)
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.rank, self.world = handle.rank, handle.world_size
-        pad_words = handle.get_signal_pad(handle.rank, dtype=torch.int32).numel()
+        pad = handle.get_signal_pad(handle.rank, dtype=torch.int32)
         self.spare_slot = rows * self.world
-        if pad_words < rows * self.world + 2 * self.world:
-            raise RuntimeError(f"signal pad has {pad_words} int32 slots, need (rows + 2) x world = "
+        if pad.numel() < (rows + 2) * self.world:
+            raise RuntimeError(f"signal pad has {pad.numel()} int32 slots, need (rows + 2) x world = "
                                f"{(rows + 2) * self.world}")
-        handle.get_signal_pad(handle.rank, dtype=torch.int32).zero_()
+        pad.zero_()
         self.buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         self.errors = torch.zeros(3, dtype=torch.int32, device=device)  # see allreduce_add_rms_norm_triton
