@@ -42,7 +42,7 @@ def kernels():
             "Q": _I32, "NBT": _I32, "SPLIT_LEN": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES},
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "BLOCK_KV": 64, "BLOCK_Q": 16, "NUM_SPLITS": 8,
-            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": False}, 4
+            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": local}, 4  # PDL: one variant each way
         yield f"prefill_attention local={local} fp8={fp8}", prefill_attention._prefill_kernel, {
             **_ATTN_COMMON, "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},
@@ -59,7 +59,7 @@ def main(names: list[str]) -> int:
                              options={"num_warps": warps}).asm["ptx"]
         print(f"{name}: acq_rel_add={ptx.count('atom.global.gpu.acq_rel.add')} "
               f"release_sys_cas={ptx.count('atom.global.release.sys.cas')} "
-              f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} mma={ptx.count('mma.sync') + ptx.count('wgmma')}")
+              f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} griddepcontrol={ptx.count('griddepcontrol')} mma={ptx.count('mma.sync') + ptx.count('wgmma')}")
     return 0
 
 

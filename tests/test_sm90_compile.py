@@ -33,3 +33,6 @@ def test_attention_kernels_build_with_tensor_core_dots():
     got = _compile("decode_attention", "prefill_attention")
     assert len(got) == 4, got
     assert all("mma=0" not in v for v in got.values()), got
+    # programmatic dependent launch (pdl_enter) only where asked for
+    assert "griddepcontrol=2" in got["decode_attention local=True fp8=True"], got
+    assert "griddepcontrol=0" in got["decode_attention local=False fp8=False"], got

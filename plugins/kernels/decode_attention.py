@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .pdl import pdl_enter
 from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
@@ -32,9 +33,7 @@ def _partial_kernel(
     BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
     BF16_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -88,9 +87,7 @@ def _combine_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NUM_PARTS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_kvh = tl.num_programs(1)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH, SPLITK_SERIAL
+from .pdl import pdl_enter
 
 
 @triton.jit
@@ -23,9 +24,7 @@ def _fp8_gemm_kernel(
     ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -113,9 +112,7 @@ def _sum_splits(partial_ptr, offs_m, offs_n, m_mask, n_mask, N_OUT, SWIGLU: tl.c
 def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N_OUT, stride_om,
                             ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .pdl import pdl_enter
 
 
 @triton.jit
@@ -25,9 +26,7 @@ def _moe_gemv_kernel(
     SCALE_INPUT: tl.constexpr, SWIGLU: tl.constexpr, CHANNEL_SCALES: tl.constexpr, DYNAMIC_X: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pair = tl.program_id(1)
     token = pair // TOP_K

@@ -4,13 +4,12 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .pdl import pdl_enter
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .pdl import pdl_enter
 
 
 @triton.jit
@@ -26,9 +27,7 @@ def add_rms_norm_row(x_ptr, delta, w_ptr, h_ptr, y_ptr, row, N, eps, offs, mask)
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -52,9 +51,7 @@ def _qkv_post_kernel(
     stride_t, HQ, eps, floor_scale, attn_scale,
     HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < HQ
@@ -104,9 +101,7 @@ def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rop
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_kt, stride_vt, KVH,
                      HEAD_DIM: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HEAD_DIM)
@@ -131,9 +126,7 @@ def kv_write_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale):
 
 @triton.jit
 def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: the next kernel may launch now and waits for us in turn
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
