@@ -69,6 +69,11 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
     return points
 
 
+def _point(pt) -> dict:
+    """A sweep or end-to-end point with its two rates (what the Pareto plot reads)."""
+    return dict(asdict(pt), tokens_per_s_per_user=pt.tokens_per_s_per_user, tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu)
+
+
 def print_peer(say, peer: list[tuple[str, float]]) -> None:
     say("\npeer baseline, reduced Maverick (4 layers at full width, 16 experts), batch 1, same card, same process:")
     say("| engine | ms per token | tokens/s | transformers / this |\n|---|---|---|---|")
@@ -251,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps({
             "header": head, "bandwidth_Bps": bw, "allreduce_us": ar_us,
             "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": ttft,
-            "sweep": [dict(asdict(pt), tokens_per_s_per_user=pt.tokens_per_s_per_user,
-                           tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu) for pt in sweep],
-            "e2e": [dict(asdict(pt), tokens_per_s_per_user=pt.tokens_per_s_per_user,
-                         tokens_per_s_per_gpu=pt.tokens_per_s_per_gpu) for pt in e2e],
+            "sweep": [_point(pt) for pt in sweep], "e2e": [_point(pt) for pt in e2e],
             "peer": [{"engine": n, "ms_per_token": ms} for n, ms in peer]}, indent=1))
     if world > 1:
         faulthandler.cancel_dump_traceback_later()
