@@ -17,27 +17,47 @@ import maverick_plugins as ops
 GPU = torch.cuda.is_available()
 
 
+class _RankZeroOfTwo:
+    """Rank 0's view of a 2-rank workspace in host memory: both ranks' buffers and signal pads, and the
+    pointer tables the kernel takes. Rank 1 is played by writing into its buffer and our pad by hand;
+    the kernel runs once in the interpreter as rank 0."""
+
+    world = 2
+
+    def __init__(self, sites, rows, hidden, dtype=torch.float32):
+        from maverick_plugins.kernels.allreduce_norm import allreduce_add_rms_norm_triton
+
+        self.sites, self.rows, self.hidden, self._kernel = sites, rows, hidden, allreduce_add_rms_norm_triton
+        self.bufs = [torch.zeros(sites, rows, hidden, dtype=dtype) for _ in range(self.world)]
+        self.pads = [torch.zeros((rows + 2) * self.world, dtype=torch.int32) for _ in range(self.world)]
+        self.ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (self.bufs, self.pads)]
+
+    def slots(self, rank, sender):
+        """Rank `rank`'s signal slots written by `sender`, one per row."""
+        return self.pads[rank][sender:self.rows * self.world:self.world]
+
+    def run(self, x, delta, w, site, errors, **kw):
+        return self._kernel(x, delta, w, 1e-5, *self.ptrs, 0, self.world, site, site * self.rows * self.hidden,
+                            self.rows * self.world, errors, **kw)
+
+
 # fp32 only: the interpreter reads bf16 through a pointer made from an integer as garbage (bf16 runs on
 # the GPU tests below, with real peers)
 @pytest.mark.parametrize("rows,hidden,dtype", [(1, 40, torch.float32), (3, 96, torch.float32),
                                                (16, 5120, torch.float32)])
 def test_fused_allreduce_one_rank_view(rows, hidden, dtype):
-    from maverick_plugins.kernels.allreduce_norm import allreduce_add_rms_norm_triton
-
     if GPU:
         pytest.skip("the one-process view spins forever on a GPU without a real peer; GPU tests use real ranks")
-    world, sites, site = 2, 3, 2
+    site = 2
+    view = _RankZeroOfTwo(3, rows, hidden, dtype)
+    bufs, pads, world = view.bufs, view.pads, view.world
     g = torch.Generator().manual_seed(rows)
-    bufs = [torch.zeros(sites, rows, hidden, dtype=dtype) for _ in range(world)]
-    pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
     parts = [torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(world)]
     bufs[1][site].copy_(parts[1])  # rank 1 already wrote its partial ...
-    pads[0][1:rows * world:world] = 1  # ... and signalled rank 0 on every row
+    view.slots(0, 1).fill_(1)  # ... and signalled rank 0 on every row
     x, w = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(hidden, generator=g).to(dtype)
-    ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
     errors = torch.zeros(3, dtype=torch.int32)
-    h, y = allreduce_add_rms_norm_triton(x, parts[0], w, 1e-5, *ptrs, 0, world, site, site * rows * hidden,
-                                         rows * world, errors)
+    h, y = view.run(x, parts[0], w, site, errors)
     assert errors.tolist() == [0, 0, 0]
     hr, yr = ops.allreduce_add_rms_norm_ref(x, parts, w, 1e-5)
     assert (h - hr).abs().max().item() <= 1e-6  # fp32: summation order of two partials only
@@ -54,21 +74,17 @@ def test_fused_allreduce_times_out_instead_of_hanging(stuck):
     """A peer that never signals (or never consumed our last signal): the barrier gives up after
     max_spin retries, records who and where, and check() raises a clear error (no hang)."""
     from maverick_plugins.allreduce import raise_on_barrier_timeouts
-    from maverick_plugins.kernels.allreduce_norm import allreduce_add_rms_norm_triton
 
     if GPU:
         pytest.skip("one process plays rank 0 of 2 in the interpreter; GPU tests use real ranks")
-    world, rows, hidden, site = 2, 2, 32, 1
-    bufs = [torch.zeros(2, rows, hidden) for _ in range(world)]
-    pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
+    rows, hidden, site = 2, 32, 1
+    view = _RankZeroOfTwo(2, rows, hidden)
     if stuck == "peer never consumed":
-        pads[0][1:rows * world:world] = 1  # rank 1 did signal us ...
-        pads[1][0:rows * world:world] = 1  # ... but still holds our previous signal on every row
+        view.slots(0, 1).fill_(1)  # rank 1 did signal us ...
+        view.slots(1, 0).fill_(1)  # ... but still holds our previous signal on every row
     x, d, w = torch.randn(rows, hidden), torch.randn(rows, hidden), torch.ones(hidden)
-    ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
     errors = torch.zeros(3, dtype=torch.int32)
-    allreduce_add_rms_norm_triton(x, d, w, 1e-5, *ptrs, 0, world, site, site * rows * hidden, rows * world, errors,
-                                  max_spin=3)
+    view.run(x, d, w, site, errors, max_spin=3)
     count, last_site, peers = errors.tolist()
     assert count == rows and last_site == site
     assert peers == (1 << 1 if stuck == "peer silent" else 1 << (8 + 1))
@@ -80,17 +96,13 @@ def test_fused_allreduce_times_out_instead_of_hanging(stuck):
 def test_fused_allreduce_fails_fast_after_a_timeout():
     """Once a barrier has failed, later calls make one attempt instead of spinning (here max_spin is far
     beyond what the interpreter could run: the call only returns because it does not wait)."""
-    from maverick_plugins.kernels.allreduce_norm import allreduce_add_rms_norm_triton
-
     if GPU:
         pytest.skip("one process plays rank 0 of 2 in the interpreter; GPU tests use real ranks")
-    world, rows, hidden = 2, 1, 32
-    bufs = [torch.zeros(1, rows, hidden) for _ in range(world)]
-    pads = [torch.zeros((rows + 2) * world, dtype=torch.int32) for _ in range(world)]
-    ptrs = [torch.tensor([t.data_ptr() for t in ts]) for ts in (bufs, pads)]
+    rows, hidden = 1, 32
+    view = _RankZeroOfTwo(1, rows, hidden)
     errors = torch.tensor([1, 7, 2], dtype=torch.int32)  # an earlier call at site 7 timed out
     x, d, w = torch.randn(rows, hidden), torch.randn(rows, hidden), torch.ones(hidden)
-    allreduce_add_rms_norm_triton(x, d, w, 1e-5, *ptrs, 0, world, 0, 0, rows * world, errors, max_spin=1 << 30)
+    view.run(x, d, w, 0, errors, max_spin=1 << 30)
     assert errors.tolist() == [2, 0, 2]  # one more failure recorded, at site 0; peer 1 still silent
 
 
