@@ -101,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
     p.add_argument("--json", help="write results here")
     p.add_argument("--pdl", action="store_true", help="launch kernels with programmatic dependent launch")
+    p.add_argument("--pdl-prefetch", action="store_true",
+                   help="with --pdl: FP8 GEMMs bulk-prefetch their weights into L2 before they wait")
     p.add_argument("--splitk-serial", action="store_true",
                    help="split-K GEMMs reduce in their last split instead of an epilogue launch")
     a = p.parse_args(argv)
     import maverick_plugins.dispatch as dispatch
 
-    dispatch.set_pdl(a.pdl)  # before any kernel module is imported: they bind the flag at import
+    dispatch.set_pdl(a.pdl, prefetch=a.pdl_prefetch)  # before any kernel module is imported: they bind the flag at import
     dispatch.set_splitk_serial(a.splitk_serial)
     if not torch.cuda.is_available():
         print("error: maverick-bench needs a CUDA GPU", file=sys.stderr)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     mode = "one-rank" if world == 1 else "ranks"
     head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} pdl={a.pdl} "
-            f"splitk_serial={a.splitk_serial} "
+            f"pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
     say(head, flush=True)

@@ -22,6 +22,9 @@ _enabled = True
 # `maverick-bench --no-pdl` / set_pdl() compare the two.
 PDL = False
 PDL_LAUNCH: dict = {}
+# With PDL: the FP8 GEMMs bulk-prefetch their weight slices into L2 before they wait (weights depend
+# on no earlier kernel), so HBM streams the next GEMM's weights while the previous one finishes.
+PDL_PREFETCH = False
 
 # Split-K GEMMs: the last split of each column block reduces the partials (an arrival counter per block)
 # instead of a second "epilogue" launch. The epilogue launches cost 252 us of a 2.9 ms step (96 launches,
@@ -29,11 +32,12 @@ PDL_LAUNCH: dict = {}
 SPLITK_SERIAL = False
 
 
-def set_pdl(enabled: bool) -> None:
-    """Must run before the first kernel launch: kernel modules bind the flag when imported."""
-    global PDL, PDL_LAUNCH
+def set_pdl(enabled: bool, prefetch: bool = False) -> None:
+    """Must run before the first kernel launch: kernel modules bind the flags when imported."""
+    global PDL, PDL_LAUNCH, PDL_PREFETCH
     PDL = enabled and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
+    PDL_PREFETCH = PDL and prefetch
 
 
 def set_splitk_serial(enabled: bool) -> None:

@@ -3,9 +3,10 @@
 
 One dense TP8 layer's FP8 GEMMs (qkv 896x5120, o 5120x640, fc13+SwiGLU 4096x5120, fc2 5120x2048, one
 token), 48 times, each layer with its own weights (1.89 GB: nothing is left in L2), in one CUDA graph.
-Bytes / time against the HBM read bandwidth measured in the same run, for our kernels with and without
-programmatic dependent launch (each mode in its own process: kernels bind the PDL flag at import) and
-for cuBLAS (torch._scaled_mm). `--smoke`: tiny shapes, eager, on CPU (Triton interpreter) or GPU: checks the chain itself.
+Bytes / time against the HBM read bandwidth measured in the same run, for our kernels without and with
+programmatic dependent launch (waiting at entry; or first bulk-prefetching each program's weights into L2,
+then waiting), each mode in its own process (kernels bind the PDL flags at import), and for cuBLAS
+(torch._scaled_mm). `--smoke`: tiny shapes, eager, on CPU (Triton interpreter) or GPU: checks the chain itself.
 Run: `PYTHONPATH=. python3 scripts/bench_chain.py`.
 """
 import argparse
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 SHAPES = {"qkv": (896, 5120), "o": (5120, 640), "fc13": (4096, 5120), "fc2": (5120, 2048)}  # [out, in]
+MODES = ["ours", "ours+pdl", "ours+pdl+prefetch", "cublas"]
 SMOKE = {"qkv": (48, 32), "o": (32, 16), "fc13": (64, 32), "fc2": (32, 32)}
 
 
@@ -59,7 +61,7 @@ def run_mode(mode: str, smoke: bool) -> dict:
     import maverick  # noqa: F401  (binds maverick_plugins)
     import maverick_plugins.dispatch as dispatch  # noqa: E402
 
-    dispatch.set_pdl(mode == "ours+pdl")
+    dispatch.set_pdl(mode.startswith("ours+pdl"), prefetch=mode == "ours+pdl+prefetch")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # smoke on CPU runs kernels in the interpreter
     shapes = SMOKE if smoke else SHAPES
     n_layers = 2 if smoke else 48
@@ -87,14 +89,14 @@ def run_mode(mode: str, smoke: bool) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=["ours", "ours+pdl", "cublas"], help="(internal) run one mode and print JSON")
+    p.add_argument("--mode", choices=MODES, help="(internal) run one mode and print JSON")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, eager, CPU: checks the chain runs")
     a = p.parse_args()
     if a.mode:
         print(json.dumps(run_mode(a.mode, a.smoke)))
         return 0
     rows = []
-    for mode in ("ours", "ours+pdl", "cublas"):
+    for mode in MODES:
         cmd = [sys.executable, __file__, "--mode", mode] + (["--smoke"] if a.smoke else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:

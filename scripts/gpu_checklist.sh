@@ -3,15 +3,15 @@
 # smoke check, kernel and chain benchmarks, the one-rank step with and without serial split-K, the
 # end-to-end engine run. Each part has its own time limit; full logs go to $OUT (default ./gpu-logs),
 # a summary is printed last. Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
-# Parts: tests tp chain step e2e (default: all that the GPU count allows). One device call runs at most
-# 10 minutes: call it with "tests tp" (<= 390 s), "chain step" (<= 480 s), then "e2e" (<= 400 s).
+# Parts: tests tune kernels tp chain step e2e (default: all). One device call runs at most 10 minutes:
+# e.g. "tests tune" (<= 540 s), "kernels chain step" (<= 590 s), then on 2-4 GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-PARTS=${*:-tests tp chain step e2e}
+PARTS=${*:-tests tune kernels tp chain step e2e}
 summary=()
 
 run() {  # name, seconds, command...
@@ -25,13 +25,16 @@ run() {  # name, seconds, command...
 
 for part in $PARTS; do
   case $part in
-    tests) run gpu_tests 240 python3 -m pytest -q -m gpu -o addopts="" tests/test_gpu.py tests/test_allreduce.py -p no:cacheprovider ;;
+    tests) run gpu_tests 240 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py tests/test_allreduce.py -p no:cacheprovider ;;
+    tune) run tune 300 python3 scripts/tune_kernels.py ;;
+    kernels) run kernels 150 python3 scripts/bench_kernels.py ;;
     tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" scripts/check_tp_gpus.py; fi ;;
-    chain) run chain 180 python3 scripts/bench_chain.py ;;
-    step) run step 150 python3 scripts/bench.py --batches 1,8 --contexts 1024 --json "$OUT/step.json"
-          run step_serial 150 python3 scripts/bench.py --batches 1,8 --contexts 1024 --splitk-serial --json "$OUT/step_serial.json" ;;
-    e2e) run e2e 400 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json" ;;
-    *) echo "unknown part $part (expected: tests tp chain step e2e)" >&2; exit 2 ;;
+    chain) run chain 160 python3 scripts/bench_chain.py ;;
+    step) run step 100 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --json "$OUT/step.json"
+          run step_serial 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --splitk-serial --json "$OUT/step_serial.json"
+          run step_prefetch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --splitk-serial --pdl --pdl-prefetch --json "$OUT/step_prefetch.json" ;;
+    e2e) run e2e 300 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json" ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step e2e)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"

@@ -15,24 +15,26 @@ from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m  # noqa: E402
 from maverick_plugins.kernels.moe_gemv import moe_experts_gemv  # noqa: E402
 
 
-def tune_gemm(n, k, m=1):
+def tune_gemm(n, k, m=1, swiglu=False):
     ws = [fp8_weight(n, k) for _ in range(copies(n * k))]
     sc, xs = torch.tensor(1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     best = []
-    for bn in (16, 32, 64):
-        for bk in (256, 512):
-            for sk in (1, 2, 4, 8):
-                for nw, ns in ((4, 3), (4, 4), (8, 3)):
-                    cfg = (bn, bk, sk, nw, ns)
-                    try:
-                        t = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, sc, xs, torch.bfloat16, config=cfg)
-                                      for w in ws], iters=15)
-                    except Exception:
-                        continue
-                    best.append((t, *cfg))
+    grid = [(bn, 256, sk, 4, 3, False) for bn in (32, 64) for sk in (1, 2, 4, 8)]  # x W^T: mma.sync
+    grid += [(bn, bk, sk, nw, ns, True) for bn in (64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
+             for nw, ns in ((4, 3), (4, 4), (8, 3)) if nw == 4 or bn == 128]  # W x^T: wgmma
+    failed = 0
+    for cfg in grid:
+        try:
+            t = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, sc, xs, torch.bfloat16, swiglu=swiglu, config=cfg)
+                          for w in ws], iters=15)
+        except Exception:  # e.g. more shared memory than the card has: not a candidate
+            failed += 1
+            continue
+        best.append((t, *cfg))
     best.sort()
-    return best[:3]
+    plain = [b for b in best if not b[-1]][:1]  # the best without swap-AB, for the comparison
+    return best[:3] + plain, failed
 
 
 def tune_moe(h, i, e=128, m=1):
@@ -56,15 +58,18 @@ def tune_moe(h, i, e=128, m=1):
 def tune_attention(ctx, batch):
     from bench_kernels import bench_attention
 
-    return [(round(bench_attention(ctx, batch, splits=sp)[3], 1), sp) for sp in (4, 8, 16, 32, 64, 128)]
+    return [(round(bench_attention(ctx, batch, splits=sp)[3], 1), sp) for sp in (8, 16, 32, 64, 128, 256)]
 
 
 if __name__ == "__main__":
-    for ctx in (1024, 8192):
+    for ctx in (1024, 8192, 131072):
         for b in (1, 8):
             print("attention", ctx, b, tune_attention(ctx, b), flush=True)
     H, I, M_ = 5120, 8192, 16384
-    for name, n, k in [("qkv", 896, H), ("o_proj", H, 640), ("dense fc13", 4096, H), ("dense fc2", H, 2048),
-                       ("shared fc13", 2048, H), ("shared fc2", H, 1024), ("lm_head", 25264, H)]:
-        print(name, n, k, [(round(t, 1), *c) for t, *c in tune_gemm(n, k)], flush=True)
+    for name, n, k, swiglu in [("qkv", 896, H, False), ("o_proj", H, 640, False), ("dense fc13", 4096, H, True),
+                               ("dense fc2", H, 2048, False), ("shared fc13", 2048, H, True),
+                               ("shared fc2", H, 1024, False), ("lm_head", 25264, H, False)]:
+        best, failed = tune_gemm(n, k, swiglu=swiglu)
+        print(name, n, k, f"swiglu={swiglu}", [(round(t, 1), *c) for t, *c in best], f"({failed} configs failed)",
+              flush=True)
     print("moe", [(round(t, 1), *c) for t, *c in tune_moe(H, I // 8)], flush=True)

@@ -236,3 +236,74 @@ def test_serial_split_k_on_gpu(n, k, swiglu):
         g.replay()
         assert torch.equal(out, run(False)), seed
     assert int(fp8_gemm._counters(x.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_attention_at_model_shapes_in_a_graph(fp8):
+    """TP8 shapes (1 kv head, 5 query heads, head_dim 128, 64-token blocks), a table for 16K tokens, one
+    graph replayed with contexts from 0 to 16K: the split length follows each context on the device and
+    the last program's merge matches the reference every time (global and chunked local layers)."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.decode_attention import decode_attention
+
+    torch.manual_seed(5)
+    B, kvh, group, D, bs, nb = 2, 1, 5, 128, 64, 256
+    dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    kc = torch.randn(B * nb + 1, bs, kvh, D, device="cuda").to(dt)
+    vc = torch.randn(B * nb + 1, bs, kvh, D, device="cuda").to(dt)
+    table = torch.randperm(B * nb, device="cuda", dtype=torch.int32).view(B, nb)
+    q = torch.randn(B, kvh * group, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, kvh, D, device="cuda", dtype=torch.bfloat16) / 4
+    v = torch.randn(B, kvh, D, device="cuda", dtype=torch.bfloat16) / 4
+    ctx = torch.zeros(B, dtype=torch.int32, device="cuda")
+    qi = torch.arange(B, device="cuda").view(B, 1)
+    qp = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    s = torch.tensor(0.5, device="cuda") if fp8 else None
+    for chunk in (None, 8192):
+        tbl = table if chunk is None else table[:, : chunk // bs].contiguous()
+
+        def run():
+            return decode_attention(q, k, v, kc, vc, tbl, ctx, qi, qp, D ** -0.5, chunk, s, s)
+
+        run()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = run()
+        for c0, c1 in ((0, 1), (63, 64), (1000, 9000), (8192, 16383), (16000, 130)):
+            ctx.copy_(torch.tensor([c0, c1]))
+            qp.copy_(ctx.view(B, 1).long())
+            g.replay()
+            ref = ops.paged_attention_ref(q, k, v, kc, vc, tbl, ctx, qi, qp, torch.arange(B, device="cuda"),
+                                          D ** -0.5, chunk, s, s).float()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (chunk, c0, c1, err)  # probabilities rounded to bf16 for the PV product
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("n,k,swiglu,split", [(896, 5120, False, 8), (4096, 5120, True, 4), (5120, 2048, False, 1)])
+def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, split, prefetch, monkeypatch):
+    """Maverick shapes: y^T = W x^T on wgmma gives the same result as x W^T on mma.sync (fp32 sums of
+    the same products, order aside); with PDL and the L2 weight prefetch too, eager and in a graph."""
+    from maverick_plugins.kernels import fp8_gemm
+
+    if prefetch:  # the kernels bind these at import; the wrapper reads the module's copies
+        monkeypatch.setattr(fp8_gemm, "PDL", True)
+        monkeypatch.setattr(fp8_gemm, "PDL_PREFETCH", True)
+        monkeypatch.setattr(fp8_gemm, "PDL_LAUNCH", {"launch_pdl": True})
+    torch.manual_seed(4)
+    w = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ws, xs = torch.tensor(1 / (32 * 72.0), device="cuda"), torch.tensor(8 / 448, device="cuda")
+    x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    base = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu, config=(64, 256, split, 4, 3, False))
+    swapped = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu,
+                                        config=(64, 256, split, 4, 3, True))
+    assert ((swapped - base).norm() / base.norm()).item() < 1e-5
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu,
+                                        config=(64, 256, split, 4, 3, True))
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    base = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu, config=(64, 256, split, 4, 3, False))
+    assert ((out - base).norm() / base.norm()).item() < 1e-5

@@ -45,9 +45,11 @@ def _fp8_weight(n, k, rows=False):
     return ((w / (s[:, None] if rows else s)).to(torch.float8_e4m3fn)), s.float()
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("m,rows,swiglu,split_k", [(1, False, False, 1), (3, True, False, 1), (5, True, True, 1),
                                                    (16, False, True, 1), (2, True, False, 3), (4, True, True, 2)])
-def test_fp8_gemm_small_m(m, rows, swiglu, split_k):
+def test_fp8_gemm_small_m(m, rows, swiglu, split_k, swap):
+    """swap: y^T = W x^T (the weight tile on the MMA's M side), the same numbers."""
     from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m
 
     torch.manual_seed(m)
@@ -55,7 +57,7 @@ def test_fp8_gemm_small_m(m, rows, swiglu, split_k):
     w8, ws = _fp8_weight(N, K, rows)
     x = act(m, K)
     xs = torch.tensor(ACT_SCALE, device=DEV)
-    out = fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=(16, 32, split_k, 4, 2))
+    out = fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=(16, 32, split_k, 4, 2, swap))
     ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
     if swiglu:
         ref = ops.swiglu(ref)
@@ -113,11 +115,12 @@ def test_moe_gemv(top_k, channel):
     assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
 
 
-def _attention_case(B, Q, ctx, chunk, fp8, seed=0):
+def _attention_case(B, Q, ctx, chunk, fp8, seed=0, table_tokens=0):
+    """table_tokens: make the block table this long (a max_seq_len beyond the contexts)."""
     torch.manual_seed(seed)
     kvh, group, D, bs = 2, 3, 16, 16
     H = kvh * group
-    nb = (max(ctx) + Q + bs - 1) // bs
+    nb = (max(max(ctx) + Q, table_tokens) + bs - 1) // bs
     if chunk is not None:  # local layers keep a ring of one chunk
         nb = min(nb, chunk // bs)
     blocks = B * nb
@@ -148,6 +151,24 @@ def test_decode_attention(Q, chunk, fp8):
     (q, k, v, kc, vc, table, ctx, qi, qp, t2p, sc, ch, ks, vs) = args
     out = decode_attention(q, k, v, kc, vc, table, ctx, qi, qp, sc, ch, ks, vs, num_splits=2)
     assert rel(out, ref) < (TOL["fp8"] if fp8 else TOL["fp32"])
+
+
+@pytest.mark.parametrize("ctx,chunk,splits", [([3, 70], None, None), ([70, 0], None, 9), ([64, 95], 32, 3),
+                                               ([32, 33], 32, 16)])
+def test_decode_attention_splits_follow_the_context(ctx, chunk, splits):
+    """A table far longer than the contexts (max_seq_len 256): the split length adapts to each sequence's
+    context on the device; more splits than blocks leave some idle; a local layer at a chunk boundary
+    (ctx % C == 0) sees none of the ring. The last program to arrive merges and resets its counter."""
+    from maverick_plugins.kernels.decode_attention import decode_attention
+    from maverick_plugins.kernels.counters import arrival_counters
+
+    args = _attention_case(2, 2, ctx, chunk, False, table_tokens=256)
+    ref = ops.paged_attention_ref(*args)
+    (q, k, v, kc, vc, table, ctx_t, qi, qp, t2p, sc, ch, ks, vs) = args
+    for _ in range(2):  # a second call finds the counters back at zero
+        out = decode_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, sc, ch, ks, vs, num_splits=splits)
+        assert rel(out, ref) < TOL["fp32"]
+    assert int(arrival_counters(q.device, "decode_attention", 1).abs().sum()) == 0
 
 
 def test_decode_attention_padded_sequence_rows_are_not_written():

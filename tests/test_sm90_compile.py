@@ -24,15 +24,22 @@ def test_fused_allreduce_builds_with_system_scope_signals():
     assert "release_sys_cas=0" not in info and "acquire_sys_cas=0" not in info, info
 
 
-def test_serial_split_k_gemm_builds_with_its_arrival_counter():
-    info = _compile("fp8_gemm")["fp8_gemm serial split-K"]
-    assert "acq_rel_add=0" not in info and "mma=0" not in info, info
+def test_serial_split_k_gemm_builds_with_its_arrival_counter_and_no_spills():
+    got = _compile("fp8_gemm")
+    assert len(got) == 2, got
+    for info in got.values():
+        assert "acq_rel_add=0" not in info and "mma=0" not in info and "stack=0" in info, info
+    # the swap-AB variant is built with PDL and the L2 weight prefetch before the wait: both must be there
+    assert "prefetch=0" not in got["fp8_gemm serial split-K swap=True"], got
+    assert "griddepcontrol=0" not in got["fp8_gemm serial split-K swap=True"], got
+    assert "prefetch=0" in got["fp8_gemm serial split-K swap=False"], got
 
 
-def test_attention_kernels_build_with_tensor_core_dots():
+def test_attention_kernels_build_with_tensor_core_dots_and_the_merge_counter():
     got = _compile("decode_attention", "prefill_attention")
     assert len(got) == 4, got
     assert all("mma=0" not in v for v in got.values()), got
+    assert all("acq_rel_add=0" not in v and "stack=0" in v for k, v in got.items() if k.startswith("decode")), got
     # programmatic dependent launch (pdl_enter) only where asked for
     assert "griddepcontrol=2" in got["decode_attention local=True fp8=True"], got
     assert "griddepcontrol=0" in got["decode_attention local=False fp8=False"], got

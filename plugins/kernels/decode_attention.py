@@ -1,43 +1,53 @@
-"""Split-KV paged attention for a few new tokens per sequence (decode, speculative verify).
+"""Split-KV paged attention for a few new tokens per sequence (decode, speculative verify): one launch.
 
 Same semantics as the reference `paged_attention`: this step's queries attend to the cached context
 (read before this step's write; ring positions on chunked local layers) plus this step's own keys.
-Pass 1, grid (sequence, kv head, split): each split streams its share of the context's blocks (or,
-for the last split, the step's new keys) with an online softmax, for all query heads of the kv head
-at once (GQA: 5 heads at TP8, padded to 16 rows for tl.dot), and writes (max, sum, acc). Splitting
-the context is what fills the card: at 8K context one rank's layer is 2 MB, 8 kv-head programs
-would use 8 of 132 SMs. Pass 2 merges the partials.
+Grid (sequence, kv head, split): each split streams its share of the context's blocks with an online
+softmax for all query heads of the kv head at once (GQA: 5 heads at TP8, padded to 16 rows for tl.dot);
+one extra program per (sequence, kv head) takes the step's own keys. Splitting is what fills the card:
+at 8K context one rank's layer is 2 MB, 8 kv-head programs would use 8 of 132 SMs.
+
+The split length follows each sequence's context on the device (no host sync, graph-capturable): a
+graph captured for max_seq_len 128K still splits a 1K context into 1-block pieces instead of leaving
+it to one program. Each program writes its (max, sum, acc) for the real rows only, then counts itself
+in; the last of the (sequence, kv head) merges every partial and writes the output. A second merge
+launch cost about as much as the attention itself (272 us of 549 us per step at batch 1, 1K context,
+profile of 2998a6a).
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from .pdl import pdl_enter
 from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
+from .counters import arrival_counters
+from .pdl import pdl_enter
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
-SPLIT_MIN_BLOCKS = 1  # H200, TP8 shapes: 16 splits best at 1K context (16 us vs 21 us with 8)
+# Programs per (sequence, kv head) at most: more splits fill more SMs at long context but make the merge
+# (one program reading every partial) longer. To be set from `scripts/bench_kernels.py --attention-splits`.
+MAX_SPLITS = 64
+MERGE_TILE = 8192  # fp32 elements of partial output one merge step loads (64 registers a thread at 4 warps)
 
 
 @triton.jit
-def _partial_kernel(
+def _decode_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_ptr, qidx_ptr, qpos_ptr, k_scale_ptr, v_scale_ptr,
-    m_out, l_out, acc_out,
+    m_buf, l_buf, acc_buf, counter_ptr, out_ptr,
     # sizes and strides
-    Q, NBT, SPLIT_LEN, CHUNK, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+    Q, NBT, CHUNK, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, stride_ot, stride_oh,
     # meta
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr,
-    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
-    BF16_DOT: tl.constexpr, PDL: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_KV: tl.constexpr,
+    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
+    FP8: tl.constexpr, BF16_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    n_kvh = tl.num_programs(1)
+    bh = b * tl.num_programs(1) + h
     rows = tl.arange(0, BLOCK_R)
     j = rows // GROUP
     g = rows % GROUP
@@ -48,21 +58,28 @@ def _partial_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     ctx = tl.load(ctx_ptr + b)
+    if LOCAL:  # this step's queries sit at positions >= ctx: of the ring only the current chunk's
+        span = ctx % CHUNK  # slots 0 .. ctx % C - 1 can be visible (the rest hold the previous chunk)
+    else:
+        span = ctx
+    span = tl.minimum(span, NBT * BLOCK_KV)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_KV), 1) * BLOCK_KV
+    n_active = tl.cdiv(span, split_len)  # splits holding context; the new keys' partial goes after them
     k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
     v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
     m_i = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
-    if s < NUM_SPLITS:  # a slice of the cached context
-        start = s * SPLIT_LEN
-        # a local layer's table is a ring of NBT blocks: context beyond it lives in those same slots
-        end = tl.minimum(tl.minimum(start + SPLIT_LEN, ctx), NBT * BLOCK_KV)
-        for t0 in range(start, end, BLOCK_KV):
+    if s < NUM_SPLITS:  # a slice of the cached context (empty past n_active)
+        part = s
+        start = s * split_len
+        for t0 in range(start, tl.minimum(start + split_len, span), BLOCK_KV):
             k, v, kpos, valid = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, t0, h, ctx, stride_cs, stride_ch, offs_d,
                                            k_scale, v_scale, CHUNK, BLOCK_KV, LOCAL, FP8)
             vis = valid[None, :] & visible(kpos, qpos, CHUNK, LOCAL)
             m_i, l_i, acc = online_softmax_tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
     else:  # this step's own keys
+        part = n_active
         k, v, kpos = new_tile(k_ptr, v_ptr, qidx_ptr, qpos_ptr, b, Q, tl.arange(0, BLOCK_Q), h, stride_kt, stride_kh,
                               stride_vt, stride_vh, offs_d, k_scale, v_scale, FP8)
         vis = visible(kpos, qpos, CHUNK, LOCAL)
@@ -72,56 +89,67 @@ def _partial_kernel(
         p = tl.exp(sc - m_i[:, None])
         l_i = tl.sum(p, axis=1)
         acc = tl.dot(p, v, input_precision="ieee")
-    # splits past this sequence's context did no work: they store nothing and the merge skips them
-    if (s == NUM_SPLITS) | (s * SPLIT_LEN < tl.minimum(ctx, NBT * BLOCK_KV)):
-        base = ((b * n_kvh + h) * (NUM_SPLITS + 1) + s).to(tl.int64) * BLOCK_R
-        tl.store(m_out + base + rows, m_i)
-        tl.store(l_out + base + rows, l_i)
-        tl.store(acc_out + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    if part <= n_active:  # idle splits store nothing; the merge reads parts 0 .. n_active
+        base = (bh * (NUM_SPLITS + 1) + part).to(tl.int64) * ROWS
+        keep = rows < Q * GROUP  # padding rows of the tl.dot tile are not stored
+        tl.store(m_buf + base + rows, m_i, mask=keep)
+        tl.store(l_buf + base + rows, l_i, mask=keep)
+        tl.store(acc_buf + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
+    tl.debug_barrier()  # every thread's stores precede the release below
+    done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    if done == NUM_SPLITS:  # the last of the NUM_SPLITS + 1 programs merges
+        _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_active + 1, stride_ot, stride_oh,
+               GROUP, HEAD_DIM, ROWS, NUM_SPLITS, MERGE_PARTS)
+        tl.atomic_xchg(counter_ptr + bh, 0)  # ready for the next call (and graph replay)
 
 
 @triton.jit
-def _combine_kernel(
-    m_in, l_in, acc_in, qidx_ptr, qpos_ptr, ctx_ptr, out_ptr,
-    Q, NBT, SPLIT_LEN, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NUM_PARTS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_enter(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    n_kvh = tl.num_programs(1)
-    rows = tl.arange(0, BLOCK_R)
-    j = rows // GROUP
-    g = rows % GROUP
-    row_ok = j < Q
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # slices of head_dim merge in parallel
-    base = ((b * n_kvh + h) * NUM_PARTS).to(tl.int64) * BLOCK_R
-    # only the splits that held context (cost follows the context, not max_seq_len), then the new keys
-    ctx = tl.minimum(tl.load(ctx_ptr + b), NBT * BLOCK_KV)
-    n_active = (ctx + SPLIT_LEN - 1) // SPLIT_LEN
-    last = base + (NUM_PARTS - 1) * BLOCK_R
-    m_max = tl.load(m_in + last + rows)
-    for s in range(0, n_active):
-        m_max = tl.maximum(m_max, tl.load(m_in + base + s * BLOCK_R + rows))
-    w = tl.exp(tl.load(m_in + last + rows) - m_max)
-    l_sum = tl.load(l_in + last + rows) * w
-    acc = tl.load(acc_in + (last + rows)[:, None] * HEAD_DIM + offs_d[None, :]) * w[:, None]
-    for s in range(0, n_active):
-        w = tl.exp(tl.load(m_in + base + s * BLOCK_R + rows) - m_max)
-        l_sum += tl.load(l_in + base + s * BLOCK_R + rows) * w
-        acc += tl.load(acc_in + (base + s * BLOCK_R + rows)[:, None] * HEAD_DIM + offs_d[None, :]) * w[:, None]
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    row_ok = row_ok & (tl.load(qpos_ptr + b * Q + j, mask=row_ok, other=-1) >= 0)  # skip padding rows
-    tok = tl.load(qidx_ptr + b * Q + j, mask=row_ok, other=0).to(tl.int64)
-    tl.store(out_ptr + tok[:, None] * stride_ot + (h * GROUP + g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_parts, stride_ot, stride_oh,
+           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+           MERGE_PARTS: tl.constexpr):
+    """Softmax-merge parts 0 .. n_parts - 1 of (sequence b, kv head h), MERGE_PARTS at a time as one
+    [parts, rows, head_dim] tile (independent loads in flight together), and store the output rows."""
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, HEAD_DIM)
+    pp = tl.arange(0, MERGE_PARTS)
+    r_ok = r < Q * GROUP
+    m_run = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
+    l_run = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+    for p0 in range(0, n_parts, MERGE_PARTS):
+        p = p0 + pp
+        ok = (p < n_parts)[:, None] & r_ok[None, :]  # [parts, rows]
+        idx = (bh * (NUM_SPLITS + 1) + p).to(tl.int64)[:, None] * ROWS + r[None, :]
+        # partials come from other programs of this launch: read them past L1
+        m = tl.load(m_buf + idx, mask=ok, other=-1.0e30, cache_modifier=".cg")
+        lp = tl.load(l_buf + idx, mask=ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(acc_buf + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        w = tl.exp(m - m_new[None, :])
+        alpha = tl.exp(m_run - m_new)
+        l_run = l_run * alpha + tl.sum(lp * w, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=0)
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    j = r // GROUP
+    g = r % GROUP
+    ok = r_ok & (tl.load(qpos_ptr + b * Q + j, mask=r_ok, other=-1) >= 0)  # padding rows keep their memory
+    tok = tl.load(qidx_ptr + b * Q + j, mask=ok, other=0).to(tl.int64)
+    tl.store(out_ptr + tok[:, None] * stride_ot + (h * GROUP + g)[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def default_splits(batch: int, kv_heads: int, table_blocks: int) -> int:
+    """Programs per (sequence, kv head): enough to cover the SMs, no more than blocks or MAX_SPLITS."""
+    return max(1, min(table_blocks, MAX_SPLITS, triton.cdiv(NUM_SMS, batch * kv_heads)))
 
 
 def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale: float,
                      chunk_size: int | None, k_scale=None, v_scale=None, num_splits: int | None = None):
     """Arguments as maverick_plugins.paged_attention (token_to_padded is implied by q_index).
-    Every token of the step must appear in q_index (padding rows have q_positions -1)."""
+    Every token of the step must appear in q_index (padding rows have q_positions -1); real rows'
+    positions are at least their sequence's ctx_lens (new tokens follow the cached context)."""
     T, H, D = q.shape
     B, Q = q_index.shape
     kvh = k.shape[1]
@@ -131,30 +159,27 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     assert bs >= 16 and bs & (bs - 1) == 0, f"block size {bs}: expected a power of two >= 16"
     assert D & (D - 1) == 0, f"head_dim {D}: expected a power of two"
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1, "q, k, v need a contiguous head_dim"
-    if num_splits is None:  # enough programs to cover the SMs, at least SPLIT_MIN_BLOCKS blocks each
-        num_splits = max(1, min(triton.cdiv(nbt, SPLIT_MIN_BLOCKS), triton.cdiv(NUM_SMS, B * kvh)))
-    split_len = triton.cdiv(nbt, num_splits) * bs
+    num_splits = num_splits or default_splits(B, kvh, nbt)
     block_r = max(16, triton.next_power_of_2(Q * group))
+    rows = triton.next_power_of_2(Q * group)
     block_q = max(16, triton.next_power_of_2(Q))
     parts = num_splits + 1
-    m = torch.empty((B, kvh, parts, block_r), dtype=torch.float32, device=q.device)
+    m = torch.empty((B, kvh, parts, rows), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    acc = torch.empty((B, kvh, parts, block_r, D), dtype=torch.float32, device=q.device)
+    acc = torch.empty((B, kvh, parts, rows, D), dtype=torch.float32, device=q.device)
+    counters = arrival_counters(q.device, "decode_attention", B * kvh)
     kc = k_cache.view(-1, kvh, D)
     vc = v_cache.view(-1, kvh, D)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     dummy = ctx_lens
-    _partial_kernel[(B, kvh, parts)](
-        q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
-        k_scale if fp8 else dummy, v_scale if fp8 else dummy, m, l, acc,
-        Q, nbt, split_len, chunk_size or 1, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
-        GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
-        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     out = torch.empty_like(q)  # rows of tokens outside q_index (graph padding) stay unwritten: never read
-    block_d = min(D, 32)
-    _combine_kernel[(B, kvh, D // block_d)](m, l, acc, q_index, q_positions, ctx_lens, out, Q, nbt, split_len,
-                                            out.stride(0), out.stride(1), GROUP=group, HEAD_DIM=D, BLOCK_R=block_r,
-                                            NUM_PARTS=parts, BLOCK_D=block_d, BLOCK_KV=bs,
-                                            PDL=PDL, **PDL_LAUNCH, num_warps=4)
+    _decode_kernel[(B, kvh, parts)](
+        q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
+        k_scale if fp8 else dummy, v_scale if fp8 else dummy, m, l, acc, counters, out,
+        Q, nbt, chunk_size or 1, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
+        MERGE_PARTS=max(1, MERGE_TILE // (rows * D)), LOCAL=chunk_size is not None, FP8=fp8,
+        BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return out

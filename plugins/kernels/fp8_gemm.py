@@ -5,13 +5,20 @@ program owns BLOCK_N output rows and streams them along K; the M <= 16 token row
 fp8 tl.dot. The activation is quantized in the kernel (x / input_scale, saturated), so no separate
 quantize launch. With SWIGLU the program also streams the matching `up` rows (N/2 further down) and
 writes silu(gate) * up: the FC13 + SwiGLU fusion.
+
+SWAP_AB computes y^T = W x^T instead: the weight tile is the MMA's M side (64 rows fill a Hopper
+wgmma) and the tokens its N side, where y = x W^T on M <= 16 can only use mma.sync. Offline sm_90
+builds: 72-118 registers a thread instead of 142-252. Which wins is measured per shape (CONFIGS).
+With PDL_PREFETCH each program first asks L2 for its whole weight slice (bulk prefetch), then waits
+for the previous kernel, so a chain of GEMMs keeps HBM busy across kernel boundaries.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import PDL, PDL_LAUNCH, SPLITK_SERIAL
-from .pdl import pdl_enter
+from ..dispatch import PDL, PDL_LAUNCH, PDL_PREFETCH, SPLITK_SERIAL
+from .counters import arrival_counters
+from .pdl import pdl_enter, prefetch_l2
 
 
 @triton.jit
@@ -22,9 +29,9 @@ def _fp8_gemm_kernel(
     M, N_OUT, K, K_PER_SPLIT, stride_xm, stride_wn, stride_om,
     # meta
     ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    PDL: tl.constexpr, PDL_PREFETCH: tl.constexpr,
 ):
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -32,23 +39,43 @@ def _fp8_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N_OUT
-    x_scale = tl.load(x_scale_ptr)
     rows = offs_n.to(tl.int64) * stride_wn  # int64: lm_head rows * K passes 2^31
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # used with SWIGLU only
     up_rows = (offs_n + N_OUT).to(tl.int64) * stride_wn
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PDL_PREFETCH:  # this program's weight rows, k_start .. k_end, into L2 before waiting
+        nbytes = tl.full((BLOCK_N,), 0, tl.int32) + (k_end - k_start)
+        prefetch_l2(tl.where(n_mask, w_ptr + rows + k_start, w_ptr), nbytes)
+        if SWIGLU:
+            prefetch_l2(tl.where(n_mask, w_ptr + up_rows + k_start, w_ptr), nbytes)
+    pdl_enter(PDL)
+    x_scale = tl.load(x_scale_ptr)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # used with SWIGLU only
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)
         x8 = tl.clamp(x / x_scale, -448.0, 448.0).to(tl.float8e4nv)
-        acc += tl.dot(x8, tl.trans(w))
+        if SWAP_AB:
+            acc += tl.dot(w, tl.trans(x8))
+        else:
+            acc += tl.dot(x8, tl.trans(w))
         if SWIGLU:
             wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_up += tl.dot(x8, tl.trans(wu))
+            if SWAP_AB:
+                acc_up += tl.dot(wu, tl.trans(x8))
+            else:
+                acc_up += tl.dot(x8, tl.trans(wu))
+    if SWAP_AB:  # back to [tokens, rows] for the shared epilogue
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
     if SPLIT_K > 1:  # raw partial sums [SPLIT_K, 2, BLOCK_M, N_OUT]; _splitk_epilogue_kernel finishes
         base = partial_ptr + (pid_k * 2 * BLOCK_M + offs_m[:, None]) * N_OUT + offs_n[None, :]
         tl.store(base, acc, mask=n_mask[None, :])
@@ -125,9 +152,9 @@ def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N
 
 
 # Measured on H200, M=1, per-rank TP8 Maverick shapes, weights out of L2 (scripts/tune_kernels.py):
-# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Split-K pays where N / BLOCK_N leaves
+# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, SWAP_AB]). Split-K pays where N / BLOCK_N leaves
 # SMs idle: QKV (896 rows, 14 programs) 13.2 us unsplit -> 7.2 us with 8 splits (cuBLAS 6.4 us).
-CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+CONFIGS: dict[tuple[int, int], tuple] = {
     (896, 5120): (64, 256, 8, 4, 3),  # qkv: 7.2 us
     (5120, 640): (64, 256, 1, 4, 3),  # o_proj: 4.9 us
     (4096, 5120): (64, 256, 4, 4, 3),  # dense fc13: 10.8 us
@@ -143,15 +170,8 @@ def default_config(n: int, k: int) -> tuple[int, int, int, int, int]:
     return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 3)
 
 
-_COUNTERS: dict = {}  # per device: one arrival counter per column block, back at 0 after every call
-
-
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Made on first use (an eager warm-up, before any graph capture) and kept: captured graphs hold it."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return c
+    return arrival_counters(device, "fp8_gemm", n)
 
 
 def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
@@ -168,7 +188,7 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         f"weight must be e4m3 [N, {K}] row-major, got {weight.dtype} {list(weight.shape)}"
     assert x.stride(1) == 1
     n_out = N // 2 if swiglu else N
-    block_n, block_k, split_k, num_warps, num_stages = config or CONFIGS.get((N, K)) or default_config(N, K)
+    block_n, block_k, split_k, num_warps, num_stages, *swap = config or CONFIGS.get((N, K)) or default_config(N, K)
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     row_scales = weight_scale.numel() > 1
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
@@ -179,7 +199,7 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, counters, M, n_out, K, k_per_split,
                            x.stride(0), weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
                            SPLIT_K=split_k, SERIAL=serial, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                           PDL=PDL, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
+                           SWAP_AB=bool(swap and swap[0]), PDL=PDL, PDL_PREFETCH=PDL_PREFETCH, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
     if split_k > 1 and not serial:
         _splitk_epilogue_kernel[(triton.cdiv(n_out, 128),)](partial, weight_scale, input_scale, out, M, n_out,
                                                               out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
