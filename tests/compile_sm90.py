@@ -22,7 +22,7 @@ import maverick  # noqa: E402,F401  (binds maverick_plugins)
 
 _I32 = "i32"
 _ATTN_COMMON = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
-                "table_ptr": "*i32", "ctx_ptr": "*i32", "qidx_ptr": "*i64", "qpos_ptr": "*i64",
+                "table_ptr": "*i32", "ctx_ptr": "*i64", "qidx_ptr": "*i64", "qpos_ptr": "*i64",
                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
 _DIV16_INTS = {"N_OUT", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_om", "stride_qt", "stride_qh",
                "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cs", "stride_ch", "stride_ot", "stride_oh"}

@@ -283,8 +283,9 @@ def test_decode_attention_at_model_shapes_in_a_graph(fp8):
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("n,k,swiglu,split", [(896, 5120, False, 8), (4096, 5120, True, 4), (5120, 2048, False, 1)])
 def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, split, prefetch, monkeypatch):
-    """Maverick shapes: y^T = W x^T on wgmma gives the same result as x W^T on mma.sync (fp32 sums of
-    the same products, order aside); with PDL and the L2 weight prefetch too, eager and in a graph."""
+    """Maverick shapes: y^T = W x^T on wgmma gives the result of x W^T on mma.sync, eager and in a graph,
+    with PDL and the L2 weight prefetch too. Not bit for bit: Hopper's FP8 wgmma adds products with a
+    shorter mantissa than fp32 (measured 2e-4 relative at K=5120), far inside FP8's own ~1e-2."""
     from maverick_plugins.kernels import fp8_gemm
 
     if prefetch:  # the kernels bind these at import; the wrapper reads the module's copies
@@ -298,7 +299,7 @@ def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, split, prefetch, mon
     base = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu, config=(64, 256, split, 4, 3, False))
     swapped = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu,
                                         config=(64, 256, split, 4, 3, True))
-    assert ((swapped - base).norm() / base.norm()).item() < 1e-5
+    assert ((swapped - base).norm() / base.norm()).item() < 1e-3
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu,
@@ -306,4 +307,4 @@ def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, split, prefetch, mon
     x.copy_(torch.randn_like(x))
     g.replay()
     base = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu, config=(64, 256, split, 4, 3, False))
-    assert ((out - base).norm() / base.norm()).item() < 1e-5
+    assert ((out - base).norm() / base.norm()).item() < 1e-3

@@ -57,7 +57,7 @@ def _decode_kernel(
     qpos = tl.load(qpos_ptr + b * Q + j, mask=row_ok, other=-1)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    ctx = tl.load(ctx_ptr + b)
+    ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
     if LOCAL:  # this step's queries sit at positions >= ctx: of the ring only the current chunk's
         span = ctx % CHUNK  # slots 0 .. ctx % C - 1 can be visible (the rest hold the previous chunk)
     else:
