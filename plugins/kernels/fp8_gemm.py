@@ -151,23 +151,24 @@ def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N
               N_OUT, ROW_SCALES, SWIGLU)
 
 
-# Measured on H200, M=1, per-rank TP8 Maverick shapes, weights out of L2 (scripts/tune_kernels.py):
-# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, SWAP_AB]). Split-K pays where N / BLOCK_N leaves
-# SMs idle: QKV (896 rows, 14 programs) 13.2 us unsplit -> 7.2 us with 8 splits (cuBLAS 6.4 us).
+# Measured on H200, M=1, per-rank TP8 Maverick shapes, weights out of L2 (scripts/tune_kernels.py, run of
+# 9a935bd): (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP_AB); the best config without
+# swap-AB in the comment. Split-K pays where N / BLOCK_N leaves SMs idle (qkv: 14 column blocks).
 CONFIGS: dict[tuple[int, int], tuple] = {
-    (896, 5120): (64, 256, 8, 4, 3),  # qkv: 7.2 us
-    (5120, 640): (64, 256, 1, 4, 3),  # o_proj: 4.9 us
-    (4096, 5120): (64, 256, 4, 4, 3),  # dense fc13: 10.8 us
-    (5120, 2048): (64, 256, 1, 4, 3),  # dense fc2: 8.3 us
-    (2048, 5120): (64, 256, 4, 4, 3),  # shared expert fc13: 8.4 us
-    (5120, 1024): (64, 256, 1, 4, 3),  # shared expert fc2: 5.6 us
+    (896, 5120): (64, 128, 8, 4, 4, True),  # qkv: 6.6 us (7.2 without swap)
+    (5120, 640): (64, 128, 1, 4, 4, True),  # o_proj: 4.2 us (4.8)
+    (4096, 5120): (64, 256, 4, 4, 4, True),  # dense fc13 + SwiGLU: 10.3 us (11.4)
+    (5120, 2048): (64, 512, 1, 4, 3, True),  # dense fc2: 6.8 us (8.2)
+    (2048, 5120): (64, 128, 8, 4, 4, True),  # shared expert fc13 + SwiGLU: 8.8 us (9.1)
+    (5120, 1024): (64, 256, 1, 4, 4, True),  # shared expert fc2: 5.1 us (5.7)
 }
 
 
-def default_config(n: int, k: int) -> tuple[int, int, int, int, int]:
-    """Untuned shapes: split K until about 2 programs per SM (132 SMs), at most 8 ways."""
+def default_config(n: int, k: int) -> tuple:
+    """Untuned shapes (other tp sizes): swap-AB, which won on every tuned shape; split K until about 2
+    programs per SM (132 SMs), at most 8 ways."""
     programs = -(-n // 64)
-    return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 3)
+    return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 4, True)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
