@@ -53,7 +53,7 @@ def kernels():
             "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "ROWS": 8, "BLOCK_KV": 64, "BLOCK_Q": 16, "NUM_SPLITS": 64,
-            "MERGE_PARTS": 8, "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": local}, 4  # PDL: one variant each way
+            "MERGE_PARTS": 8, "FUSED_MERGE": True, "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": local}, 4  # PDL: one variant each way
         yield f"prefill_attention local={local} fp8={fp8}", prefill_attention._prefill_kernel, {
             **_ATTN_COMMON, "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},

@@ -153,14 +153,20 @@ def test_decode_attention(Q, chunk, fp8):
     assert rel(out, ref) < (TOL["fp8"] if fp8 else TOL["fp32"])
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("ctx,chunk,splits", [([3, 70], None, None), ([70, 0], None, 9), ([64, 95], 32, 3),
                                                ([32, 33], 32, 16)])
-def test_decode_attention_splits_follow_the_context(ctx, chunk, splits):
+def test_decode_attention_splits_follow_the_context(ctx, chunk, splits, fused, monkeypatch):
     """A table far longer than the contexts (max_seq_len 256): the split length adapts to each sequence's
     context on the device; more splits than blocks leave some idle; a local layer at a chunk boundary
-    (ctx % C == 0) sees none of the ring. The last program to arrive merges and resets its counter."""
-    from maverick_plugins.kernels.decode_attention import decode_attention
+    (ctx % C == 0) sees none of the ring. fused: the last program to arrive merges and resets its counter;
+    else a second launch merges, head_dim in slices."""
+    from maverick_plugins.kernels import decode_attention as da
     from maverick_plugins.kernels.counters import arrival_counters
+
+    monkeypatch.setattr(da, "FUSED_MERGE", fused)
+    monkeypatch.setattr(da, "MERGE_BLOCK_D", 8)  # head_dim 16: two slices
+    decode_attention = da.decode_attention
 
     args = _attention_case(2, 2, ctx, chunk, False, table_tokens=256)
     ref = ops.paged_attention_ref(*args)

@@ -28,6 +28,21 @@ NUM_SMS = 132  # H100/H200; only sets how finely the context is split
 # (one program reading every partial) longer. To be set from `scripts/bench_kernels.py --attention-splits`.
 MAX_SPLITS = 64
 MERGE_TILE = 8192  # fp32 elements of partial output one merge step loads (64 registers a thread at 4 warps)
+# The last program to finish merges (one launch) or a second launch merges, BLOCK_D columns a program.
+FUSED_MERGE = True
+MERGE_BLOCK_D = 32
+
+
+@triton.jit
+def _splits(ctx, NBT, CHUNK, NUM_SPLITS: tl.constexpr, BLOCK_KV: tl.constexpr, LOCAL: tl.constexpr):
+    """(slots to read, split length, splits holding context) for a sequence with ctx cached tokens."""
+    if LOCAL:  # this step's queries sit at positions >= ctx: of the ring only the current chunk's
+        span = ctx % CHUNK  # slots 0 .. ctx % C - 1 can be visible (the rest hold the previous chunk)
+    else:
+        span = ctx
+    span = tl.minimum(span, NBT * BLOCK_KV)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_KV), 1) * BLOCK_KV
+    return span, split_len, tl.cdiv(span, split_len)  # the new keys' partial goes after the active splits
 
 
 @triton.jit
@@ -40,8 +55,8 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, stride_ot, stride_oh,
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_KV: tl.constexpr,
-    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
-    FP8: tl.constexpr, BF16_DOT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    LOCAL: tl.constexpr, FP8: tl.constexpr, BF16_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -58,13 +73,7 @@ def _decode_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
-    if LOCAL:  # this step's queries sit at positions >= ctx: of the ring only the current chunk's
-        span = ctx % CHUNK  # slots 0 .. ctx % C - 1 can be visible (the rest hold the previous chunk)
-    else:
-        span = ctx
-    span = tl.minimum(span, NBT * BLOCK_KV)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_KV), 1) * BLOCK_KV
-    n_active = tl.cdiv(span, split_len)  # splits holding context; the new keys' partial goes after them
+    span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
     k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
     v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
     m_i = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
@@ -95,27 +104,43 @@ def _decode_kernel(
         tl.store(m_buf + base + rows, m_i, mask=keep)
         tl.store(l_buf + base + rows, l_i, mask=keep)
         tl.store(acc_buf + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
-    tl.debug_barrier()  # every thread's stores precede the release below
-    done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
-    if done == NUM_SPLITS:  # the last of the NUM_SPLITS + 1 programs merges
-        _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_active + 1, stride_ot, stride_oh,
-               GROUP, HEAD_DIM, ROWS, NUM_SPLITS, MERGE_PARTS)
-        tl.atomic_xchg(counter_ptr + bh, 0)  # ready for the next call (and graph replay)
+    if FUSED_MERGE:
+        tl.debug_barrier()  # every thread's stores precede the release below
+        done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
+        if done == NUM_SPLITS:  # the last of the NUM_SPLITS + 1 programs merges
+            _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_active + 1, 0, stride_ot,
+                   stride_oh, GROUP, HEAD_DIM, HEAD_DIM, ROWS, NUM_SPLITS, MERGE_PARTS)
+            tl.atomic_xchg(counter_ptr + bh, 0)  # ready for the next call (and graph replay)
 
 
 @triton.jit
-def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_parts, stride_ot, stride_oh,
-           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-           MERGE_PARTS: tl.constexpr):
-    """Softmax-merge parts 0 .. n_parts - 1 of (sequence b, kv head h), MERGE_PARTS at a time as one
-    [parts, rows, head_dim] tile (independent loads in flight together), and store the output rows."""
+def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q, NBT, CHUNK, stride_ot, stride_oh,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_KV: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
+                  PDL: tl.constexpr):
+    """The merge as its own launch, grid (sequence, kv head, head_dim / BLOCK_D)."""
+    pdl_enter(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    _, _, n_active = _splits(tl.load(ctx_ptr + b).to(tl.int32), NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
+    _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, b * tl.num_programs(1) + h, Q, n_active + 1,
+           tl.program_id(2) * BLOCK_D, stride_ot, stride_oh, GROUP, HEAD_DIM, BLOCK_D, ROWS, NUM_SPLITS, MERGE_PARTS)
+
+
+@triton.jit
+def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_parts, d0, stride_ot, stride_oh,
+           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+           NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr):
+    """Softmax-merge parts 0 .. n_parts - 1 of (sequence b, kv head h), head_dim columns d0 .. d0 + BLOCK_D,
+    MERGE_PARTS at a time as one [parts, rows, BLOCK_D] tile (independent loads in flight together), and
+    store those output columns."""
     r = tl.arange(0, ROWS)
-    d = tl.arange(0, HEAD_DIM)
+    d = d0 + tl.arange(0, BLOCK_D)
     pp = tl.arange(0, MERGE_PARTS)
     r_ok = r < Q * GROUP
     m_run = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
     l_run = tl.zeros((ROWS,), dtype=tl.float32)
-    acc = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     for p0 in range(0, n_parts, MERGE_PARTS):
         p = p0 + pp
         ok = (p < n_parts)[:, None] & r_ok[None, :]  # [parts, rows]
@@ -180,6 +205,13 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
-        MERGE_PARTS=max(1, MERGE_TILE // (rows * D)), LOCAL=chunk_size is not None, FP8=fp8,
-        BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
+        MERGE_PARTS=max(1, MERGE_TILE // (rows * D)), FUSED_MERGE=FUSED_MERGE, LOCAL=chunk_size is not None,
+        FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
+    if not FUSED_MERGE:
+        block_d = min(D, MERGE_BLOCK_D)
+        _merge_kernel[(B, kvh, D // block_d)](
+            m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),
+            GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, BLOCK_KV=bs, NUM_SPLITS=num_splits,
+            MERGE_PARTS=max(1, MERGE_TILE // (rows * block_d)), LOCAL=chunk_size is not None, PDL=PDL, **PDL_LAUNCH,
+            num_warps=4)
     return out
