@@ -49,11 +49,16 @@ def kernels():
     }, {"WORLD": 4, "SPARE": 64, "BLOCK": 8192}, 8
     for local, fp8 in ((True, True), (False, False)):
         yield f"decode_attention local={local} fp8={fp8}", decode_attention._decode_kernel, {
-            **_ATTN_COMMON, "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32", "counter_ptr": "*i32",
-            "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
-            **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},
+            **_ATTN_COMMON, "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32",
+            "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32", **{s: _I32 for s in _STRIDES},
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "ROWS": 8, "BLOCK_KV": 64, "BLOCK_Q": 16, "NUM_SPLITS": 64,
-            "MERGE_PARTS": 8, "FUSED_MERGE": True, "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": local}, 4  # PDL: one variant each way
+            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": local}, 4  # PDL: one variant each way
+        yield f"decode_attention merge local={local}", decode_attention._merge_kernel, {
+            "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32", "out_ptr": "*bf16", "qidx_ptr": "*i64",
+            "qpos_ptr": "*i64", "ctx_ptr": "*i64", "Q": _I32, "NBT": _I32, "CHUNK": _I32,
+            "stride_ot": _I32, "stride_oh": _I32,
+        }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_D": 32, "ROWS": 8, "BLOCK_KV": 64, "NUM_SPLITS": 64,
+            "MERGE_PARTS": 32, "LOCAL": local, "PDL": local}, 4
         yield f"prefill_attention local={local} fp8={fp8}", prefill_attention._prefill_kernel, {
             **_ATTN_COMMON, "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},

@@ -153,28 +153,23 @@ def test_decode_attention(Q, chunk, fp8):
     assert rel(out, ref) < (TOL["fp8"] if fp8 else TOL["fp32"])
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("ctx,chunk,splits", [([3, 70], None, None), ([70, 0], None, 9), ([64, 95], 32, 3),
                                                ([32, 33], 32, 16)])
-def test_decode_attention_splits_follow_the_context(ctx, chunk, splits, fused, monkeypatch):
+def test_decode_attention_splits_follow_the_context(ctx, chunk, splits, monkeypatch):
     """A table far longer than the contexts (max_seq_len 256): the split length adapts to each sequence's
     context on the device; more splits than blocks leave some idle; a local layer at a chunk boundary
-    (ctx % C == 0) sees none of the ring. fused: the last program to arrive merges and resets its counter;
-    else a second launch merges, head_dim in slices."""
+    (ctx % C == 0) sees none of the ring. The merge takes head_dim in two slices."""
     from maverick_plugins.kernels import decode_attention as da
-    from maverick_plugins.kernels.counters import arrival_counters
 
-    monkeypatch.setattr(da, "FUSED_MERGE", fused)
     monkeypatch.setattr(da, "MERGE_BLOCK_D", 8)  # head_dim 16: two slices
+    monkeypatch.setattr(da, "MERGE_TILE", 64)  # 2 parts per merge step: several steps
     decode_attention = da.decode_attention
 
     args = _attention_case(2, 2, ctx, chunk, False, table_tokens=256)
     ref = ops.paged_attention_ref(*args)
     (q, k, v, kc, vc, table, ctx_t, qi, qp, t2p, sc, ch, ks, vs) = args
-    for _ in range(2):  # a second call finds the counters back at zero
-        out = decode_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, sc, ch, ks, vs, num_splits=splits)
-        assert rel(out, ref) < TOL["fp32"]
-    assert int(arrival_counters(q.device, "decode_attention", 1).abs().sum()) == 0
+    out = decode_attention(q, k, v, kc, vc, table, ctx_t, qi, qp, sc, ch, ks, vs, num_splits=splits)
+    assert rel(out, ref) < TOL["fp32"]
 
 
 def test_decode_attention_padded_sequence_rows_are_not_written():

@@ -1,9 +1,9 @@
-"""Arrival counters for kernels whose last program finishes the work of the others (serial split-K,
-the split-KV attention merge): one int32 per output block, back at 0 after every call.
+"""Arrival counters for kernels whose last program finishes the work of the others (serial split-K):
+one int32 per output block, back at 0 after every call.
 
 One fixed buffer per (device, user), made on first use and kept for the life of the process: CUDA graphs
-capture its address, so it must never be reallocated. 16384 counters cover every grid here (attention:
-batch x kv heads <= 256 x 8 = 2048; GEMM column blocks: lm_head 202048 / 64 = 3157 at tp 1).
+capture its address, so it must never be reallocated. 16384 counters cover every grid here (GEMM column
+blocks: lm_head 202048 / 64 = 3157 at tp 1).
 """
 import torch
 

@@ -9,10 +9,13 @@ at 8K context one rank's layer is 2 MB, 8 kv-head programs would use 8 of 132 SM
 
 The split length follows each sequence's context on the device (no host sync, graph-capturable): a
 graph captured for max_seq_len 128K still splits a 1K context into 1-block pieces instead of leaving
-it to one program. Each program writes its (max, sum, acc) for the real rows only, then counts itself
-in; the last of the (sequence, kv head) merges every partial and writes the output. A second merge
-launch cost about as much as the attention itself (272 us of 549 us per step at batch 1, 1K context,
-profile of 2998a6a).
+it to one program; on chunked local layers only the current chunk's slots are read. Each program writes
+(max, sum, acc) for the real rows only; a second launch merges them, BLOCK_D columns of head_dim a
+program (all of a slice's partials loaded as one [parts, rows, BLOCK_D] tile per step).
+
+Measured on H200 at TP8 shapes (run of 5e21ccb, FP8 cache, us): a merge by the last program to finish
+(an arrival counter instead of the second launch) was slower everywhere (1K context: 14.1-16.9 against
+8.5; 128K: 92.9 against 37.1), as was merging whole rows per program (BLOCK_D 128: 17.0 at 1K).
 """
 import torch
 import triton
@@ -20,17 +23,14 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
 from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
-from .counters import arrival_counters
 from .pdl import pdl_enter
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
-# Programs per (sequence, kv head) at most: more splits fill more SMs at long context but make the merge
-# (one program reading every partial) longer. To be set from `scripts/bench_kernels.py --attention-splits`.
-MAX_SPLITS = 64
+# Splits per (sequence, kv head): about 4 programs per SM, at least 32 and at most 128 splits (H200, TP8,
+# 5e21ccb, best counts: 8K context 64 at batch 1 / 32 at batch 8; 128K: 128 / 64; 1K: any).
+MAX_SPLITS, MIN_SPLITS, PROGRAMS_PER_SM = 128, 32, 4
 MERGE_TILE = 8192  # fp32 elements of partial output one merge step loads (64 registers a thread at 4 warps)
-# The last program to finish merges (one launch) or a second launch merges, BLOCK_D columns a program.
-FUSED_MERGE = True
-MERGE_BLOCK_D = 32
+MERGE_BLOCK_D = 32  # head_dim columns a merge program takes (4 programs per kv head at head_dim 128)
 
 
 @triton.jit
@@ -49,14 +49,14 @@ def _splits(ctx, NBT, CHUNK, NUM_SPLITS: tl.constexpr, BLOCK_KV: tl.constexpr, L
 def _decode_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_ptr, qidx_ptr, qpos_ptr, k_scale_ptr, v_scale_ptr,
-    m_buf, l_buf, acc_buf, counter_ptr, out_ptr,
+    m_buf, l_buf, acc_buf,
     # sizes and strides
     Q, NBT, CHUNK, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_KV: tl.constexpr,
-    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    LOCAL: tl.constexpr, FP8: tl.constexpr, BF16_DOT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
+    BF16_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -104,21 +104,13 @@ def _decode_kernel(
         tl.store(m_buf + base + rows, m_i, mask=keep)
         tl.store(l_buf + base + rows, l_i, mask=keep)
         tl.store(acc_buf + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
-    if FUSED_MERGE:
-        tl.debug_barrier()  # every thread's stores precede the release below
-        done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
-        if done == NUM_SPLITS:  # the last of the NUM_SPLITS + 1 programs merges
-            _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_active + 1, 0, stride_ot,
-                   stride_oh, GROUP, HEAD_DIM, HEAD_DIM, ROWS, NUM_SPLITS, MERGE_PARTS)
-            tl.atomic_xchg(counter_ptr + bh, 0)  # ready for the next call (and graph replay)
-
 
 @triton.jit
 def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q, NBT, CHUNK, stride_ot, stride_oh,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_KV: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
                   PDL: tl.constexpr):
-    """The merge as its own launch, grid (sequence, kv head, head_dim / BLOCK_D)."""
+    """Grid (sequence, kv head, head_dim / BLOCK_D)."""
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -133,7 +125,7 @@ def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_pa
            NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr):
     """Softmax-merge parts 0 .. n_parts - 1 of (sequence b, kv head h), head_dim columns d0 .. d0 + BLOCK_D,
     MERGE_PARTS at a time as one [parts, rows, BLOCK_D] tile (independent loads in flight together), and
-    store those output columns."""
+    store those output columns. Partials come from the previous launch: plain loads."""
     r = tl.arange(0, ROWS)
     d = d0 + tl.arange(0, BLOCK_D)
     pp = tl.arange(0, MERGE_PARTS)
@@ -145,11 +137,9 @@ def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_pa
         p = p0 + pp
         ok = (p < n_parts)[:, None] & r_ok[None, :]  # [parts, rows]
         idx = (bh * (NUM_SPLITS + 1) + p).to(tl.int64)[:, None] * ROWS + r[None, :]
-        # partials come from other programs of this launch: read them past L1
-        m = tl.load(m_buf + idx, mask=ok, other=-1.0e30, cache_modifier=".cg")
-        lp = tl.load(l_buf + idx, mask=ok, other=0.0, cache_modifier=".cg")
-        a = tl.load(acc_buf + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
+        m = tl.load(m_buf + idx, mask=ok, other=-1.0e30)
+        lp = tl.load(l_buf + idx, mask=ok, other=0.0)
+        a = tl.load(acc_buf + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, axis=0))
         w = tl.exp(m - m_new[None, :])
         alpha = tl.exp(m_run - m_new)
@@ -166,8 +156,10 @@ def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_pa
 
 
 def default_splits(batch: int, kv_heads: int, table_blocks: int) -> int:
-    """Programs per (sequence, kv head): enough to cover the SMs, no more than blocks or MAX_SPLITS."""
-    return max(1, min(table_blocks, MAX_SPLITS, triton.cdiv(NUM_SMS, batch * kv_heads)))
+    """Splits per (sequence, kv head), from the table width (max_seq_len): the context is unknown on the
+    host (graphs), and the kernel spreads whatever context there is over them."""
+    per_seq = max(MIN_SPLITS, triton.cdiv(PROGRAMS_PER_SM * NUM_SMS, batch * kv_heads))
+    return max(1, min(table_blocks, MAX_SPLITS, per_seq))
 
 
 def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale: float,
@@ -192,7 +184,6 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     m = torch.empty((B, kvh, parts, rows), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty((B, kvh, parts, rows, D), dtype=torch.float32, device=q.device)
-    counters = arrival_counters(q.device, "decode_attention", B * kvh)
     kc = k_cache.view(-1, kvh, D)
     vc = v_cache.view(-1, kvh, D)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
@@ -200,18 +191,16 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     out = torch.empty_like(q)  # rows of tokens outside q_index (graph padding) stay unwritten: never read
     _decode_kernel[(B, kvh, parts)](
         q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
-        k_scale if fp8 else dummy, v_scale if fp8 else dummy, m, l, acc, counters, out,
+        k_scale if fp8 else dummy, v_scale if fp8 else dummy, m, l, acc,
         Q, nbt, chunk_size or 1, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
-        out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
-        MERGE_PARTS=max(1, MERGE_TILE // (rows * D)), FUSED_MERGE=FUSED_MERGE, LOCAL=chunk_size is not None,
-        FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH, num_warps=4)
-    if not FUSED_MERGE:
-        block_d = min(D, MERGE_BLOCK_D)
-        _merge_kernel[(B, kvh, D // block_d)](
-            m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),
-            GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, BLOCK_KV=bs, NUM_SPLITS=num_splits,
-            MERGE_PARTS=max(1, MERGE_TILE // (rows * block_d)), LOCAL=chunk_size is not None, PDL=PDL, **PDL_LAUNCH,
-            num_warps=4)
+        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH,
+        num_warps=4)
+    block_d = min(D, MERGE_BLOCK_D)
+    _merge_kernel[(B, kvh, D // block_d)](
+        m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, BLOCK_KV=bs, NUM_SPLITS=num_splits,
+        MERGE_PARTS=max(1, MERGE_TILE // (rows * block_d)), LOCAL=chunk_size is not None, PDL=PDL, **PDL_LAUNCH,
+        num_warps=4)
     return out
