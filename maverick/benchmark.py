@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdl", action="store_true", help="launch kernels with programmatic dependent launch")
     p.add_argument("--pdl-prefetch", action="store_true",
                    help="with --pdl: FP8 GEMMs bulk-prefetch their weights into L2 before they wait")
-    p.add_argument("--splitk-serial", action="store_true",
-                   help="split-K GEMMs reduce in their last split instead of an epilogue launch")
+    p.add_argument("--no-splitk-serial", dest="splitk_serial", action="store_false",
+                   help="split-K GEMMs reduce in a second (epilogue) launch instead of their last split")
     a = p.parse_args(argv)
     import maverick_plugins.dispatch as dispatch
 
-    dispatch.set_pdl(a.pdl, prefetch=a.pdl_prefetch)  # before any kernel module is imported: they bind the flag at import
+    dispatch.set_pdl(a.pdl, prefetch=a.pdl_prefetch)  # before any kernel module is imported (bound at import)
     dispatch.set_splitk_serial(a.splitk_serial)
     if not torch.cuda.is_available():
         print("error: maverick-bench needs a CUDA GPU", file=sys.stderr)

@@ -27,9 +27,10 @@ PDL_LAUNCH: dict = {}
 PDL_PREFETCH = False
 
 # Split-K GEMMs: the last split of each column block reduces the partials (an arrival counter per block)
-# instead of a second "epilogue" launch. The epilogue launches cost 252 us of a 2.9 ms step (96 launches,
-# profile of 2998a6a). Off until measured on a GPU: numerics equal the two-launch path (CPU tests).
-SPLITK_SERIAL = False
+# instead of a second "epilogue" launch (96 launches, 252 us of a 2.9 ms step in the profile of 2998a6a).
+# Measured on H200 (one-rank TP8, 2735525): batch 1 at 1K 2.685 -> 2.624 ms/step, at 8K 3.025 -> 2.926;
+# bit-exact with the two-launch path (tests/test_gpu.py).
+SPLITK_SERIAL = True
 
 
 def set_pdl(enabled: bool, prefetch: bool = False) -> None:

@@ -32,8 +32,8 @@ for part in $PARTS; do
     tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" scripts/check_tp_gpus.py; fi ;;
     chain) run chain 160 python3 scripts/bench_chain.py ;;
     step) run step 100 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --json "$OUT/step.json"
-          run step_serial 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --splitk-serial --json "$OUT/step_serial.json"
-          run step_prefetch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --splitk-serial --pdl --pdl-prefetch --json "$OUT/step_prefetch.json" ;;
+          run step_two_launch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --no-splitk-serial --json "$OUT/step_two_launch.json"
+          run step_prefetch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --pdl --pdl-prefetch --json "$OUT/step_prefetch.json" ;;
     e2e) run e2e 300 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json" ;;
     *) echo "unknown part $part (expected: tests tune kernels tp chain step e2e)" >&2; exit 2 ;;
   esac

@@ -169,10 +169,12 @@ CONFIGS: dict[tuple[int, int], tuple] = {
 
 
 def default_config(n: int, k: int) -> tuple:
-    """Untuned shapes (other tp sizes): swap-AB, which won on every tuned shape; split K until about 2
-    programs per SM (132 SMs), at most 8 ways."""
+    """Untuned shapes (other tp sizes, the tiny test models): x W^T on mma.sync, split K until about 2
+    programs per SM (132 SMs), at most 8 ways. Swap-AB only where it is tuned and checked on a GPU: on
+    the tiny fp32 test model it moved the logits by 0.16 relative against 0.05 allowed (not understood
+    yet; the TP8 shapes agree with mma.sync to 2e-4, tests/test_gpu.py)."""
     programs = -(-n // 64)
-    return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 4, True)
+    return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 3)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
