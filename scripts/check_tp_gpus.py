@@ -6,6 +6,7 @@ fused one-shot all-reduce + add + RMSNorm and once with NCCL + add+norm, logits 
 stress run of the fused kernel alone (96 calls per graph, replays with no barrier between ranks).
 Run: `PYTHONPATH=$PWD torchrun --nproc_per_node=N scripts/check_tp_gpus.py`.
 """
+import dataclasses
 import faulthandler
 import sys
 import time
@@ -69,6 +70,8 @@ def main() -> int:
         print(f"[rank {rank} +{time.time() - t0:5.1f}s] {msg}", flush=True)
 
     cfg = ModelConfig.preset("tiny")
+    if cfg.num_key_value_heads % world:  # the tiny preset has 2 kv heads: give tp 4 one kv head per rank
+        cfg = dataclasses.replace(cfg, num_key_value_heads=world, num_attention_heads=2 * world)
     build = BuildConfig(tp_size=world, max_batch_size=4, max_seq_len=256, kv_cache_block_size=16,
                         quant=QuantConfig("FP8", None), dtype="bfloat16" if cuda else "float32")
     model = synthetic_model(cfg, build, rank, device, seed=3)
