@@ -42,7 +42,7 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
                                 gate_up_input_scale, down_scale, down_input_scale)
     # many tokens (prefill, large decode batches): each expert only on its own tokens
     if x.is_cuda and kernels_enabled() and x.shape[0] > threshold(x, "moe_max_tokens"):
-        if _grouped_mm_ok(x, gate_up):  # one grouped GEMM per projection, no host sync: capturable
+        if _grouped_mm_ok(x, gate_up, down):  # one grouped GEMM per projection, no host sync: capturable
             return moe_experts_grouped_mm(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                           gate_up_input_scale, down_scale, down_input_scale)
         return moe_experts_grouped(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
@@ -51,9 +51,11 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
                            gate_up_input_scale, down_scale, down_input_scale)
 
 
-def _grouped_mm_ok(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
-    """torch._scaled_grouped_mm: FP8 on Hopper (sm90) with a bf16 output only."""
+def _grouped_mm_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """torch._scaled_grouped_mm: FP8 on Hopper (sm90) with a bf16 output only, and every FP8 row a multiple
+    of 16 bytes (the tiny test model at tp 4 has 8-wide expert rows: "strides should be multiple of 16")."""
     return (gate_up.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")
+            and gate_up.shape[-1] % 16 == 0 and down.shape[-1] % 16 == 0 and gate_up.shape[1] % 32 == 0
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 
