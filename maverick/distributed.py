@@ -41,6 +41,10 @@ def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s
 
 
 def shutdown() -> None:
+    if _STATE.peer is not None and dist.is_initialized():
+        # no rank unmaps its peer buffers while another may still read them (TP2 hung in shutdown on H200)
+        torch.cuda.synchronize()
+        dist.barrier()
     _STATE.peer = None
     if dist.is_initialized():
         dist.destroy_process_group()
