@@ -42,7 +42,8 @@ def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s
 
 def shutdown() -> None:
     if _STATE.peer is not None and dist.is_initialized():
-        # no rank unmaps its peer buffers while another may still read them (TP2 hung in shutdown on H200)
+        # no rank unmaps its peer buffers while another may still read them. (With the fused all-reduce
+        # on, TP2 on 4xH200 still hangs in destroy_process_group after this barrier: BENCHMARKS.md.)
         torch.cuda.synchronize()
         dist.barrier()
     _STATE.peer = None
