@@ -1,4 +1,4 @@
-"""Split-KV paged attention for a few new tokens per sequence (decode, speculative verify): one launch.
+"""Split-KV paged attention for a few new tokens per sequence (decode, speculative verify).
 
 Same semantics as the reference `paged_attention`: this step's queries attend to the cached context
 (read before this step's write; ring positions on chunked local layers) plus this step's own keys.
@@ -105,29 +105,23 @@ def _decode_kernel(
         tl.store(l_buf + base + rows, l_i, mask=keep)
         tl.store(acc_buf + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
 
+
 @triton.jit
 def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q, NBT, CHUNK, stride_ot, stride_oh,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_KV: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
                   PDL: tl.constexpr):
-    """Grid (sequence, kv head, head_dim / BLOCK_D)."""
+    """Grid (sequence, kv head, head_dim / BLOCK_D): softmax-merge the partials of (sequence b, kv head h),
+    head_dim columns d, MERGE_PARTS parts at a time as one [parts, rows, BLOCK_D] tile (independent loads
+    in flight together), and store those output columns."""
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
+    bh = b * tl.num_programs(1) + h
     _, _, n_active = _splits(tl.load(ctx_ptr + b).to(tl.int32), NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
-    _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, b * tl.num_programs(1) + h, Q, n_active + 1,
-           tl.program_id(2) * BLOCK_D, stride_ot, stride_oh, GROUP, HEAD_DIM, BLOCK_D, ROWS, NUM_SPLITS, MERGE_PARTS)
-
-
-@triton.jit
-def _merge(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, b, h, bh, Q, n_parts, d0, stride_ot, stride_oh,
-           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-           NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr):
-    """Softmax-merge parts 0 .. n_parts - 1 of (sequence b, kv head h), head_dim columns d0 .. d0 + BLOCK_D,
-    MERGE_PARTS at a time as one [parts, rows, BLOCK_D] tile (independent loads in flight together), and
-    store those output columns. Partials come from the previous launch: plain loads."""
+    n_parts = n_active + 1  # the active splits, then the new keys
     r = tl.arange(0, ROWS)
-    d = d0 + tl.arange(0, BLOCK_D)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     pp = tl.arange(0, MERGE_PARTS)
     r_ok = r < Q * GROUP
     m_run = tl.full((ROWS,), -1.0e30, dtype=tl.float32)

@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH, PDL_PREFETCH, SPLITK_SERIAL
-from .counters import arrival_counters
 from .pdl import pdl_enter, prefetch_l2
 
 
@@ -53,7 +52,6 @@ def _fp8_gemm_kernel(
             prefetch_l2(tl.where(n_mask, w_ptr + up_rows + k_start, w_ptr), nbytes)
     pdl_enter(PDL)
     x_scale = tl.load(x_scale_ptr)
-    PRECISE_EVERY: tl.constexpr = min(BLOCK_K, 128)
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # used with SWIGLU only
@@ -67,16 +65,10 @@ def _fp8_gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)
         x8 = tl.clamp(x / x_scale, -448.0, 448.0).to(tl.float8e4nv)
-        if SWAP_AB:  # Hopper's FP8 wgmma adds with a short mantissa: into fp32 every 128 products
-            acc += tl.dot(w, tl.trans(x8), max_num_imprecise_acc=PRECISE_EVERY)
-        else:
-            acc += tl.dot(x8, tl.trans(w))
+        acc += _mma(x8, w, SWAP_AB, BLOCK_K)
         if SWIGLU:
             wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if SWAP_AB:
-                acc_up += tl.dot(wu, tl.trans(x8), max_num_imprecise_acc=PRECISE_EVERY)
-            else:
-                acc_up += tl.dot(x8, tl.trans(wu))
+            acc_up += _mma(x8, wu, SWAP_AB, BLOCK_K)
     if SWAP_AB:  # back to [tokens, rows] for the shared epilogue
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -97,6 +89,17 @@ def _fp8_gemm_kernel(
     else:
         _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om, N_OUT,
                   ROW_SCALES, SWIGLU)
+
+
+@triton.jit
+def _mma(x8, w, SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x8 [tokens, K] times w [rows, K]^T: as x8 w^T (mma.sync), or with SWAP_AB as w x8^T ([rows, tokens],
+    wgmma), whose FP8 sums go to fp32 every 128 products (the tensor core's own adds are shorter)."""
+    if SWAP_AB:
+        y = tl.dot(w, tl.trans(x8), max_num_imprecise_acc=min(BLOCK_K, 128))
+    else:
+        y = tl.dot(x8, tl.trans(w))
+    return y
 
 
 @triton.jit
@@ -177,8 +180,19 @@ def default_config(n: int, k: int) -> tuple:
     return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 3)
 
 
+_COUNTERS: dict = {}  # per device: one arrival counter per column block, back at 0 after every call
+_COUNTER_SLOTS = 16384  # column blocks of any grid here (lm_head at tp 1: 202048 / 64 = 3157)
+
+
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    return arrival_counters(device, "fp8_gemm", n)
+    """One fixed buffer per device, made on first use (an eager warm-up, before any graph capture) and
+    never reallocated: captured graphs hold its address."""
+    if n > _COUNTER_SLOTS:
+        raise ValueError(f"fp8_gemm: {n} column blocks need arrival counters, at most {_COUNTER_SLOTS} exist")
+    key = torch.device(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
@@ -195,7 +209,8 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         f"weight must be e4m3 [N, {K}] row-major, got {weight.dtype} {list(weight.shape)}"
     assert x.stride(1) == 1
     n_out = N // 2 if swiglu else N
-    block_n, block_k, split_k, num_warps, num_stages, *swap = config or CONFIGS.get((N, K)) or default_config(N, K)
+    block_n, block_k, split_k, num_warps, num_stages, *rest = config or CONFIGS.get((N, K)) or default_config(N, K)
+    swap = bool(rest and rest[0])  # the 6th entry; 5-entry configs mean x W^T
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     row_scales = weight_scale.numel() > 1
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
@@ -206,7 +221,8 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, counters, M, n_out, K, k_per_split,
                            x.stride(0), weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
                            SPLIT_K=split_k, SERIAL=serial, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                           SWAP_AB=bool(swap and swap[0]), PDL=PDL, PDL_PREFETCH=PDL_PREFETCH, **PDL_LAUNCH, num_warps=num_warps, num_stages=num_stages)
+                           SWAP_AB=swap, PDL=PDL, PDL_PREFETCH=PDL_PREFETCH, **PDL_LAUNCH, num_warps=num_warps,
+                           num_stages=num_stages)
     if split_k > 1 and not serial:
         _splitk_epilogue_kernel[(triton.cdiv(n_out, 128),)](partial, weight_scale, input_scale, out, M, n_out,
                                                               out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
