@@ -53,8 +53,12 @@ def run(runner, vocab, concurrency, isl, steps, temperature, profile):
     engine.step()  # prefill (eager), not profiled
     ph = Phases()
     ph.wrap(engine.scheduler, "schedule", "schedule")
-    ph.wrap(engine.runner, "forward", "forward call")
-    ph.wrap(engine, "_sample", "sample + token copy")
+    if hasattr(engine, "_emit"):
+        ph.wrap(engine.runner, "step", "forward + sampler call")
+        ph.wrap(engine, "_emit", "token copy + bookkeeping")
+    else:  # before 2026-11-26's one-copy inputs and sampler graphs
+        ph.wrap(engine.runner, "forward", "forward call")
+        ph.wrap(engine, "_sample", "sample + token copy")
     walls = []
     for _ in range(steps):
         t0 = time.perf_counter()

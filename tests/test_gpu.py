@@ -29,7 +29,9 @@ def test_cuda_greedy_equals_cpu(tiny_engine):
 def _decode_logits(runner, prompts, tokens, kernels, eager_rows=None):
     """Prefill (reference path), then teacher-forced decode steps feeding `tokens` [steps][seq]."""
     import maverick_plugins as ops
+    from maverick.layers.forward_batch import ForwardBatch
     from maverick.runtime.batch import StepSeq
+    from maverick.runtime.staging import to_device
 
     ops.set_kernels_enabled(False)
     seqs = [StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(prompts)]
@@ -41,7 +43,8 @@ def _decode_logits(runner, prompts, tokens, kernels, eager_rows=None):
         seqs = [StepSeq(i, [toks[i]], cur[i], runner.kv.grow(i, cur[i] + 1)) for i in range(len(prompts))]
         if eager_rows:  # eager, with exactly the padded shapes the graph of that size was captured with
             with torch.inference_mode():
-                out.append(runner.model(runner._padded(seqs, eager_rows).to("cuda"), runner.kv_caches)[:len(seqs)])
+                batch = ForwardBatch(**to_device(runner._padded(seqs, eager_rows).tensors(), "cuda"))
+                out.append(runner.model(batch, runner.kv_caches)[:len(seqs)])
         else:
             out.append(runner.forward(seqs).clone())
     for i in range(len(prompts)):
@@ -76,6 +79,40 @@ def test_kernels_and_cuda_graphs(kv):
     rel = ((e - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
     assert rel < 0.05, rel
     print(f"kv={kv}: kernels vs reference, worst per-row relative logit difference {rel:.3f}")
+
+
+def test_graphed_sampler_equals_eager():
+    """The sampler graph replayed after the forward graph samples exactly what sample() gives eagerly on
+    the same logits (top-k, top-p, min-p, seeds, greedy rows mixed in), and an all-greedy step (the
+    argmax shortcut) gives the argmax; padded rows never leak into the result."""
+    from maverick.build.synthetic import synthetic_model
+    from maverick.config import BuildConfig, ModelConfig, QuantConfig
+    from maverick.layers.sampler import sample
+    from maverick.runtime.batch import StepSeq
+    from maverick.runtime.model_runner import ModelRunner
+    from maverick.runtime.sampling_rows import SamplingRows
+
+    cfg = ModelConfig.preset("tiny")
+    build = BuildConfig(max_seq_len=128, max_batch_size=4, kv_cache_block_size=16, quant=QuantConfig("FP8", None))
+    runner = ModelRunner(synthetic_model(cfg, build, 0, "cuda", seed=2), 128, 4, 16, device="cuda")
+    runner.capture_cuda_graphs([1, 4])
+    prompts = [prompt_ids(20, seed=5, vocab=500), prompt_ids(33, seed=6, vocab=500), prompt_ids(9, seed=7, vocab=500)]
+    runner.forward([StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(prompts)])
+    rows = SamplingRows(temperature=[0.9, 0.0, 1.3], top_k=[40, 0, 0], top_p=[0.9, 1.0, 0.5],
+                        min_p=[0.0, 0.0, 0.05], seeds=[11, 12, 13], offsets=[0, 4, 9])
+    for step in range(6):
+        seqs = [StepSeq(i, [7 + step], len(p) + step, runner.kv.grow(i, len(p) + step + 1))
+                for i, p in enumerate(prompts)]
+        logits, tokens = runner.step(seqs, rows)
+        assert runner._graphable(seqs) == 4 and logits.shape[0] == 3 and tokens.shape == (3,)
+        expect = sample(logits.clone(), rows.to_tensors("cuda"))
+        assert torch.equal(tokens, expect), (tokens, expect)
+        assert tokens[1] == logits[1].argmax()
+        greedy = SamplingRows([0.0] * 3, [0] * 3, [1.0] * 3, [0.0] * 3, [1, 2, 3], [0] * 3)
+        rows.offsets = [o + 1 for o in rows.offsets]
+    seqs = [StepSeq(i, [3], len(p) + 6, runner.kv.grow(i, len(p) + 7)) for i, p in enumerate(prompts)]
+    logits, tokens = runner.step(seqs, greedy)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("chunk", [None, 32])

@@ -36,6 +36,6 @@ class ForwardBatch:
             self.logits_indices = torch.cat([self.logits_indices, self.logits_indices.new_zeros(rows - n)])
         return self
 
-    def to(self, device: torch.device | str) -> "ForwardBatch":
-        return ForwardBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                               for f in fields(self)})
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields by name, in declaration order (the runtime moves them to the GPU in one copy)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -6,14 +6,15 @@ from typing import Callable
 
 import torch
 
-from maverick.layers.sampler import SamplingTensors, logprobs, sample
+from maverick.layers.sampler import logprobs
 
 from .batch import StepSeq
 from .detokenizer import detokenize_step
 from .model_runner import ModelRunner
 from .request import Request, Status
 from .sampling_params import InvalidRequest, SamplingParams
-from .scheduler import Scheduled, Scheduler
+from .sampling_rows import SamplingRows
+from .scheduler import Scheduler
 
 
 class EngineCore:
@@ -88,37 +89,23 @@ class EngineCore:
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold any waiting request")
             return []
         plan = [StepSeq(s.request.request_id,
-                        s.request.all_token_ids[s.request.num_computed:s.request.num_computed + s.num_new],
+                        s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_new),
                         s.request.num_computed, self.runner.kv.seqs[s.request.request_id],
                         num_logits=1 if s.completes else 0) for s in sched]
         self.before_step(plan)
-        logits = self.runner.forward(plan)
+        sampled = [s.request for s in sched if s.completes]  # in the order of the logits rows
+        logits, tokens = self.runner.step(plan, SamplingRows.of(sampled) if sampled else None)
         self.steps += 1
-        sampling = [s for s in sched if s.completes]
         for s in sched:
             s.request.num_computed += s.num_new
-        if sampling:
-            self._sample(logits, sampling)
+        if sampled:
+            self._emit(logits, tokens, sampled)
         return [s.request for s in sched]
 
-    def _sample(self, logits: torch.Tensor, sched: list[Scheduled]) -> None:
-        reqs = [s.request for s in sched]
-        dev = logits.device
-
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        t = SamplingTensors(
-            temperature=col([r.params.temperature for r in reqs], torch.float32),
-            top_k=col([r.params.top_k for r in reqs], torch.int64),
-            top_p=col([r.params.top_p for r in reqs], torch.float32),
-            min_p=col([r.params.min_p for r in reqs], torch.float32),
-            seeds=col([r.seed for r in reqs], torch.int64),
-            offsets=col([len(r.output_token_ids) for r in reqs], torch.int64))
-        tokens = sample(logits, t)
+    def _emit(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> None:
         want_lp = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
         lp = logprobs(logits, tokens, max(want_lp)) if want_lp else None
-        tokens_l = tokens.tolist()
+        tokens_l = tokens.tolist()  # the step's one wait for the GPU
         lp_l = [x.tolist() for x in lp] if lp is not None else None
         for i, r in enumerate(reqs):
             entry = None

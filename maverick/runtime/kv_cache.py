@@ -46,14 +46,15 @@ class KVCacheManager:
 
     def grow(self, seq_id: int, length: int) -> SeqBlocks:
         """Make sure seq_id can hold `length` tokens; raise OutOfBlocks without allocating otherwise."""
-        if not self.can_grow(seq_id, length):
-            g, loc = self.extra_blocks(seq_id, length)
+        g, loc = self.extra_blocks(seq_id, length)
+        if g > self.global_pool.num_free or loc > self.local_pool.num_free:
             raise OutOfBlocks(f"sequence {seq_id} needs {g} global + {loc} local KV blocks; "
                               f"{self.global_pool.num_free} + {self.local_pool.num_free} free")
         s = self.seqs.setdefault(seq_id, SeqBlocks())
-        g, loc = self.extra_blocks(seq_id, length)
-        s.global_blocks += self.global_pool.allocate(g)
-        s.local_blocks += self.local_pool.allocate(loc)
+        if g:
+            s.global_blocks += self.global_pool.allocate(g)
+        if loc:
+            s.local_blocks += self.local_pool.allocate(loc)
         return s
 
     def free(self, seq_id: int) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 import torch
 
 from maverick import distributed as dist
+from maverick.layers.forward_batch import ForwardBatch
+from maverick.layers.sampler import sample
 from maverick.models import Llama4ForCausalLM
 
 from .batch import StepSeq, build_forward_batch, ring_blocks
 from .kv_cache import KVCacheManager, cdiv
+from .sampling_rows import SamplingRows
+from .staging import to_device
 
 
 class ModelRunner:
@@ -59,14 +63,25 @@ class ModelRunner:
             return None
         return self.graphs.size_for(len(seqs))
 
-    @torch.inference_mode()
     def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
-        rows = self._graphable(seqs)
-        if rows is not None:  # decode: replay the captured graph of the next size up
-            logits = self.graphs.replay(self._padded(seqs, rows).to(self.device), len(seqs))
+        return self.step(seqs, None)[0]
+
+    @torch.inference_mode()
+    def step(self, seqs: list[StepSeq], rows: SamplingRows | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits as `forward`, and with `rows` (one per logits row) the sampled tokens [rows] on the
+        device: nothing here waits for the GPU, the caller's copy of the tokens does."""
+        n = sum(s.num_logits for s in seqs)
+        if rows is not None and len(rows) != n:
+            raise ValueError(f"sampling rows: got {len(rows)}, expected one per logits row ({n})")
+        graph_rows = self._graphable(seqs)
+        if graph_rows is not None:  # decode: replay the captured graphs of the next size up
+            logits, tokens = self.graphs.replay(self._padded(seqs, graph_rows), rows, len(seqs))
         else:
             batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
-            logits = self.model(batch.to(self.device), self.kv_caches)
+            logits = self.model(ForwardBatch(**to_device(batch.tensors(), self.device)), self.kv_caches)
+            tokens = None
+            if rows is not None:  # greedy needs no sort and no noise: the argmax is what sample() returns
+                tokens = logits.argmax(dim=-1) if rows.greedy else sample(logits, rows.to_tensors(self.device))
         dist.check_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
-        return logits
+        return logits, tokens

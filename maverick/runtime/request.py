@@ -40,7 +40,7 @@ class RequestOutput:
     finished: bool
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: the scheduler's `in` and `remove` compare identity, not every field
 class Request:
     request_id: int
     prompt: str | None
@@ -66,6 +66,14 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole list (a decode step wants one token of a
+        context that may be 128K long)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - p)]
 
     @property
     def num_tokens(self) -> int:

@@ -60,7 +60,7 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req not in self.running:  # preempted below to make room for an older request
+            if req.status is not Status.RUNNING:  # preempted below to make room for an older request
                 continue
             n = min(req.num_tokens - req.num_computed, budget)
             while not self.kv.can_grow(req.request_id, req.num_computed + n):
@@ -68,7 +68,7 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is req:
                     break
-            if req not in self.running:
+            if req.status is not Status.RUNNING:
                 continue
             self.kv.grow(req.request_id, req.num_computed + n)
             out.append(Scheduled(req, n))

@@ -1,0 +1,60 @@
+"""One-copy transfer of a step's inputs and the host-side sampling rows (CPU)."""
+import pytest
+import torch
+
+from helpers import make_ckpt, prompt_ids, runner_for
+from maverick.layers.sampler import sample
+from maverick.runtime.batch import StepSeq
+from maverick.runtime.sampling_rows import SamplingRows
+from maverick.runtime.staging import Staged, to_device
+
+
+def test_staged_views_round_trip():
+    s = Staged({"a": (2, 3), "b": (4,)}, torch.int64, "cpu")
+    s.write("a", torch.arange(6).view(2, 3))
+    s.write("b", [9, 8, 7, 6])
+    s.upload()
+    assert torch.equal(s.views["a"], torch.arange(6).view(2, 3))
+    assert s.views["b"].tolist() == [9, 8, 7, 6]
+    with pytest.raises(ValueError, match=r"b: got shape \(3,\), expected \(4,\)"):
+        s.write("b", [1, 2, 3])
+
+
+def test_to_device_keeps_names_and_shapes():
+    out = to_device({"x": torch.ones(2, 2, dtype=torch.long), "y": torch.zeros(3, dtype=torch.long)}, "cpu")
+    assert out["x"].shape == (2, 2) and out["y"].shape == (3,)
+
+
+def test_rows_padding_and_greedy():
+    rows = SamplingRows([0.7, 0.0], [0, 0], [0.9, 1.0], [0.0, 0.0], [5, 6], [1, 2])
+    assert not rows.greedy and SamplingRows([0.7], [1], [1.0], [0.0], [5], [0]).greedy  # top_k 1 is greedy
+    p = rows.padded(4)
+    assert len(p) == 4 and p.temperature[2:] == [0.0, 0.0] and p.top_p[2:] == [1.0, 1.0]
+    t = rows.to_tensors("cpu")
+    assert t.top_k.dtype == torch.int64 and t.temperature.dtype == torch.float32
+    assert t.seeds.tolist() == [5, 6]
+
+
+def test_runner_step_samples_like_sample(tmp_path):
+    """runner.step gives the logits of forward and the tokens sample() draws from them; a count of
+    rows that does not match the logits is a clear error."""
+    runner = runner_for(make_ckpt(tmp_path, "default"))
+    ids = [prompt_ids(12, seed=1), prompt_ids(5, seed=2)]
+    seqs = [StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(ids)]
+    rows = SamplingRows([0.8, 0.0], [20, 0], [0.95, 1.0], [0.0, 0.0], [3, 4], [0, 0])
+    logits, tokens = runner.step(seqs, rows)
+    assert torch.equal(tokens, sample(logits, rows.to_tensors("cpu")))
+    assert tokens[1] == logits[1].argmax()
+    seqs = [StepSeq(i, [9], len(p), runner.kv.grow(i, len(p) + 1)) for i, p in enumerate(ids)]
+    with pytest.raises(ValueError, match="sampling rows: got 1, expected one per logits row"):
+        runner.step(seqs, SamplingRows([0.0], [0], [1.0], [0.0], [0], [0]))
+
+
+def test_request_token_slices():
+    from maverick.runtime.request import Request
+    from maverick.runtime.sampling_params import SamplingParams
+
+    r = Request(0, None, [1, 2, 3], SamplingParams(), 0, output_token_ids=[4, 5])
+    for a in range(6):
+        for b in range(a, 7):
+            assert r.token_ids(a, b) == r.all_token_ids[a:b], (a, b)
