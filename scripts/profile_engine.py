@@ -98,7 +98,8 @@ def main() -> int:
     runner.capture_cuda_graphs(sorted({1, 2, 4, 8, 16, 32, 64} | set(conc)))
     for c in conc:
         walls, phases, trace = run(runner, cfg.vocab_size, c, a.isl, a.steps, a.temperature, a.profile)
-        graph, _, _ = runner.graphs.graphs[runner.graphs.size_for(c)]
+        g = runner.graphs.graphs[runner.graphs.size_for(c)]
+        graph = g.forward if hasattr(g, "forward") else g[0]
         times = []
         for _ in range(50):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
