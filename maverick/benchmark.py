@@ -46,7 +46,7 @@ GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_num_tokens: int, tp_size: int,
-            rank: int, world: int, say) -> list:
+            rank: int, world: int, say, overlap: bool = True) -> list:
     """Every rank captures the decode graphs; rank 0 runs the engine loop and sends each step's plan to
     the other ranks, which follow (the LLM's own arrangement)."""
     from maverick import distributed
@@ -56,10 +56,11 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
     runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)])
     points = []
     if rank == 0:
-        send = distributed.broadcast_object if world > 1 else None
+        send = (lambda plan, rows: distributed.broadcast_object((plan, rows))) if world > 1 else None
         for isl, osl in workloads:
             for c in concurrency:
-                points.append(inflight_run(runner, isl, osl, c, max_num_tokens, tp_size, cfg.vocab_size, send))
+                points.append(inflight_run(runner, isl, osl, c, max_num_tokens, tp_size, cfg.vocab_size, send,
+                                           overlap))
                 say("  e2e " + points[-1].row(), flush=True)
         if world > 1:
             distributed.broadcast_object(STOP)
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per prefill step in the sweep")
     p.add_argument("--e2e", default="", help="ISL/OSL workloads run end to end through the engine loop at each "
                                              "--concurrency (in-flight batching, chunked prefill, graphs)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="end-to-end runs read each step's tokens before queuing the next (A/B of the overlap scheduler)")
     p.add_argument("--peer-baseline", action="store_true",
                    help="transformers vs maverick on a reduced Maverick (4 layers, 16 experts), one GPU")
     p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     mode = "one-rank" if world == 1 else "ranks"
     head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} pdl={a.pdl} "
-            f"pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} "
+            f"pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} overlap={a.overlap} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
     say(head, flush=True)
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             step = decode_step(runner, cfg, build, c, isl + osl // 2, bw, a.tp_size).step_ms
             sweep.append(SweepPoint(isl, osl, c, pre, step, a.tp_size))
             say("  sweep " + sweep[-1].row(), flush=True)
-    e2e = run_e2e(runner, cfg, e2e_workloads, concurrency, a.max_num_tokens, a.tp_size, rank, world, say) \
+    e2e = run_e2e(runner, cfg, e2e_workloads, concurrency, a.max_num_tokens, a.tp_size, rank, world, say,
+                  a.overlap) \
         if e2e_workloads else []
     peer = []
     if a.peer_baseline:

@@ -17,6 +17,7 @@ class _State:
     world_size: int = 1
     peer: object = None  # maverick_plugins.PeerWorkspace once enable_peer_all_reduce succeeded
     peer_on: bool = True
+    control: object = None  # a gloo group for step plans when the tensors go over NCCL
 
 
 _STATE = _State()
@@ -38,6 +39,8 @@ def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s
     if world_size_ > 1 and not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank_, world_size=world_size_,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "nccl":  # an object over NCCL goes through the GPU and waits for the queued steps
+            _STATE.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -47,6 +50,7 @@ def shutdown() -> None:
         torch.cuda.synchronize()
         dist.barrier()
     _STATE.peer = None
+    _STATE.control = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _STATE.rank, _STATE.world_size = 0, 1
@@ -111,7 +115,7 @@ def broadcast_object(obj, src: int = 0):
     if _STATE.world_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_STATE.control)
     return box[0]
 
 

@@ -44,8 +44,9 @@ class Phases:
         setattr(obj, name, timed)
 
 
-def run(runner, vocab, concurrency, isl, steps, temperature, profile):
-    engine = EngineCore(runner, None, max_batch_size=concurrency, max_num_tokens=8192)
+def run(runner, vocab, concurrency, isl, steps, temperature, profile, overlap):
+    kw = {} if overlap is None else dict(overlap=overlap)  # the baseline commit has no overlap scheduler
+    engine = EngineCore(runner, None, max_batch_size=concurrency, max_num_tokens=8192, **kw)
     params = SamplingParams(max_tokens=steps + 8, temperature=temperature, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     for _ in range(concurrency):
@@ -53,7 +54,10 @@ def run(runner, vocab, concurrency, isl, steps, temperature, profile):
     engine.step()  # prefill (eager), not profiled
     ph = Phases()
     ph.wrap(engine.scheduler, "schedule", "schedule")
-    if hasattr(engine, "_emit"):
+    if hasattr(engine, "_read"):
+        ph.wrap(engine.runner, "step", "forward + sampler call")
+        ph.wrap(engine, "_read", "token read + bookkeeping")
+    elif hasattr(engine, "_emit"):
         ph.wrap(engine.runner, "step", "forward + sampler call")
         ph.wrap(engine, "_emit", "token copy + bookkeeping")
     else:  # before 2026-11-26's one-copy inputs and sampler graphs
@@ -83,6 +87,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--overlap", choices=["on", "off"], help="the overlap scheduler (default: the engine's)")
     a = p.parse_args()
     cfg = ModelConfig.preset("maverick")
     conc = [int(x) for x in a.concurrency.split(",")]
@@ -97,7 +102,8 @@ def main() -> int:
                          device=dev, num_global_blocks=g, num_local_blocks=loc)
     runner.capture_cuda_graphs(sorted({1, 2, 4, 8, 16, 32, 64} | set(conc)))
     for c in conc:
-        walls, phases, trace = run(runner, cfg.vocab_size, c, a.isl, a.steps, a.temperature, a.profile)
+        overlap = None if a.overlap is None else a.overlap == "on"
+        walls, phases, trace = run(runner, cfg.vocab_size, c, a.isl, a.steps, a.temperature, a.profile, overlap)
         g = runner.graphs.graphs[runner.graphs.size_for(c)]
         graph = g.forward if hasattr(g, "forward") else g[0]
         times = []
@@ -109,7 +115,7 @@ def main() -> int:
             e.synchronize()
             times.append(s.elapsed_time(e))
         med = statistics.median
-        print(f"\nconcurrency {c}, context {a.isl}+, temperature {a.temperature}: step wall {1e3 * med(walls):.3f} ms "
+        print(f"\nconcurrency {c}, context {a.isl}+, temperature {a.temperature}, overlap {a.overlap}: step wall {1e3 * med(walls):.3f} ms "
               f"(median of {len(walls)}), graph replay alone {med(times):.3f} ms", flush=True)
         for k, v in phases.items():
             print(f"  {k:<22} {1e3 * med(v):.3f} ms", flush=True)

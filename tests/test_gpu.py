@@ -347,3 +347,18 @@ def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, prefetch, monkeypatc
     g.replay()
     base = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu, config=plain)
     assert ((out - base).norm() / base.norm()).item() < 1e-3
+
+
+def test_overlap_scheduler_with_cuda_graphs(tiny_engine):
+    """With graphs, the overlap scheduler feeds each decode step the previous step's samples on the
+    device (into the graph's static input ids): the tokens equal the synchronous engine's."""
+    prompts = [prompt_ids(30, seed=1), prompt_ids(12, seed=2), prompt_ids(50, seed=3)]
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=0.8, top_k=40, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=25, temperature=1.1, top_p=0.9, seed=4, ignore_eos=True)]
+    outs = {}
+    for off in (True, False):
+        with LLM(tiny_engine, device="cuda", disable_overlap_scheduler=off) as llm:
+            outs[off] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            assert (llm.engine.overlapped > 10) == (not off) and llm.kv_cache.all_free
+    assert outs[True] == outs[False]

@@ -43,14 +43,15 @@ HEADER = ("| ISL/OSL | concurrency | mean TTFT ms | mean request s | engine step
 
 
 def inflight_run(runner, isl: int, osl: int, concurrency: int, max_num_tokens: int, tp_size: int,
-                 vocab: int, before_step=None) -> E2EPoint:
-    """before_step(plan): with several ranks, rank 0 sends each step's plan to the others (as LLM does)."""
+                 vocab: int, before_step=None, overlap: bool = True) -> E2EPoint:
+    """before_step(plan, rows): with several ranks, rank 0 sends each step to the others (as LLM does).
+    overlap: the engine's overlap scheduler (queue the next decode step before reading this one's tokens)."""
     from maverick.runtime.engine import EngineCore
     from maverick.runtime.sampling_params import SamplingParams
 
     cuda = runner.device.type == "cuda"
     engine = EngineCore(runner, None, max_batch_size=concurrency, max_num_tokens=max_num_tokens,
-                        before_step=before_step)
+                        before_step=before_step, overlap=overlap)
     gen = torch.Generator().manual_seed(1000 * isl + concurrency)
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
     if cuda:

@@ -20,6 +20,7 @@ class StepSeq:
     start: int
     blocks: SeqBlocks
     num_logits: int = 1  # logits for the last n new tokens (n > 1: verifying draft tokens)
+    feed_row: int = -1  # >= 0: the last token is row feed_row of the previous step's samples (on the GPU)
 
 
 def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, scratch_global: int,

@@ -20,7 +20,7 @@ from maverick.layers.forward_batch import ForwardBatch
 from maverick.layers.sampler import SamplingTensors, sample
 
 from .sampling_rows import FLOAT_FIELDS, INT_FIELDS, SamplingRows
-from .staging import Staged
+from .staging import Staged, take_fed_tokens
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DecodeGraphs:
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             proto = make_batch(b)
             ints = Staged({**{k: tuple(t.shape) for k, t in proto.tensors().items()},
-                           **{k: (b,) for k in INT_FIELDS}}, torch.int64, self.device)
+                           **{k: (b,) for k in INT_FIELDS}, "feed_src": (b,)}, torch.int64, self.device)
             floats = Staged({k: (b,) for k in FLOAT_FIELDS}, torch.float32, self.device)
             self._write(ints, floats, proto, SamplingRows([], [], [], [], [], []).padded(b))
             batch = ForwardBatch(**{k: ints.views[k] for k in proto.tensors()})
@@ -80,13 +80,18 @@ class DecodeGraphs:
             floats.upload()
         ints.upload()
 
-    def replay(self, batch: ForwardBatch, rows: SamplingRows | None,
-               n_rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def replay(self, batch: ForwardBatch, rows: SamplingRows | None, n_rows: int, feed: torch.Tensor | None = None,
+               feed_src: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """batch (CPU) must already be padded to a captured size. Returns the logits of the first n_rows
-        and, if rows are given, their sampled tokens (on the device, not yet synchronized)."""
+        and, if rows are given, their sampled tokens (on the device, not yet synchronized). feed_src:
+        per token, the row of `feed` (the previous step's tokens on the device) to take instead, or -1."""
         g = self.graphs[batch.q_index.shape[0]]
         greedy = rows is None or rows.greedy
+        if feed_src is not None:
+            g.ints.write("feed_src", feed_src)
         self._write(g.ints, g.floats, batch, None if greedy else rows.padded(g.logits.shape[0]))
+        if feed_src is not None:
+            take_fed_tokens(g.ints.views["input_ids"], g.ints.views["feed_src"], feed)
         g.forward.replay()
         if rows is None:
             return g.logits[:n_rows], None

@@ -6,26 +6,32 @@ from typing import Callable
 
 import torch
 
-from maverick.layers.sampler import logprobs
-
 from .batch import StepSeq
 from .detokenizer import detokenize_step
+from .launched import Launched
 from .model_runner import ModelRunner
 from .request import Request, Status
 from .sampling_params import InvalidRequest, SamplingParams
 from .sampling_rows import SamplingRows
-from .scheduler import Scheduler
+from .scheduler import Scheduled, Scheduler
 
 
 class EngineCore:
+    """overlap: queue the next decode step before reading this one's tokens (see launched.py); the
+    tokens are the same either way. before_step(plan, rows): rank 0 sends each step to the other ranks."""
+
     def __init__(self, runner: ModelRunner, tokenizer, max_batch_size: int, max_num_tokens: int,
-                 before_step: Callable[[list[StepSeq]], None] | None = None):
+                 before_step: Callable[[list[StepSeq], SamplingRows | None], None] | None = None,
+                 overlap: bool = True):
         self.runner, self.tokenizer = runner, tokenizer
+        self.overlap = overlap
+        self._in_flight: Launched | None = None
+        self.overlapped = 0  # steps queued before the previous step's tokens were read
         self.cfg = runner.model.cfg
         self.max_seq_len = runner.max_seq_len
         self.scheduler = Scheduler(runner.kv, max_batch_size, max_num_tokens)
         self.requests: dict[int, Request] = {}
-        self.before_step = before_step or (lambda plan: None)
+        self.before_step = before_step or (lambda plan, rows: None)
         self._next_id = 0
         self.steps = 0
         eos = set(self.cfg.eos_token_ids)
@@ -74,7 +80,7 @@ class EngineCore:
             self._retire(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def _retire(self, req: Request) -> None:
         self.scheduler.finish(req)
@@ -82,38 +88,78 @@ class EngineCore:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one forward over the scheduled tokens; returns the requests that changed."""
-        sched = self.scheduler.schedule()
-        if not sched:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: the KV pool cannot hold any waiting request")
-            return []
-        plan = [StepSeq(s.request.request_id,
-                        s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_new),
-                        s.request.num_computed, self.runner.kv.seqs[s.request.request_id],
-                        num_logits=1 if s.completes else 0) for s in sched]
-        self.before_step(plan)
-        sampled = [s.request for s in sched if s.completes]  # in the order of the logits rows
-        logits, tokens = self.runner.step(plan, SamplingRows.of(sampled) if sampled else None)
+        """Run one forward over the scheduled tokens; returns the requests whose tokens were read.
+
+        With overlap, a step queues the next decode step (fed from this one's tokens on the GPU) before
+        it reads this one's tokens; a request that stops meanwhile wastes one row, never a token."""
+        if self._in_flight is None:
+            sched = self.scheduler.schedule()
+            if not sched:
+                if self.scheduler.has_work():
+                    raise RuntimeError("scheduler made no progress: the KV pool cannot hold any waiting request")
+                return []
+            plan = [StepSeq(s.request.request_id,
+                            s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_new),
+                            s.request.num_computed, self.runner.kv.seqs[s.request.request_id],
+                            num_logits=1 if s.completes else 0) for s in sched]
+            self._in_flight = self._launch(sched, plan, [s.request for s in sched if s.completes], pending=0)
+        prev, self._in_flight = self._in_flight, None
+        if self.overlap:
+            self._in_flight = self._continue(prev)
+        return self._read(prev)
+
+    def _launch(self, sched: list[Scheduled], plan: list[StepSeq], sampled: list[Request], pending: int,
+                feed: torch.Tensor | None = None) -> Launched:
+        rows = SamplingRows.of(sampled, pending) if sampled else None  # in the order of the logits rows
+        self.before_step(plan, rows)
+        logits, tokens = self.runner.step(plan, rows, feed)
         self.steps += 1
         for s in sched:
             s.request.num_computed += s.num_new
-        if sampled:
-            self._emit(logits, tokens, sampled)
-        return [s.request for s in sched]
+        return Launched.queue(sched, sampled, logits, tokens)
 
-    def _emit(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> None:
-        want_lp = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
-        lp = logprobs(logits, tokens, max(want_lp)) if want_lp else None
-        tokens_l = tokens.tolist()  # the step's one wait for the GPU
-        lp_l = [x.tolist() for x in lp] if lp is not None else None
-        for i, r in enumerate(reqs):
+    def _continue(self, prev: Launched) -> Launched | None:
+        """Queue the decode step that follows `prev` for all its requests, before prev's tokens are read:
+        only in steady decode (no prefill chunk, nobody admissible waiting, no stop by length due, KV
+        for one more token each); otherwise None and the next step is scheduled after the read."""
+        reqs = [r for r in prev.sampled if not r.finished]
+        sch = self.scheduler
+        if (not reqs or len(reqs) != len(prev.sched) or len(reqs) > sch.max_num_tokens
+                or (sch.waiting and len(sch.running) < sch.max_batch_size)):
+            return None
+        kv = self.runner.kv
+        need_g = need_l = 0
+        for r in reqs:
+            if (r.num_computed != r.num_tokens or len(r.output_token_ids) + 1 >= r.params.max_tokens
+                    or r.num_tokens + 1 >= self.max_seq_len):
+                return None
+            g, loc = kv.extra_blocks(r.request_id, r.num_tokens + 1)
+            need_g, need_l = need_g + g, need_l + loc
+        if need_g > kv.global_pool.num_free or need_l > kv.local_pool.num_free:
+            return None
+        self.overlapped += 1
+        row = {id(r): i for i, r in enumerate(prev.sampled)}
+        # the token fed at position num_tokens is prev's sample of that row, still on the GPU
+        plan = [StepSeq(r.request_id, [0], r.num_tokens, kv.grow(r.request_id, r.num_tokens + 1),
+                        feed_row=row[id(r)]) for r in reqs]
+        return self._launch([Scheduled(r, 1) for r in reqs], plan, reqs, pending=1, feed=prev.tokens)
+
+    def _read(self, launched: Launched) -> list[Request]:
+        """Wait for a launched step's tokens and append them (rows of finished requests are dropped)."""
+        if launched.tokens is None:
+            return [s.request for s in launched.sched]
+        done_before = {id(r) for r in launched.sampled if r.finished}  # stopped after this step was queued
+        tokens, lp = launched.results()
+        for i, r in enumerate(launched.sampled):
+            if id(r) in done_before:
+                continue
             entry = None
             if r.params.logprobs is not None:
-                entry = {tokens_l[i]: lp_l[0][i]}
-                for tid, v in zip(lp_l[2][i][: r.params.logprobs], lp_l[1][i][: r.params.logprobs]):
+                entry = {tokens[i]: lp[0][i]}
+                for tid, v in zip(lp[2][i][: r.params.logprobs], lp[1][i][: r.params.logprobs]):
                     entry.setdefault(tid, v)
-            self._append(r, tokens_l[i], entry)
+            self._append(r, tokens[i], entry)
+        return [s.request for s in launched.sched if id(s.request) not in done_before]
 
     def _append(self, r: Request, token: int, lp: dict[int, float] | None) -> None:
         r.output_token_ids.append(token)

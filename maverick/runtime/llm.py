@@ -37,10 +37,14 @@ class LLM:
         Check every engine file's sha256 before loading (default True).
     cuda_graphs : bool
         Capture decode steps as CUDA graphs on GPU (default True).
+    disable_overlap_scheduler : bool
+        Read each step's tokens before queuing the next (TensorRT-LLM's option of that name). By
+        default the next decode step is queued first, so host work hides behind the GPU; the tokens
+        are the same.
     """
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, tp_size: int | None = None,
-                 verify: bool = True, cuda_graphs: bool = True):
+                 verify: bool = True, cuda_graphs: bool = True, disable_overlap_scheduler: bool = False):
         self.engine_dir = Path(engine_dir)
         self.cfg = open_engine(self.engine_dir, tp_size, verify)
         kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +72,8 @@ class LLM:
         runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs)
         b = self.cfg.build
         self.engine = EngineCore(runner, self.tokenizer, b.max_batch_size, b.max_num_tokens,
-                                 before_step=self._broadcast if world > 1 else None)
+                                 before_step=self._broadcast if world > 1 else None,
+                                 overlap=not disable_overlap_scheduler)
 
     # ---- ranks -------------------------------------------------------------------------------
     def _backend(self) -> str:
@@ -124,10 +129,10 @@ class LLM:
             self.shutdown()
             raise RankFailure(f"a tensor-parallel rank failed: {msg}")
 
-    def _broadcast(self, plan) -> None:
+    def _broadcast(self, plan, rows) -> None:
         self._check_ranks()
         try:
-            dist.broadcast_object(plan)
+            dist.broadcast_object((plan, rows))
         except Exception as e:
             msg = self._rank_error()
             self.shutdown()

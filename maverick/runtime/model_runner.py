@@ -11,7 +11,7 @@ from maverick.models import Llama4ForCausalLM
 from .batch import StepSeq, build_forward_batch, ring_blocks
 from .kv_cache import KVCacheManager, cdiv
 from .sampling_rows import SamplingRows
-from .staging import to_device
+from .staging import take_fed_tokens, to_device
 
 
 class ModelRunner:
@@ -68,20 +68,43 @@ class ModelRunner:
         return self.step(seqs, None)[0]
 
     @torch.inference_mode()
-    def step(self, seqs: list[StepSeq], rows: SamplingRows | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(self, seqs: list[StepSeq], rows: SamplingRows | None,
+             feed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits as `forward`, and with `rows` (one per logits row) the sampled tokens [rows] on the
-        device: nothing here waits for the GPU, the caller's copy of the tokens does."""
+        device. feed: the previous step's tokens on the device, for seqs whose feed_row is set (their
+        last token is taken from it). Nothing here waits for the GPU; the caller's read of the tokens does."""
         n = sum(s.num_logits for s in seqs)
         if rows is not None and len(rows) != n:
             raise ValueError(f"sampling rows: got {len(rows)}, expected one per logits row ({n})")
+        fed = any(s.feed_row >= 0 for s in seqs)
+        if fed and feed is None:
+            raise ValueError("a sequence's feed_row is set but no previous tokens were given (feed)")
         graph_rows = self._graphable(seqs)
         if graph_rows is not None:  # decode: replay the captured graphs of the next size up
-            logits, tokens = self.graphs.replay(self._padded(seqs, graph_rows), rows, len(seqs))
+            src = _feed_index(seqs, graph_rows) if fed else None
+            logits, tokens = self.graphs.replay(self._padded(seqs, graph_rows), rows, len(seqs), feed, src)
         else:
             batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
-            logits = self.model(ForwardBatch(**to_device(batch.tensors(), self.device)), self.kv_caches)
+            inputs = batch.tensors()
+            if fed:
+                inputs["feed_src"] = torch.tensor(_feed_index(seqs, batch.num_tokens), dtype=torch.long)
+            inputs = to_device(inputs, self.device)
+            if fed:
+                take_fed_tokens(inputs["input_ids"], inputs.pop("feed_src"), feed)
+            logits = self.model(ForwardBatch(**inputs), self.kv_caches)
             tokens = None
             if rows is not None:  # greedy needs no sort and no noise: the argmax is what sample() returns
                 tokens = logits.argmax(dim=-1) if rows.greedy else sample(logits, rows.to_tensors(self.device))
         dist.check_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
         return logits, tokens
+
+
+def _feed_index(seqs: list[StepSeq], num_tokens: int) -> list[int]:
+    """Per token of the step: the row of the previous step's tokens it takes, or -1 (host token)."""
+    src, t = [-1] * num_tokens, 0
+    for s in seqs:
+        t += len(s.tokens)
+        if s.feed_row >= 0:
+            src[t - 1] = s.feed_row
+    return src
+

@@ -23,10 +23,11 @@ class SamplingRows:
     offsets: list[int]  # tokens generated so far: the counter of the request's noise
 
     @classmethod
-    def of(cls, requests) -> "SamplingRows":
+    def of(cls, requests, pending: int = 0) -> "SamplingRows":
+        """pending: tokens each request has sampled on the GPU that its output does not hold yet."""
         ps = [r.params for r in requests]
-        return cls([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
-                   [p.min_p for p in ps], [r.seed for r in requests], [len(r.output_token_ids) for r in requests])
+        return cls([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps],
+                   [r.seed for r in requests], [len(r.output_token_ids) + pending for r in requests])
 
     def __len__(self) -> int:
         return len(self.temperature)

@@ -64,3 +64,9 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
         out[name] = dev[at:at + t.numel()].view(t.shape)
         at += t.numel()
     return out
+
+
+def take_fed_tokens(input_ids: torch.Tensor, src: torch.Tensor, feed: torch.Tensor) -> None:
+    """input_ids[t] = feed[src[t]] where src[t] >= 0, on the device: the overlap scheduler feeds a token
+    sampled by the previous step without reading it on the host (fixed shapes, no sync)."""
+    input_ids.copy_(torch.where(src >= 0, feed.index_select(0, src.clamp(min=0)), input_ids))

@@ -42,12 +42,16 @@ def join_group(rank: int, world: int, backend: str, init_method: str, timeout_s:
 
 
 def serve_steps(runner) -> None:
-    """Follow rank 0: each broadcast is a step plan (a list of StepSeq) or STOP."""
+    """Follow rank 0: each broadcast is a step (plan: a list of StepSeq, sampling rows) or STOP. Every
+    rank samples too (the gathered logits are the same bits on every rank, so are the tokens): the
+    overlap scheduler's next step takes its tokens from the device on every rank."""
+    tokens = None
     while True:
-        plan = dist.broadcast_object(None)
-        if plan == STOP:
+        msg = dist.broadcast_object(None)
+        if isinstance(msg, str) and msg == STOP:
             return
-        runner.forward(plan)
+        plan, rows = msg
+        _, tokens = runner.step(plan, rows, tokens)
 
 
 def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
