@@ -226,3 +226,25 @@ def test_tiny_model_tp2_on_gpus_equals_tp1(tiny_engine, tiny_engine_tp2, cuda_gr
         got = [o.outputs[0].token_ids for o in two.generate(prompts, p)]
     assert got == ref
 
+
+
+@pytest.mark.gpu
+def test_tiny_model_tp2_overlap_equals_synchronous(tiny_engine_tp2):
+    """At TP2 every rank samples and feeds its own samples to the next queued step: the ranks must draw
+    the same tokens (same gathered logits, same counter-based noise), so sampled outputs with the
+    overlap scheduler equal the synchronous engine's."""
+    from helpers import prompt_ids
+
+    from maverick import LLM, SamplingParams
+
+    if torch.cuda.device_count() < 2:
+        pytest.fail("needs 2 GPUs: run on a multi-GPU kind")
+    prompts = [prompt_ids(40, seed=5), prompt_ids(11, seed=6), prompt_ids(23, seed=7)]
+    params = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=s, ignore_eos=True) for s in (1, 2)]
+    params.append(SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    outs = {}
+    for off in (False, True):
+        with LLM(tiny_engine_tp2, device="cuda", disable_overlap_scheduler=off) as two:
+            outs[off] = [o.outputs[0].token_ids for o in two.generate(prompts, params)]
+            assert (two.engine.overlapped > 10) == (not off)
+    assert outs[False] == outs[True]
