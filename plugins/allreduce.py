@@ -39,12 +39,20 @@ class PeerWorkspace:
         if pad.numel() < (rows + 2) * self.world:
             raise RuntimeError(f"signal pad has {pad.numel()} int32 slots, need (rows + 2) x world = "
                                f"{(rows + 2) * self.world}")
-        pad.zero_()
         self.buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         self.errors = torch.zeros(3, dtype=torch.int32, device=device)  # see allreduce_add_rms_norm_triton
         self._handle = handle  # keeps the mapping alive
-        handle.barrier()  # every pad is zero before anyone signals
+        # Every pad is zero before anyone signals, and the barrier that says so must not use the pads:
+        # a device barrier over them (handle.barrier(), the same slots and protocol) let a fast rank's
+        # signal land before a slow rank's zero_() ran and be wiped; the slow rank then consumed its
+        # peers' next signal as the lost one and ran one call behind ever after: wrong sums, and a
+        # timed-out last barrier with "no signal" from anyone (4xH200, BENCHMARKS.md).
+        pad.zero_()
+        torch.cuda.synchronize(device)
+        import torch.distributed as dist
+
+        dist.barrier(group=dist.distributed_c10d._resolve_process_group(group_name))
 
     def fits(self, delta: torch.Tensor, site: int) -> bool:
         return (delta.is_cuda and delta.dim() == 2 and delta.shape[0] <= self.rows

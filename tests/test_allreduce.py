@@ -208,16 +208,17 @@ def test_fused_allreduce_on_gpus(world, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_tiny_model_tp2_on_gpus_equals_tp1(tiny_engine, tiny_engine_tp2, cuda_graphs):
-    """The runtime at TP2 on two GPUs (NCCL all-reduces, the default; kernels; graphs or eager) gives
-    TP1's greedy tokens on the fp32 tiny engine."""
+@pytest.mark.parametrize("cuda_graphs,fused", [(False, False), (True, False), (True, True)])
+def test_tiny_model_tp2_on_gpus_equals_tp1(tiny_engine, tiny_engine_tp2, cuda_graphs, fused, monkeypatch):
+    """The runtime at TP2 on two GPUs (NCCL all-reduces or the fused one-shot kernel; kernels; graphs or
+    eager) gives TP1's greedy tokens on the fp32 tiny engine, and shuts down."""
     from helpers import prompt_ids
 
     from maverick import LLM, SamplingParams
 
     if torch.cuda.device_count() < 2:
         pytest.fail("needs 2 GPUs: run on a multi-GPU kind")
+    monkeypatch.setenv("MAVERICK_FUSED_ALLREDUCE", "1" if fused else "0")  # the spawned ranks inherit it
     prompts = [prompt_ids(40, seed=5), prompt_ids(11, seed=6)]
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     with LLM(tiny_engine, device="cuda", cuda_graphs=cuda_graphs) as one:
