@@ -40,3 +40,9 @@ def torchrun_world() -> tuple[int, int, int] | None:
         rank = int(os.environ["RANK"])
         return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
     return None
+
+
+def hang_dump_s() -> float:
+    """MAVERICK_HANG_DUMP_S=N: every rank prints all its threads' Python stacks every N seconds (to find
+    where a multi-GPU run hangs; off by default)."""
+    return float(os.environ.get("MAVERICK_HANG_DUMP_S", "0"))

@@ -58,7 +58,14 @@ def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backen
                 timeout_s: float, error_queue, cuda_graphs: bool = True) -> None:
     """Entry point of a spawned rank (torch.multiprocessing)."""
     try:
+        from maverick import envs
+
         from .engine_loader import open_engine
+
+        if envs.hang_dump_s() > 0:
+            import faulthandler
+
+            faulthandler.dump_traceback_later(envs.hang_dump_s(), repeat=True)
 
         device = torch.device(f"cuda:{rank}") if device_kind == "cuda" else torch.device("cpu")
         if device.type == "cuda":
