@@ -25,6 +25,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--graphs", choices=["on", "off"], default="on")
+    p.add_argument("--device", default="cuda", help="cpu: a dry run over gloo (no graphs)")
     a = p.parse_args()
     if envs.hang_dump_s() > 0:
         faulthandler.dump_traceback_later(envs.hang_dump_s(), repeat=True)
@@ -41,14 +42,14 @@ def main() -> int:
     outs = {}
     for tp, off in ((1, False), (a.tp, True), (a.tp, False)):
         t0 = time.time()
-        with LLM(engines[tp], device="cuda", cuda_graphs=a.graphs == "on", disable_overlap_scheduler=off) as llm:
+        with LLM(engines[tp], device=a.device, cuda_graphs=a.graphs == "on", disable_overlap_scheduler=off) as llm:
             outs[tp, off] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             print(f"tp={tp} overlap={not off}: generated in {time.time() - t0:.1f} s, "
                   f"{llm.engine.overlapped} overlapped steps", flush=True)
     same = outs[a.tp, True] == outs[a.tp, False]
     greedy_tp1 = outs[1, False][2] == outs[a.tp, False][2]
     print(f"LLM TP CHECK {'PASSED' if same and greedy_tp1 else 'FAILED'}: tp={a.tp} overlap == synchronous: {same}; "
-          f"greedy == TP1: {greedy_tp1}; card={torch.cuda.get_device_name()}", flush=True)
+          f"greedy == TP1: {greedy_tp1}; card={torch.cuda.get_device_name() if a.device == 'cuda' else 'cpu'}", flush=True)
     return 0 if same and greedy_tp1 else 1
 
 
