@@ -224,16 +224,21 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        if self._procs and not all(p.is_alive() for p in self._procs):
+            self._kill_ranks()  # a rank is gone: tearing the group down collectively would wait for it
+            return
         if self._procs:
-            if all(p.is_alive() for p in self._procs):
-                try:
-                    dist.broadcast_object(STOP)
-                except Exception:
-                    pass
-            for p in self._procs:
-                p.join(timeout=30)
-            self._kill_ranks()
+            try:
+                dist.broadcast_object(STOP)
+            except Exception:
+                self._kill_ranks()
+                return
+        # with the ranks, not before joining them: their shutdown (a barrier, the group's teardown) waits
+        # for this one; joining first left every rank waiting on the other until the join timed out
         dist.shutdown()
+        for p in self._procs:
+            p.join(timeout=30)
+        self._kill_ranks()
 
     def __enter__(self) -> "LLM":
         return self
