@@ -66,7 +66,7 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
             distributed.broadcast_object(STOP)
     else:
         serve_steps(runner)
-    runner.graphs = None
+    runner.release_graphs()
     return points
 
 

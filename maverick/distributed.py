@@ -52,6 +52,9 @@ def shutdown() -> None:
     _STATE.peer = None
     _STATE.control = None
     if dist.is_initialized():
+        import gc
+
+        gc.collect()  # CUDA graphs left in reference cycles would keep NCCL's captured collectives alive
         dist.destroy_process_group()
     _STATE.rank, _STATE.world_size = 0, 1
 

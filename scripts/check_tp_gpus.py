@@ -73,7 +73,10 @@ def main() -> int:
     if cfg.num_key_value_heads % world:  # the tiny preset has 2 kv heads: give tp 4 one kv head per rank
         cfg = dataclasses.replace(cfg, num_key_value_heads=world, num_attention_heads=2 * world)
     build = BuildConfig(tp_size=world, max_batch_size=4, max_seq_len=256, kv_cache_block_size=16,
-                        quant=QuantConfig("FP8", None), dtype="bfloat16" if cuda else "float32")
+                        quant=QuantConfig("FP8", None), dtype="float32")
+    # fp32 activations: NCCL then sums in fp32 like the fused kernel, so the two paths agree to summation
+    # order. In bf16 they differ by design at TP4 (NCCL rounds each partial sum to bf16, the fused kernel
+    # rounds once): 5.5e-2 on the random tiny model, whose FP8 activations amplify any rounding change.
     model = synthetic_model(cfg, build, rank, device, seed=3)
     fused = enable_fused_all_reduce(model, device, force=True)
     log(f"model ready, fused all-reduce: {fused}")
@@ -104,11 +107,12 @@ def main() -> int:
         log(f"{mode}: 6 graph replays done")
         results[mode] = torch.cat([o.float() for o in out])
     diff = ((results["fused"] - results["nccl"]).norm() / results["nccl"].norm()).item()
-    log(f"logits fused vs NCCL: relative difference {diff:.2e} (bf16 sums in another order)")
+    log(f"logits fused vs NCCL: relative difference {diff:.2e} (fp32 sums in another order)")
     stress_ok = stress(device, log) if cuda else True
+    runner.release_graphs()  # NCCL's group teardown waits for graphs that captured its collectives
     faulthandler.cancel_dump_traceback_later()
     distributed.shutdown()
-    ok = diff < 2e-2 and torch.isfinite(results["fused"]).all().item() and stress_ok
+    ok = diff < 1e-3 and torch.isfinite(results["fused"]).all().item() and stress_ok
     if rank == 0:
         print("TP CHECK", "PASSED" if ok else "FAILED",
               f"world={world} card={torch.cuda.get_device_name() if cuda else 'cpu'}")

@@ -108,7 +108,9 @@ class LLM:
             return
         device = torch.device(f"cuda:{rank % max(1, torch.cuda.device_count())}") \
             if self.device_kind == "cuda" else torch.device("cpu")
-        serve_steps(build_runner(self.engine_dir, self.cfg, rank, device, self.cuda_graphs))
+        runner = build_runner(self.engine_dir, self.cfg, rank, device, self.cuda_graphs)
+        serve_steps(runner)
+        runner.release_graphs()
         dist.shutdown()
         raise SystemExit(0)
 
@@ -235,6 +237,8 @@ class LLM:
                 return
         # with the ranks, not before joining them: their shutdown (a barrier, the group's teardown) waits
         # for this one; joining first left every rank waiting on the other until the join timed out
+        if getattr(self, "engine", None) is not None:
+            self.engine.runner.release_graphs()
         dist.shutdown()
         for p in self._procs:
             p.join(timeout=30)

@@ -51,6 +51,17 @@ class ModelRunner:
                                    ring_blocks(self.max_seq_len, self.chunk, self.block_size), self.device)
         self.graphs.capture(lambda b: self._padded([], b))
 
+    def release_graphs(self) -> None:
+        """Free the captured graphs (before the TP group is torn down: NCCL keeps a communicator whose
+        collectives live in a graph until the graph is destroyed, so destroy_process_group waited
+        forever with the graphs alive: TP2 on 2xH100 in the fifth session)."""
+        import gc
+
+        self.graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _padded(self, seqs: list[StepSeq], rows: int):
         batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local,
                                     pad_batch=rows, pad_q=1, pad_global_blocks=self.graph_blocks,

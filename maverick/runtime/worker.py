@@ -74,6 +74,7 @@ def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backen
         cfg = open_engine(engine_dir, verify=False)  # rank 0 verified every file's hash
         runner = build_runner(engine_dir, cfg, rank, device, cuda_graphs)
         serve_steps(runner)
+        runner.release_graphs()  # before the group's teardown in `finally`
     except Exception as e:  # report to rank 0, which raises a clear error instead of hanging
         error_queue.put(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
         raise SystemExit(1)
