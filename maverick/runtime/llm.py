@@ -226,15 +226,16 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        if self._procs and not all(p.is_alive() for p in self._procs):
-            self._kill_ranks()  # a rank is gone: tearing the group down collectively would wait for it
-            return
-        if self._procs:
+        stopped = bool(self._procs) and all(p.is_alive() for p in self._procs)
+        if stopped:
             try:
                 dist.broadcast_object(STOP)
             except Exception:
-                self._kill_ranks()
-                return
+                stopped = False
+        if self._procs and not stopped:  # a rank is gone: no collective teardown, this rank's state only
+            self._kill_ranks()
+            dist.shutdown()
+            return
         # with the ranks, not before joining them: their shutdown (a barrier, the group's teardown) waits
         # for this one; joining first left every rank waiting on the other until the join timed out
         if getattr(self, "engine", None) is not None:
