@@ -53,6 +53,7 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
     from maverick.bench.e2e import inflight_run
     from maverick.runtime.worker import STOP, serve_steps
 
+    runner.warmup(max_num_tokens)  # compile the prefill kernels now, not in the first request's TTFT
     runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)])
     points = []
     if rank == 0:

@@ -58,3 +58,16 @@ def test_request_token_slices():
     for a in range(6):
         for b in range(a, 7):
             assert r.token_ids(a, b) == r.all_token_ids[a:b], (a, b)
+
+
+def test_warmup_leaves_the_cache_as_it_was(tmp_path):
+    """The startup warm-up (two throwaway prefills) returns every KV block and changes no later result."""
+    runner = runner_for(make_ckpt(tmp_path, "default"), max_seq_len=64)
+    ids = prompt_ids(9, seed=3)
+    before = runner.forward([StepSeq(0, ids, 0, runner.kv.grow(0, len(ids)))])
+    runner.kv.free(0)
+    runner.warmup(max_num_tokens=8192)  # clipped to max_seq_len - 1
+    assert runner.kv.all_free
+    after = runner.forward([StepSeq(0, ids, 0, runner.kv.grow(0, len(ids)))])
+    runner.kv.free(0)
+    assert torch.equal(before, after)

@@ -23,6 +23,8 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     enable_fused_all_reduce(model, device)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device)
+    if device.type == "cuda":
+        runner.warmup(b.max_num_tokens)
     if cuda_graphs and device.type == "cuda":
         runner.capture_cuda_graphs([s for s in b.cuda_graph_batch_sizes if s <= b.max_batch_size])
     return runner
