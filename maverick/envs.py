@@ -24,8 +24,8 @@ def rank_timeout_s() -> float:
 
 def fused_all_reduce() -> bool:
     """MAVERICK_FUSED_ALLREDUCE=1 turns on the fused one-shot all-reduce + add + RMSNorm in the runtime.
-    Off by default: on 4xH200 (commit 6ecfeb3) one rank of four stayed stuck in a replay of 96 fused calls
-    while the others finished (BENCHMARKS.md); the kernel matches its reference, the runtime is not safe yet."""
+    Off by default: the set-up race that left one rank of four a call behind is fixed (5e6c4c7, 4xH200),
+    but the TP group's shutdown with CUDA graphs has not been rerun on GPUs since its fix (BENCHMARKS.md)."""
     return os.environ.get("MAVERICK_FUSED_ALLREDUCE", "0") == "1"
 
 
