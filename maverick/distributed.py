@@ -43,19 +43,29 @@ def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s
             _STATE.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def shutdown() -> None:
+def shutdown(timeout_s: float = 30.0) -> None:
+    """Leave the group. Collective: every rank calls it at about the same time (with CUDA graphs freed
+    first). The teardown runs in a thread and is given timeout_s: a teardown that hangs (seen on GPUs
+    with graphs alive, BENCHMARKS.md) is logged and left to process exit instead of hanging the caller."""
     if _STATE.peer is not None and dist.is_initialized():
-        # no rank unmaps its peer buffers while another may still read them. (With the fused all-reduce
-        # on, TP2 on 4xH200 still hangs in destroy_process_group after this barrier: BENCHMARKS.md.)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # no rank unmaps its peer buffers while another may still read them
         dist.barrier()
     _STATE.peer = None
     _STATE.control = None
     if dist.is_initialized():
         import gc
+        import threading
 
         gc.collect()  # CUDA graphs left in reference cycles would keep NCCL's captured collectives alive
-        dist.destroy_process_group()
+        t = threading.Thread(target=dist.destroy_process_group, name="maverick-tp-teardown", daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if t.is_alive():
+            import logging
+
+            logging.getLogger("maverick").warning(
+                "rank %d: the tensor-parallel group did not shut down in %.0f s; left to process exit",
+                _STATE.rank, timeout_s)
     _STATE.rank, _STATE.world_size = 0, 1
 
 
