@@ -101,6 +101,13 @@ def check_peer_all_reduce() -> None:
         ws.check()
 
 
+def poll_peer_all_reduce() -> None:
+    """check_peer_all_reduce without a sync, for every step: raises a step or two after a timeout."""
+    ws = peer_workspace()
+    if ws is not None:
+        ws.poll()
+
+
 def use_peer_all_reduce(enabled: bool) -> None:
     """Switch between the fused one-shot path and NCCL + add+norm (A/B runs; call on every rank alike)."""
     _STATE.peer_on = enabled

@@ -43,6 +43,7 @@ class PeerWorkspace:
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         self.errors = torch.zeros(3, dtype=torch.int32, device=device)  # see allreduce_add_rms_norm_triton
         self._handle = handle  # keeps the mapping alive
+        self._lagged = LaggedErrors(self.errors, self.rank)
         # Every pad is zero before anyone signals, and the barrier that says so must not use the pads:
         # a device barrier over them (handle.barrier(), the same slots and protocol) let a fast rank's
         # signal land before a slow rank's zero_() ran and be wiped; the slow rank then consumed its
@@ -69,6 +70,33 @@ class PeerWorkspace:
     def check(self) -> None:
         """Raise if any fused barrier timed out since creation (reads 3 ints from the GPU: a sync)."""
         raise_on_barrier_timeouts(self.errors, self.rank)
+
+    def poll(self) -> None:
+        """check() for the step loop: never waits for the GPU (a timeout surfaces a step or two late)."""
+        self._lagged.poll()
+
+
+class LaggedErrors:
+    """Reads a device error record on the host without a stream sync: each poll looks at the copy the
+    previous poll queued, once it has landed, then queues a fresh one. (A blocking read every step
+    made the host wait for the queued step and undid the overlap scheduler.)"""
+
+    def __init__(self, errors: torch.Tensor, rank: int):
+        self.errors, self.rank = errors, rank
+        cuda = errors.is_cuda
+        self.host = torch.zeros(errors.shape, dtype=errors.dtype, pin_memory=cuda)
+        self.landed = torch.cuda.Event() if cuda else None
+        self.queued = False
+
+    def poll(self) -> None:
+        if self.queued:
+            if self.landed is not None and not self.landed.query():
+                return  # the last copy is still behind queued work: look next time
+            raise_on_barrier_timeouts(self.host, self.rank)
+        self.host.copy_(self.errors, non_blocking=True)
+        if self.landed is not None:
+            self.landed.record()
+        self.queued = True
 
 
 def raise_on_barrier_timeouts(errors: torch.Tensor, rank: int) -> None:

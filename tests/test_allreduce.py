@@ -249,3 +249,18 @@ def test_tiny_model_tp2_overlap_equals_synchronous(tiny_engine_tp2):
             outs[off] = [o.outputs[0].token_ids for o in two.generate(prompts, params)]
             assert (two.engine.overlapped > 10) == (not off)
     assert outs[False] == outs[True]
+
+
+def test_lagged_error_read_raises_without_waiting():
+    """The step loop's barrier-timeout check reads the record copied at the previous poll: the first poll
+    after a timeout only queues the copy, the next one raises the clear error."""
+    from maverick_plugins.allreduce import LaggedErrors
+
+    errors = torch.zeros(3, dtype=torch.int32)
+    lagged = LaggedErrors(errors, rank=1)
+    lagged.poll()
+    lagged.poll()  # nothing timed out: silent
+    errors.copy_(torch.tensor([1, 5, 1], dtype=torch.int32))  # a barrier at site 5 heard nothing from rank 0
+    lagged.poll()  # reads the copy queued before the timeout
+    with pytest.raises(RuntimeError, match=r"rank 1: 1 barrier\(s\) timed out, the last at call site 5"):
+        lagged.poll()

@@ -122,7 +122,7 @@ class ModelRunner:
             tokens = None
             if rows is not None:  # greedy needs no sort and no noise: the argmax is what sample() returns
                 tokens = logits.argmax(dim=-1) if rows.greedy else sample(logits, rows.to_tensors(self.device))
-        dist.check_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
+        dist.poll_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
         return logits, tokens
 
 
