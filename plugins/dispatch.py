@@ -19,7 +19,7 @@ _enabled = True
 # for its inputs with griddepcontrol. Measured OFF by default: in one run on H200 (TP8 one-rank step,
 # batch 1, 1K context) waiting at kernel entry made the step slower, 3.17-3.20 ms with it against
 # 2.87-2.88 ms without. It can only pay once kernels stream their weights before the wait.
-# `maverick-bench --no-pdl` / set_pdl() compare the two.
+# `maverick-bench --pdl` / set_pdl() compare the two.
 PDL = False
 PDL_LAUNCH: dict = {}
 # With PDL: the FP8 GEMMs bulk-prefetch their weight slices into L2 before they wait (weights depend
