@@ -80,6 +80,8 @@ def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtyp
         return False
     import maverick_plugins as ops
 
+    if not peer_rendezvous_can_meet():
+        return False
     try:
         _STATE.peer = ops.PeerWorkspace(dist.group.WORLD.group_name, sites, rows, hidden, dtype, device)
     except (RuntimeError, ImportError) as e:  # no P2P between these GPUs, no symmetric memory in this torch
@@ -88,6 +90,23 @@ def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtyp
         logging.getLogger("maverick").warning("fused all-reduce unavailable (%s); using NCCL", e)
         _STATE.peer = None
     return _STATE.peer is not None
+
+
+def peer_rendezvous_can_meet() -> bool:
+    """Collective. False on every rank (with a warning) unless all ranks' processes made the same number
+    of peer-memory rendezvous so far (see maverick_plugins.PeerWorkspace): a mismatch would hang."""
+    import maverick_plugins as ops
+
+    counts = [None] * _STATE.world_size
+    dist.all_gather_object(counts, ops.PeerWorkspace.rendezvous_done, group=_STATE.control)
+    if len(set(counts)) == 1:
+        return True
+    import logging
+
+    logging.getLogger("maverick").warning(
+        "fused all-reduce unavailable: the ranks' processes made %s peer-memory rendezvous before (torch numbers "
+        "them per process, so these ranks cannot meet; e.g. a second LLM in one script); using NCCL", counts)
+    return False
 
 
 def peer_workspace():

@@ -24,7 +24,13 @@ class PeerWorkspace:
 
     Every rank of `group_name` must construct it (rendezvous is collective), before any CUDA graph
     is captured. rows bounds the tokens of a fused call: 16 x 5120 bf16 x 96 sites = 15.7 MB.
+    Only ranks that have made the same number of rendezvous in their processes can meet: torch numbers
+    them with a process-wide counter in its store keys, so a process that rendezvoused before (an
+    earlier LLM in the same script) waits forever on freshly spawned workers (2xH100, BENCHMARKS.md).
+    Compare rendezvous_count() across ranks first.
     """
+
+    rendezvous_done = 0  # in this process, over all instances
 
     def __init__(self, group_name: str, sites: int, rows: int, hidden: int, dtype: torch.dtype,
                  device: torch.device):
@@ -32,6 +38,7 @@ class PeerWorkspace:
 
         self.sites, self.rows, self.hidden = sites, rows, hidden
         self.buffer = symm_mem.empty(sites, rows, hidden, dtype=dtype, device=device)
+        PeerWorkspace.rendezvous_done += 1  # counted even if it fails: torch's counter moved as well
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.rank, self.world = handle.rank, handle.world_size
         pad = handle.get_signal_pad(handle.rank, dtype=torch.int32)

@@ -26,7 +26,9 @@ run() {  # name, seconds, command...
 for part in $PARTS; do
   case $part in
     tests) multi=$([ "$GPUS" -ge 2 ] && echo tests/test_allreduce.py)  # its GPU tests need 2 and 4 GPUs
-           run gpu_tests 240 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py $multi -p no:cacheprovider ;;
+           # the 4-GPU case fails (never skips) where it cannot run; leave it out on 2 GPUs
+           only=(); [ "$GPUS" -lt 4 ] && only=(-k "not on_gpus[4]")
+           run gpu_tests 240 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py $multi "${only[@]}" -p no:cacheprovider ;;
     tune) run tune 300 python3 scripts/tune_kernels.py ;;
     kernels) run kernels 150 python3 scripts/bench_kernels.py ;;
     tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" scripts/check_tp_gpus.py

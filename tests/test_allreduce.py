@@ -264,3 +264,26 @@ def test_lagged_error_read_raises_without_waiting():
     lagged.poll()  # reads the copy queued before the timeout
     with pytest.raises(RuntimeError, match=r"rank 1: 1 barrier\(s\) timed out, the last at call site 5"):
         lagged.poll()
+
+
+def _count_rank(rank, world, init, bump, out_dir):
+    from maverick import distributed
+
+    distributed.init(rank, world, "gloo", init)
+    if rank == 0:
+        ops.PeerWorkspace.rendezvous_done += bump  # as if this process had built an earlier LLM
+    (Path(out_dir) / f"rank{rank}").write_text(str(distributed.peer_rendezvous_can_meet()))
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("bump", [0, 1])
+def test_peer_rendezvous_needs_equal_counts_on_every_rank(bump, tmp_path):
+    """torch numbers symmetric-memory rendezvous per process; a rank 0 that made one before (an earlier LLM)
+    and fresh workers would wait on each other forever (2xH100): every rank must agree to fall back."""
+    import torch.multiprocessing as mp
+
+    from maverick.distributed import free_port
+
+    mp.start_processes(_count_rank, args=(2, f"tcp://127.0.0.1:{free_port()}", bump, str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [str(bump == 0)] * 2
