@@ -15,6 +15,7 @@ from .attention import paged_attention as _paged_attention
 from .fp8 import fp8_linear as _fp8_linear
 from .fp8 import fp8_linear_swiglu as _fp8_linear_swiglu
 from .moe import moe_experts as _moe_experts
+from .moe import moe_ffn as _moe_ffn
 from .moe import moe_router as _moe_router
 from .norm import add_rms_norm as _add_rms_norm
 from .norm import rms_norm as _rms_norm
@@ -87,6 +88,23 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
 @moe_experts.register_fake
 def _(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale, gate_up_input_scale, down_scale,
       down_input_scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("maverick::moe_ffn", mutates_args=())
+def moe_ffn(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor, gate_up: torch.Tensor,
+            down: torch.Tensor, expert_offset: int, gate_up_scale: torch.Tensor,
+            gate_up_input_scale: torch.Tensor | None, down_scale: torch.Tensor,
+            down_input_scale: torch.Tensor | None, shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
+            shared_gate_up_input_scale: torch.Tensor, shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
+            shared_down_input_scale: torch.Tensor) -> torch.Tensor:
+    return _moe_ffn(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale, gate_up_input_scale,
+                    down_scale, down_input_scale, shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale,
+                    shared_down, shared_down_scale, shared_down_input_scale)
+
+
+@moe_ffn.register_fake
+def _(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .activation import swiglu
 from .dispatch import kernels_enabled, threshold
-from .fp8 import fp8_linear, fp8_linear_ref, quantize_fp8
+from .fp8 import fp8_linear, fp8_linear_ref, fp8_linear_swiglu, quantize_fp8
 
 
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +49,43 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
                                    gate_up_input_scale, down_scale, down_input_scale)
     return moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                            gate_up_input_scale, down_scale, down_input_scale)
+
+
+def moe_ffn(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+            gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int,
+            gate_up_scale: torch.Tensor, gate_up_input_scale: torch.Tensor | None,
+            down_scale: torch.Tensor, down_input_scale: torch.Tensor | None,
+            shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor, shared_gate_up_input_scale: torch.Tensor,
+            shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
+            shared_down_input_scale: torch.Tensor) -> torch.Tensor:
+    """The whole MoE FFN after the router: shared_expert(x) + routed experts, FP8 experts and an FP8 shared
+    expert (gate_up [2Is, H] with row scales, down [H, Is], static input scales). For a few tokens on CUDA
+    one kernel pair computes both (the shared expert as one more row per token: 5 launches -> 2)."""
+    if x.shape[0] <= threshold(x, "moe_max_tokens"):
+        from .kernels.moe_gemv import moe_experts_gemv
+
+        return moe_experts_gemv(x.contiguous(), top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                                gate_up_input_scale, down_scale, down_input_scale,
+                                shared=(shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale,
+                                        shared_down, shared_down_scale, shared_down_input_scale))
+    routed = moe_experts(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale, gate_up_input_scale,
+                         down_scale, down_input_scale)
+    h = fp8_linear_swiglu(x, shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale, x.dtype)
+    return fp8_linear(h, shared_down, shared_down_scale, shared_down_input_scale, x.dtype) + routed
+
+
+def moe_ffn_ref(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int,
+                gate_up_scale: torch.Tensor, gate_up_input_scale: torch.Tensor | None,
+                down_scale: torch.Tensor, down_input_scale: torch.Tensor | None,
+                shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
+                shared_gate_up_input_scale: torch.Tensor, shared_down: torch.Tensor,
+                shared_down_scale: torch.Tensor, shared_down_input_scale: torch.Tensor) -> torch.Tensor:
+    """Specification of moe_ffn: the shared expert's output (rounded to x's dtype) plus the routed one."""
+    routed = moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                             gate_up_input_scale, down_scale, down_input_scale)
+    h = swiglu(fp8_linear_ref(x, shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale, x.dtype))
+    return fp8_linear_ref(h, shared_down, shared_down_scale, shared_down_input_scale, x.dtype) + routed
 
 
 def _grouped_mm_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:

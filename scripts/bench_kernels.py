@@ -80,18 +80,41 @@ def bench_gemm(name, n, k, m, rows, swiglu=False):
     return (name, m, nbytes / 1e6, ours, cublas, read)
 
 
-def bench_moe(h, i, e, m):
-    gu = [(torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
-    dn = [(torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+def bench_moe(h, i, e, m, copies_=8):
+    """The MoE FFN after the router at batch m: the fused kernel pair (selected experts + shared expert)
+    against the unfused path of the same math in the same run (routed kernel pair, then the shared expert's
+    two FP8 GEMMs and the add), against the routed pair alone and a plain read of the bytes. Each of the
+    `copies_` rotations routes to other experts and uses another shared-expert copy, so no call finds its
+    weights in L2."""
+    gu = (torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    dn = (torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
     s = torch.tensor(1e-3, device="cuda")
     xs = torch.tensor(8 / 448, device="cuda")
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, e, (m, 1), device="cuda")
+    perm = torch.randperm(e, device="cuda")
+    ids = [perm.roll(m * j)[:m].view(m, 1) for j in range(copies_)]  # distinct experts across rotations
     sc = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
-    ours = graph_ms([lambda a=a, b=b: moe_experts_gemv(x, ids, sc, a, b, 0, s, xs, s, xs) for a, b in zip(gu, dn)])
-    distinct = len(set(ids.flatten().tolist()))
-    nbytes = distinct * 3 * h * i
-    return ("moe experts (selected)", m, nbytes / 1e6, ours, float("nan"), graph_ms(plain_read(nbytes)))
+    shared = [(fp8_weight(2 * i, h), torch.full((2 * i,), 1e-3, device="cuda"), xs, fp8_weight(h, i), s, xs)
+              for _ in range(copies_)]
+    fused = graph_ms([lambda j=j: moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s, xs, s, xs, shared=shared[j])
+                      for j in range(copies_)])
+
+    def unfused(j):
+        sgu, sgs, sxs, sdn, sds, sdx = shared[j]
+        h13 = fp8_gemm_small_m(x, sgu, sgs, sxs, torch.bfloat16, swiglu=True)
+        return fp8_gemm_small_m(h13, sdn, sds, sdx, torch.bfloat16) + moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s,
+                                                                                        xs, s, xs)
+
+    separate = graph_ms([lambda j=j: unfused(j) for j in range(copies_)])
+    routed = graph_ms([lambda j=j: moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s, xs, s, xs) for j in range(copies_)])
+    routed_bytes = m * 3 * h * i  # m distinct experts per call
+    total = routed_bytes + 3 * h * i
+    return [("moe ffn fused: selected + shared expert, 2 launches", m, total / 1e6, fused, float("nan"),
+             graph_ms(plain_read(total))),
+            ("moe ffn unfused: routed pair + shared fc13, fc2 + add", m, total / 1e6, separate, float("nan"),
+             graph_ms(plain_read(total))),
+            ("routed experts alone (selected)", m, routed_bytes / 1e6, routed, float("nan"),
+             graph_ms(plain_read(routed_bytes)))]
 
 
 def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
@@ -128,7 +151,7 @@ def main():
         for name, n, k, r in shapes:
             rows.append(bench_gemm(name, n, k, m, r))
         rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
-        rows.append(bench_moe(H, I // tp, E, m))
+        rows.extend(bench_moe(H, I // tp, E, m))
     for ctx in (1024, 8192, 131072):
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))

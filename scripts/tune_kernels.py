@@ -37,22 +37,29 @@ def tune_gemm(n, k, m=1, swiglu=False):
     return best[:3] + plain, failed
 
 
-def tune_moe(h, i, e=128, m=1):
-    gu = [(torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
-    dn = [(torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+def tune_moe(h, i, e=128, m=1, n=8):
+    """The fused MoE pair (selected experts + shared expert): pass 1's config with pass 2 at the default,
+    then pass 2's with the best pass 1. Each rotation routes to other experts and another shared copy."""
+    from maverick_plugins.kernels.moe_gemv import DEFAULT_CONFIG
+
+    gu = (torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    dn = (torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
     s, xs = torch.tensor(1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, e, (m, 1), device="cuda")
+    perm = torch.randperm(e, device="cuda")
+    ids = [perm.roll(m * j)[:m].view(m, 1) for j in range(n)]
     sc = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
-    best = []
-    for bn in (2, 4, 8):
-        for bk in (512, 1024, 2048):
-            for nw in (2, 4):
-                t = graph_ms([lambda a=a, b=b: moe_experts_gemv(x, ids, sc, a, b, 0, s, xs, s, xs, config=(bn, bk, nw))
-                              for a, b in zip(gu, dn)], iters=15)
-                best.append((t, bn, bk, nw))
-    best.sort()
-    return best[:3]
+    shared = [(fp8_weight(2 * i, h), torch.full((2 * i,), 1e-3, device="cuda"), xs, fp8_weight(h, i), s, xs)
+              for _ in range(n)]
+
+    def time(cfg):
+        return graph_ms([lambda j=j: moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s, xs, s, xs, shared=shared[j],
+                                                      config=cfg) for j in range(n)], iters=15)
+
+    grid = [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (2, 4, 8)]
+    first = sorted((time((c, DEFAULT_CONFIG[1])), c) for c in grid)
+    second = sorted((time((first[0][1], c)), c) for c in grid)
+    return first[:3], second[:3]
 
 
 def tune_attention(ctx, batch):
@@ -62,14 +69,23 @@ def tune_attention(ctx, batch):
 
 
 if __name__ == "__main__":
-    for ctx in (1024, 8192, 131072):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--parts", default="attention,gemm,moe", help="comma-separated: attention, gemm, moe")
+    parts = p.parse_args().parts.split(",")
+    for ctx in (1024, 8192, 131072) if "attention" in parts else ():
         for b in (1, 8):
             print("attention", ctx, b, tune_attention(ctx, b), flush=True)
     H, I, M_ = 5120, 8192, 16384
-    for name, n, k, swiglu in [("qkv", 896, H, False), ("o_proj", H, 640, False), ("dense fc13", 4096, H, True),
-                               ("dense fc2", H, 2048, False), ("shared fc13", 2048, H, True),
-                               ("shared fc2", H, 1024, False), ("lm_head", 25264, H, False)]:
+    gemms = [("qkv", 896, H, False), ("o_proj", H, 640, False), ("dense fc13", 4096, H, True),
+             ("dense fc2", H, 2048, False), ("shared fc13", 2048, H, True), ("shared fc2", H, 1024, False),
+             ("lm_head", 25264, H, False)]
+    for name, n, k, swiglu in gemms if "gemm" in parts else ():
         best, failed = tune_gemm(n, k, swiglu=swiglu)
         print(name, n, k, f"swiglu={swiglu}", [(round(t, 1), *c) for t, *c in best], f"({failed} configs failed)",
               flush=True)
-    print("moe", [(round(t, 1), *c) for t, *c in tune_moe(H, I // 8)], flush=True)
+    for m in (1, 8) if "moe" in parts else ():
+        p1, p2 = tune_moe(H, I // 8, m=m)
+        print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],
+              "pass 2 (best pass 1):", [(round(t, 1), c) for t, c in p2], flush=True)

@@ -362,3 +362,42 @@ def test_overlap_scheduler_with_cuda_graphs(tiny_engine):
             outs[off] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             assert (llm.engine.overlapped > 10) == (not off) and llm.kv_cache.all_free
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("T,offset,dynamic", [(1, 0, False), (8, 0, False), (5, 8, False), (3, 0, True)])
+def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
+    """The min-latency MoE FFN (selected experts + shared expert in two launches, default configs) at one TP8
+    rank's sizes (H 5120, I 1024) against moe_ffn_ref, in a CUDA graph with the routing changed between
+    replays; with expert parallelism (offset: half the routed experts elsewhere) and Meta-style channels."""
+    import maverick_plugins as ops
+
+    torch.manual_seed(3)
+    H, I, E = 5120, 1024, 16
+    w8 = lambda *s: (torch.randn(*s, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
+    if dynamic:
+        args = (gu8, dn8, offset, torch.rand(E, 2 * I, device="cuda") / 512 + 1e-4, None,
+                torch.rand(E, H, device="cuda") / 512 + 1e-4, None)
+    else:
+        s, xs = torch.tensor(1 / 512.0, device="cuda"), torch.tensor(4 / 448, device="cuda")
+        args = (gu8, dn8, offset, s, xs, s, xs)
+    shared = (w8(2 * I, H), torch.rand(2 * I, device="cuda") / 512 + 1e-4, torch.tensor(4 / 448, device="cuda"),
+              w8(H, I), torch.tensor(1 / 700.0, device="cuda"), torch.tensor(2 / 448, device="cuda"))
+    ids = torch.zeros(T, 1, dtype=torch.int64, device="cuda")
+    sc = torch.zeros(T, 1, dtype=torch.bfloat16, device="cuda")
+    run = lambda: ops.moe_ffn(x, ids, sc, *args, *shared)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        ids.copy_(torch.randint(0, E + offset, (T, 1), generator=gen))
+        sc.copy_(torch.rand(T, 1, generator=gen))
+        g.replay()
+        ref = ops.moe_ffn_ref(x, ids, sc, *args, *shared).float()
+        routed_off = ops.moe_ffn_ref(x, ids, sc, *args[:2], 10 ** 6, *args[3:], *shared).float()
+        assert ((ref - routed_off).norm() / ref.norm()).item() > 0.05 or offset  # the routed part counts
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2  # FP8 requantization of h, bf16 rounding

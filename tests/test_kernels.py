@@ -115,6 +115,34 @@ def test_moe_gemv(top_k, channel):
     assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
 
 
+@pytest.mark.parametrize("top_k,channel,Is", [(1, False, 32), (2, False, 48), (1, True, 16)])
+def test_moe_ffn_with_shared_expert(top_k, channel, Is):
+    """Routed experts and the shared expert in the same two launches (shared intermediate Is may differ
+    from the routed one, as with expert parallelism) against moe_ffn_ref."""
+    from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
+
+    torch.manual_seed(10 + top_k)
+    T, H, I, E, offset = 3, 64, 32, 4, 2
+    x = act(T, H)
+    vals, ids = torch.randn(T, 8, device=DEV).topk(top_k, dim=-1)
+    scores = torch.sigmoid(vals) if GPU else torch.ones_like(vals)
+    if channel:
+        gs, ds = torch.rand(E, 2 * I, device=DEV) / 100 + 1e-3, torch.rand(E, H, device=DEV) / 100 + 1e-3
+        gis = dis = None
+    else:
+        gs, ds = torch.tensor(1 / 200, device=DEV), torch.tensor(1 / 300, device=DEV)
+        gis, dis = torch.tensor(ACT_SCALE, device=DEV), torch.tensor(0.5 / 448, device=DEV)
+    w8 = lambda *s: (torch.randn(*s, device=DEV) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
+    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
+    shared = (w8(2 * Is, H), torch.rand(2 * Is, device=DEV) / 100 + 1e-3, torch.tensor(ACT_SCALE, device=DEV),
+              w8(H, Is), torch.tensor(1 / 250, device=DEV), torch.tensor(0.5 / 448, device=DEV))
+    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared, config=(16, 32, 4))
+    ref = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, *shared)
+    shared_only = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, 100, gs, gis, ds, dis, *shared)  # no local expert
+    assert rel(ref, shared_only) > 0.05, "the routed part must matter in this case"
+    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+
+
 def _attention_case(B, Q, ctx, chunk, fp8, seed=0, table_tokens=0):
     """table_tokens: make the block table this long (a max_seq_len beyond the contexts)."""
     torch.manual_seed(seed)

@@ -50,6 +50,14 @@ class Llama4MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top_ids, top_scores = ops.moe_router(x, self.router.weight, self.top_k)
         ex = self.experts
+        sh = self.shared_expert
+        if self.experts_fp8 and sh.gate_up_proj.fp8:  # one op for both: the kernels fuse the shared expert in
+            in13 = None if self.dynamic_inputs else ex.gate_up_proj_input_scale
+            in2 = None if self.dynamic_inputs else ex.down_proj_input_scale
+            gu, dn = sh.gate_up_proj, sh.down_proj
+            return ops.moe_ffn(x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset,
+                               ex.gate_up_proj_weight_scale, in13, ex.down_proj_weight_scale, in2,
+                               gu.weight, gu.weight_scale, gu.input_scale, dn.weight, dn.weight_scale, dn.input_scale)
         if self.experts_fp8:
             in13 = None if self.dynamic_inputs else ex.gate_up_proj_input_scale
             in2 = None if self.dynamic_inputs else ex.down_proj_input_scale

@@ -1,11 +1,17 @@
-"""Min-latency MoE: the selected experts only, one program per (token, chosen expert, BLOCK_N rows).
+"""Min-latency MoE: the selected experts only, and the shared expert in the same two launches.
 
-Pass 1 (FC13 + SwiGLU): input = score * x (the router score scales the expert INPUT), quantized to
-FP8 with the static input scale (ModelOpt) or per token on the fly (Meta FP8), times this expert's
-gate and up rows; writes silu(gate) * up. Pass 2 (FC2): the same kernel without score or SwiGLU.
-Only the chosen experts' weights are read: at top-1, TP8, 1 token that is 15.7 MB instead of the
-2 GB a dense loop over all 128 experts would stream. Pairs routed to an expert another rank holds
-(expert parallelism) write zeros.
+Pass 1 (FC13 + SwiGLU), one program per (BLOCK_N intermediate rows, source row): a source row is a
+(token, chosen expert) pair, with input score * x (the router score scales the expert INPUT), or, with
+a shared expert, a token's shared-expert row with input x. The input is quantized to FP8 with the static
+input scale (ModelOpt) or per row on the fly (Meta FP8 experts), times that expert's gate and up rows;
+writes silu(gate) * up. Pass 2 (FC2), one program per (BLOCK_N hidden rows, token): the token's chosen
+experts and its shared expert, each with its own scales and rounded to the activation dtype as the
+reference rounds them, summed in fp32; writes the FFN output [T, H].
+
+Only the chosen experts' weights are read: at top-1, TP8, 1 token that is 15.7 MB (and 15.7 MB of
+shared expert) instead of the 2 GB a dense loop over all 128 experts would stream. Fusing the shared
+expert removes its two GEMM launches and the add (5 launches -> 2). Pairs routed to an expert another
+rank holds (expert parallelism) contribute zeros.
 """
 import torch
 import triton
@@ -16,109 +22,183 @@ from .pdl import pdl_enter
 
 
 @triton.jit
-def _moe_gemv_kernel(
-    # tensors
-    x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr,
-    # sizes and strides
-    N_OUT, K, E_LOCAL, expert_offset, TOP_K, stride_we, stride_wn, stride_x, stride_o,
-    # meta
-    X_PER_PAIR: tl.constexpr,  # x rows are per (token, k) pair (pass 2) instead of per token (pass 1)
-    SCALE_INPUT: tl.constexpr, SWIGLU: tl.constexpr, CHANNEL_SCALES: tl.constexpr, DYNAMIC_X: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_enter(PDL)
-    pid_n = tl.program_id(0)
-    pair = tl.program_id(1)
-    token = pair // TOP_K
-    e = tl.load(ids_ptr + pair) - expert_offset
-    local = (e >= 0) & (e < E_LOCAL)
-    e = tl.where(local, e, 0).to(tl.int64)
-    x_row = x_ptr + (pair if X_PER_PAIR else token).to(tl.int64) * stride_x
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N_OUT
-    w_base = w_ptr + e * stride_we
-    score = tl.load(scores_ptr + pair).to(tl.float32) if SCALE_INPUT else 1.0
-    if DYNAMIC_X:  # per-token scale: amax of this (scaled) row / 448
+def _fp8_scale(x_row, K, score, static_scale_ptr, SCALE_INPUT: tl.constexpr, DYNAMIC: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The FP8 scale of (score *) x_row: per row, amax / 448 (DYNAMIC), else the static input scale."""
+    if DYNAMIC:
+        offs_k = tl.arange(0, BLOCK_K)
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             xv = tl.load(x_row + k, mask=k < K, other=0.0)
             if SCALE_INPUT:
-                xv = (xv * score).to(x_ptr.dtype.element_ty)
+                xv = (xv * score).to(x_row.dtype.element_ty)
             amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        x_scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+        return tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    return tl.load(static_scale_ptr)
+
+
+@triton.jit
+def _fc13_swiglu_kernel(
+    x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr,  # routed experts
+    sw_ptr, sw_scale_ptr, sx_scale_ptr,  # shared expert (gate_up [2Is, H], row scales, static input scale)
+    out_ptr,
+    N_OUT, N_SHARED, K, E_LOCAL, expert_offset, TOP_K, P,
+    stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n, shared_scale_stride_n,
+    DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
+    shared = row >= P
+    pair = tl.minimum(row, P - 1)
+    token = tl.where(shared, row - P, pair // TOP_K)
+    e = tl.load(ids_ptr + pair) - expert_offset
+    local = shared | ((e >= 0) & (e < E_LOCAL))
+    e = tl.where(local & ~shared, e, 0).to(tl.int64)
+    n_out = tl.where(shared, N_SHARED, N_OUT)
+    w_base = tl.where(shared, sw_ptr, w_ptr + e * stride_we)
+    s_base = tl.where(shared, sw_scale_ptr, w_scale_ptr + e * scale_stride_e)
+    s_step = tl.where(shared, shared_scale_stride_n, scale_stride_n)
+    score = tl.where(shared, 1.0, tl.load(scores_ptr + pair).to(tl.float32))
+    x_row = x_ptr + token.to(tl.int64) * stride_x
+    if DYNAMIC_X:
+        x_scale = tl.where(shared, tl.load(sx_scale_ptr),
+                           _fp8_scale(x_row, K, score, x_scale_ptr, True, True, BLOCK_K))
     else:
-        x_scale = tl.load(x_scale_ptr)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if SWIGLU:
-        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_scale = tl.where(shared, tl.load(sx_scale_ptr), tl.load(x_scale_ptr))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < n_out
     rows = offs_n.to(tl.int64) * stride_wn
+    up_rows = rows + n_out.to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         xv = tl.load(x_row + k, mask=k_mask, other=0.0)
-        if SCALE_INPUT:
-            xv = (xv * score).to(x_ptr.dtype.element_ty)  # the reference rounds score * x to the input dtype
+        xv = (xv * score).to(x_ptr.dtype.element_ty)  # the reference rounds score * x to the input dtype
+        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+        m = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_base + rows[:, None] + k[None, :], mask=m, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x8[None, :], axis=1)
+        wu = tl.load(w_base + up_rows[:, None] + k[None, :], mask=m, other=0.0)
+        acc_up += tl.sum(wu.to(tl.float32) * x8[None, :], axis=1)
+    ws = tl.load(s_base + offs_n * s_step, mask=n_mask, other=0.0)
+    wsu = tl.load(s_base + (n_out + offs_n) * s_step, mask=n_mask, other=0.0)
+    gate = acc * (x_scale * ws)
+    y = gate / (1.0 + tl.exp(-gate)) * (acc_up * (x_scale * wsu))
+    y = tl.where(local, y, 0.0)
+    tl.store(out_ptr + row.to(tl.int64) * stride_o + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_rows(x_row, x_scale, w_base, rows, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 dot of FP8-quantized x_row [K] with BLOCK_N FP8 weight rows (row offsets `rows`)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        xv = tl.load(x_row + k, mask=k_mask, other=0.0)
         x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
         w = tl.load(w_base + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x8[None, :], axis=1)
-        if SWIGLU:
-            wu = tl.load(w_base + rows[:, None] + N_OUT * stride_wn + k[None, :],
-                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_up += tl.sum(wu.to(tl.float32) * x8[None, :], axis=1)
-    if CHANNEL_SCALES:
-        n_rows = N_OUT * 2 if SWIGLU else N_OUT
-        ws = tl.load(w_scale_ptr + e * n_rows + offs_n, mask=n_mask, other=0.0)
-    else:
-        ws = tl.load(w_scale_ptr)
-    y = acc * (x_scale * ws)
-    if SWIGLU:
-        if CHANNEL_SCALES:
-            wsu = tl.load(w_scale_ptr + e * N_OUT * 2 + N_OUT + offs_n, mask=n_mask, other=0.0)
-        else:
-            wsu = ws
-        up = acc_up * (x_scale * wsu)
-        y = y / (1.0 + tl.exp(-y)) * up
-    y = tl.where(local, y, 0.0)
-    tl.store(out_ptr + pair.to(tl.int64) * stride_o + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    return acc
 
 
-def _launch(x, ids, scores, w, w_scale, x_scale, n_out, x_per_pair, swiglu, expert_offset, top_k, block_n,
-            block_k, num_warps):
-    P = ids.numel()
-    E_local, N, K = w.shape
-    out = torch.empty((P, n_out), dtype=x.dtype, device=x.device)
-    dynamic = x_scale is None
-    channel = w_scale.numel() > 1
-    grid = (triton.cdiv(n_out, block_n), P)
-    _moe_gemv_kernel[grid](x, ids, scores, w, w_scale, x_scale if not dynamic else w_scale, out,
-                           n_out, K, E_local, expert_offset, top_k, w.stride(0), w.stride(1), x.stride(0),
-                           out.stride(0), X_PER_PAIR=x_per_pair, SCALE_INPUT=swiglu, SWIGLU=swiglu,
-                           CHANNEL_SCALES=channel, DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k,
-                           PDL=PDL, **PDL_LAUNCH, num_warps=num_warps)
-    return out
+@triton.jit
+def _fc2_kernel(
+    h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr,  # routed experts' down [E, H, I]
+    sw_ptr, sw_scale_ptr, sx_scale_ptr,  # shared expert's down [H, Is], scalar scales
+    out_ptr,
+    N_OUT, K, K_SHARED, E_LOCAL, expert_offset, TOP_K, P,
+    stride_we, stride_wn, stride_swn, stride_h, stride_o, scale_stride_e, scale_stride_n,
+    HAS_SHARED: tl.constexpr, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    pid_n = tl.program_id(0)
+    token = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_OUT
+    dtype = out_ptr.dtype.element_ty
+    routed = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, TOP_K):
+        pair = token * TOP_K + j
+        e = tl.load(ids_ptr + pair) - expert_offset
+        local = (e >= 0) & (e < E_LOCAL)
+        e = tl.where(local, e, 0).to(tl.int64)
+        h_row = h_ptr + pair.to(tl.int64) * stride_h
+        x_scale = _fp8_scale(h_row, K, 1.0, x_scale_ptr, False, DYNAMIC_X, BLOCK_K)
+        acc = _gemv_rows(h_row, x_scale, w_ptr + e * stride_we, offs_n.to(tl.int64) * stride_wn, n_mask, K,
+                         BLOCK_N, BLOCK_K)
+        ws = tl.load(w_scale_ptr + e * scale_stride_e + offs_n * scale_stride_n, mask=n_mask, other=0.0)
+        y = tl.where(local, acc * (x_scale * ws), 0.0)
+        routed += y.to(dtype).to(tl.float32)  # the reference rounds each expert's output, sums in fp32
+    out = routed.to(dtype)
+    if HAS_SHARED:
+        h_row = h_ptr + (P + token).to(tl.int64) * stride_h
+        x_scale = tl.load(sx_scale_ptr)
+        acc = _gemv_rows(h_row, x_scale, sw_ptr, offs_n.to(tl.int64) * stride_swn, n_mask, K_SHARED,
+                         BLOCK_N, BLOCK_K)
+        shared = (acc * (x_scale * tl.load(sw_scale_ptr))).to(dtype)
+        out = (out.to(tl.float32) + shared.to(tl.float32)).to(dtype)  # shared_expert(x) + routed
+    tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
 
 
 # Measured on H200 at TP8 (scripts/tune_kernels.py): BLOCK_N 4, BLOCK_K 1024, 4 warps: 11.1 us for both
 # passes of one token's expert (15.7 MB) against 40.6 us with (32, 256, 4), which left 32 programs to
 # stream the FC13 rows.
-DEFAULT_CONFIG = (4, 1024, 4)  # BLOCK_N, BLOCK_K, num_warps
+DEFAULT_CONFIG = ((4, 1024, 4), (4, 1024, 4))  # (BLOCK_N, BLOCK_K, num_warps) of pass 1, of pass 2
+
+
+def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
+    """(per expert, per row) strides of a weight scale: 0, 0 for one scalar; [E, N] per channel."""
+    return (0, 0) if scale.numel() == 1 else (scale.stride(0), scale.stride(1))
 
 
 def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor, expert_offset: int, gate_up_scale: torch.Tensor,
                      gate_up_input_scale: torch.Tensor | None, down_scale: torch.Tensor,
-                     down_input_scale: torch.Tensor | None, config: tuple | None = None) -> torch.Tensor:
-    """Routed experts for FP8 weights (gate_up [E, 2I, H], down [E, H, I]); returns [T, H] in x's dtype."""
-    block_n, block_k, num_warps = config or DEFAULT_CONFIG
+                     down_input_scale: torch.Tensor | None, shared: tuple | None = None,
+                     config: tuple | None = None) -> torch.Tensor:
+    """config: (BLOCK_N, BLOCK_K, num_warps) for both passes, or a pair of them (pass 1, pass 2).
+    Routed experts for FP8 weights (gate_up [E, 2I, H], down [E, H, I]; scales scalars with static input
+    scales, or [E, N] with None: per row), plus, if given, the shared expert
+    shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
+    (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
+    config = config or DEFAULT_CONFIG
+    (block_n, block_k, num_warps), (block_n2, block_k2, num_warps2) = \
+        config if isinstance(config[0], tuple) else (config, config)
     T, H = x.shape
     k = top_ids.shape[1]
+    P = T * k
     ids = top_ids.reshape(-1).contiguous()
     scores = top_scores.reshape(-1).contiguous()
     I = gate_up.shape[1] // 2
-    h = _launch(x, ids, scores, gate_up, gate_up_scale, gate_up_input_scale, I, False, True, expert_offset, k,
-                block_n, block_k, num_warps)
-    y = _launch(h, ids, scores, down, down_scale, down_input_scale, H, True, False, expert_offset, k,
-                block_n, block_k, num_warps)
-    return y.view(T, k, H).sum(dim=1) if k > 1 else y
+    dynamic = gate_up_input_scale is None
+    if shared is not None:
+        sgu, sgu_scale, sgu_in, sdn, sdn_scale, sdn_in = shared
+        Is = sgu.shape[0] // 2
+    else:  # the shared slots point at the routed tensors and are never launched
+        sgu, sgu_scale, sgu_in, sdn, sdn_scale, sdn_in, Is = gate_up, gate_up_scale, gate_up_scale, down, \
+            down_scale, down_scale, 0
+    rows = P + (T if shared is not None else 0)
+    h = torch.empty((rows, max(I, Is)), dtype=x.dtype, device=x.device)
+    se, sn = _scale_strides(gate_up_scale)
+    grid = (triton.cdiv(max(I, Is), block_n), rows)
+    _fc13_swiglu_kernel[grid](
+        x, ids, scores, gate_up, gate_up_scale, gate_up_scale if dynamic else gate_up_input_scale,
+        sgu, sgu_scale, sgu_in, h, I, Is, H, gate_up.shape[0], expert_offset, k, P,
+        gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
+        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps)
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    se, sn = _scale_strides(down_scale)
+    _fc2_kernel[(triton.cdiv(H, block_n2), T)](
+        h, ids, down, down_scale, down_scale if dynamic else down_input_scale, sdn, sdn_scale, sdn_in, out,
+        H, I, Is, down.shape[0], expert_offset, k, P, down.stride(0), down.stride(1), sdn.stride(0), h.stride(0),
+        out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
+        BLOCK_K=block_k2, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2)
+    return out
