@@ -400,4 +400,10 @@ def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
         ref = ops.moe_ffn_ref(x, ids, sc, *args, *shared).float()
         routed_off = ops.moe_ffn_ref(x, ids, sc, *args[:2], 10 ** 6, *args[3:], *shared).float()
         assert ((ref - routed_off).norm() / ref.norm()).item() > 0.05 or offset  # the routed part counts
-        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2  # FP8 requantization of h, bf16 rounding
+        # the spec rounds the shared gate/up to bf16 before SwiGLU (the kernels do not), then requantizes h to
+        # FP8: a few elements land one e4m3 step apart (1.1% relative on H200); the unfused kernels, which
+        # also apply SwiGLU in fp32, must agree with the fused pair far closer
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+        unfused = (ops.moe_experts(x, ids, sc, *args) + ops.fp8_linear(
+            ops.fp8_linear_swiglu(x, *shared[:3], torch.bfloat16), *shared[3:], torch.bfloat16)).float()
+        assert ((out.float() - unfused).norm() / unfused.norm()).item() < 5e-3

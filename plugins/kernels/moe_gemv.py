@@ -148,10 +148,19 @@ def _fc2_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
 
 
-# Measured on H200 at TP8 (scripts/tune_kernels.py): BLOCK_N 4, BLOCK_K 1024, 4 warps: 11.1 us for both
-# passes of one token's expert (15.7 MB) against 40.6 us with (32, 256, 4), which left 32 programs to
-# stream the FC13 rows.
-DEFAULT_CONFIG = ((4, 1024, 4), (4, 1024, 4))  # (BLOCK_N, BLOCK_K, num_warps) of pass 1, of pass 2
+# (BLOCK_N, BLOCK_K, num_warps) of pass 1 and of pass 2, by token count. Measured on H200 at TP8 sizes
+# with the shared expert fused (scripts/tune_kernels.py --parts moe, dae0189; us for both passes):
+# 1 token (2, 2048, 4) + (8, 1024, 8) about 18.5 against 18.5-18.9 for every other config near it
+# (pass 1 alone 12.2 us for 21 MB, pass 2 6.4 us for 10.5 MB; plain reads 6.2 and 4.1 us). The passes are
+# bound by instruction throughput, not bytes: each FP8 weight takes 1.5 conversion instructions
+# (e4m3x2 -> f16x2, f16 -> f32) at Hopper's 16 per clock per SM, about 10 elements/clk/SM; measured 8-9.
+# 8 tokens: (8, 256, 2) + (8, 512, 2) 58.1 us against 69-74 with the one-token configs.
+CONFIGS = {1: ((2, 2048, 4), (8, 1024, 8)), 8: ((8, 256, 2), (8, 512, 2))}
+DEFAULT_CONFIG = CONFIGS[1]
+
+
+def _config(tokens: int) -> tuple:
+    return CONFIGS[1] if tokens <= 2 else CONFIGS[8]
 
 
 def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
@@ -169,7 +178,7 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
-    config = config or DEFAULT_CONFIG
+    config = config or _config(x.shape[0])
     (block_n, block_k, num_warps), (block_n2, block_k2, num_warps2) = \
         config if isinstance(config[0], tuple) else (config, config)
     T, H = x.shape
