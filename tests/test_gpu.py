@@ -407,3 +407,17 @@ def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
         unfused = (ops.moe_experts(x, ids, sc, *args) + ops.fp8_linear(
             ops.fp8_linear_swiglu(x, *shared[:3], torch.bfloat16), *shared[3:], torch.bfloat16)).float()
         assert ((out.float() - unfused).norm() / unfused.norm()).item() < 5e-3
+
+
+def test_benchmark_runs_end_to_end_on_the_tiny_preset(tmp_path):
+    """maverick-bench's decode-step (graph replay), TTFT and end-to-end paths on a small model: a change to
+    the graph runner's internals broke the step benchmark once without any test noticing."""
+    import json
+
+    from maverick.benchmark import main
+
+    out = tmp_path / "r.json"
+    assert main(["--preset", "tiny", "--tp-size", "1", "--batches", "1,2", "--contexts", "64", "--ttft", "32",
+                 "--e2e", "16/8", "--concurrency", "1,2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["batch"] for row in r["rows"]] == [1, 2] and all(row["step_ms"] > 0 for row in r["rows"])
