@@ -117,6 +117,20 @@ def bench_moe(h, i, e, m, copies_=8):
              graph_ms(plain_read(routed_bytes)))]
 
 
+def bench_router(h, e, m):
+    """The MoE router for m tokens: GEMV + top-1 + sigmoid in one launch against cuBLAS's bf16 GEMM plus the
+    top-k kernel (the path for many tokens), weights rotated out of L2."""
+    from maverick_plugins.kernels.small_ops import router_topk_triton, router_triton
+
+    nbytes = e * h * 2
+    ws = [torch.randn(e, h, device="cuda").to(torch.bfloat16) for _ in range(copies(nbytes))]
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    ours = graph_ms([lambda w=w: router_triton(x, w, 1) for w in ws])
+    two = graph_ms([lambda w=w: router_topk_triton(x @ w.t(), 1) for w in ws])
+    return ("router + top-1 (one launch; cuBLAS column: GEMM + top-k kernel)", m, nbytes / 1e6, ours, two,
+            graph_ms(plain_read(nbytes)))
+
+
 def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
     nb = -(-ctx // bs)
     blocks = batch * nb
@@ -152,6 +166,7 @@ def main():
             rows.append(bench_gemm(name, n, k, m, r))
         rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
         rows.extend(bench_moe(H, I // tp, E, m))
+        rows.append(bench_router(H, E, m))
     for ctx in (1024, 8192, 131072):
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))

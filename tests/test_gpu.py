@@ -421,3 +421,32 @@ def test_benchmark_runs_end_to_end_on_the_tiny_preset(tmp_path):
                  "--e2e", "16/8", "--concurrency", "1,2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert [row["batch"] for row in r["rows"]] == [1, 2] and all(row["step_ms"] > 0 for row in r["rows"])
+
+
+@pytest.mark.parametrize("T", [1, 8, 16])
+def test_fused_router_at_maverick_shape_in_a_graph(T):
+    """Router GEMV + top-1 in one launch (bf16, 128 experts x 5120) replayed in a CUDA graph with new inputs:
+    the reference's experts wherever its best two logits differ, scores to bf16 rounding."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.small_ops import router_triton
+
+    torch.manual_seed(T)
+    x = torch.randn(T, 5120, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(128, 5120, device="cuda") / 70).to(torch.bfloat16)
+    router_triton(x, w, 1)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ids, scores = router_triton(x, w, 1)
+    for seed in range(3):
+        x.copy_(torch.randn(T, 5120, generator=torch.Generator().manual_seed(seed)))
+        g.replay()
+        logits = x @ w.t()
+        top2 = logits.float().topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0
+        ops.set_kernels_enabled(False)
+        ref_ids, ref_scores = ops.moe_router(x, w, 1)
+        ops.set_kernels_enabled(True)
+        assert clear.any()
+        assert torch.equal(ids[clear], ref_ids[clear])
+        assert ((scores.float() - ref_scores.float()).abs() <= 1e-2).all()

@@ -4,6 +4,7 @@
 - qkv_post: split the fused QKV output, RoPE (interleaved pairs) + QK L2-norm on RoPE layers, the
   NoPE temperature scale on queries; one program per (token, head).
 - kv_write: this step's K and V into their cache slots, quantized when the cache is FP8.
+- router: the MoE router GEMV and its top-k + sigmoid in one launch (the last program to finish picks).
 Each rounds to the activation dtype where the reference does, so results match it.
 """
 import torch
@@ -130,13 +131,7 @@ def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr,
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
-    for j in range(TOP_K):  # k rounds of argmax; ties go to the lowest id, as torch.topk does here
-        best = tl.max(x, axis=0)
-        idx = tl.min(tl.where(x == best, offs, BLOCK_E), axis=0)
-        tl.store(ids_ptr + t * TOP_K + j, idx.to(tl.int64))
-        score = (1.0 / (1.0 + tl.exp(-best))).to(scores_ptr.dtype.element_ty)
-        tl.store(scores_ptr + t * TOP_K + j, score)
-        x = tl.where(offs == idx, float("-inf"), x)
+    _pick_top_k(x, offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, BLOCK_E)
 
 
 def router_topk_triton(logits: torch.Tensor, top_k: int):
@@ -145,4 +140,67 @@ def router_topk_triton(logits: torch.Tensor, top_k: int):
     scores = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
     _router_topk_kernel[(T,)](logits.contiguous(), ids, scores, E, TOP_K=top_k,
                               BLOCK_E=triton.next_power_of_2(E), PDL=PDL, **PDL_LAUNCH, num_warps=1)
+    return ids, scores
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T, E, K, stride_x,
+                   TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Program p: logits of experts p*BLOCK_E.. for every token (fp32 sums rounded to x's dtype, as the
+    reference's matmul returns them). The last program to arrive reads all logits back and picks."""
+    pdl_enter(PDL)
+    pid = tl.program_id(0)
+    offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_e.to(tl.int64) * K
+    for t in range(0, T):
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            xv = tl.load(x_ptr + t * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=e_mask[:, None] & (k < K)[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        tl.store(logits_ptr + t * E + offs_e, acc.to(logits_ptr.dtype.element_ty), mask=e_mask)
+    tl.debug_barrier()  # every thread's logits precede the release below
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        offs = tl.arange(0, E_POW2)
+        for t in range(0, T):
+            lg = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf"), cache_modifier=".cg")
+            _pick_top_k(lg.to(tl.float32), offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, E_POW2)
+        tl.atomic_xchg(counter_ptr, 0)  # ready for the next call (and graph replay)
+
+
+@triton.jit
+def _pick_top_k(x, offs, ids_ptr, scores_ptr, TOP_K: tl.constexpr, E_POW2: tl.constexpr):
+    for j in range(TOP_K):  # k rounds of argmax; ties go to the lowest id, as torch.topk does here
+        best = tl.max(x, axis=0)
+        idx = tl.min(tl.where(x == best, offs, E_POW2), axis=0)
+        tl.store(ids_ptr + j, idx.to(tl.int64))
+        tl.store(scores_ptr + j, (1.0 / (1.0 + tl.exp(-best))).to(scores_ptr.dtype.element_ty))
+        x = tl.where(offs == idx, float("-inf"), x)
+
+
+_ROUTER_COUNTERS: dict = {}
+
+
+def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: int = 2, block_k: int = 1024):
+    """x [T, H] (T small), weight [E, H] -> top-k ids [T, k] (int64) and sigmoid scores [T, k] in x's dtype:
+    what moe_router computes, in one launch instead of a cuBLAS GEMM plus the top-k kernel. block_e 2: 64
+    programs read the 1.3 MB bf16 router of Maverick (128 x 5120)."""
+    T, H = x.shape
+    E = weight.shape[0]
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)  # the reference multiplies in x's dtype
+    key = x.device
+    if key not in _ROUTER_COUNTERS:  # made on first (eager) use, never reallocated: graphs hold its address
+        _ROUTER_COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=x.device)
+    logits = torch.empty((T, E), dtype=x.dtype, device=x.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    scores = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
+    _router_kernel[(triton.cdiv(E, block_e),)](x, weight.contiguous(), logits, _ROUTER_COUNTERS[key], ids, scores,
+                                               T, E, H, x.stride(0), TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
+                                               E_POW2=triton.next_power_of_2(E), PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return ids, scores
