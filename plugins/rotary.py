@@ -22,16 +22,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def qkv_post(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, heads: int,
              kv_heads: int, head_dim: int, use_rope: bool, qk_norm: bool, eps: float,
-             temperature: tuple[float, float] | None):
+             temperature: tuple[float, float] | None, cache: tuple | None = None):
     """Split fused QKV [T, (heads + 2 kv_heads) * D] into q, k, v; RoPE and QK-norm q and k (RoPE
     layers); scale q by the NoPE temperature log(floor((pos+1)/floor_scale)+1)*attn_scale+1 (given as
-    (floor_scale, attn_scale)). One fused kernel on CUDA."""
+    (floor_scale, attn_scale)). cache = (k_cache, v_cache, slots, k_scale, v_scale): also write k and v
+    to their cache slots, as kv_cache_write does. One fused kernel on CUDA."""
     if qkv.is_cuda and kernels_enabled():
         from .kernels.small_ops import qkv_post_triton
 
         return qkv_post_triton(qkv.contiguous(), cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm,
-                               eps, temperature)
-    return qkv_post_ref(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature)
+                               eps, temperature, cache)
+    q, k, v = qkv_post_ref(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature)
+    if cache is not None:
+        from .attention import kv_cache_write
+
+        kv_cache_write(k, v, *cache)
+    return q, k, v
 
 
 def qkv_post_ref(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature):

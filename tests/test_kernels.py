@@ -267,6 +267,31 @@ def test_qkv_post(rope, qk_norm, temp):
         assert rel(got, ref) < TOL["fp32"]
 
 
+@pytest.mark.parametrize("rope,fp8", [(True, False), (True, True), (False, True)])
+def test_qkv_post_writes_the_kv_cache(rope, fp8):
+    """With a cache, qkv_post also writes k and v to their slots, exactly as kv_cache_write would (bytes)."""
+    from maverick_plugins.kernels.small_ops import kv_write_triton, qkv_post_triton
+
+    T, H, KVH, D = 3, 4, 2, 16
+    qkv = act(T, (H + 2 * KVH) * D, scale=2.0 ** -6)  # k / k_scale exact in the interpreter's FP8 cast
+    pos = torch.tensor([5, 9, 33], device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    cos, sin = ops.rope_cos_sin(pos, inv)
+    dt = torch.float8_e4m3fn if fp8 else torch.float32
+    ks, vs = (torch.tensor(2.0 ** -6, device=DEV), torch.tensor(2.0 ** -6, device=DEV)) if fp8 else (None, None)
+    caches = [torch.zeros(4, 8, KVH, D, device=DEV, dtype=dt) for _ in range(4)]
+    slots = torch.tensor([1, 17, 30], device=DEV)
+    args = (qkv, cos, sin, pos, H, KVH, D, rope, False, 1e-5, None)
+    q, k, v = qkv_post_triton(*args, cache=(caches[0], caches[1], slots, ks, vs))
+    qr, kr, vr = ops.qkv_post_ref(*args)
+    assert rel(q, qr) < TOL["fp32"] and rel(k, kr) < TOL["fp32"] and torch.equal(v, vr)
+    # byte for byte what the separate cache-write kernel (tested against its reference) makes of this k, v
+    kv_write_triton(k, v, caches[2], caches[3], slots, ks, vs)
+    view = (lambda c: c.view(torch.uint8)) if fp8 else (lambda c: c)
+    assert view(caches[0]).count_nonzero() > 0 and view(caches[1]).count_nonzero() > 0
+    assert torch.equal(view(caches[0]), view(caches[2])) and torch.equal(view(caches[1]), view(caches[3]))
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_kv_write(fp8):
     from maverick_plugins.kernels.small_ops import kv_write_triton

@@ -48,54 +48,85 @@ def add_rms_norm_triton(x, delta, weight, eps):
 
 @triton.jit
 def _qkv_post_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr,
-    stride_t, HQ, eps, floor_scale, attn_scale,
-    HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr, PDL: tl.constexpr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
+    stride_t, HQ, KVH, eps, floor_scale, attn_scale,
+    HEAD_DIM: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
+    CACHE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Program (t, head): q heads, then k heads, then (CACHE) v heads. With CACHE, k and v also go to their
+    cache slot (quantized when FP8) as kv_write does: one launch fewer per layer and step."""
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < HQ
     half = tl.arange(0, HEAD_DIM // 2)
     src = qkv_ptr + t * stride_t + head * HEAD_DIM
-    xe = tl.load(src + 2 * half).to(tl.float32)
-    xo = tl.load(src + 2 * half + 1).to(tl.float32)
     dt = q_ptr.dtype.element_ty
-    if USE_ROPE:
-        c = tl.load(cos_ptr + t * (HEAD_DIM // 2) + half)
-        s = tl.load(sin_ptr + t * (HEAD_DIM // 2) + half)
-        ye = (xe * c - xo * s).to(dt).to(tl.float32)
-        yo = (xe * s + xo * c).to(dt).to(tl.float32)
+    if CACHE:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    if head >= HQ + KVH:  # v: only with CACHE (the grid has no v programs otherwise)
+        offs = tl.arange(0, HEAD_DIM)
+        v = tl.load(src + offs)
+        if FP8:
+            v = tl.clamp(v.to(tl.float32) / tl.load(vs_ptr), -448.0, 448.0)
+        tl.store(vc_ptr + (slot * KVH + head - HQ - KVH) * HEAD_DIM + offs, v.to(vc_ptr.dtype.element_ty))
     else:
-        ye, yo = xe, xo
-    if QK_NORM:
-        r = tl.rsqrt((tl.sum(ye * ye, axis=0) + tl.sum(yo * yo, axis=0)) / HEAD_DIM + eps)
-        ye = (ye * r).to(dt).to(tl.float32)
-        yo = (yo * r).to(dt).to(tl.float32)
-    if TEMPERATURE:
+        xe = tl.load(src + 2 * half).to(tl.float32)
+        xo = tl.load(src + 2 * half + 1).to(tl.float32)
+        if USE_ROPE:
+            c = tl.load(cos_ptr + t * (HEAD_DIM // 2) + half)
+            s = tl.load(sin_ptr + t * (HEAD_DIM // 2) + half)
+            ye = (xe * c - xo * s).to(dt).to(tl.float32)
+            yo = (xe * s + xo * c).to(dt).to(tl.float32)
+        else:
+            ye, yo = xe, xo
+        if QK_NORM:
+            r = tl.rsqrt((tl.sum(ye * ye, axis=0) + tl.sum(yo * yo, axis=0)) / HEAD_DIM + eps)
+            ye = (ye * r).to(dt).to(tl.float32)
+            yo = (yo * r).to(dt).to(tl.float32)
+        if TEMPERATURE:
+            if is_q:
+                pos = tl.load(pos_ptr + t).to(tl.float32)
+                scale = tl.log(tl.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
+                ye = ye * scale
+                yo = yo * scale
         if is_q:
-            pos = tl.load(pos_ptr + t).to(tl.float32)
-            scale = tl.log(tl.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
-            ye = ye * scale
-            yo = yo * scale
-    if is_q:
-        dst = q_ptr + (t * HQ + head) * HEAD_DIM
-    else:
-        dst = k_ptr + (t * (tl.num_programs(1) - HQ) + head - HQ) * HEAD_DIM
-    tl.store(dst + 2 * half, ye.to(dt))
-    tl.store(dst + 2 * half + 1, yo.to(dt))
+            dst = q_ptr + (t * HQ + head) * HEAD_DIM
+        else:
+            dst = k_ptr + (t * KVH + head - HQ) * HEAD_DIM
+        tl.store(dst + 2 * half, ye.to(dt))
+        tl.store(dst + 2 * half + 1, yo.to(dt))
+        if CACHE:
+            if not is_q:
+                ke = ye.to(dt).to(tl.float32)  # the cache takes k as returned (in its dtype)
+                ko = yo.to(dt).to(tl.float32)
+                if FP8:
+                    ke = tl.clamp(ke / tl.load(ks_ptr), -448.0, 448.0)
+                    ko = tl.clamp(ko / tl.load(ks_ptr), -448.0, 448.0)
+                cdst = kc_ptr + (slot * KVH + head - HQ) * HEAD_DIM
+                tl.store(cdst + 2 * half, ke.to(kc_ptr.dtype.element_ty))
+                tl.store(cdst + 2 * half + 1, ko.to(kc_ptr.dtype.element_ty))
 
 
-def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature):
+def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature,
+                    cache=None):
+    """cache: (k_cache, v_cache, slots, k_scale, v_scale) to write this step's k and v there as well."""
     T = qkv.shape[0]
     q = torch.empty((T, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((T, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     v = qkv[:, (heads + kv_heads) * head_dim:].view(T, kv_heads, head_dim)
     floor_scale, attn_scale = temperature if temperature else (1.0, 0.0)
-    _qkv_post_kernel[(T, heads + kv_heads)](qkv, cos, sin, positions, q, k, qkv.stride(0), heads, eps,
-                                            float(floor_scale), float(attn_scale), HEAD_DIM=head_dim,
-                                            USE_ROPE=use_rope, QK_NORM=qk_norm, TEMPERATURE=temperature is not None,
-                                            PDL=PDL, **PDL_LAUNCH, num_warps=1)
+    if cache is not None:
+        kc, vc, slots, ks, vs = cache
+        fp8 = kc.dtype == torch.float8_e4m3fn
+        ks, vs = (ks, vs) if fp8 else (slots, slots)
+    else:
+        kc = vc = slots = ks = vs = qkv  # never read
+        fp8 = False
+    _qkv_post_kernel[(T, heads + kv_heads * (2 if cache is not None else 1))](
+        qkv, cos, sin, positions, q, k, kc, vc, slots, ks, vs, qkv.stride(0), heads, kv_heads, eps,
+        float(floor_scale), float(attn_scale), HEAD_DIM=head_dim, USE_ROPE=use_rope, QK_NORM=qk_norm,
+        TEMPERATURE=temperature is not None, CACHE=cache is not None, FP8=fp8, PDL=PDL, **PDL_LAUNCH, num_warps=1)
     return q, k, v
 
 
