@@ -152,7 +152,9 @@ def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tp-size", type=int, default=8)
+    p.add_argument("--ops", default="gemm,moe,router,attention", help="comma-separated families to run")
     a = p.parse_args()
+    ops_ = a.ops.split(",")
     tp = a.tp_size
     H, I, M_, E = 5120, 8192, 16384, 128
     print(f"card={torch.cuda.get_device_name()} tp_size={tp} (per-rank Maverick shapes)")
@@ -162,12 +164,15 @@ def main():
               ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
               ("lm_head bf16->fp8", 202048 // tp, H, False)]
     for m in (1, 8):
-        for name, n, k, r in shapes:
+        for name, n, k, r in shapes if "gemm" in ops_ else ():
             rows.append(bench_gemm(name, n, k, m, r))
-        rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
-        rows.extend(bench_moe(H, I // tp, E, m))
-        rows.append(bench_router(H, E, m))
-    for ctx in (1024, 8192, 131072):
+        if "gemm" in ops_:
+            rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
+        if "moe" in ops_:
+            rows.extend(bench_moe(H, I // tp, E, m))
+        if "router" in ops_:
+            rows.append(bench_router(H, E, m))
+    for ctx in (1024, 8192, 131072) if "attention" in ops_ else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
     print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")

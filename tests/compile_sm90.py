@@ -30,7 +30,8 @@ _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 
 def kernels():
-    from maverick_plugins.kernels import allreduce_norm, decode_attention, fp8_gemm, prefill_attention
+    from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, moe_gemv, prefill_attention,
+                                          small_ops)
 
     gemm = {
         "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
@@ -64,6 +65,33 @@ def kernels():
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KV": 64,
             "LOCAL": local, "FP8": fp8, "BF16_DOT": True}, 4
+
+
+    moe = {"ids_ptr": "*i64", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
+           "sw_ptr": "*fp8e4nv", "sw_scale_ptr": "*fp32", "sx_scale_ptr": "*fp32", "out_ptr": "*bf16",
+           "K": _I32, "E_LOCAL": _I32, "expert_offset": _I32, "TOP_K": _I32, "P": _I32, "stride_we": _I32,
+           "stride_wn": _I32, "stride_o": _I32, "scale_stride_e": _I32, "scale_stride_n": _I32}
+    for dynamic in (False, True):
+        yield f"moe fc13 dynamic={dynamic}", moe_gemv._fc13_swiglu_kernel, {
+            "x_ptr": "*bf16", **{k: v for k, v in moe.items() if k != "out_ptr"}, "scores_ptr": "*bf16",
+            "out_ptr": "*bf16", "N_OUT": _I32, "N_SHARED": _I32, "stride_x": _I32, "shared_scale_stride_n": _I32,
+        }, {"DYNAMIC_X": dynamic, "BLOCK_N": 2, "BLOCK_K": 2048, "PDL": dynamic}, 4
+        for shared in (False, True):
+            yield f"moe fc2 dynamic={dynamic} shared={shared}", moe_gemv._fc2_kernel, {
+                "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
+            }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": 8, "BLOCK_K": 1024, "PDL": False}, 8
+    yield "router", small_ops._router_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
+        "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,
+    }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 1024, "E_POW2": 128, "PDL": False}, 4
+    for cache, fp8 in ((False, False), (True, False), (True, True)):
+        yield f"qkv_post cache={cache} fp8={fp8}", small_ops._qkv_post_kernel, {
+            "qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "q_ptr": "*bf16",
+            "k_ptr": "*bf16", "kc_ptr": "*fp8e4nv" if fp8 else "*bf16", "vc_ptr": "*fp8e4nv" if fp8 else "*bf16",
+            "slot_ptr": "*i64", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "stride_t": _I32, "HQ": _I32, "KVH": _I32,
+            "eps": "fp32", "floor_scale": "fp32", "attn_scale": "fp32",
+        }, {"HEAD_DIM": 128, "USE_ROPE": True, "QK_NORM": True, "TEMPERATURE": not cache, "CACHE": cache,
+            "FP8": fp8, "PDL": False}, 1
 
 
 def _resources(cubin: bytes) -> str:

@@ -43,3 +43,12 @@ def test_attention_kernels_build_with_tensor_core_dots_and_no_spills():
     # programmatic dependent launch (pdl_enter) only where asked for
     assert "griddepcontrol=2" in got["decode_attention local=True fp8=True"], got
     assert "griddepcontrol=0" in got["decode_attention local=False fp8=False"], got
+
+
+def test_moe_router_and_qkv_post_kernels_build_in_every_variant():
+    """Branches the interpreter never takes still have to compile (a qkv_post variant once did not)."""
+    got = _compile("moe", "router", "qkv_post")
+    assert len(got) == 10, got
+    assert "acq_rel_add=0" not in got["router"], got  # the arrival counter that picks the last program
+    for name, info in got.items():
+        assert "stack=0" in info, (name, info)
