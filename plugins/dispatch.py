@@ -10,7 +10,10 @@ import torch
 # Thresholds per device name prefix; "default" applies to any other CUDA device.
 THRESHOLDS = {
     "default": {"gemm_max_tokens": 16, "moe_max_tokens": 16, "attention_max_new_tokens": 8,
-                "allreduce_max_tokens": 16},
+                "allreduce_max_tokens": 16,
+                # one-launch router (GEMV + top-k): H200, e316438: 1 token 5.2 us vs 6.8 for cuBLAS + top-k;
+                # 8 tokens 22.4 vs 6.9 (each program walks the tokens one by one), so only for one token
+                "router_max_tokens": 1},
 }
 
 _enabled = True

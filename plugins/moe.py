@@ -13,7 +13,7 @@ from .fp8 import fp8_linear, fp8_linear_ref, fp8_linear_swiglu, quantize_fp8
 
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits in x's dtype, top-k ids [T, k] and sigmoid scores [T, k] (in x's dtype)."""
-    if x.shape[0] <= threshold(x, "moe_max_tokens"):  # GEMV + top-k in one launch for a few tokens
+    if x.shape[0] <= threshold(x, "router_max_tokens"):  # GEMV + top-k in one launch (batch 1)
         from .kernels.small_ops import router_triton
 
         return router_triton(x.contiguous(), router_weight, top_k)
