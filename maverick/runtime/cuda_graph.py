@@ -66,12 +66,6 @@ class DecodeGraphs:
                 self.pool = forward.pool()
                 with torch.cuda.graph(sampler, pool=self.pool):  # replayed right after `forward`, never alone
                     tokens = sample(logits, params)
-                # One replay now (all rows padding: KV to the scratch block). The first replay of a graph with
-                # captured NCCL collectives is slow (4xH200, TP4: the first request at each new batch size
-                # waited 2.1-2.4 s for its first token with NCCL, 0.09-0.16 s with the fused all-reduce).
-                forward.replay()
-                sampler.replay()
-                torch.cuda.synchronize(self.device)
             self.graphs[b] = _Captured(forward, sampler, ints, floats, logits, tokens)
 
     @staticmethod
