@@ -4,7 +4,7 @@ One-rank mode (the default): rank 0 of TP=N does its full per-rank work (all 48 
 shapes, random FP8 weights made on the GPU) on one GPU; the all-reduces are not run, their cost is
 reported apart from a latency given with --allreduce-us (measured on a multi-GPU machine).
 Ranks mode (`torchrun --nproc_per_node=N scripts/bench.py`): TP=N for real, each rank its own
-synthetic weights, all-reduces run (NCCL; the fused one-shot with MAVERICK_FUSED_ALLREDUCE=1) and their
+synthetic weights, all-reduces run (the fused one-shot; NCCL with MAVERICK_FUSED_ALLREDUCE=0) and their
 measured latency joins the floor. Every figure is timed with CUDA events over CUDA-graph replays
 (median), next to the roofline measured in the same run: HBM read bandwidth, the bytes the step must
 read, floor = bytes / bandwidth (+ all-reduces x their latency). Also: time to first token, an

@@ -73,7 +73,7 @@ def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtyp
                            force: bool = False) -> bool:
     """Map every rank's all-reduce buffers into every other rank (collective: all ranks call it, before
     CUDA graph capture). False, and NCCL stays in use, with one rank, where peers cannot be mapped, or
-    unless MAVERICK_FUSED_ALLREDUCE=1 (or force) asks for it."""
+    or when MAVERICK_FUSED_ALLREDUCE=0 turns it off (unless force)."""
     from maverick import envs
 
     if _STATE.world_size == 1 or device.type != "cuda" or not (force or envs.fused_all_reduce()):
