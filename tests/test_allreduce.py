@@ -287,3 +287,14 @@ def test_peer_rendezvous_needs_equal_counts_on_every_rank(bump, tmp_path):
     mp.start_processes(_count_rank, args=(2, f"tcp://127.0.0.1:{free_port()}", bump, str(tmp_path)),
                        nprocs=2, start_method="spawn")
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [str(bump == 0)] * 2
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False)])
+def test_fused_all_reduce_is_the_default_and_env_turns_it_off(value, on, monkeypatch):
+    from maverick import envs
+
+    if value is None:
+        monkeypatch.delenv("MAVERICK_FUSED_ALLREDUCE", raising=False)
+    else:
+        monkeypatch.setenv("MAVERICK_FUSED_ALLREDUCE", value)
+    assert envs.fused_all_reduce() is on
