@@ -27,7 +27,7 @@ class PeerWorkspace:
     Only ranks that have made the same number of rendezvous in their processes can meet: torch numbers
     them with a process-wide counter in its store keys, so a process that rendezvoused before (an
     earlier LLM in the same script) waits forever on freshly spawned workers (2xH100, BENCHMARKS.md).
-    Compare rendezvous_count() across ranks first.
+    Compare rendezvous_done across ranks first (maverick.distributed.peer_rendezvous_can_meet).
     """
 
     rendezvous_done = 0  # in this process, over all instances

@@ -50,19 +50,14 @@ class Llama4MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top_ids, top_scores = ops.moe_router(x, self.router.weight, self.top_k)
         ex = self.experts
-        sh = self.shared_expert
-        if self.experts_fp8 and sh.gate_up_proj.fp8:  # one op for both: the kernels fuse the shared expert in
-            in13 = None if self.dynamic_inputs else ex.gate_up_proj_input_scale
-            in2 = None if self.dynamic_inputs else ex.down_proj_input_scale
-            gu, dn = sh.gate_up_proj, sh.down_proj
-            return ops.moe_ffn(x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset,
-                               ex.gate_up_proj_weight_scale, in13, ex.down_proj_weight_scale, in2,
-                               gu.weight, gu.weight_scale, gu.input_scale, dn.weight, dn.weight_scale, dn.input_scale)
+        scales = ()
         if self.experts_fp8:
             in13 = None if self.dynamic_inputs else ex.gate_up_proj_input_scale
             in2 = None if self.dynamic_inputs else ex.down_proj_input_scale
-            routed = ops.moe_experts(x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset,
-                                     ex.gate_up_proj_weight_scale, in13, ex.down_proj_weight_scale, in2)
-        else:
-            routed = ops.moe_experts(x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset)
-        return self.shared_expert(x) + routed
+            scales = (ex.gate_up_proj_weight_scale, in13, ex.down_proj_weight_scale, in2)
+        routed = (x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset, *scales)
+        gu, dn = self.shared_expert.gate_up_proj, self.shared_expert.down_proj
+        if self.experts_fp8 and gu.fp8:  # one op for both: the kernels fuse the shared expert in
+            return ops.moe_ffn(*routed, gu.weight, gu.weight_scale, gu.input_scale, dn.weight, dn.weight_scale,
+                               dn.input_scale)
+        return self.shared_expert(x) + ops.moe_experts(*routed)
