@@ -80,6 +80,13 @@ class DecodeGraphs:
             floats.upload()
         ints.upload()
 
+    def stage(self, batch: ForwardBatch) -> torch.cuda.CUDAGraph:
+        """Write a padded decode batch (CPU) into its graph's static inputs; returns the forward graph, whose
+        replays then recompute that batch's logits (benchmarks time exactly these replays)."""
+        g = self.graphs[batch.q_index.shape[0]]
+        self._write(g.ints, g.floats, batch, None)
+        return g.forward
+
     def replay(self, batch: ForwardBatch, rows: SamplingRows | None, n_rows: int, feed: torch.Tensor | None = None,
                feed_src: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """batch (CPU) must already be padded to a captured size. Returns the logits of the first n_rows

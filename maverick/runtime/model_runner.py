@@ -85,6 +85,10 @@ class ModelRunner:
                                     pad_tokens=rows)
         return batch.pad_logits(rows)
 
+    def stage_graph(self, seqs: list[StepSeq], rows: int) -> torch.cuda.CUDAGraph:
+        """The captured decode graph of `rows` rows with seqs (padded) in its inputs, for timing replays."""
+        return self.graphs.stage(self._padded(seqs, rows))
+
     def _graphable(self, seqs: list[StepSeq]) -> int | None:
         if self.graphs is None or not all(len(s.tokens) == 1 and s.num_logits == 1 for s in seqs):
             return None
