@@ -80,33 +80,40 @@ def bench_gemm(name, n, k, m, rows, swiglu=False):
     return (name, m, nbytes / 1e6, ours, cublas, read)
 
 
-def bench_moe(h, i, e, m, copies_=8):
+def moe_case(h, i, e, m, n=8):
+    """One MoE FFN at batch m with n rotations: each routes to other experts and uses another shared-expert
+    copy, so no call finds its weights in L2. case.fused(j, config) runs rotation j through the fused pair."""
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(n=n, s=torch.tensor(1e-3, device="cuda"), xs=torch.tensor(8 / 448, device="cuda"))
+    c.gu = (torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    c.dn = (torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    c.x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    perm = torch.randperm(e, device="cuda")
+    c.ids = [perm.roll(m * j)[:m].view(m, 1) for j in range(n)]  # distinct experts across rotations
+    c.sc = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
+    c.shared = [(fp8_weight(2 * i, h), torch.full((2 * i,), 1e-3, device="cuda"), c.xs, fp8_weight(h, i), c.s, c.xs)
+                for _ in range(n)]
+    c.routed = lambda j: moe_experts_gemv(c.x, c.ids[j], c.sc, c.gu, c.dn, 0, c.s, c.xs, c.s, c.xs)
+    c.fused = lambda j, config=None: moe_experts_gemv(c.x, c.ids[j], c.sc, c.gu, c.dn, 0, c.s, c.xs, c.s, c.xs,
+                                                      shared=c.shared[j], config=config)
+    return c
+
+
+def bench_moe(h, i, e, m):
     """The MoE FFN after the router at batch m: the fused kernel pair (selected experts + shared expert)
     against the unfused path of the same math in the same run (routed kernel pair, then the shared expert's
-    two FP8 GEMMs and the add), against the routed pair alone and a plain read of the bytes. Each of the
-    `copies_` rotations routes to other experts and uses another shared-expert copy, so no call finds its
-    weights in L2."""
-    gu = (torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
-    dn = (torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
-    s = torch.tensor(1e-3, device="cuda")
-    xs = torch.tensor(8 / 448, device="cuda")
-    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-    perm = torch.randperm(e, device="cuda")
-    ids = [perm.roll(m * j)[:m].view(m, 1) for j in range(copies_)]  # distinct experts across rotations
-    sc = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
-    shared = [(fp8_weight(2 * i, h), torch.full((2 * i,), 1e-3, device="cuda"), xs, fp8_weight(h, i), s, xs)
-              for _ in range(copies_)]
-    fused = graph_ms([lambda j=j: moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s, xs, s, xs, shared=shared[j])
-                      for j in range(copies_)])
+    two FP8 GEMMs and the add), against the routed pair alone and a plain read of the bytes."""
+    c = moe_case(h, i, e, m)
+    fused = graph_ms([lambda j=j: c.fused(j) for j in range(c.n)])
 
     def unfused(j):
-        sgu, sgs, sxs, sdn, sds, sdx = shared[j]
-        h13 = fp8_gemm_small_m(x, sgu, sgs, sxs, torch.bfloat16, swiglu=True)
-        return fp8_gemm_small_m(h13, sdn, sds, sdx, torch.bfloat16) + moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s,
-                                                                                        xs, s, xs)
+        sgu, sgs, sxs, sdn, sds, sdx = c.shared[j]
+        h13 = fp8_gemm_small_m(c.x, sgu, sgs, sxs, torch.bfloat16, swiglu=True)
+        return fp8_gemm_small_m(h13, sdn, sds, sdx, torch.bfloat16) + c.routed(j)
 
-    separate = graph_ms([lambda j=j: unfused(j) for j in range(copies_)])
-    routed = graph_ms([lambda j=j: moe_experts_gemv(x, ids[j], sc, gu, dn, 0, s, xs, s, xs) for j in range(copies_)])
+    separate = graph_ms([lambda j=j: unfused(j) for j in range(c.n)])
+    routed = graph_ms([lambda j=j: c.routed(j) for j in range(c.n)])
     routed_bytes = m * 3 * h * i  # m distinct experts per call
     total = routed_bytes + 3 * h * i
     return [("moe ffn fused: selected + shared expert, 2 launches", m, total / 1e6, fused, float("nan"),
