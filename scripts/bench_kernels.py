@@ -13,7 +13,6 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import maverick  # noqa: E402,F401  (binds maverick_plugins from the source tree)
-import maverick_plugins as ops  # noqa: E402
 from maverick_plugins.kernels.decode_attention import decode_attention  # noqa: E402
 from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m  # noqa: E402
 from maverick_plugins.kernels.moe_gemv import moe_experts_gemv  # noqa: E402
@@ -161,7 +160,7 @@ def main():
     p.add_argument("--tp-size", type=int, default=8)
     p.add_argument("--ops", default="gemm,moe,router,attention", help="comma-separated families to run")
     a = p.parse_args()
-    ops_ = a.ops.split(",")
+    families = a.ops.split(",")
     tp = a.tp_size
     H, I, M_, E = 5120, 8192, 16384, 128
     print(f"card={torch.cuda.get_device_name()} tp_size={tp} (per-rank Maverick shapes)")
@@ -171,15 +170,15 @@ def main():
               ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
               ("lm_head bf16->fp8", 202048 // tp, H, False)]
     for m in (1, 8):
-        for name, n, k, r in shapes if "gemm" in ops_ else ():
+        for name, n, k, r in shapes if "gemm" in families else ():
             rows.append(bench_gemm(name, n, k, m, r))
-        if "gemm" in ops_:
+        if "gemm" in families:
             rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
-        if "moe" in ops_:
+        if "moe" in families:
             rows.extend(bench_moe(H, I // tp, E, m))
-        if "router" in ops_:
+        if "router" in families:
             rows.append(bench_router(H, E, m))
-    for ctx in (1024, 8192, 131072) if "attention" in ops_ else ():
+    for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
     print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")
