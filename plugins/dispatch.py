@@ -5,6 +5,8 @@ min-latency path); larger batches keep the reference path (cuBLAS through torch,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Thresholds per device name prefix; "default" applies to any other CUDA device.
@@ -63,8 +65,14 @@ def kernels_enabled() -> bool:
 def threshold(x: torch.Tensor, name: str) -> int:
     if not (_enabled and x.is_cuda):
         return -1
-    dev = torch.cuda.get_device_name(x.device)
+    return _table(x.device.index if x.device.index is not None else torch.cuda.current_device())[name]
+
+
+@functools.cache
+def _table(device_index: int) -> dict:
+    """The thresholds of one device, looked up once: ops ask on every eager launch (several per layer)."""
+    dev = torch.cuda.get_device_name(device_index)
     for prefix, table in THRESHOLDS.items():
         if prefix != "default" and dev.startswith(prefix):
-            return table[name]
-    return THRESHOLDS["default"][name]
+            return table
+    return THRESHOLDS["default"]
