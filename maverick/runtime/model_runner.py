@@ -85,7 +85,7 @@ class ModelRunner:
                                     pad_tokens=rows)
         return batch.pad_logits(rows)
 
-    def stage_graph(self, seqs: list[StepSeq], rows: int) -> torch.cuda.CUDAGraph:
+    def stage_graph(self, seqs: list[StepSeq], rows: int):
         """The captured decode graph of `rows` rows with seqs (padded) in its inputs, for timing replays."""
         return self.graphs.stage(self._padded(seqs, rows))
 
