@@ -46,10 +46,15 @@ def tune_moe(h, i, e=128, m=1):
     def time(cfg):
         return graph_ms([lambda j=j: c.fused(j, cfg) for j in range(c.n)], iters=15)
 
-    grid = [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (2, 4, 8)]
+    # (BLOCK_N, BLOCK_K, warps, stages, MODE): the CUDA-core configs of the last tuning, then mma.sync (MODE 1)
+    # and wgmma (MODE 2) tiles
+    grid = [(2, 2048, 4, 3, 0), (8, 1024, 8, 3, 0), (8, 256, 2, 3, 0), (8, 512, 2, 3, 0)]
+    grid += [(bn, bk, nw, ns, 1) for bn in (16, 32) for bk in (128, 256, 512) for nw in (2, 4) for ns in (2, 3, 4)]
+    grid += [(64, bk, 4, ns, 2) for bk in (128, 256) for ns in (2, 3, 4)]
     first = sorted((time((c_, DEFAULT_CONFIG[1])), c_) for c_ in grid)
     second = sorted((time((first[0][1], c_)), c_) for c_ in grid)
-    return first[:3], second[:3]
+    cuda_cores = [min(r for r in first if r[1][-1] == 0), min(r for r in second if r[1][-1] == 0)]
+    return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
 
 
 def tune_attention(ctx, batch):

@@ -2,11 +2,11 @@
 
 Run by tests/test_sm90_compile.py in a subprocess without TRITON_INTERPRET, so kernels changed on a
 CPU-only machine are at least known to build for the GPU. Prints one line per kernel: name, then
-counts of a few instructions the tests look for, registers and stack (spill) bytes a thread.
+counts of a few instructions the tests look for, registers and stack (spill) bytes a thread
+(byte_loads: one-byte global loads, the sign of an FP8 weight stream that did not vectorize).
 Pointers and the integer arguments that are multiples of 16 at run time get Triton's divisibility
 hint, as the JIT gives them: without it loads do not vectorize and nothing is representative.
 """
-import os
 import re
 import subprocess
 import sys
@@ -25,7 +25,8 @@ _ATTN_COMMON = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": 
                 "table_ptr": "*i32", "ctx_ptr": "*i64", "qidx_ptr": "*i64", "qpos_ptr": "*i64",
                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
 _DIV16_INTS = {"N_OUT", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_om", "stride_qt", "stride_qh",
-               "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cs", "stride_ch", "stride_ot", "stride_oh"}
+               "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cs", "stride_ch", "stride_ot", "stride_oh",
+               "stride_we", "stride_swn", "stride_x", "stride_h", "stride_o", "N_SHARED", "K_SHARED"}
 _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cs", "stride_ch"]
 
 
@@ -71,15 +72,17 @@ def kernels():
            "sw_ptr": "*fp8e4nv", "sw_scale_ptr": "*fp32", "sx_scale_ptr": "*fp32", "out_ptr": "*bf16",
            "K": _I32, "E_LOCAL": _I32, "expert_offset": _I32, "TOP_K": _I32, "P": _I32, "stride_we": _I32,
            "stride_wn": _I32, "stride_o": _I32, "scale_stride_e": _I32, "scale_stride_n": _I32}
-    for dynamic in (False, True):
-        yield f"moe fc13 dynamic={dynamic}", moe_gemv._fc13_swiglu_kernel, {
+    for dynamic, mode, block_n in ((False, 0, 2), (True, 0, 2), (False, 1, 16), (True, 2, 64), (False, 2, 64)):
+        yield f"moe fc13 dynamic={dynamic} mode={mode}", moe_gemv._fc13_swiglu_kernel, {
             "x_ptr": "*bf16", **{k: v for k, v in moe.items() if k != "out_ptr"}, "scores_ptr": "*bf16",
             "out_ptr": "*bf16", "N_OUT": _I32, "N_SHARED": _I32, "stride_x": _I32, "shared_scale_stride_n": _I32,
-        }, {"DYNAMIC_X": dynamic, "BLOCK_N": 2, "BLOCK_K": 2048, "PDL": dynamic}, 4
+        }, {"DYNAMIC_X": dynamic, "BLOCK_N": block_n, "BLOCK_K": {0: 2048, 1: 256, 2: 128}[mode], "MODE": mode,
+            "PDL": dynamic}, 4
         for shared in (False, True):
-            yield f"moe fc2 dynamic={dynamic} shared={shared}", moe_gemv._fc2_kernel, {
+            yield f"moe fc2 dynamic={dynamic} shared={shared} mode={mode}", moe_gemv._fc2_kernel, {
                 "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
-            }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": 8, "BLOCK_K": 1024, "PDL": False}, 8
+            }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": max(8, block_n),
+                "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "PDL": False}, 8
     yield "router", small_ops._router_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
         "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,
@@ -109,8 +112,8 @@ def main(names: list[str]) -> int:
     for name, fn, sig, consts, warps in kernels():
         if names and not any(name.startswith(n) for n in names):
             continue
-        attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, ty) in enumerate(sig.items())
-                 if ty.startswith("*") or arg in _DIV16_INTS}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)  # by the kernel's order
+                 if arg in sig and (sig[arg].startswith("*") or arg in _DIV16_INTS)}
         sig = {**sig, **{k: "constexpr" for k in consts}}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -118,7 +121,8 @@ def main(names: list[str]) -> int:
         print(f"{name}: {_resources(k.asm['cubin'])} prefetch={ptx.count('cp.async.bulk.prefetch.L2')} "
               f"acq_rel_add={ptx.count('atom.global.gpu.acq_rel.add')} "
               f"release_sys_cas={ptx.count('atom.global.release.sys.cas')} "
-              f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} griddepcontrol={ptx.count('griddepcontrol')} mma={ptx.count('mma.sync') + ptx.count('wgmma')}")
+              f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} griddepcontrol={ptx.count('griddepcontrol')} mma={ptx.count('mma.sync') + ptx.count('wgmma')} "
+              f"byte_loads={ptx.count('ld.global.b8') + ptx.count('ld.global.u8')}")
     return 0
 
 

@@ -409,6 +409,38 @@ def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
         assert ((out.float() - unfused).norm() / unfused.norm()).item() < 5e-3
 
 
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("T,dynamic", [(1, False), (8, False), (2, True)])
+def test_moe_tensor_core_passes_equal_the_cuda_core_ones_at_rank_shapes(mode, T, dynamic):
+    """The MoE pair on the tensor cores (MODE 1 mma.sync, 2 wgmma; the input repeated over 16 MMA rows)
+    computes the same exact FP8 products with fp32 sums as the CUDA-core pair, at one TP8 rank's sizes
+    with the shared expert."""
+    from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
+
+    torch.manual_seed(4)
+    H, I, E = 5120, 1024, 16
+    w8 = lambda *s: (torch.randn(*s, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, E, (T, 1), device="cuda")
+    sc = torch.rand(T, 1, device="cuda", dtype=torch.bfloat16)
+    if dynamic:
+        scales = (torch.rand(E, 2 * I, device="cuda") / 512 + 1e-4, None, torch.rand(E, H, device="cuda") / 512 + 1e-4,
+                  None)
+    else:
+        scales = (torch.tensor(1 / 512.0, device="cuda"), torch.tensor(4 / 448, device="cuda"),
+                  torch.tensor(1 / 512.0, device="cuda"), torch.tensor(4 / 448, device="cuda"))
+    shared = (w8(2 * I, H), torch.rand(2 * I, device="cuda") / 512 + 1e-4, torch.tensor(4 / 448, device="cuda"),
+              w8(H, I), torch.tensor(1 / 700.0, device="cuda"), torch.tensor(2 / 448, device="cuda"))
+    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
+    run = lambda cfg: moe_experts_gemv(x, ids, sc, gu8, dn8, 0, scales[0], scales[1], scales[2], scales[3],  # noqa: E731
+                                       shared=shared, config=cfg).float()
+    base = run(((8, 512, 4, 3, 0), (8, 512, 4, 3, 0)))
+    cfg = (16, 256, 4, 3, 1) if mode == 1 else (64, 128, 4, 3, 2)
+    # the fp32 sums differ in order only; an intermediate h element may still round to the neighbouring
+    # bf16 / e4m3 value before pass 2
+    assert ((run((cfg, cfg)) - base).norm() / base.norm()).item() < 2e-3
+
+
 def test_benchmark_runs_end_to_end_on_the_tiny_preset(tmp_path):
     """maverick-bench's decode-step (graph replay), TTFT and end-to-end paths on a small model: a change to
     the graph runner's internals broke the step benchmark once without any test noticing."""

@@ -87,8 +87,13 @@ def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
     assert rel(one, ops.swiglu(ref) if swiglu else ref) < TOL["fp8"]
 
 
+# (BLOCK_N, BLOCK_K, warps, stages, MODE): CUDA cores, mma.sync, wgmma
+MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2)}
+
+
+@pytest.mark.parametrize("mode", list(MOE_CONFIGS))
 @pytest.mark.parametrize("top_k,channel", [(1, False), (2, False), (1, True)])
-def test_moe_gemv(top_k, channel):
+def test_moe_gemv(top_k, channel, mode):
     from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
 
     torch.manual_seed(top_k)
@@ -108,15 +113,16 @@ def test_moe_gemv(top_k, channel):
         gu8, dn8 = (gu / gs).to(torch.float8_e4m3fn), (dn / ds).to(torch.float8_e4m3fn)
         gis = torch.tensor(ACT_SCALE, device=DEV)
         dis = torch.tensor(0.5 / 448, device=DEV)
-    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, config=(16, 32, 4))
+    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, config=MOE_CONFIGS[mode])
     ref = ops.moe_experts_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis)
     assert ((ids >= offset) & (ids < offset + E)).any(), "test must route some tokens here"
     # the second GEMM quantizes the first one's output: boundary cases there are real on any device
     assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
 
 
+@pytest.mark.parametrize("mode", list(MOE_CONFIGS))
 @pytest.mark.parametrize("top_k,channel,Is", [(1, False, 32), (2, False, 48), (1, True, 16)])
-def test_moe_ffn_with_shared_expert(top_k, channel, Is):
+def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
     """Routed experts and the shared expert in the same two launches (shared intermediate Is may differ
     from the routed one, as with expert parallelism) against moe_ffn_ref."""
     from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
@@ -136,7 +142,8 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is):
     gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
     shared = (w8(2 * Is, H), torch.rand(2 * Is, device=DEV) / 100 + 1e-3, torch.tensor(ACT_SCALE, device=DEV),
               w8(H, Is), torch.tensor(1 / 250, device=DEV), torch.tensor(0.5 / 448, device=DEV))
-    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared, config=(16, 32, 4))
+    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared,
+                           config=MOE_CONFIGS[mode])
     ref = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, *shared)
     shared_only = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, 100, gs, gis, ds, dis, *shared)  # no local expert
     assert rel(ref, shared_only) > 0.05, "the routed part must matter in this case"

@@ -12,13 +12,54 @@ Only the chosen experts' weights are read: at top-1, TP8, 1 token that is 15.7 M
 shared expert) instead of the 2 GB a dense loop over all 128 experts would stream. Fusing the shared
 expert removes its two GEMM launches and the add (5 launches -> 2). Pairs routed to an expert another
 rank holds (expert parallelism) contribute zeros.
+
+The dot products run on CUDA cores (MODE 0: every FP8 weight converted e4m3 -> f16 -> f32, about 10
+weights per clock per SM on Hopper, below what HBM delivers) or on the tensor cores: the FP8 input row
+repeated over the 16 rows an MMA needs on its token side, times the weight tile (MODE 1: x W^T on
+mma.sync, BLOCK_N >= 16; MODE 2: W x^T on wgmma, BLOCK_N >= 64), one row of the result kept. The
+repeated rows cost tensor-core cycles only, which a GEMV has to spare.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .fp8_gemm import _mma
 from .pdl import pdl_enter
+
+
+@triton.jit
+def _acc_zeros(BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+    """The accumulator of BLOCK_N dot products: [BLOCK_N] on CUDA cores, an MMA tile with the tensor cores."""
+    if MODE == 2:
+        acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    elif MODE == 1:
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _dot_chunk(acc, x8, w, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + one K chunk of w [BLOCK_N, BLOCK_K] (e4m3) times x8 [BLOCK_K] (e4m3), exact products, fp32 sums."""
+    if MODE == 0:
+        acc += tl.sum(w.to(tl.float32) * x8.to(tl.float32)[None, :], axis=1)
+    else:
+        acc += _mma(tl.broadcast_to(x8[None, :], (16, BLOCK_K)), w, MODE == 2, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _acc_row(acc, MODE: tl.constexpr):
+    """[BLOCK_N] out of the accumulator: an MMA tile holds the same dot in each of its 16 token rows."""
+    if MODE == 2:
+        row = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, acc, 0.0), axis=1)
+    elif MODE == 1:
+        row = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, acc, 0.0), axis=0)
+    else:
+        row = acc
+    return row
 
 
 @triton.jit
@@ -45,7 +86,7 @@ def _fc13_swiglu_kernel(
     out_ptr,
     N_OUT, N_SHARED, K, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n, shared_scale_stride_n,
-    DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
@@ -72,19 +113,21 @@ def _fc13_swiglu_kernel(
     n_mask = offs_n < n_out
     rows = offs_n.to(tl.int64) * stride_wn
     up_rows = rows + n_out.to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_N, MODE)
+    acc_up = _acc_zeros(BLOCK_N, MODE)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         xv = tl.load(x_row + k, mask=k_mask, other=0.0)
         xv = (xv * score).to(x_ptr.dtype.element_ty)  # the reference rounds score * x to the input dtype
-        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv)
         m = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_base + rows[:, None] + k[None, :], mask=m, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x8[None, :], axis=1)
+        acc = _dot_chunk(acc, x8, w, MODE, BLOCK_K)
         wu = tl.load(w_base + up_rows[:, None] + k[None, :], mask=m, other=0.0)
-        acc_up += tl.sum(wu.to(tl.float32) * x8[None, :], axis=1)
+        acc_up = _dot_chunk(acc_up, x8, wu, MODE, BLOCK_K)
+    acc = _acc_row(acc, MODE)
+    acc_up = _acc_row(acc_up, MODE)
     ws = tl.load(s_base + offs_n * s_step, mask=n_mask, other=0.0)
     wsu = tl.load(s_base + (n_out + offs_n) * s_step, mask=n_mask, other=0.0)
     gate = acc * (x_scale * ws)
@@ -94,18 +137,19 @@ def _fc13_swiglu_kernel(
 
 
 @triton.jit
-def _gemv_rows(x_row, x_scale, w_base, rows, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_rows(x_row, x_scale, w_base, rows, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               MODE: tl.constexpr):
     """fp32 dot of FP8-quantized x_row [K] with BLOCK_N FP8 weight rows (row offsets `rows`)."""
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_N, MODE)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         xv = tl.load(x_row + k, mask=k_mask, other=0.0)
-        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv)
         w = tl.load(w_base + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x8[None, :], axis=1)
-    return acc
+        acc = _dot_chunk(acc, x8, w, MODE, BLOCK_K)
+    return _acc_row(acc, MODE)
 
 
 @triton.jit
@@ -116,7 +160,7 @@ def _fc2_kernel(
     N_OUT, K, K_SHARED, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_swn, stride_h, stride_o, scale_stride_e, scale_stride_n,
     HAS_SHARED: tl.constexpr, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
@@ -133,7 +177,7 @@ def _fc2_kernel(
         h_row = h_ptr + pair.to(tl.int64) * stride_h
         x_scale = _fp8_scale(h_row, K, 1.0, x_scale_ptr, False, DYNAMIC_X, BLOCK_K)
         acc = _gemv_rows(h_row, x_scale, w_ptr + e * stride_we, offs_n.to(tl.int64) * stride_wn, n_mask, K,
-                         BLOCK_N, BLOCK_K)
+                         BLOCK_N, BLOCK_K, MODE)
         ws = tl.load(w_scale_ptr + e * scale_stride_e + offs_n * scale_stride_n, mask=n_mask, other=0.0)
         y = tl.where(local, acc * (x_scale * ws), 0.0)
         routed += y.to(dtype).to(tl.float32)  # the reference rounds each expert's output, sums in fp32
@@ -142,7 +186,7 @@ def _fc2_kernel(
         h_row = h_ptr + (P + token).to(tl.int64) * stride_h
         x_scale = tl.load(sx_scale_ptr)
         acc = _gemv_rows(h_row, x_scale, sw_ptr, offs_n.to(tl.int64) * stride_swn, n_mask, K_SHARED,
-                         BLOCK_N, BLOCK_K)
+                         BLOCK_N, BLOCK_K, MODE)
         shared = (acc * (x_scale * tl.load(sw_scale_ptr))).to(dtype)
         out = (out.to(tl.float32) + shared.to(tl.float32)).to(dtype)  # shared_expert(x) + routed
     tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
@@ -163,6 +207,19 @@ def _config(tokens: int) -> tuple:
     return CONFIGS[1] if tokens <= 2 else CONFIGS[8]
 
 
+_MIN_BLOCK_N = {0: 1, 1: 16, 2: 64}  # an MMA's weight side: mma.sync n >= 16 in Triton, wgmma m = 64
+
+
+def _pass_config(cfg: tuple) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE]]) -> all five (defaults: 3 stages, CUDA cores)."""
+    block_n, block_k, num_warps, *rest = cfg
+    stages, mode = (list(rest) + [3, 0][len(rest):])[:2]
+    if mode not in _MIN_BLOCK_N or block_n < _MIN_BLOCK_N[mode] or (mode and block_k < 32):
+        raise ValueError(f"moe_gemv config {cfg}: MODE must be 0 (CUDA cores), 1 (mma.sync, BLOCK_N >= 16) "
+                         "or 2 (wgmma, BLOCK_N >= 64), with BLOCK_K >= 32 for an MMA")
+    return block_n, block_k, num_warps, stages, mode
+
+
 def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
     """(per expert, per row) strides of a weight scale: 0, 0 for one scalar; [E, N] per channel."""
     return (0, 0) if scale.numel() == 1 else (scale.stride(0), scale.stride(1))
@@ -173,14 +230,16 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
                      gate_up_input_scale: torch.Tensor | None, down_scale: torch.Tensor,
                      down_input_scale: torch.Tensor | None, shared: tuple | None = None,
                      config: tuple | None = None) -> torch.Tensor:
-    """config: (BLOCK_N, BLOCK_K, num_warps) for both passes, or a pair of them (pass 1, pass 2).
+    """config: (BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE]]) for both passes, or a pair of them
+    (pass 1, pass 2); MODE 0 CUDA cores, 1 mma.sync, 2 wgmma (module docstring).
     Routed experts for FP8 weights (gate_up [E, 2I, H], down [E, H, I]; scales scalars with static input
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
     config = config or _config(x.shape[0])
-    (block_n, block_k, num_warps), (block_n2, block_k2, num_warps2) = \
-        config if isinstance(config[0], tuple) else (config, config)
+    first, second = config if isinstance(config[0], tuple) else (config, config)
+    (block_n, block_k, num_warps, stages, mode), (block_n2, block_k2, num_warps2, stages2, mode2) = \
+        _pass_config(first), _pass_config(second)
     T, H = x.shape
     k = top_ids.shape[1]
     P = T * k
@@ -202,12 +261,13 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
         x, ids, scores, gate_up, gate_up_scale, gate_up_scale if dynamic else gate_up_input_scale,
         sgu, sgu_scale, sgu_in, h, I, Is, H, gate_up.shape[0], expert_offset, k, P,
         gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
-        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps)
+        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, PDL=PDL, **PDL_LAUNCH,
+        num_warps=num_warps, num_stages=stages)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)
     _fc2_kernel[(triton.cdiv(H, block_n2), T)](
         h, ids, down, down_scale, down_scale if dynamic else down_input_scale, sdn, sdn_scale, sdn_in, out,
         H, I, Is, down.shape[0], expert_offset, k, P, down.stride(0), down.stride(1), sdn.stride(0), h.stride(0),
         out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
-        BLOCK_K=block_k2, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2)
+        BLOCK_K=block_k2, MODE=mode2, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2, num_stages=stages2)
     return out
