@@ -192,14 +192,14 @@ def _fc2_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of pass 1 and of pass 2, by token count. Measured on H200 at TP8 sizes
-# with the shared expert fused (scripts/tune_kernels.py --parts moe, dae0189; us for both passes):
-# 1 token (2, 2048, 4) + (8, 1024, 8) about 18.5 against 18.5-18.9 for every other config near it
-# (pass 1 alone 12.2 us for 21 MB, pass 2 6.4 us for 10.5 MB; plain reads 6.2 and 4.1 us). The passes are
-# bound by instruction throughput, not bytes: each FP8 weight takes 1.5 conversion instructions
-# (e4m3x2 -> f16x2, f16 -> f32) at Hopper's 16 per clock per SM, about 10 elements/clk/SM; measured 8-9.
-# 8 tokens: (8, 256, 2) + (8, 512, 2) 58.1 us against 69-74 with the one-token configs.
-CONFIGS = {1: ((2, 2048, 4), (8, 1024, 8)), 8: ((8, 256, 2), (8, 512, 2))}
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, MODE) of pass 1 and of pass 2, by token count. Measured on H200
+# at TP8 sizes with the shared expert fused (scripts/tune_kernels.py --parts moe; us for both passes):
+# 1 token (dae0189): (2, 2048, 4) + (8, 1024, 8) on CUDA cores about 18.5 (pass 1 alone 12.2 us for 21 MB,
+# pass 2 6.4 us for 10.5 MB; plain reads 6.2 and 4.1 us). The tensor-core passes (fe6017f) do not beat it
+# at one token: best pass 1 on mma.sync 19.7 against 17.6 (1024 / 16 column blocks x 2 rows leave the
+# 64-row wgmma tiles 32 programs for 132 SMs). 8 tokens (fe6017f): wgmma in both passes 47.8 us against
+# 58.1 for the CUDA-core pair (which converts every weight e4m3 -> f16 -> f32 for each token).
+CONFIGS = {1: ((2, 2048, 4, 3, 0), (8, 1024, 8, 3, 0)), 8: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))}
 DEFAULT_CONFIG = CONFIGS[1]
 
 
