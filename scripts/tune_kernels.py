@@ -51,7 +51,10 @@ def tune_moe(h, i, e=128, m=1):
     grid = [(2, 2048, 4, 3, 0), (8, 1024, 8, 3, 0), (8, 256, 2, 3, 0), (8, 512, 2, 3, 0)]
     grid += [(bn, bk, nw, ns, 1) for bn in (16, 32) for bk in (128, 256, 512) for nw in (2, 4) for ns in (2, 3, 4)]
     grid += [(64, bk, 4, ns, 2) for bk in (128, 256) for ns in (2, 3, 4)]
-    first = sorted((time((c_, DEFAULT_CONFIG[1])), c_) for c_ in grid)
+    # pass 1 split over H (the last split applies SwiGLU): more programs where few rows leave SMs idle
+    splits = [(bn, bk, 4, ns, mode, sk) for bn, mode in ((16, 1), (64, 2)) for bk in (128, 256) for ns in (3, 4)
+              for sk in (2, 4, 8)]
+    first = sorted((time((c_, DEFAULT_CONFIG[1])), c_) for c_ in grid + splits)
     second = sorted((time((first[0][1], c_)), c_) for c_ in grid)
     cuda_cores = [min(r for r in first if r[1][-1] == 0), min(r for r in second if r[1][-1] == 0)]
     return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
@@ -68,7 +71,9 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--parts", default="attention,gemm,moe", help="comma-separated: attention, gemm, moe")
-    parts = p.parse_args().parts.split(",")
+    p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
+    args = p.parse_args()
+    parts = args.parts.split(",")
     for ctx in (1024, 8192, 131072) if "attention" in parts else ():
         for b in (1, 8):
             print("attention", ctx, b, tune_attention(ctx, b), flush=True)
@@ -80,7 +85,7 @@ if __name__ == "__main__":
         best, failed = tune_gemm(n, k, swiglu=swiglu)
         print(name, n, k, f"swiglu={swiglu}", [(round(t, 1), *c) for t, *c in best], f"({failed} configs failed)",
               flush=True)
-    for m in (1, 8) if "moe" in parts else ():
+    for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],
               "pass 2 (best pass 1):", [(round(t, 1), c) for t, c in p2], flush=True)

@@ -253,6 +253,7 @@ def test_serial_split_k_on_gpu(n, k, swiglu):
     two-launch path bit for bit, eagerly and in CUDA-graph replays with new inputs (the arrival counters
     must be back at zero after every call)."""
     from maverick_plugins.kernels import fp8_gemm
+    from maverick_plugins.kernels.counters import arrival_counters
 
     torch.manual_seed(3)
     w = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -272,7 +273,7 @@ def test_serial_split_k_on_gpu(n, k, swiglu):
         x.copy_(torch.randn(4, k, generator=torch.Generator().manual_seed(seed)).to(x))
         g.replay()
         assert torch.equal(out, run(False)), seed
-    assert int(fp8_gemm._counters(x.device, 1).abs().sum()) == 0
+    assert int(arrival_counters(x.device, 1, "fp8_gemm").abs().sum()) == 0
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -70,6 +70,7 @@ def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
     """The last split of each column block reduces the partials itself: the same sums in the same order
     as the epilogue launch (bit-exact), arrival counters back at zero for the next call."""
     from maverick_plugins.kernels import fp8_gemm
+    from maverick_plugins.kernels.counters import arrival_counters
 
     torch.manual_seed(10 + m)
     K, N = 96, 64
@@ -82,18 +83,21 @@ def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
         one = fp8_gemm.fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=cfg, serial=True)
         two = fp8_gemm.fp8_gemm_small_m(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=cfg, serial=False)
         assert torch.equal(one, two), call
-        assert int(fp8_gemm._counters(x.device, 1).abs().sum()) == 0
+        assert int(arrival_counters(x.device, 1, "fp8_gemm").abs().sum()) == 0
     ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
     assert rel(one, ops.swiglu(ref) if swiglu else ref) < TOL["fp8"]
 
 
-# (BLOCK_N, BLOCK_K, warps, stages, MODE): CUDA cores, mma.sync, wgmma
-MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2)}
+# (BLOCK_N, BLOCK_K, warps, stages, MODE[, SPLIT_K]): CUDA cores, mma.sync, wgmma, and pass 1 split over H
+MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2),
+               "wgmma split-K": ((64, 32, 4, 2, 2, 2), (64, 32, 4, 2, 2)),
+               "cuda cores split-K": ((16, 32, 4, 2, 0, 3), (16, 32, 4, 2, 0))}
 
 
 @pytest.mark.parametrize("mode", list(MOE_CONFIGS))
 @pytest.mark.parametrize("top_k,channel", [(1, False), (2, False), (1, True)])
 def test_moe_gemv(top_k, channel, mode):
+    """Routed experts alone (no shared expert) in every MODE, against moe_experts_ref."""
     from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
 
     torch.manual_seed(top_k)
@@ -125,6 +129,7 @@ def test_moe_gemv(top_k, channel, mode):
 def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
     """Routed experts and the shared expert in the same two launches (shared intermediate Is may differ
     from the routed one, as with expert parallelism) against moe_ffn_ref."""
+    from maverick_plugins.kernels.counters import arrival_counters
     from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
 
     torch.manual_seed(10 + top_k)
@@ -148,6 +153,26 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
     shared_only = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, 100, gs, gis, ds, dis, *shared)  # no local expert
     assert rel(ref, shared_only) > 0.05, "the routed part must matter in this case"
     assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+    if "split" in mode:  # the last split of each (row, column block) set its counter back: a second call agrees
+        assert int(arrival_counters(x.device, 1, "moe_fc13").abs().sum()) == 0
+        again = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared,
+                                 config=MOE_CONFIGS[mode])
+        assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("config,what", [((16, 32, 4, 2, 2), "wgmma, BLOCK_N >= 64"), ((16, 16, 4, 2, 1), "BLOCK_K >= 32"),
+                                         ((16, 32, 4, 2, 5), "MODE must be"),
+                                         (((16, 32, 4), (16, 32, 4, 2, 0, 2)), "1 in pass 2")])
+def test_moe_gemv_rejects_configs_it_cannot_run(config, what):
+    from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
+
+    x = torch.zeros(1, 64, device=DEV)
+    gu8, dn8 = torch.zeros(2, 64, 64, device=DEV).to(torch.float8_e4m3fn), torch.zeros(2, 64, 32, device=DEV).to(
+        torch.float8_e4m3fn)
+    s = torch.tensor(1.0, device=DEV)
+    ids, sc = torch.zeros(1, 1, dtype=torch.int64, device=DEV), torch.ones(1, 1, device=DEV)
+    with pytest.raises(ValueError, match=what):
+        moe_experts_gemv(x, ids, sc, gu8, dn8, 0, s, s, s, s, config=config)
 
 
 def _attention_case(B, Q, ctx, chunk, fp8, seed=0, table_tokens=0):

@@ -51,7 +51,8 @@ def test_moe_router_and_qkv_post_kernels_build_in_every_variant():
     assert len(got) == 19, got
     for name, info in got.items():  # MODE 0: CUDA cores; 1, 2: tensor cores; FP8 weights in 16-byte loads
         if name.startswith("moe"):
-            assert ("mma=0" in info) == name.endswith("mode=0") and "byte_loads=0" in info, (name, info)
+            assert ("mma=0" in info) == ("mode=0" in name) and "byte_loads=0" in info, (name, info)
+            assert ("acq_rel_add=0" in info) == ("split=4" not in name), (name, info)  # split-K's arrival counter
     assert "acq_rel_add=0" not in got["router"], got  # the arrival counter that picks the last program
     for name, info in got.items():
         assert "stack=0" in info, (name, info)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH, PDL_PREFETCH, SPLITK_SERIAL
+from .counters import arrival_counters
 from .pdl import pdl_enter, prefetch_l2
 
 
@@ -180,21 +181,6 @@ def default_config(n: int, k: int) -> tuple:
     return (64, 256, max(1, min(8, 264 // programs, k // 1024)), 4, 3)
 
 
-_COUNTERS: dict = {}  # per device: one arrival counter per column block, back at 0 after every call
-_COUNTER_SLOTS = 16384  # column blocks of any grid here (lm_head at tp 1: 202048 / 64 = 3157)
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """One fixed buffer per device, made on first use (an eager warm-up, before any graph capture) and
-    never reallocated: captured graphs hold its address."""
-    if n > _COUNTER_SLOTS:
-        raise ValueError(f"fp8_gemm: {n} column blocks need arrival counters, at most {_COUNTER_SLOTS} exist")
-    key = torch.device(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
 def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                      out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None,
                      serial: bool | None = None) -> torch.Tensor:
@@ -217,7 +203,7 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     partial = torch.empty((split_k, 2, 16, n_out), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n_out, block_n), split_k)
     serial = (SPLITK_SERIAL if serial is None else serial) and split_k > 1
-    counters = _counters(x.device, grid[0]) if serial else partial
+    counters = arrival_counters(x.device, grid[0], "fp8_gemm") if serial else partial
     _fp8_gemm_kernel[grid](x, weight, weight_scale, input_scale, out, partial, counters, M, n_out, K, k_per_split,
                            x.stride(0), weight.stride(0), out.stride(0), ROW_SCALES=row_scales, SWIGLU=swiglu,
                            SPLIT_K=split_k, SERIAL=serial, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .counters import arrival_counters
 from .fp8_gemm import _mma
 from .pdl import pdl_enter
 
@@ -83,14 +84,16 @@ def _fp8_scale(x_row, K, score, static_scale_ptr, SCALE_INPUT: tl.constexpr, DYN
 def _fc13_swiglu_kernel(
     x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr,  # routed experts
     sw_ptr, sw_scale_ptr, sx_scale_ptr,  # shared expert (gate_up [2Is, H], row scales, static input scale)
-    out_ptr,
-    N_OUT, N_SHARED, K, E_LOCAL, expert_offset, TOP_K, P,
+    out_ptr, partial_ptr, counter_ptr,
+    N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n, shared_scale_stride_n,
-    DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr,
+    DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
-    row = tl.program_id(1)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
     shared = row >= P
     pair = tl.minimum(row, P - 1)
     token = tl.where(shared, row - P, pair // TOP_K)
@@ -115,9 +118,11 @@ def _fc13_swiglu_kernel(
     up_rows = rows + n_out.to(tl.int64) * stride_wn
     acc = _acc_zeros(BLOCK_N, MODE)
     acc_up = _acc_zeros(BLOCK_N, MODE)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
-        k_mask = k < K
+        k_mask = k < k_end
         xv = tl.load(x_row + k, mask=k_mask, other=0.0)
         xv = (xv * score).to(x_ptr.dtype.element_ty)  # the reference rounds score * x to the input dtype
         x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv)
@@ -128,6 +133,31 @@ def _fc13_swiglu_kernel(
         acc_up = _dot_chunk(acc_up, x8, wu, MODE, BLOCK_K)
     acc = _acc_row(acc, MODE)
     acc_up = _acc_row(acc_up, MODE)
+    if SPLIT_K == 1:
+        _fc13_epilogue(acc, acc_up, x_scale, s_base, s_step, offs_n, n_mask, n_out, local, out_ptr, row, stride_o)
+    else:  # partial sums [SPLIT_K, 2, rows, N]; the last split of this (row, column block) to arrive finishes
+        rows_total = tl.num_programs(1)
+        width = tl.num_programs(0) * BLOCK_N
+        base = partial_ptr + ((pid_k * 2 * rows_total + row) * width).to(tl.int64) + offs_n
+        tl.store(base, acc)
+        tl.store(base + rows_total * width, acc_up)
+        tl.debug_barrier()  # every thread's partial store precedes the release below
+        slot = counter_ptr + row * tl.num_programs(0) + pid_n
+        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in range(SPLIT_K):  # in split order: the same sums on every call
+                part = partial_ptr + ((s * 2 * rows_total + row) * width).to(tl.int64) + offs_n
+                acc += tl.load(part, cache_modifier=".cg")  # written by other programs: past L1
+                acc_up += tl.load(part + rows_total * width, cache_modifier=".cg")
+            _fc13_epilogue(acc, acc_up, x_scale, s_base, s_step, offs_n, n_mask, n_out, local, out_ptr, row,
+                           stride_o)
+            tl.atomic_xchg(slot, 0)  # ready for the next call (and graph replay)
+
+
+@triton.jit
+def _fc13_epilogue(acc, acc_up, x_scale, s_base, s_step, offs_n, n_mask, n_out, local, out_ptr, row, stride_o):
+    """silu(gate) * up of one source row's BLOCK_N columns, from the raw FP8 sums, to h."""
     ws = tl.load(s_base + offs_n * s_step, mask=n_mask, other=0.0)
     wsu = tl.load(s_base + (n_out + offs_n) * s_step, mask=n_mask, other=0.0)
     gate = acc * (x_scale * ws)
@@ -210,14 +240,17 @@ def _config(tokens: int) -> tuple:
 _MIN_BLOCK_N = {0: 1, 1: 16, 2: 64}  # an MMA's weight side: mma.sync n >= 16 in Triton, wgmma m = 64
 
 
-def _pass_config(cfg: tuple) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE]]) -> all five (defaults: 3 stages, CUDA cores)."""
+def _pass_config(cfg: tuple, pass_: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE[, SPLIT_K]]]) -> all six (defaults: 3 stages, CUDA
+    cores, no split). Only pass 1 splits K."""
     block_n, block_k, num_warps, *rest = cfg
-    stages, mode = (list(rest) + [3, 0][len(rest):])[:2]
+    stages, mode, split_k = (list(rest) + [3, 0, 1][len(rest):])[:3]
     if mode not in _MIN_BLOCK_N or block_n < _MIN_BLOCK_N[mode] or (mode and block_k < 32):
         raise ValueError(f"moe_gemv config {cfg}: MODE must be 0 (CUDA cores), 1 (mma.sync, BLOCK_N >= 16) "
                          "or 2 (wgmma, BLOCK_N >= 64), with BLOCK_K >= 32 for an MMA")
-    return block_n, block_k, num_warps, stages, mode
+    if split_k < 1 or (pass_ == 2 and split_k != 1):
+        raise ValueError(f"moe_gemv config {cfg}: SPLIT_K must be >= 1 in pass 1 and 1 in pass 2")
+    return block_n, block_k, num_warps, stages, mode, split_k
 
 
 def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
@@ -230,16 +263,17 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
                      gate_up_input_scale: torch.Tensor | None, down_scale: torch.Tensor,
                      down_input_scale: torch.Tensor | None, shared: tuple | None = None,
                      config: tuple | None = None) -> torch.Tensor:
-    """config: (BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE]]) for both passes, or a pair of them
-    (pass 1, pass 2); MODE 0 CUDA cores, 1 mma.sync, 2 wgmma (module docstring).
+    """config: (BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE[, SPLIT_K]]]) for both passes, or a pair of
+    them (pass 1, pass 2); MODE 0 CUDA cores, 1 mma.sync, 2 wgmma (module docstring); SPLIT_K (pass 1 only)
+    splits the hidden size over that many programs, the last to arrive applies SwiGLU.
     Routed experts for FP8 weights (gate_up [E, 2I, H], down [E, H, I]; scales scalars with static input
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
-    (block_n, block_k, num_warps, stages, mode), (block_n2, block_k2, num_warps2, stages2, mode2) = \
-        _pass_config(first), _pass_config(second)
+    (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
+        _pass_config(first, 1), _pass_config(second, 2)
     T, H = x.shape
     k = top_ids.shape[1]
     P = T * k
@@ -256,12 +290,18 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     rows = P + (T if shared is not None else 0)
     h = torch.empty((rows, max(I, Is)), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(gate_up_scale)
-    grid = (triton.cdiv(max(I, Is), block_n), rows)
+    grid = (triton.cdiv(max(I, Is), block_n), rows, split_k)
+    k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
+    if split_k > 1:
+        partial = torch.empty((split_k, 2, rows, grid[0] * block_n), dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, grid[0] * rows, "moe_fc13")
+    else:
+        partial = counters = h  # never touched
     _fc13_swiglu_kernel[grid](
         x, ids, scores, gate_up, gate_up_scale, gate_up_scale if dynamic else gate_up_input_scale,
-        sgu, sgu_scale, sgu_in, h, I, Is, H, gate_up.shape[0], expert_offset, k, P,
+        sgu, sgu_scale, sgu_in, h, partial, counters, I, Is, H, k_per_split, gate_up.shape[0], expert_offset, k, P,
         gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
-        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, PDL=PDL, **PDL_LAUNCH,
+        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k, PDL=PDL, **PDL_LAUNCH,
         num_warps=num_warps, num_stages=stages)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .counters import arrival_counters
 from .pdl import pdl_enter
 
 
@@ -216,9 +217,6 @@ def _pick_top_k(x, offs, ids_ptr, scores_ptr, TOP_K: tl.constexpr, E_POW2: tl.co
         x = tl.where(offs == idx, float("-inf"), x)
 
 
-_ROUTER_COUNTERS: dict = {}
-
-
 def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: int = 2, block_k: int = 1024):
     """x [T, H] (T small), weight [E, H] -> top-k ids [T, k] (int64) and sigmoid scores [T, k] in x's dtype:
     what moe_router computes, in one launch instead of a cuBLAS GEMM plus the top-k kernel. block_e 2: 64
@@ -227,13 +225,10 @@ def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: in
     E = weight.shape[0]
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)  # the reference multiplies in x's dtype
-    key = x.device
-    if key not in _ROUTER_COUNTERS:  # made on first (eager) use, never reallocated: graphs hold its address
-        _ROUTER_COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=x.device)
     logits = torch.empty((T, E), dtype=x.dtype, device=x.device)
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     scores = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
-    _router_kernel[(triton.cdiv(E, block_e),)](x, weight.contiguous(), logits, _ROUTER_COUNTERS[key], ids, scores,
+    _router_kernel[(triton.cdiv(E, block_e),)](x, weight.contiguous(), logits, arrival_counters(x.device, 1, "router"), ids, scores,
                                                T, E, H, x.stride(0), TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
                                                E_POW2=triton.next_power_of_2(E), PDL=PDL, **PDL_LAUNCH, num_warps=4)
     return ids, scores
