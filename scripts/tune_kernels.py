@@ -20,7 +20,7 @@ def tune_gemm(n, k, m=1, swiglu=False):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     best = []
     grid = [(bn, 256, sk, 4, 3, False) for bn in (32, 64) for sk in (1, 2, 4, 8)]  # x W^T: mma.sync
-    grid += [(bn, bk, sk, nw, ns, True) for bn in (64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
+    grid += [(bn, bk, sk, nw, ns, True) for bn in (64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4, 8, 16)
              for nw, ns in ((4, 3), (4, 4), (8, 3)) if nw == 4 or bn == 128]  # W x^T: wgmma
     failed = 0
     for cfg in grid:
@@ -72,6 +72,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--parts", default="attention,gemm,moe", help="comma-separated: attention, gemm, moe")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
+    p.add_argument("--gemms", default="", help="comma-separated GEMM names to tune (default: all), e.g. qkv,o_proj")
     args = p.parse_args()
     parts = args.parts.split(",")
     for ctx in (1024, 8192, 131072) if "attention" in parts else ():
@@ -81,7 +82,8 @@ if __name__ == "__main__":
     gemms = [("qkv", 896, H, False), ("o_proj", H, 640, False), ("dense fc13", 4096, H, True),
              ("dense fc2", H, 2048, False), ("shared fc13", 2048, H, True), ("shared fc2", H, 1024, False),
              ("lm_head", 25264, H, False)]
-    for name, n, k, swiglu in gemms if "gemm" in parts else ():
+    chosen = [g for g in gemms if not args.gemms or g[0] in args.gemms.split(",")]
+    for name, n, k, swiglu in chosen if "gemm" in parts else ():
         best, failed = tune_gemm(n, k, swiglu=swiglu)
         print(name, n, k, f"swiglu={swiglu}", [(round(t, 1), *c) for t, *c in best], f"({failed} configs failed)",
               flush=True)

@@ -227,9 +227,11 @@ def _fc2_kernel(
 # 1 token (dae0189): (2, 2048, 4) + (8, 1024, 8) on CUDA cores about 18.5 (pass 1 alone 12.2 us for 21 MB,
 # pass 2 6.4 us for 10.5 MB; plain reads 6.2 and 4.1 us). The tensor-core passes (fe6017f) do not beat it
 # at one token: best pass 1 on mma.sync 19.7 against 17.6 (1024 / 16 column blocks x 2 rows leave the
-# 64-row wgmma tiles 32 programs for 132 SMs). 8 tokens (fe6017f): wgmma in both passes 47.8 us against
-# 58.1 for the CUDA-core pair (which converts every weight e4m3 -> f16 -> f32 for each token).
-CONFIGS = {1: ((2, 2048, 4, 3, 0), (8, 1024, 8, 3, 0)), 8: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))}
+# 64-row wgmma tiles 32 programs for 132 SMs); split 8 ways over H (256 programs, 9980fed) pass 1 on wgmma
+# wins: 16.3 against 17.4 us with pass 2 at its default, 16.6 with pass 2 tuned again (4-way: 17.0).
+# 8 tokens (fe6017f): wgmma in both passes 47.8 us against 58.1 for the CUDA-core pair (which converts
+# every weight e4m3 -> f16 -> f32 for each token).
+CONFIGS = {1: ((64, 256, 4, 3, 2, 8), (8, 1024, 8, 3, 0)), 8: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))}
 DEFAULT_CONFIG = CONFIGS[1]
 
 
