@@ -55,9 +55,7 @@ def tune_moe(h, i, e=128, m=1):
     splits = [(bn, bk, 4, ns, mode, sk) for bn, mode in ((16, 1), (64, 2)) for bk in (128, 256) for ns in (3, 4)
               for sk in (2, 4, 8)]
     first = sorted((time((c_, DEFAULT_CONFIG[1])), c_) for c_ in grid + splits)
-    parts = [(bn, bk, nw, 3, mode, 2) for bn, bk, nw, mode in ((8, 1024, 8, 0), (8, 512, 2, 0), (16, 256, 4, 1),
-                                                                (64, 128, 4, 2), (64, 256, 4, 2))]
-    second = sorted((time((first[0][1], c_)), c_) for c_ in grid + parts)  # parts: shared expert apart
+    second = sorted((time((first[0][1], c_)), c_) for c_ in grid)
     cuda_cores = [min(r for r in first if r[1][-1] == 0), min(r for r in second if r[1][-1] == 0)]
     return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
 

@@ -444,10 +444,6 @@ def test_moe_tensor_core_passes_equal_the_cuda_core_ones_at_rank_shapes(mode, T,
     # ~3e-3 per flipped element. Measured with wgmma 3.9e-3 (8 tokens, fe6017f), under 2e-3 with mma.sync
     # (H200); a wrong expert, row or scale is off by O(1).
     assert ((run((cfg, cfg)) - base).norm() / base.norm()).item() < 1e-2
-    # pass 1 split 8 ways over H; pass 2 with the shared expert in programs of its own rounds and adds the
-    # same values as one program doing both: bit for bit
-    split1 = (64, 256, 4, 3, 2, 8)
-    assert torch.equal(run((split1, cfg + (2,))), run((split1, cfg)))
 
 
 def test_benchmark_runs_end_to_end_on_the_tiny_preset(tmp_path):

@@ -90,8 +90,8 @@ def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
 
 # (BLOCK_N, BLOCK_K, warps, stages, MODE[, SPLIT_K]): CUDA cores, mma.sync, wgmma, and pass 1 split over H
 MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2),
-               "wgmma split-K": ((64, 32, 4, 2, 2, 2), (64, 32, 4, 2, 2, 2)),  # pass 2: shared expert apart
-               "cuda cores split-K": ((16, 32, 4, 2, 0, 3), (16, 32, 4, 2, 0, 2))}
+               "wgmma split-K": ((64, 32, 4, 2, 2, 2), (64, 32, 4, 2, 2)),
+               "cuda cores split-K": ((16, 32, 4, 2, 0, 3), (16, 32, 4, 2, 0))}
 
 
 @pytest.mark.parametrize("mode", list(MOE_CONFIGS))
@@ -155,7 +155,6 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
     assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
     if "split" in mode:  # the last split of each (row, column block) set its counter back: a second call agrees
         assert int(arrival_counters(x.device, 1, "moe_fc13").abs().sum()) == 0
-        assert int(arrival_counters(x.device, 1, "moe_fc2").abs().sum()) == 0
         again = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared,
                                  config=MOE_CONFIGS[mode])
         assert torch.equal(out, again)
@@ -163,7 +162,7 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
 
 @pytest.mark.parametrize("config,what", [((16, 32, 4, 2, 2), "wgmma, BLOCK_N >= 64"), ((16, 16, 4, 2, 1), "BLOCK_K >= 32"),
                                          ((16, 32, 4, 2, 5), "MODE must be"),
-                                         (((16, 32, 4), (16, 32, 4, 2, 0, 3)), "1 or 2 in pass 2")])
+                                         (((16, 32, 4), (16, 32, 4, 2, 0, 2)), "1 in pass 2")])
 def test_moe_gemv_rejects_configs_it_cannot_run(config, what):
     from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
 

@@ -186,55 +186,18 @@ def _gemv_rows(x_row, x_scale, w_base, rows, n_mask, K, BLOCK_N: tl.constexpr, B
 def _fc2_kernel(
     h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr,  # routed experts' down [E, H, I]
     sw_ptr, sw_scale_ptr, sx_scale_ptr,  # shared expert's down [H, Is], scalar scales
-    out_ptr, partial_ptr, counter_ptr,
+    out_ptr,
     N_OUT, K, K_SHARED, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_swn, stride_h, stride_o, scale_stride_e, scale_stride_n,
     HAS_SHARED: tl.constexpr, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, SPLIT_PARTS: tl.constexpr, PDL: tl.constexpr,
+    MODE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """SPLIT_PARTS 2: the routed experts and the shared expert in separate programs (twice the programs
-    where one token leaves SMs idle); the second to arrive adds them."""
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
     token = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
     dtype = out_ptr.dtype.element_ty
-    if SPLIT_PARTS == 1:
-        out = _routed_rows(h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr, token, offs_n, n_mask, K, E_LOCAL,
-                           expert_offset, TOP_K, stride_we, stride_wn, stride_h, scale_stride_e, scale_stride_n,
-                           dtype, DYNAMIC_X, BLOCK_N, BLOCK_K, MODE)
-        if HAS_SHARED:  # shared_expert(x) + routed, each rounded to the activation dtype as the reference does
-            shared = _shared_rows(h_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr, token, offs_n, n_mask, K_SHARED, P,
-                                  stride_swn, stride_h, dtype, BLOCK_N, BLOCK_K, MODE)
-            out = (out.to(tl.float32) + shared.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
-    else:
-        part = tl.program_id(2)
-        if part == 0:
-            val = _routed_rows(h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr, token, offs_n, n_mask, K, E_LOCAL,
-                               expert_offset, TOP_K, stride_we, stride_wn, stride_h, scale_stride_e, scale_stride_n,
-                               dtype, DYNAMIC_X, BLOCK_N, BLOCK_K, MODE).to(tl.float32)
-        else:
-            val = _shared_rows(h_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr, token, offs_n, n_mask, K_SHARED, P,
-                               stride_swn, stride_h, dtype, BLOCK_N, BLOCK_K, MODE).to(tl.float32)
-        width = tl.num_programs(0) * BLOCK_N
-        tl.store(partial_ptr + ((part * tl.num_programs(1) + token) * width).to(tl.int64) + offs_n, val)
-        tl.debug_barrier()  # every thread's partial store precedes the release below
-        slot = counter_ptr + token * tl.num_programs(0) + pid_n
-        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == 1:
-            base = partial_ptr + (token * width).to(tl.int64) + offs_n
-            routed = tl.load(base, cache_modifier=".cg")  # written by other programs: past L1
-            shared = tl.load(base + tl.num_programs(1) * width, cache_modifier=".cg")
-            tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, (routed + shared).to(dtype), mask=n_mask)
-            tl.atomic_xchg(slot, 0)  # ready for the next call (and graph replay)
-
-
-@triton.jit
-def _routed_rows(h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr, token, offs_n, n_mask, K, E_LOCAL, expert_offset,
-                 TOP_K, stride_we, stride_wn, stride_h, scale_stride_e, scale_stride_n, dtype: tl.constexpr,
-                 DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr):
-    """BLOCK_N rows of the token's chosen experts' FC2 outputs, each rounded to dtype, summed in fp32."""
     routed = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in range(0, TOP_K):
         pair = token * TOP_K + j
@@ -248,18 +211,15 @@ def _routed_rows(h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr, token, offs_n,
         ws = tl.load(w_scale_ptr + e * scale_stride_e + offs_n * scale_stride_n, mask=n_mask, other=0.0)
         y = tl.where(local, acc * (x_scale * ws), 0.0)
         routed += y.to(dtype).to(tl.float32)  # the reference rounds each expert's output, sums in fp32
-    return routed.to(dtype)
-
-
-@triton.jit
-def _shared_rows(h_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr, token, offs_n, n_mask, K_SHARED, P, stride_swn, stride_h,
-                 dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr):
-    """BLOCK_N rows of the token's shared-expert FC2 output, rounded to dtype."""
-    h_row = h_ptr + (P + token).to(tl.int64) * stride_h
-    x_scale = tl.load(sx_scale_ptr)
-    acc = _gemv_rows(h_row, x_scale, sw_ptr, offs_n.to(tl.int64) * stride_swn, n_mask, K_SHARED,
-                     BLOCK_N, BLOCK_K, MODE)
-    return (acc * (x_scale * tl.load(sw_scale_ptr))).to(dtype)
+    out = routed.to(dtype)
+    if HAS_SHARED:
+        h_row = h_ptr + (P + token).to(tl.int64) * stride_h
+        x_scale = tl.load(sx_scale_ptr)
+        acc = _gemv_rows(h_row, x_scale, sw_ptr, offs_n.to(tl.int64) * stride_swn, n_mask, K_SHARED,
+                         BLOCK_N, BLOCK_K, MODE)
+        shared = (acc * (x_scale * tl.load(sw_scale_ptr))).to(dtype)
+        out = (out.to(tl.float32) + shared.to(tl.float32)).to(dtype)  # shared_expert(x) + routed
+    tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, MODE) of pass 1 and of pass 2, by token count. Measured on H200
@@ -290,9 +250,8 @@ def _pass_config(cfg: tuple, pass_: int) -> tuple[int, int, int, int, int, int]:
     if mode not in _MIN_BLOCK_N or block_n < _MIN_BLOCK_N[mode] or (mode and block_k < 32):
         raise ValueError(f"moe_gemv config {cfg}: MODE must be 0 (CUDA cores), 1 (mma.sync, BLOCK_N >= 16) "
                          "or 2 (wgmma, BLOCK_N >= 64), with BLOCK_K >= 32 for an MMA")
-    if split_k < 1 or (pass_ == 2 and split_k not in (1, 2)):
-        raise ValueError(f"moe_gemv config {cfg}: SPLIT_K must be >= 1 in pass 1, 1 or 2 in pass 2 (2: the "
-                         "shared expert in programs of its own)")
+    if split_k < 1 or (pass_ == 2 and split_k != 1):
+        raise ValueError(f"moe_gemv config {cfg}: SPLIT_K must be >= 1 in pass 1 and 1 in pass 2")
     return block_n, block_k, num_warps, stages, mode, split_k
 
 
@@ -307,16 +266,15 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
                      down_input_scale: torch.Tensor | None, shared: tuple | None = None,
                      config: tuple | None = None) -> torch.Tensor:
     """config: (BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE[, SPLIT_K]]]) for both passes, or a pair of
-    them (pass 1, pass 2); MODE 0 CUDA cores, 1 mma.sync, 2 wgmma (module docstring); SPLIT_K splits pass 1
-    over the hidden size (the last program to arrive applies SwiGLU), and with 2 in pass 2 the shared expert
-    runs in programs of its own (the second to arrive adds routed and shared).
+    them (pass 1, pass 2); MODE 0 CUDA cores, 1 mma.sync, 2 wgmma (module docstring); SPLIT_K (pass 1 only)
+    splits the hidden size over that many programs, the last to arrive applies SwiGLU.
     Routed experts for FP8 weights (gate_up [E, 2I, H], down [E, H, I]; scales scalars with static input
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
-    (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, parts) = \
+    (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
         _pass_config(first, 1), _pass_config(second, 2)
     T, H = x.shape
     k = top_ids.shape[1]
@@ -349,17 +307,9 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
         num_warps=num_warps, num_stages=stages)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)
-    parts = parts if shared is not None else 1
-    grid = (triton.cdiv(H, block_n2), T, parts)
-    if parts > 1:
-        partial = torch.empty((2, T, grid[0] * block_n2), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, grid[0] * T, "moe_fc2")
-    else:
-        partial = counters = out  # never touched
-    _fc2_kernel[grid](
-        h, ids, down, down_scale, down_scale if dynamic else down_input_scale, sdn, sdn_scale, sdn_in, out, partial,
-        counters, H, I, Is, down.shape[0], expert_offset, k, P, down.stride(0), down.stride(1), sdn.stride(0),
-        h.stride(0), out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
-        BLOCK_K=block_k2, MODE=mode2, SPLIT_PARTS=parts, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2,
-        num_stages=stages2)
+    _fc2_kernel[(triton.cdiv(H, block_n2), T)](
+        h, ids, down, down_scale, down_scale if dynamic else down_input_scale, sdn, sdn_scale, sdn_in, out,
+        H, I, Is, down.shape[0], expert_offset, k, P, down.stride(0), down.stride(1), sdn.stride(0), h.stride(0),
+        out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
+        BLOCK_K=block_k2, MODE=mode2, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2, num_stages=stages2)
     return out
