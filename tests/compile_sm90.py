@@ -74,13 +74,12 @@ def kernels():
            "stride_wn": _I32, "stride_o": _I32, "scale_stride_e": _I32, "scale_stride_n": _I32}
     for dynamic, mode, block_n in ((False, 0, 2), (True, 0, 2), (False, 1, 16), (True, 2, 64), (False, 2, 64)):
         split = 4 if mode == 2 and not dynamic else 1
-        once = mode != 0  # the shared expert for all tokens in one program row
-        yield f"moe fc13 dynamic={dynamic} mode={mode} split={split} once={once}", moe_gemv._fc13_swiglu_kernel, {
+        yield f"moe fc13 dynamic={dynamic} mode={mode} split={split}", moe_gemv._fc13_swiglu_kernel, {
             "x_ptr": "*bf16", **{k: v for k, v in moe.items() if k != "out_ptr"}, "scores_ptr": "*bf16",
             "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32", "N_OUT": _I32, "N_SHARED": _I32,
-            "K_PER_SPLIT": _I32, "stride_x": _I32, "shared_scale_stride_n": _I32, "T": _I32, "H_ROWS": _I32,
+            "K_PER_SPLIT": _I32, "stride_x": _I32, "shared_scale_stride_n": _I32,
         }, {"DYNAMIC_X": dynamic, "BLOCK_N": block_n, "BLOCK_K": {0: 2048, 1: 256, 2: 128}[mode], "MODE": mode,
-            "SPLIT_K": split, "SHARED_ONCE": once, "PDL": dynamic}, 4
+            "SPLIT_K": split, "PDL": dynamic}, 4
         for shared in (False, True):
             yield f"moe fc2 dynamic={dynamic} shared={shared} mode={mode}", moe_gemv._fc2_kernel, {
                 "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,

@@ -87,110 +87,13 @@ def _fc13_swiglu_kernel(
     out_ptr, partial_ptr, counter_ptr,
     N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n, shared_scale_stride_n,
-    T, H_ROWS, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-    SPLIT_K: tl.constexpr, SHARED_ONCE: tl.constexpr, PDL: tl.constexpr,
+    DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """SHARED_ONCE (tensor cores): program row P computes the shared expert for all T <= 16 tokens at once,
-    the tokens on the MMA's token side, instead of one program row per token."""
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
-    row = tl.program_id(1)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
-    if SHARED_ONCE:
-        if row == P:
-            _fc13_shared_tokens(x_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr, out_ptr, partial_ptr, counter_ptr, pid_n,
-                                T, H_ROWS, N_SHARED, K, K_PER_SPLIT, P, stride_wn, stride_x, stride_o,
-                                shared_scale_stride_n, BLOCK_N, BLOCK_K, MODE, SPLIT_K)
-        else:
-            _fc13_row(x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr, sw_ptr, sw_scale_ptr,
-                      sx_scale_ptr, out_ptr, partial_ptr, counter_ptr, pid_n, row, N_OUT, N_SHARED, K, K_PER_SPLIT,
-                      E_LOCAL, expert_offset, TOP_K, P, H_ROWS, stride_we, stride_wn, stride_x, stride_o,
-                      scale_stride_e, scale_stride_n, shared_scale_stride_n, DYNAMIC_X, BLOCK_N, BLOCK_K, MODE, SPLIT_K)
-    else:
-        _fc13_row(x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr,
-                  out_ptr, partial_ptr, counter_ptr, pid_n, row, N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL,
-                  expert_offset, TOP_K, P, H_ROWS, stride_we, stride_wn, stride_x, stride_o, scale_stride_e,
-                  scale_stride_n, shared_scale_stride_n, DYNAMIC_X, BLOCK_N, BLOCK_K, MODE, SPLIT_K)
-
-
-@triton.jit
-def _fc13_shared_tokens(x_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr, out_ptr, partial_ptr, counter_ptr, pid_n, T,
-                        H_ROWS, N_SHARED, K, K_PER_SPLIT, P, stride_wn, stride_x, stride_o, shared_scale_stride_n,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, SPLIT_K: tl.constexpr):
-    """BLOCK_N columns of the shared expert's silu(gate) * up for tokens 0 .. T-1 (T <= 16) from one read of
-    its weight rows: h rows P .. P + T - 1. With SPLIT_K, this program's share of H, and the last split to
-    arrive finishes (partial rows P .. P + T - 1, as h's)."""
-    pid_k = tl.program_id(2)
-    offs_t = tl.arange(0, 16)
-    t_mask = offs_t < T
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N_SHARED
-    rows = offs_n.to(tl.int64) * stride_wn
-    up_rows = rows + N_SHARED.to(tl.int64) * stride_wn
-    x_scale = tl.load(sx_scale_ptr)
-    acc = _acc_zeros(BLOCK_N, MODE)
-    acc_up = _acc_zeros(BLOCK_N, MODE)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < k_end
-        xv = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_x + k[None, :],
-                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv)
-        m = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(sw_ptr + rows[:, None] + k[None, :], mask=m, other=0.0)
-        acc += _mma(x8, w, MODE == 2, BLOCK_K)
-        wu = tl.load(sw_ptr + up_rows[:, None] + k[None, :], mask=m, other=0.0)
-        acc_up += _mma(x8, wu, MODE == 2, BLOCK_K)
-    if MODE == 2:  # [rows, tokens] -> [tokens, rows]
-        acc = tl.trans(acc)
-        acc_up = tl.trans(acc_up)
-    h_rows = (P + offs_t)[:, None].to(tl.int64)
-    tile_mask = t_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        _shared_tokens_epilogue(acc, acc_up, x_scale, sw_scale_ptr, shared_scale_stride_n, offs_n, n_mask, N_SHARED,
-                                out_ptr + h_rows * stride_o + offs_n[None, :], tile_mask)
-    else:
-        width = tl.num_programs(0) * BLOCK_N
-        rows_total = H_ROWS
-        base = partial_ptr + (pid_k * 2 * rows_total + h_rows) * width + offs_n[None, :]
-        t_only = t_mask[:, None] & (offs_n[None, :] >= 0)  # the T token rows, every column (width covers them)
-        tl.store(base, acc, mask=t_only)
-        tl.store(base + rows_total * width, acc_up, mask=t_only)
-        tl.debug_barrier()  # every thread's partial store precedes the release below
-        slot = counter_ptr + P * tl.num_programs(0) + pid_n
-        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):  # in split order: the same sums on every call
-                part = partial_ptr + (s * 2 * rows_total + h_rows) * width + offs_n[None, :]
-                acc += tl.load(part, mask=t_only, other=0.0, cache_modifier=".cg")
-                acc_up += tl.load(part + rows_total * width, mask=t_only, other=0.0, cache_modifier=".cg")
-            _shared_tokens_epilogue(acc, acc_up, x_scale, sw_scale_ptr, shared_scale_stride_n, offs_n, n_mask,
-                                    N_SHARED, out_ptr + h_rows * stride_o + offs_n[None, :], tile_mask)
-            tl.atomic_xchg(slot, 0)  # ready for the next call (and graph replay)
-
-
-@triton.jit
-def _shared_tokens_epilogue(acc, acc_up, x_scale, sw_scale_ptr, scale_stride, offs_n, n_mask, N_SHARED, out_ptrs,
-                            mask):
-    """silu(gate) * up of [tokens, BLOCK_N] raw FP8 sums with the shared expert's row scales, to h."""
-    ws = tl.load(sw_scale_ptr + offs_n * scale_stride, mask=n_mask, other=0.0)
-    wsu = tl.load(sw_scale_ptr + (N_SHARED + offs_n) * scale_stride, mask=n_mask, other=0.0)
-    gate = acc * (x_scale * ws)[None, :]
-    y = gate / (1.0 + tl.exp(-gate)) * (acc_up * (x_scale * wsu)[None, :])
-    tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fc13_row(x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr, sw_ptr, sw_scale_ptr, sx_scale_ptr,
-              out_ptr, partial_ptr, counter_ptr, pid_n, row, N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL, expert_offset,
-              TOP_K, P, H_ROWS, stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n,
-              shared_scale_stride_n, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              MODE: tl.constexpr, SPLIT_K: tl.constexpr):
-    """One source row: a (token, chosen expert) pair (row < P) or a token's shared-expert row."""
-    pid_k = tl.program_id(2)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
     shared = row >= P
     pair = tl.minimum(row, P - 1)
     token = tl.where(shared, row - P, pair // TOP_K)
@@ -233,7 +136,7 @@ def _fc13_row(x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr, sw_pt
     if SPLIT_K == 1:
         _fc13_epilogue(acc, acc_up, x_scale, s_base, s_step, offs_n, n_mask, n_out, local, out_ptr, row, stride_o)
     else:  # partial sums [SPLIT_K, 2, rows, N]; the last split of this (row, column block) to arrive finishes
-        rows_total = H_ROWS  # partial rows follow h's rows (the shared-once row stores its T tokens' rows)
+        rows_total = tl.num_programs(1)
         width = tl.num_programs(0) * BLOCK_N
         base = partial_ptr + ((pid_k * 2 * rows_total + row) * width).to(tl.int64) + offs_n
         tl.store(base, acc)
@@ -389,21 +292,19 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     rows = P + (T if shared is not None else 0)
     h = torch.empty((rows, max(I, Is)), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(gate_up_scale)
-    # the shared expert's rows for all tokens in one program row: tensor cores, 2..16 tokens
-    shared_once = shared is not None and mode != 0 and 2 <= T <= 16
-    grid = (triton.cdiv(max(I, Is), block_n), P + 1 if shared_once else rows, split_k)
+    grid = (triton.cdiv(max(I, Is), block_n), rows, split_k)
     k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
     if split_k > 1:
         partial = torch.empty((split_k, 2, rows, grid[0] * block_n), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, grid[0] * grid[1], "moe_fc13")
+        counters = arrival_counters(x.device, grid[0] * rows, "moe_fc13")
     else:
         partial = counters = h  # never touched
     _fc13_swiglu_kernel[grid](
         x, ids, scores, gate_up, gate_up_scale, gate_up_scale if dynamic else gate_up_input_scale,
         sgu, sgu_scale, sgu_in, h, partial, counters, I, Is, H, k_per_split, gate_up.shape[0], expert_offset, k, P,
         gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
-        T, rows, DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k,
-        SHARED_ONCE=shared_once, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps, num_stages=stages)
+        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k, PDL=PDL, **PDL_LAUNCH,
+        num_warps=num_warps, num_stages=stages)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)
     _fc2_kernel[(triton.cdiv(H, block_n2), T)](
