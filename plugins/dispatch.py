@@ -24,8 +24,9 @@ _enabled = True
 # for its inputs with griddepcontrol. Measured OFF by default: in one run on H200 (TP8 one-rank step,
 # batch 1, 1K context) waiting at kernel entry made the step slower, 3.17-3.20 ms with it against
 # 2.87-2.88 ms without. It can only pay once kernels stream their weights before the wait.
-# `maverick-bench --pdl` / set_pdl() compare the two.
-PDL = False
+# `maverick-bench --pdl` / set_pdl() compare the two. PDL holds 0 (off), 1 (the next kernel may launch
+# when this one starts) or 2 (when every program of this one passed its main loop: kernels/pdl.py).
+PDL = 0
 PDL_LAUNCH: dict = {}
 # With PDL: the FP8 GEMMs bulk-prefetch their weight slices into L2 before they wait (weights depend
 # on no earlier kernel), so HBM streams the next GEMM's weights while the previous one finishes.
@@ -38,10 +39,15 @@ PDL_PREFETCH = False
 SPLITK_SERIAL = True
 
 
-def set_pdl(enabled: bool, prefetch: bool = False) -> None:
-    """Must run before the first kernel launch: kernel modules bind the flags when imported."""
+def set_pdl(enabled: bool, prefetch: bool = False, trigger: str = "entry") -> None:
+    """Must run before the first kernel launch: kernel modules bind the flags when imported. trigger:
+    "entry" lets the next kernel launch when this one starts, "late" once its programs passed their main
+    loops."""
     global PDL, PDL_LAUNCH, PDL_PREFETCH
-    PDL = enabled and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    if trigger not in ("entry", "late"):
+        raise ValueError(f"PDL trigger {trigger!r}: expected 'entry' or 'late'")
+    on = enabled and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    PDL = (1 if trigger == "entry" else 2) if on else 0
     PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
     PDL_PREFETCH = PDL and prefetch
 

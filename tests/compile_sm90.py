@@ -54,7 +54,7 @@ def kernels():
             **_ATTN_COMMON, "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32",
             "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32", **{s: _I32 for s in _STRIDES},
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "ROWS": 8, "BLOCK_KV": 64, "BLOCK_Q": 16, "NUM_SPLITS": 64,
-            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": local}, 4  # PDL: one variant each way
+            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": 2 if local else 0}, 4  # PDL 2: wait, late release
         yield f"decode_attention merge local={local}", decode_attention._merge_kernel, {
             "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32", "out_ptr": "*bf16", "qidx_ptr": "*i64",
             "qpos_ptr": "*i64", "ctx_ptr": "*i64", "Q": _I32, "NBT": _I32, "CHUNK": _I32,

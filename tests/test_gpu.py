@@ -318,17 +318,18 @@ def test_decode_attention_at_model_shapes_in_a_graph(fp8):
             assert err < 1e-2, (chunk, c0, c1, err)  # probabilities rounded to bf16 for the PV product
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch,pdl", [(False, 0), (True, 1), (True, 2)])
 @pytest.mark.parametrize("n,k,swiglu", [(896, 5120, False), (5120, 640, False), (4096, 5120, True), (5120, 2048, False),
                                         (2048, 5120, True), (5120, 1024, False)])
-def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, prefetch, monkeypatch):
+def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, prefetch, pdl, monkeypatch):
     """Every tuned TP8 shape with its tuned swap-AB config (y^T = W x^T on wgmma) gives the result of
-    x W^T on mma.sync, eager and in a graph, with PDL and the L2 weight prefetch too. Not bit for bit: Hopper's FP8 wgmma adds products with a
+    x W^T on mma.sync, eager and in a graph, with PDL (next kernel released at entry or after the main
+    loop) and the L2 weight prefetch too. Not bit for bit: Hopper's FP8 wgmma adds products with a
     shorter mantissa than fp32 (measured 2e-4 relative at K=5120), far inside FP8's own ~1e-2."""
     from maverick_plugins.kernels import fp8_gemm
 
     if prefetch:  # the kernels bind these at import; the wrapper reads the module's copies
-        monkeypatch.setattr(fp8_gemm, "PDL", True)
+        monkeypatch.setattr(fp8_gemm, "PDL", pdl)
         monkeypatch.setattr(fp8_gemm, "PDL_PREFETCH", True)
         monkeypatch.setattr(fp8_gemm, "PDL_LAUNCH", {"launch_pdl": True})
     torch.manual_seed(4)
@@ -446,6 +447,25 @@ def test_moe_tensor_core_passes_equal_the_cuda_core_ones_at_rank_shapes(mode, T,
     assert ((run((cfg, cfg)) - base).norm() / base.norm()).item() < 1e-2
     split = cfg + (4,)  # pass 1 split 4 ways over H
     assert ((run((split, cfg)) - base).norm() / base.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("pdl", [1, 2])
+def test_programmatic_dependent_launch_keeps_the_tokens(tiny_engine, pdl, monkeypatch):
+    """Every kernel launched with PDL (the next kernel released at entry, or after the main loops) waits for
+    its predecessor before it reads: the tiny model's greedy tokens through CUDA graphs equal those
+    without PDL."""
+    import importlib
+
+    prompts = [prompt_ids(30, seed=1), prompt_ids(12, seed=2)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(tiny_engine, device="cuda") as llm:
+        base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    for name in ("fp8_gemm", "moe_gemv", "decode_attention", "small_ops", "rms_norm"):
+        mod = importlib.import_module(f"maverick_plugins.kernels.{name}")  # wrappers read these at call time
+        monkeypatch.setattr(mod, "PDL", pdl)
+        monkeypatch.setattr(mod, "PDL_LAUNCH", {"launch_pdl": True})
+    with LLM(tiny_engine, device="cuda") as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == base
 
 
 def test_benchmark_runs_end_to_end_on_the_tiny_preset(tmp_path):

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
 from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
-from .pdl import pdl_enter
+from .pdl import pdl_enter, pdl_release
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
 # Splits per (sequence, kv head): about 4 programs per SM, at least 32 and at most 128 splits (H200, TP8,
@@ -98,6 +98,7 @@ def _decode_kernel(
         p = tl.exp(sc - m_i[:, None])
         l_i = tl.sum(p, axis=1)
         acc = tl.dot(p, v, input_precision="ieee")
+    pdl_release(PDL)
     if part <= n_active:  # idle splits store nothing; the merge reads parts 0 .. n_active
         base = (bh * (NUM_SPLITS + 1) + part).to(tl.int64) * ROWS
         keep = rows < Q * GROUP  # padding rows of the tl.dot tile are not stored
@@ -115,6 +116,7 @@ def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q
     head_dim columns d, MERGE_PARTS parts at a time as one [parts, rows, BLOCK_D] tile (independent loads
     in flight together), and store those output columns."""
     pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     b = tl.program_id(0)
     h = tl.program_id(1)
     bh = b * tl.num_programs(1) + h

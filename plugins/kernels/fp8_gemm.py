@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH, PDL_PREFETCH, SPLITK_SERIAL
 from .counters import arrival_counters
-from .pdl import pdl_enter, prefetch_l2
+from .pdl import pdl_enter, pdl_release, prefetch_l2
 
 
 @triton.jit
@@ -70,6 +70,7 @@ def _fp8_gemm_kernel(
         if SWIGLU:
             wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc_up += _mma(x8, wu, SWAP_AB, BLOCK_K)
+    pdl_release(PDL)
     if SWAP_AB:  # back to [tokens, rows] for the shared epilogue
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -148,6 +149,7 @@ def _splitk_epilogue_kernel(partial_ptr, w_scale_ptr, x_scale_ptr, out_ptr, M, N
                             ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
+    pdl_release(PDL)
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

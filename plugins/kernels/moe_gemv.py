@@ -26,7 +26,7 @@ import triton.language as tl
 from ..dispatch import PDL, PDL_LAUNCH
 from .counters import arrival_counters
 from .fp8_gemm import _mma
-from .pdl import pdl_enter
+from .pdl import pdl_enter, pdl_release
 
 
 @triton.jit
@@ -131,6 +131,7 @@ def _fc13_swiglu_kernel(
         acc = _dot_chunk(acc, x8, w, MODE, BLOCK_K)
         wu = tl.load(w_base + up_rows[:, None] + k[None, :], mask=m, other=0.0)
         acc_up = _dot_chunk(acc_up, x8, wu, MODE, BLOCK_K)
+    pdl_release(PDL)
     acc = _acc_row(acc, MODE)
     acc_up = _acc_row(acc_up, MODE)
     if SPLIT_K == 1:
@@ -219,6 +220,7 @@ def _fc2_kernel(
                          BLOCK_N, BLOCK_K, MODE)
         shared = (acc * (x_scale * tl.load(sw_scale_ptr))).to(dtype)
         out = (out.to(tl.float32) + shared.to(tl.float32)).to(dtype)  # shared_expert(x) + routed
+    pdl_release(PDL)
     tl.store(out_ptr + token.to(tl.int64) * stride_o + offs_n, out, mask=n_mask)
 
 

@@ -1,15 +1,30 @@
-"""Programmatic dependent launch, as every kernel enters it (dispatch.PDL says whether it is on), and
-the L2 prefetch a kernel issues before it waits (dispatch.PDL_PREFETCH)."""
+"""Programmatic dependent launch, as every kernel enters it (dispatch.PDL says whether and how it is on), and
+the L2 prefetch a kernel issues before it waits (dispatch.PDL_PREFETCH).
+
+PDL 1 lets the next kernel launch as soon as this one starts; PDL 2 only once every program of this one has
+finished its main loop (pdl_release), so the next kernel's programs, which wait on SMs until this one is
+done, do not take SM slots this one's later waves still need.
+"""
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """With PDL the next kernel may launch now, and this one waits here until its predecessor is done."""
-    if PDL:
+    """With PDL this kernel waits here until its predecessor is done (and its writes are visible); with
+    PDL 1 the next kernel may launch from here on."""
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
+    if PDL != 0:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """With PDL 2: the next kernel may launch once every program of this one got here (past its main loop).
+    Kernels that never call it release at exit."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

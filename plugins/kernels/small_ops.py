@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
 from .counters import arrival_counters
-from .pdl import pdl_enter
+from .pdl import pdl_enter, pdl_release
 
 
 @triton.jit
@@ -30,6 +30,7 @@ def add_rms_norm_row(x_ptr, delta, w_ptr, h_ptr, y_ptr, row, N, eps, offs, mask)
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -57,6 +58,7 @@ def _qkv_post_kernel(
     """Program (t, head): q heads, then k heads, then (CACHE) v heads. With CACHE, k and v also go to their
     cache slot (quantized when FP8) as kv_write does: one launch fewer per layer and step."""
     pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < HQ
@@ -137,6 +139,7 @@ def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rop
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_kt, stride_vt, KVH,
                      HEAD_DIM: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HEAD_DIM)
@@ -162,6 +165,7 @@ def kv_write_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale):
 @triton.jit
 def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -184,6 +188,7 @@ def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T
     """Program p: logits of experts p*BLOCK_E.. for every token (fp32 sums rounded to x's dtype, as the
     reference's matmul returns them). The last program to arrive reads all logits back and picks."""
     pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
