@@ -28,6 +28,18 @@ def _bind_plugins() -> None:
 
 _bind_plugins()
 
+
+def _configure_plugins() -> None:
+    """Settings of the kernels that come from the environment (read in maverick.envs only); no GPU touched."""
+    import maverick_plugins.dispatch as dispatch
+
+    from maverick import envs
+
+    dispatch.request_pdl(envs.pdl())
+
+
+_configure_plugins()
+
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]
 

@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="transformers vs maverick on a reduced Maverick (4 layers, 16 experts), one GPU")
     p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
     p.add_argument("--json", help="write results here")
-    p.add_argument("--pdl", action="store_true", help="launch kernels with programmatic dependent launch")
-    p.add_argument("--pdl-trigger", choices=["entry", "late"], default="entry",
-                   help="with --pdl: the next kernel may launch when a kernel starts (entry) or once its programs "
-                        "passed their main loops (late)")
+    p.add_argument("--pdl", choices=["off", "entry", "late"],
+                   help="programmatic dependent launch: the next kernel may launch when a kernel starts (entry) or "
+                        "once its programs passed their main loops (late); default: MAVERICK_PDL, else late")
     p.add_argument("--pdl-prefetch", action="store_true",
                    help="with --pdl: FP8 GEMMs bulk-prefetch their weights into L2 before they wait")
     p.add_argument("--no-splitk-serial", dest="splitk_serial", action="store_false",
@@ -115,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import maverick_plugins.dispatch as dispatch
 
-    dispatch.set_pdl(a.pdl, prefetch=a.pdl_prefetch, trigger=a.pdl_trigger)  # before any kernel import (bound there)
+    if a.pdl or a.pdl_prefetch:  # before any kernel module is imported (they bind the mode there)
+        dispatch.set_pdl(a.pdl, prefetch=a.pdl_prefetch)
     dispatch.set_splitk_serial(a.splitk_serial)
     if not torch.cuda.is_available():
         print("error: maverick-bench needs a CUDA GPU", file=sys.stderr)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         kv_cache_block_size=64)
     card = torch.cuda.get_device_name()
     mode = "one-rank" if world == 1 else "ranks"
-    head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} pdl={a.pdl} "
-            f"pdl_trigger={a.pdl_trigger} "
+    pdl = {0: "off", 1: "entry", 2: "late"}[dispatch.pdl_mode()]
+    head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} pdl={pdl} "
             f"pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} overlap={a.overlap} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")

@@ -30,6 +30,16 @@ def fused_all_reduce() -> bool:
     return os.environ.get("MAVERICK_FUSED_ALLREDUCE", "1") != "0"
 
 
+def pdl() -> str:
+    """MAVERICK_PDL=off|entry|late: programmatic dependent launch of the kernels on Hopper+ (default late:
+    the next kernel launches once every program of the current one passed its main loop; plugins/dispatch.py
+    has the measurements)."""
+    mode = os.environ.get("MAVERICK_PDL", "late")
+    if mode not in ("off", "entry", "late"):
+        raise ValueError(f"MAVERICK_PDL={mode!r}: expected one of ['entry', 'late', 'off']")
+    return mode
+
+
 def commit_override() -> str | None:
     """MAVERICK_COMMIT: the commit a benchmark reports when the tree it runs from has no usable .git."""
     return os.environ.get("MAVERICK_COMMIT") or None

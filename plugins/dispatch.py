@@ -20,14 +20,19 @@ THRESHOLDS = {
 
 _enabled = True
 
-# Programmatic dependent launch (Hopper+): each kernel lets its successor launch at once and waits
-# for its inputs with griddepcontrol. Measured OFF by default: in one run on H200 (TP8 one-rank step,
-# batch 1, 1K context) waiting at kernel entry made the step slower, 3.17-3.20 ms with it against
-# 2.87-2.88 ms without. It can only pay once kernels stream their weights before the wait.
-# `maverick-bench --pdl` / set_pdl() compare the two. PDL holds 0 (off), 1 (the next kernel may launch
-# when this one starts) or 2 (when every program of this one passed its main loop: kernels/pdl.py).
-PDL = 0
-PDL_LAUNCH: dict = {}
+# Programmatic dependent launch (Hopper+): a kernel launched with it may start before its predecessor ends;
+# it waits for the predecessor's results with griddepcontrol (kernels/pdl.py). Modes: 0 off, 1 the next
+# kernel launches when this one starts, 2 once every program of this one passed its main loop.
+# Measured (one-rank TP8 step, 1K context, same machine): mode 1 made the step slower (H200, 2735525:
+# 3.17-3.20 ms against 2.87-2.88 off; H100, faf2254: 2.572 against 2.416-2.422): the early programs of
+# the next kernel wait on SMs that this kernel's later waves need. Mode 2 (H100, faf2254): batch 1
+# 2.416, 2.422 -> 2.265, 2.265 ms; batch 8 3.657, 3.647 -> 3.403, 3.391 ms. So mode 2 is the default
+# on Hopper and newer; request_pdl() (maverick passes MAVERICK_PDL=off|entry|late) or set_pdl() choose. The
+# mode is decided when the first kernel module is imported (kernel modules bind it then), on the device in
+# use by then: importing this module creates no CUDA context.
+_PDL_MODES = {"off": 0, "entry": 1, "late": 2}
+_pdl_request = "late"
+_pdl_mode: int | None = None
 # With PDL: the FP8 GEMMs bulk-prefetch their weight slices into L2 before they wait (weights depend
 # on no earlier kernel), so HBM streams the next GEMM's weights while the previous one finishes.
 PDL_PREFETCH = False
@@ -39,17 +44,41 @@ PDL_PREFETCH = False
 SPLITK_SERIAL = True
 
 
-def set_pdl(enabled: bool, prefetch: bool = False, trigger: str = "entry") -> None:
-    """Must run before the first kernel launch: kernel modules bind the flags when imported. trigger:
-    "entry" lets the next kernel launch when this one starts, "late" once its programs passed their main
-    loops."""
-    global PDL, PDL_LAUNCH, PDL_PREFETCH
-    if trigger not in ("entry", "late"):
-        raise ValueError(f"PDL trigger {trigger!r}: expected 'entry' or 'late'")
-    on = enabled and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    PDL = (1 if trigger == "entry" else 2) if on else 0
-    PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
-    PDL_PREFETCH = PDL and prefetch
+def request_pdl(mode: str) -> None:
+    """The PDL mode to use once decided ("off", "entry", "late"); touches no GPU."""
+    global _pdl_request
+    if mode not in _PDL_MODES:
+        raise ValueError(f"PDL mode {mode!r}: expected one of {sorted(_PDL_MODES)}")
+    _pdl_request = mode
+
+
+def set_pdl(mode: str | None = None, prefetch: bool = False) -> None:
+    """Decide the PDL mode now: mode "off", "entry" or "late" (above; None: the requested one). Must run
+    before the first kernel launch: kernel modules bind the flags when imported. Off wherever the GPU
+    predates Hopper."""
+    global _pdl_mode, PDL_PREFETCH
+    mode = _pdl_request if mode is None else mode
+    if mode not in _PDL_MODES:
+        raise ValueError(f"PDL mode {mode!r}: expected one of {sorted(_PDL_MODES)}")
+    on = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    _pdl_mode = _PDL_MODES[mode] if on else 0
+    PDL_PREFETCH = bool(_pdl_mode) and prefetch
+
+
+def pdl_mode() -> int:
+    """The PDL mode in effect (0, 1, 2), decided on first use (the requested mode, default "late")."""
+    if _pdl_mode is None:
+        set_pdl()
+    return _pdl_mode
+
+
+def __getattr__(name: str):
+    """PDL and PDL_LAUNCH, which the kernel modules import, exist once decided (pdl_mode)."""
+    if name == "PDL":
+        return pdl_mode()
+    if name == "PDL_LAUNCH":
+        return {"launch_pdl": True} if pdl_mode() else {}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def set_splitk_serial(enabled: bool) -> None:

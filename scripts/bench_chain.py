@@ -61,7 +61,7 @@ def run_mode(mode: str, smoke: bool) -> dict:
     import maverick  # noqa: F401  (binds maverick_plugins)
     import maverick_plugins.dispatch as dispatch  # noqa: E402
 
-    dispatch.set_pdl(mode.startswith("ours+pdl"), prefetch=mode == "ours+pdl+prefetch")
+    dispatch.set_pdl("late" if mode.startswith("ours+pdl") else "off", prefetch=mode == "ours+pdl+prefetch")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # smoke on CPU runs kernels in the interpreter
     shapes = SMOKE if smoke else SHAPES
     n_layers = 2 if smoke else 48

@@ -1,4 +1,5 @@
 """The FP8 reference ops: the specification every FP8 GPU kernel is tested against."""
+import pytest
 import torch
 
 import maverick_plugins as ops
@@ -67,3 +68,29 @@ def test_grouped_moe_equals_reference():
     assert ((got - ref).norm() / ref.norm()).item() < 1e-6
     bf = (x, ids, scores, gu, dn, 2)  # unquantized experts too
     assert ((ops.moe_experts_grouped(*bf) - ops.moe_experts_ref(*bf)).norm() / ops.moe_experts_ref(*bf).norm()) < 1e-6
+
+
+@pytest.mark.parametrize("env,mode", [(None, 2), ("late", 2), ("entry", 1), ("off", 0)])
+def test_pdl_mode_comes_from_the_environment_late_by_default(env, mode, monkeypatch):
+    """Programmatic dependent launch: MAVERICK_PDL (default late) is requested at `import maverick` and
+    decided on first use; off where the GPU predates Hopper, and a typo is an error naming the choices."""
+    from maverick import envs
+    from maverick_plugins import dispatch
+
+    monkeypatch.setattr(dispatch, "_pdl_mode", None)
+    monkeypatch.setattr(dispatch, "_pdl_request", dispatch._pdl_request)  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    if env is None:
+        monkeypatch.delenv("MAVERICK_PDL", raising=False)
+    else:
+        monkeypatch.setenv("MAVERICK_PDL", env)
+    dispatch.request_pdl(envs.pdl())
+    assert dispatch.pdl_mode() == mode and dispatch.PDL == mode
+    assert dispatch.PDL_LAUNCH == ({"launch_pdl": True} if mode else {})
+    monkeypatch.setattr(dispatch, "_pdl_mode", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # Ampere: no PDL
+    assert dispatch.pdl_mode() == 0
+    monkeypatch.setenv("MAVERICK_PDL", "late2")
+    with pytest.raises(ValueError, match="MAVERICK_PDL='late2': expected one of"):
+        envs.pdl()
