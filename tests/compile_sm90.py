@@ -88,7 +88,7 @@ def kernels():
     yield "router", small_ops._router_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
         "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,
-    }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 1024, "E_POW2": 128, "PDL": False}, 4
+    }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 8192, "E_POW2": 128, "PRELOAD": True, "PDL": 2}, 4
     for cache, fp8 in ((False, False), (True, False), (True, True)):
         yield f"qkv_post cache={cache} fp8={fp8}", small_ops._qkv_post_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "q_ptr": "*bf16",

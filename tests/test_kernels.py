@@ -354,15 +354,17 @@ def test_router_topk(top_k):
 
 
 @pytest.mark.parametrize("T,E,top_k", [(1, 128, 1), (5, 16, 2), (3, 20, 1)])
-def test_router_gemv_and_top_k_in_one_launch(T, E, top_k):
+@pytest.mark.parametrize("preload", [False, True])
+def test_router_gemv_and_top_k_in_one_launch(T, E, top_k, preload):
     """The fused router (GEMV by many programs, top-k by the last to arrive) against the reference: the same
-    experts and scores; called twice, so the arrival counter must have been reset by the first call."""
+    experts and scores; called twice, so the arrival counter must have been reset by the first call. With
+    preload each program holds its whole weight rows (loaded before it waits for x)."""
     from maverick_plugins.kernels.small_ops import router_triton
 
     torch.manual_seed(T)
     x, w = torch.randn(T, 96, device=DEV), torch.randn(E, 96, device=DEV)
     for _ in range(2):
-        ids, scores = router_triton(x, w, top_k, block_k=32)
+        ids, scores = router_triton(x, w, top_k, block_k=32, preload=preload)
         logits = x @ w.t()
         vals, ref_ids = logits.topk(top_k, dim=-1)
         assert torch.equal(ids, ref_ids)

@@ -184,23 +184,32 @@ def router_topk_triton(logits: torch.Tensor, top_k: int):
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T, E, K, stride_x,
                    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PRELOAD: tl.constexpr, PDL: tl.constexpr):
     """Program p: logits of experts p*BLOCK_E.. for every token (fp32 sums rounded to x's dtype, as the
-    reference's matmul returns them). The last program to arrive reads all logits back and picks."""
-    pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    reference's matmul returns them). The last program to arrive reads all logits back and picks.
+    PRELOAD (BLOCK_K >= K): the program's whole weight rows are loaded before it waits for its input
+    (weights depend on no earlier kernel: with PDL the load overlaps the previous kernel)."""
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
     offs_k = tl.arange(0, BLOCK_K)
     rows = offs_e.to(tl.int64) * K
+    if PRELOAD:
+        w_all = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=e_mask[:, None] & (offs_k < K)[None, :],
+                        other=0.0).to(tl.float32)
+    pdl_enter(PDL)
+    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
     for t in range(0, T):
-        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            xv = tl.load(x_ptr + t * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=e_mask[:, None] & (k < K)[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        if PRELOAD:
+            xv = tl.load(x_ptr + t * stride_x + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            acc = tl.sum(w_all * xv[None, :], axis=1)
+        else:
+            acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                xv = tl.load(x_ptr + t * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=e_mask[:, None] & (k < K)[None, :], other=0.0)
+                acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         tl.store(logits_ptr + t * E + offs_e, acc.to(logits_ptr.dtype.element_ty), mask=e_mask)
     tl.debug_barrier()  # every thread's logits precede the release below
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
@@ -222,10 +231,12 @@ def _pick_top_k(x, offs, ids_ptr, scores_ptr, TOP_K: tl.constexpr, E_POW2: tl.co
         x = tl.where(offs == idx, float("-inf"), x)
 
 
-def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: int = 2, block_k: int = 1024):
+def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: int = 2, block_k: int = 1024,
+                  preload: bool | None = None):
     """x [T, H] (T small), weight [E, H] -> top-k ids [T, k] (int64) and sigmoid scores [T, k] in x's dtype:
     what moe_router computes, in one launch instead of a cuBLAS GEMM plus the top-k kernel. block_e 2: 64
-    programs read the 1.3 MB bf16 router of Maverick (128 x 5120)."""
+    programs read the 1.3 MB bf16 router of Maverick (128 x 5120). preload (default: where a program's
+    rows are at most 16K elements, Maverick's 2 x 5120): load them whole before waiting for x."""
     T, H = x.shape
     E = weight.shape[0]
     if weight.dtype != x.dtype:
@@ -233,7 +244,13 @@ def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: in
     logits = torch.empty((T, E), dtype=x.dtype, device=x.device)
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     scores = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
-    _router_kernel[(triton.cdiv(E, block_e),)](x, weight.contiguous(), logits, arrival_counters(x.device, 1, "router"), ids, scores,
-                                               T, E, H, x.stride(0), TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
-                                               E_POW2=triton.next_power_of_2(E), PDL=PDL, **PDL_LAUNCH, num_warps=4)
+    if preload is None:
+        preload = block_e * triton.next_power_of_2(H) <= 16384
+    if preload:
+        block_k = triton.next_power_of_2(H)
+    counters = arrival_counters(x.device, 1, "router")
+    _router_kernel[(triton.cdiv(E, block_e),)](x, weight.contiguous(), logits, counters, ids, scores, T, E, H,
+                                               x.stride(0), TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
+                                               E_POW2=triton.next_power_of_2(E), PRELOAD=preload, PDL=PDL,
+                                               **PDL_LAUNCH, num_warps=4)
     return ids, scores
