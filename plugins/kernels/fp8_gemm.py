@@ -51,26 +51,21 @@ def _fp8_gemm_kernel(
         prefetch_l2(tl.where(n_mask, w_ptr + rows + k_start, w_ptr), nbytes)
         if SWIGLU:
             prefetch_l2(tl.where(n_mask, w_ptr + up_rows + k_start, w_ptr), nbytes)
-    # the first K chunk's weights before the wait: they depend on no earlier kernel, so with PDL their load
-    # overlaps the previous kernel's end (an empty split's chunk lies past K: all masked)
-    k = k_start + offs_k
-    w_mask = n_mask[:, None] & (k < K)[None, :]
-    w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=w_mask, other=0.0)
-    if SWIGLU:
-        wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
     pdl_enter(PDL)
     x_scale = tl.load(x_scale_ptr)
-    x8 = _x8_chunk(x_ptr, offs_m, stride_xm, k, m_mask, K, x_scale)
-    acc = _mma(x8, w, SWAP_AB, BLOCK_K)  # [rows, tokens] with SWAP_AB, else [tokens, rows]
-    if SWIGLU:
-        acc_up = _mma(x8, wu, SWAP_AB, BLOCK_K)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # used with SWIGLU only
     else:
-        acc_up = tl.zeros_like(acc)  # unused
-    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x8 = _x8_chunk(x_ptr, offs_m, stride_xm, k, m_mask, K, x_scale)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(tl.float32)
+        x8 = tl.clamp(x / x_scale, -448.0, 448.0).to(tl.float8e4nv)
         acc += _mma(x8, w, SWAP_AB, BLOCK_K)
         if SWIGLU:
             wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
@@ -96,14 +91,6 @@ def _fp8_gemm_kernel(
     else:
         _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om, N_OUT,
                   ROW_SCALES, SWIGLU)
-
-
-@triton.jit
-def _x8_chunk(x_ptr, offs_m, stride_xm, k, m_mask, K, x_scale):
-    """Columns k of the tokens' activations, quantized in the kernel: x / input_scale, saturated, e4m3."""
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
-                other=0.0).to(tl.float32)
-    return tl.clamp(x / x_scale, -448.0, 448.0).to(tl.float8e4nv)
 
 
 @triton.jit
