@@ -58,6 +58,7 @@ def _decode_kernel(
     BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
     BF16_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -67,32 +68,21 @@ def _decode_kernel(
     g = rows % GROUP
     row_ok = j < Q
     offs_d = tl.arange(0, HEAD_DIM)
-    # Before the PDL wait: what no kernel of this step writes. The step's metadata (copied in before the
-    # graph runs), the scales, and the first cache tile of this split: cached positions < ctx, which this
-    # step's KV write (slot ctx) does not touch. A block that exists is read where the split is idle.
     tok = tl.load(qidx_ptr + b * Q + j, mask=row_ok, other=0).to(tl.int64)
     qpos = tl.load(qpos_ptr + b * Q + j, mask=row_ok, other=-1)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
     ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
     span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
     k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
     v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
-    start = s * split_len
-    end = tl.minimum(start + split_len, span)
-    first = tl.minimum(start, tl.maximum(span - 1, 0) // BLOCK_KV * BLOCK_KV)
-    k0, v0, kpos0, valid0 = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, first, h, ctx, stride_cs, stride_ch,
-                                       offs_d, k_scale, v_scale, CHUNK, BLOCK_KV, LOCAL, FP8)
-    pdl_enter(PDL)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
     m_i = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
     if s < NUM_SPLITS:  # a slice of the cached context (empty past n_active)
         part = s
-        # the first tile, loaded above (a fully masked tile changes nothing: p = 0, alpha = 1)
-        vis0 = (valid0 & (start < end))[None, :] & visible(kpos0, qpos, CHUNK, LOCAL)
-        m_i, l_i, acc = online_softmax_tile(q, k0, v0, vis0, m_i, l_i, acc, sm_scale, BF16_DOT)
-        for t0 in range(start + BLOCK_KV, end, BLOCK_KV):
+        start = s * split_len
+        for t0 in range(start, tl.minimum(start + split_len, span), BLOCK_KV):
             k, v, kpos, valid = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, t0, h, ctx, stride_cs, stride_ch, offs_d,
                                            k_scale, v_scale, CHUNK, BLOCK_KV, LOCAL, FP8)
             vis = valid[None, :] & visible(kpos, qpos, CHUNK, LOCAL)
