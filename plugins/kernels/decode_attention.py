@@ -116,7 +116,7 @@ def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q
     head_dim columns d, MERGE_PARTS parts at a time as one [parts, rows, BLOCK_D] tile (independent loads
     in flight together), and store those output columns."""
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     b = tl.program_id(0)
     h = tl.program_id(1)
     bh = b * tl.num_programs(1) + h

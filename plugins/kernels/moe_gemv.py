@@ -13,11 +13,13 @@ shared expert) instead of the 2 GB a dense loop over all 128 experts would strea
 expert removes its two GEMM launches and the add (5 launches -> 2). Pairs routed to an expert another
 rank holds (expert parallelism) contribute zeros.
 
-The dot products run on CUDA cores (MODE 0: every FP8 weight converted e4m3 -> f16 -> f32, about 10
-weights per clock per SM on Hopper, below what HBM delivers) or on the tensor cores: the FP8 input row
-repeated over the 16 rows an MMA needs on its token side, times the weight tile (MODE 1: x W^T on
-mma.sync, BLOCK_N >= 16; MODE 2: W x^T on wgmma, BLOCK_N >= 64), one row of the result kept. The
-repeated rows cost tensor-core cycles only, which a GEMV has to spare.
+The dot products run on CUDA cores (MODE 0: every FP8 weight converted e4m3 -> f16 -> f32, at most
+about 10 weights per clock per SM on Hopper) or on the tensor cores: the FP8 input row repeated over
+the 16 rows an MMA needs on its token side, times the weight tile (MODE 1: x W^T on mma.sync,
+BLOCK_N >= 16; MODE 2: W x^T on wgmma, BLOCK_N >= 64), one row of the result kept; the repeated rows
+cost tensor-core cycles only, which a GEMV has to spare. Pass 1 may split H over SPLIT_K programs (the
+last to arrive applies SwiGLU), for the one-token case where 64-row tiles leave SMs idle. Which wins is
+measured per token count (CONFIGS).
 """
 import torch
 import triton
@@ -92,8 +94,8 @@ def _fc13_swiglu_kernel(
 ):
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
-    row = tl.program_id(1)
-    pid_k = tl.program_id(2)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
+    row = tl.program_id(1)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
+    pid_k = tl.program_id(2)  # this program's share of H (SPLIT_K)
     shared = row >= P
     pair = tl.minimum(row, P - 1)
     token = tl.where(shared, row - P, pair // TOP_K)

@@ -10,7 +10,7 @@ from .pdl import pdl_enter, pdl_release
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N

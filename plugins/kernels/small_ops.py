@@ -30,7 +30,7 @@ def add_rms_norm_row(x_ptr, delta, w_ptr, h_ptr, y_ptr, row, N, eps, offs, mask)
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -58,7 +58,7 @@ def _qkv_post_kernel(
     """Program (t, head): q heads, then k heads, then (CACHE) v heads. With CACHE, k and v also go to their
     cache slot (quantized when FP8) as kv_write does: one launch fewer per layer and step."""
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < HQ
@@ -139,7 +139,7 @@ def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rop
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_kt, stride_vt, KVH,
                      HEAD_DIM: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, HEAD_DIM)
@@ -165,7 +165,7 @@ def kv_write_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale):
 @triton.jit
 def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -198,7 +198,7 @@ def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T
         w_all = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=e_mask[:, None] & (offs_k < K)[None, :],
                         other=0.0).to(tl.float32)
     pdl_enter(PDL)
-    pdl_release(PDL)  # one wave of programs: the next kernel can only take SMs left free
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     for t in range(0, T):
         if PRELOAD:
             xv = tl.load(x_ptr + t * stride_x + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
