@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH, PDL_PREFETCH, SPLITK_SERIAL
-from .counters import arrival_counters
+from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .pdl import pdl_enter, pdl_release, prefetch_l2
 
 
@@ -80,14 +80,12 @@ def _fp8_gemm_kernel(
         if SWIGLU:
             tl.store(base + BLOCK_M * N_OUT, acc_up, mask=n_mask[None, :])
         if SERIAL:  # the last split of this column block to finish reduces them: no epilogue launch
-            tl.debug_barrier()  # every thread's partial store precedes the release below
-            done = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if done == SPLIT_K - 1:
+            if last_to_arrive(counter_ptr + pid_n, SPLIT_K):
                 acc, acc_up = _sum_splits(partial_ptr, offs_m, offs_n, m_mask, n_mask, N_OUT, SWIGLU, SPLIT_K,
                                           BLOCK_M, BLOCK_N, True)
                 _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om,
                           N_OUT, ROW_SCALES, SWIGLU)
-                tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call (and graph replay)
+                reset_arrivals(counter_ptr + pid_n)
     else:
         _epilogue(acc, acc_up, offs_m, offs_n, m_mask, n_mask, w_scale_ptr, x_scale, out_ptr, stride_om, N_OUT,
                   ROW_SCALES, SWIGLU)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from .counters import arrival_counters
+from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .fp8_gemm import _mma
 from .pdl import pdl_enter, pdl_release
 
@@ -144,9 +144,8 @@ def _fc13_swiglu_kernel(
         base = partial_ptr + ((pid_k * 2 * rows_total + row) * width).to(tl.int64) + offs_n
         tl.store(base, acc)
         tl.store(base + rows_total * width, acc_up)
-        tl.debug_barrier()  # every thread's partial store precedes the release below
         slot = counter_ptr + row * tl.num_programs(0) + pid_n
-        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+        if last_to_arrive(slot, SPLIT_K):
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for s in range(SPLIT_K):  # in split order: the same sums on every call
@@ -155,7 +154,7 @@ def _fc13_swiglu_kernel(
                 acc_up += tl.load(part + rows_total * width, cache_modifier=".cg")
             _fc13_epilogue(acc, acc_up, x_scale, s_base, s_step, offs_n, n_mask, n_out, local, out_ptr, row,
                            stride_o)
-            tl.atomic_xchg(slot, 0)  # ready for the next call (and graph replay)
+            reset_arrivals(slot)
 
 
 @triton.jit

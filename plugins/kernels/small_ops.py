@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from .counters import arrival_counters
+from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .pdl import pdl_enter, pdl_release
 
 
@@ -211,14 +211,12 @@ def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T
                 w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=e_mask[:, None] & (k < K)[None, :], other=0.0)
                 acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         tl.store(logits_ptr + t * E + offs_e, acc.to(logits_ptr.dtype.element_ty), mask=e_mask)
-    tl.debug_barrier()  # every thread's logits precede the release below
-    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) - 1:
+    if last_to_arrive(counter_ptr, tl.num_programs(0)):
         offs = tl.arange(0, E_POW2)
         for t in range(0, T):
             lg = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf"), cache_modifier=".cg")
             _pick_top_k(lg.to(tl.float32), offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, E_POW2)
-        tl.atomic_xchg(counter_ptr, 0)  # ready for the next call (and graph replay)
+        reset_arrivals(counter_ptr)
 
 
 @triton.jit
