@@ -1,5 +1,6 @@
 """The overlap scheduler queues decode step n+1 (its tokens fed from step n's samples on the device)
 before it reads step n's tokens. It must not change a single token, logprob or finish reason."""
+import pytest
 import torch
 
 from helpers import make_ckpt, prompt_ids, runner_for
@@ -79,3 +80,18 @@ def test_feed_takes_the_previous_tokens_on_the_device():
     ids = torch.tensor([5, 6, 7, 8])
     take_fed_tokens(ids, torch.tensor([-1, 2, -1, 0]), torch.tensor([40, 41, 42]))
     assert ids.tolist() == [5, 42, 7, 40]
+
+
+def test_kv_can_grow_all_counts_the_sequences_together():
+    """The overlap scheduler queues the next step only if every request's next token fits at once: one
+    free block each is not enough when two sequences each need one and a single block is left."""
+    from maverick.runtime.kv_cache import KVCacheManager, OutOfBlocks
+
+    kv = KVCacheManager(num_global_blocks=3, num_local_blocks=3, block_size=4, chunk_size=8)
+    kv.grow(0, 4)
+    kv.grow(1, 4)  # one global and one local block each; one of each left
+    assert kv.can_grow(0, 5) and kv.can_grow(1, 5)
+    assert not kv.can_grow_all({0: 5, 1: 5}) and kv.can_grow_all({0: 5, 1: 4})
+    kv.grow(0, 5)
+    with pytest.raises(OutOfBlocks, match="sequence 1 needs 1 global"):
+        kv.grow(1, 5)

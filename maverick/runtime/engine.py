@@ -128,14 +128,10 @@ class EngineCore:
                 or (sch.waiting and len(sch.running) < sch.max_batch_size)):
             return None
         kv = self.runner.kv
-        need_g = need_l = 0
-        for r in reqs:
-            if (r.num_computed != r.num_tokens or len(r.output_token_ids) + 1 >= r.params.max_tokens
-                    or r.num_tokens + 1 >= self.max_seq_len):
-                return None
-            g, loc = kv.extra_blocks(r.request_id, r.num_tokens + 1)
-            need_g, need_l = need_g + g, need_l + loc
-        if need_g > kv.global_pool.num_free or need_l > kv.local_pool.num_free:
+        if any(r.num_computed != r.num_tokens or len(r.output_token_ids) + 1 >= r.params.max_tokens
+               or r.num_tokens + 1 >= self.max_seq_len for r in reqs):
+            return None
+        if not kv.can_grow_all({r.request_id: r.num_tokens + 1 for r in reqs}):
             return None
         self.overlapped += 1
         row = {id(r): i for i, r in enumerate(prev.sampled)}

@@ -41,13 +41,20 @@ class KVCacheManager:
         return max(0, g - len(s.global_blocks)), max(0, loc - len(s.local_blocks))
 
     def can_grow(self, seq_id: int, length: int) -> bool:
-        g, loc = self.extra_blocks(seq_id, length)
+        return self.can_grow_all({seq_id: length})
+
+    def can_grow_all(self, lengths: dict[int, int]) -> bool:
+        """Whether every sequence can grow to its length at once (seq_id -> length)."""
+        need = [self.extra_blocks(seq_id, n) for seq_id, n in lengths.items()]
+        return self._fits(sum(g for g, _ in need), sum(loc for _, loc in need))
+
+    def _fits(self, g: int, loc: int) -> bool:
         return g <= self.global_pool.num_free and loc <= self.local_pool.num_free
 
     def grow(self, seq_id: int, length: int) -> SeqBlocks:
         """Make sure seq_id can hold `length` tokens; raise OutOfBlocks without allocating otherwise."""
         g, loc = self.extra_blocks(seq_id, length)
-        if g > self.global_pool.num_free or loc > self.local_pool.num_free:
+        if not self._fits(g, loc):
             raise OutOfBlocks(f"sequence {seq_id} needs {g} global + {loc} local KV blocks; "
                               f"{self.global_pool.num_free} + {self.local_pool.num_free} free")
         s = self.seqs.setdefault(seq_id, SeqBlocks())
