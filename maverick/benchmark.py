@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e", default="", help="ISL/OSL workloads run end to end through the engine loop at each "
                                              "--concurrency (in-flight batching, chunked prefill, graphs)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="end-to-end runs read each step's tokens before queuing the next (A/B of the overlap scheduler)")
+                   help="end-to-end runs read each step's tokens before queuing the next (A/B of the overlap "
+                        "scheduler)")
     p.add_argument("--peer-baseline", action="store_true",
                    help="transformers vs maverick on a reduced Maverick (4 layers, 16 experts), one GPU")
     p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
@@ -162,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                         kv_cache_block_size=64)
     card = torch.cuda.get_device_name()
     mode = "one-rank" if world == 1 else "ranks"
-    pdl = {0: "off", 1: "entry", 2: "late"}[dispatch.pdl_mode()]
-    head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} pdl={pdl} "
-            f"pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} overlap={a.overlap} "
+    head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} "
+            f"pdl={dispatch.pdl_mode_name()} pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} overlap={a.overlap} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
     say(head, flush=True)

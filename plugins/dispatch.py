@@ -72,6 +72,11 @@ def pdl_mode() -> int:
     return _pdl_mode
 
 
+def pdl_mode_name() -> str:
+    """"off", "entry" or "late": the mode in effect (for reports)."""
+    return next(name for name, mode in _PDL_MODES.items() if mode == pdl_mode())
+
+
 def __getattr__(name: str):
     """PDL and PDL_LAUNCH, which the kernel modules import, exist once decided (pdl_mode)."""
     if name == "PDL":

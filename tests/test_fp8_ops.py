@@ -86,7 +86,7 @@ def test_pdl_mode_comes_from_the_environment_late_by_default(env, mode, monkeypa
     else:
         monkeypatch.setenv("MAVERICK_PDL", env)
     dispatch.request_pdl(envs.pdl())
-    assert dispatch.pdl_mode() == mode and dispatch.PDL == mode
+    assert dispatch.pdl_mode() == mode and dispatch.PDL == mode and dispatch.pdl_mode_name() == (env or "late")
     assert dispatch.PDL_LAUNCH == ({"launch_pdl": True} if mode else {})
     monkeypatch.setattr(dispatch, "_pdl_mode", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # Ampere: no PDL
