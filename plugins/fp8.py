@@ -40,9 +40,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """FP8 linear: the low-latency kernel for a few tokens on CUDA, else the reference."""
     if input_scale is not None and x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
-        from .kernels.fp8_gemm import fp8_gemm_small_m
-
-        return fp8_gemm_small_m(x.contiguous(), weight, weight_scale, input_scale, out_dtype)
+        return _few_tokens(x, weight, weight_scale, input_scale, out_dtype, swiglu=False)
     if x.is_cuda and kernels_enabled() and x.dim() == 2 and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0:
         return fp8_linear_cublas(x, weight, weight_scale, input_scale, out_dtype)
     return fp8_linear_ref(x, weight, weight_scale, input_scale, out_dtype)
@@ -64,10 +62,21 @@ def fp8_linear_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
                       input_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """silu(gate) * up of an FP8 gate|up GEMM: fused in the kernel epilogue for a few tokens on CUDA."""
     if x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
-        from .kernels.fp8_gemm import fp8_gemm_small_m
-
-        return fp8_gemm_small_m(x.contiguous(), weight, weight_scale, input_scale, out_dtype, swiglu=True)
+        return _few_tokens(x, weight, weight_scale, input_scale, out_dtype, swiglu=True)
     return swiglu(fp8_linear(x, weight, weight_scale, input_scale, out_dtype))  # cuBLAS for many tokens on CUDA
+
+
+def _few_tokens(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+               out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
+    """The min-latency kernels: the register-resident GEMV for a single token, the split-K GEMM beyond."""
+    from .kernels import fp8_gemv
+
+    x = x.contiguous()
+    if x.shape[0] <= threshold(x, "gemv_max_tokens") and weight.shape[1] <= fp8_gemv.MAX_K:
+        return fp8_gemv.fp8_gemv(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu)
+    from .kernels.fp8_gemm import fp8_gemm_small_m
+
+    return fp8_gemm_small_m(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu)
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -13,6 +13,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import maverick  # noqa: E402,F401  (binds maverick_plugins from the source tree)
+import maverick_plugins as ops  # noqa: E402
 from maverick_plugins.kernels.decode_attention import decode_attention  # noqa: E402
 from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m  # noqa: E402
 from maverick_plugins.kernels.moe_gemv import moe_experts_gemv  # noqa: E402
@@ -71,7 +72,8 @@ def bench_gemm(name, n, k, m, rows, swiglu=False):
     scale = torch.full((n,), 1e-3, device="cuda") if rows else torch.tensor(1e-3, device="cuda")
     xs = torch.tensor(8 / 448, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ours = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, scale, xs, torch.bfloat16, swiglu=swiglu) for w in ws])
+    linear = ops.fp8_linear_swiglu if swiglu else ops.fp8_linear  # as the model dispatches (GEMV at one token)
+    ours = graph_ms([lambda w=w: linear(x, w, scale, xs, torch.bfloat16) for w in ws])
     x8 = torch.zeros(16, k, device="cuda", dtype=torch.float8_e4m3fn)  # cuBLAS needs M padded to 16
     one = torch.tensor(1.0, device="cuda")
     cublas = graph_ms([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16) for w in ws])

@@ -36,6 +36,27 @@ def tune_gemm(n, k, m=1, swiglu=False):
     return best[:3] + plain, failed
 
 
+def tune_gemv(n, k, m=1, swiglu=False):
+    """The register-resident GEMV (kernels/fp8_gemv.py): (BLOCK_N, warps) by time, each call with PDL (the
+    default) after another of the same shape, as in a decode step; against the split-K GEMM and a plain read."""
+    from bench_kernels import plain_read
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+
+    ws = [fp8_weight(n, k) for _ in range(copies(n * k))]
+    sc, xs = torch.tensor(1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    n_out = n // 2 if swiglu else n
+    rows = []
+    for bn in (1, 2, 4, 8, 16, 32, 64):
+        for nw in (2, 4, 8, 16):
+            if bn * k * (2 if swiglu else 1) > 96 * 1024 or n_out // bn < 32 or bn * k < nw * 32 * 16:
+                continue
+            rows.append((graph_ms([lambda w=w: fp8_gemv(x, w, sc, xs, torch.bfloat16, swiglu=swiglu, config=(bn, nw))
+                                   for w in ws], iters=15), bn, nw))
+    gemm = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, sc, xs, torch.bfloat16, swiglu=swiglu) for w in ws], iters=15)
+    return sorted(rows)[:4], gemm, graph_ms(plain_read(n * k), iters=15)
+
+
 def tune_moe(h, i, e=128, m=1):
     """The fused MoE pair (selected experts + shared expert): pass 1's config with pass 2 at the default,
     then pass 2's with the best pass 1 (bench_kernels.moe_case: no call finds its weights in L2)."""
@@ -70,7 +91,8 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--parts", default="attention,gemm,moe", help="comma-separated: attention, gemm, moe")
+    p.add_argument("--parts", default="attention,gemm,gemv,moe", help="comma-separated: attention, gemm, gemv, moe")
+    p.add_argument("--gemv-tokens", default="1", help="comma-separated token counts of the GEMV tuning")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
     p.add_argument("--gemms", default="", help="comma-separated GEMM names to tune (default: all), e.g. qkv,o_proj")
     args = p.parse_args()
@@ -87,6 +109,12 @@ if __name__ == "__main__":
         best, failed = tune_gemm(n, k, swiglu=swiglu)
         print(name, n, k, f"swiglu={swiglu}", [(round(t, 1), *c) for t, *c in best], f"({failed} configs failed)",
               flush=True)
+    for name, n, k, swiglu in [g for g in chosen if g[0] != "lm_head"] if "gemv" in parts else ():  # bf16 there
+        for m in [int(t) for t in args.gemv_tokens.split(",")]:
+            best, gemm, read = tune_gemv(n, k, m, swiglu)
+            print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
+                  [(round(t, 2), *c) for t, *c in best], f"split-K GEMM {gemm:.2f} us, plain read {read:.2f} us",
+                  flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],

@@ -31,8 +31,8 @@ _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 
 def kernels():
-    from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, moe_gemv, prefill_attention,
-                                          small_ops)
+    from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, fp8_gemv, moe_gemv,
+                                          prefill_attention, small_ops)
 
     gemm = {
         "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
@@ -43,6 +43,14 @@ def kernels():
         yield f"fp8_gemm serial split-K swap={swap}", fp8_gemm._fp8_gemm_kernel, gemm, {
             "ROW_SCALES": False, "SWIGLU": True, "SPLIT_K": 4, "SERIAL": True, "BLOCK_M": 16, "BLOCK_N": 64,
             "BLOCK_K": 256, "SWAP_AB": swap, "PDL": swap, "PDL_PREFETCH": swap}, 4  # prefetch: one variant
+
+    gemv = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
+            "M": _I32, "N_OUT": _I32, "K": _I32, "stride_xm": _I32, "stride_wn": _I32, "stride_om": _I32}
+    for (n, k), (block_n, warps) in fp8_gemv.CONFIGS.items():  # the tuned TP8 shapes, as they run
+        swiglu = (n, k) == (4096, 5120)
+        ka, kb = fp8_gemv.k_pieces(k)
+        yield f"fp8_gemv {n}x{k}", fp8_gemv._fp8_gemv_kernel, gemv, {
+            "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "PDL": 2}, warps
 
     yield "allreduce_norm", allreduce_norm._allreduce_add_rms_norm_kernel, {
         "d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",

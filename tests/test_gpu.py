@@ -351,6 +351,42 @@ def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, prefetch, pdl, monke
     assert ((out - base).norm() / base.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("n,k,swiglu", [(896, 5120, False), (5120, 640, False), (4096, 5120, True), (5120, 2048, False),
+                                        (2048, 5120, True), (5120, 1024, False), (200, 96, False)])
+def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
+    """The one-token GEMV at every TP8 shape (tuned configs, PDL as by default) and an untuned small one:
+    against the reference (exact products, fp32 sums) within fp32 summation order, e4m3 subnormal rows
+    included, eager and in a graph replay with a new input; two tokens as well."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+
+    torch.manual_seed(6)
+    w = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448)
+    w[::3] *= 2 ** -12  # rows of e4m3 subnormals
+    w = w.to(torch.float8_e4m3fn)
+    ws = torch.rand(n, device="cuda") / 1000 + 1e-4 if rows else torch.tensor(1 / (32 * 72.0), device="cuda")
+    xs = torch.tensor(8 / 448, device="cuda")
+
+    def check(y, x):
+        ref = ops.fp8_linear_ref(x, w, ws, xs, torch.float32)
+        ref = ops.swiglu(ref) if swiglu else ref
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+        if not swiglu:
+            assert ((y - ref)[:, ::3].norm() / ref[:, ::3].norm()).item() < 1e-5
+
+    for m in (1, 2):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        check(fp8_gemv(x, w, ws, xs, torch.float32, swiglu=swiglu), x)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fp8_gemv(x, w, ws, xs, torch.float32, swiglu=swiglu)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    check(out, x)
+
+
 def test_overlap_scheduler_with_cuda_graphs(tiny_engine):
     """With graphs, the overlap scheduler feeds each decode step the previous step's samples on the
     device (into the graph's static input ids): the tokens equal the synchronous engine's."""

@@ -88,6 +88,31 @@ def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
     assert rel(one, ops.swiglu(ref) if swiglu else ref) < TOL["fp8"]
 
 
+@pytest.mark.parametrize("m,n,k,rows,swiglu,block_n", [(1, 64, 96, False, False, 8), (1, 40, 640, True, False, 16),
+                                                       (2, 48, 128, True, True, 4), (1, 64, 80, False, True, 2)])
+def test_fp8_gemv(m, n, k, rows, swiglu, block_n):
+    """The one-token GEMV (weights in registers) against the reference;
+    K that is not a power of two (two pieces, the second masked), a partial last row block, e4m3
+    subnormals, zeros and +-448 among the weights."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+
+    torch.manual_seed(n + k)
+    w8, ws = _fp8_weight(n, k, rows)
+    special = torch.tensor([2 ** -9, -2 ** -9, 7 * 2 ** -9, 2 ** -6, -448.0, 448.0, 0.0])
+    w8[:, :7] = special.to(device=DEV, dtype=torch.float8_e4m3fn)
+    w8[::3, 7:] = (w8[::3, 7:].float() * 2 ** -12).to(torch.float8_e4m3fn)  # rows of subnormals mostly
+    x = act(m, k)
+    xs = torch.tensor(ACT_SCALE, device=DEV)
+    out = fp8_gemv(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=(block_n, 4))
+    ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
+    if swiglu:
+        ref = ops.swiglu(ref)
+    assert out.shape == ref.shape
+    assert rel(out, ref) < TOL["fp8"]
+    if not swiglu:  # the rows of subnormals on their own (their outputs are 2^-12 of the others)
+        assert rel(out[:, ::3], ref[:, ::3]) < TOL["fp8"]
+
+
 # (BLOCK_N, BLOCK_K, warps, stages, MODE[, SPLIT_K]): CUDA cores, mma.sync, wgmma, and pass 1 split over H
 MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2),
                "wgmma split-K": ((64, 32, 4, 2, 2, 2), (64, 32, 4, 2, 2)),

@@ -1,0 +1,123 @@
+"""FP8 GEMV for one decode token: each program holds its weight rows in registers, requested before it waits.
+
+At one token a GEMM is a weight stream and the fixed cost of a kernel (launch, first DRAM latency, the
+split-K reduction's round trip through L2) is most of its time: qkv (4.6 MB) took 5.8 us in a chain where
+a plain read of the same bytes takes 2.8. Here each program loads its BLOCK_N whole weight rows (all of K)
+into registers with one load per K piece, before the PDL wait (weights depend on no earlier kernel), so
+the whole matrix is in flight while the previous kernel finishes; then it releases the next kernel (whose
+programs, register-only too, fit beside this one's on the SMs) and only then reads x. No shared memory,
+no split-K, no cross-program reduction: a row's dot product is a sum inside one program.
+
+The dot runs on CUDA cores (e4m3 -> f16 -> f32, exact products, fp32 sums); converting is what limits
+the larger shapes (dense fc13 + SwiGLU, 21 MB: 2.5 TB/s). Building the f32 bits from the e4m3 bits with
+integer ops instead was slower on H200 (fc2 3.81 -> 6.08 us; scripts/proto_gemv.py, BENCHMARKS.md).
+K = KA + KB: KA the largest power of two <= K, KB the rest rounded up to a power of two (masked), since
+Triton tiles have power-of-two sizes (5120 = 4096 + 1024, 640 = 512 + 128).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import PDL, PDL_LAUNCH
+from .pdl import pdl_enter, pdl_release
+
+
+@triton.jit
+def _quantized(x, x_scale):
+    """x8 = saturate(x / x_scale) in e4m3, as f32 (exact)."""
+    return tl.clamp(x.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr,
+    M, N_OUT, K, stride_xm, stride_wn, stride_om,
+    ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_OUT
+    rows = offs_n.to(tl.int64) * stride_wn
+    up_rows = (offs_n + N_OUT).to(tl.int64) * stride_wn
+    ka = tl.arange(0, KA)
+    # every weight byte of this program requested before the wait
+    wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=n_mask[:, None], other=0.0)
+    if SWIGLU:
+        ua = tl.load(w_ptr + up_rows[:, None] + ka[None, :], mask=n_mask[:, None], other=0.0)
+    if KB > 0:
+        kb = KA + tl.arange(0, KB)
+        b_mask = n_mask[:, None] & (kb < K)[None, :]
+        wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+        if SWIGLU:
+            ub = tl.load(w_ptr + up_rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+    pdl_enter(PDL)
+    pdl_release(PDL)  # at once: the next kernel's programs may start loading their weights
+    x_scale = tl.load(x_scale_ptr)
+    if ROW_SCALES:
+        ws = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        wsu = ws
+        if SWIGLU:
+            wsu = tl.load(w_scale_ptr + N_OUT + offs_n, mask=n_mask, other=0.0)
+    else:
+        ws = tl.load(w_scale_ptr)
+        wsu = ws
+    for m in range(M):  # each token one more pass over the registers (so: few tokens)
+        xa = _quantized(tl.load(x_ptr + m * stride_xm + ka), x_scale)
+        acc = tl.sum(wa.to(tl.float32) * xa[None, :], axis=1)
+        if SWIGLU:
+            acc_up = tl.sum(ua.to(tl.float32) * xa[None, :], axis=1)
+        if KB > 0:
+            xb = _quantized(tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0), x_scale)
+            acc += tl.sum(wb.to(tl.float32) * xb[None, :], axis=1)
+            if SWIGLU:
+                acc_up += tl.sum(ub.to(tl.float32) * xb[None, :], axis=1)
+        y = acc * (x_scale * ws)
+        if SWIGLU:
+            y = y / (1.0 + tl.exp(-y)) * (acc_up * (x_scale * wsu))
+        tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def k_pieces(k: int) -> tuple[int, int]:
+    """(KA, KB): KA the largest power of two <= k, KB the rest rounded up to a power of two (0 if none)."""
+    ka = 1 << (k.bit_length() - 1)
+    return ka, (triton.next_power_of_2(k - ka) if k > ka else 0)
+
+
+# Measured on H200, one token, 48 distinct weights in one CUDA graph with PDL late (scripts/proto_gemv.py,
+# run of this module's first commit): (N, K) -> (BLOCK_N, num_warps); us against the split-K GEMM
+# (fp8_gemm.CONFIGS) and a plain read of the same bytes in the same run.
+CONFIGS: dict[tuple[int, int], tuple[int, int]] = {
+    (896, 5120): (4, 8),  # qkv: 2.86 us (GEMM 5.72, plain read 2.85)
+    (5120, 640): (32, 4),  # o_proj: 2.09 us (3.40, 2.99)
+    (4096, 5120): (8, 4),  # dense fc13 + SwiGLU: 8.47 us (10.09, 6.47)
+    (5120, 2048): (16, 4),  # dense fc2: 3.81 us (7.25, 4.25)
+}
+MAX_K = 32768  # a program holds BLOCK_N x K weight bytes in registers; longer rows take the GEMM
+
+
+def default_config(n_out: int, k: int, swiglu: bool) -> tuple[int, int]:
+    """About 32 KB of weights a program (the tuned shapes' best are 20-40 KB), 4 warps."""
+    per_row = k * (2 if swiglu else 1)
+    return max(1, min(32, 1 << max(0, (32768 // per_row).bit_length() - 1))), 4
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+             out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
+    """x [M, K] (M: a token or two; each costs one more pass of CUDA-core math), weight [N, K] e4m3
+    row-major, K <= MAX_K, weight_scale scalar or [N], input_scale scalar; config (BLOCK_N, num_warps).
+    Returns [M, N] (or [M, N/2], silu(gate) * up, with swiglu) in out_dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == K and weight.stride(1) == 1, \
+        f"weight must be e4m3 [N, {K}] row-major, got {weight.dtype} {list(weight.shape)}"
+    assert K <= MAX_K and x.stride(1) == 1, f"fp8_gemv: K={K}, at most {MAX_K}"
+    n_out = N // 2 if swiglu else N
+    block_n, num_warps = config or CONFIGS.get((N, K)) or default_config(n_out, K, swiglu)
+    ka, kb = k_pieces(K)
+    out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
+    _fp8_gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        x, weight, weight_scale, input_scale, out, M, n_out, K, x.stride(0), weight.stride(0), out.stride(0),
+        ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka, KB=kb, PDL=PDL, **PDL_LAUNCH,
+        num_warps=num_warps)
+    return out
