@@ -84,14 +84,18 @@ def k_pieces(k: int) -> tuple[int, int]:
     return ka, (triton.next_power_of_2(k - ka) if k > ka else 0)
 
 
-# Measured on H200, one token, 48 distinct weights in one CUDA graph with PDL late (scripts/proto_gemv.py,
-# run of this module's first commit): (N, K) -> (BLOCK_N, num_warps); us against the split-K GEMM
-# (fp8_gemm.CONFIGS) and a plain read of the same bytes in the same run.
+# Measured on H200, one token, each call after another of its shape in one CUDA graph with PDL late, the
+# weights rotated out of L2 (scripts/tune_kernels.py --parts gemv, run of 2e3b51f): (N, K) -> (BLOCK_N,
+# num_warps); us against the split-K GEMM (fp8_gemm.CONFIGS) and a plain read of the same bytes (one
+# kernel per read, no PDL) in the same run. Some of these spill (fc13: 3 KB a thread to local memory, which
+# L1 holds) and are still the fastest measured.
 CONFIGS: dict[tuple[int, int], tuple[int, int]] = {
-    (896, 5120): (4, 8),  # qkv: 2.86 us (GEMM 5.72, plain read 2.85)
-    (5120, 640): (32, 4),  # o_proj: 2.09 us (3.40, 2.99)
-    (4096, 5120): (8, 4),  # dense fc13 + SwiGLU: 8.47 us (10.09, 6.47)
-    (5120, 2048): (16, 4),  # dense fc2: 3.81 us (7.25, 4.25)
+    (896, 5120): (4, 8),  # qkv: 3.02 us (GEMM 5.71, plain read 3.41)
+    (5120, 640): (32, 4),  # o_proj: 2.27 us (3.62, 3.20)
+    (4096, 5120): (4, 2),  # dense fc13 + SwiGLU: 8.33 us (10.24, 6.50)
+    (5120, 2048): (16, 2),  # dense fc2: 3.89 us (7.45, 4.39)
+    (2048, 5120): (4, 4),  # shared expert fc13 + SwiGLU (unfused MoE path): 4.72 us (8.43, 4.48)
+    (5120, 1024): (16, 8),  # shared expert fc2: 2.54 us (4.41, 3.61)
 }
 MAX_K = 32768  # a program holds BLOCK_N x K weight bytes in registers; longer rows take the GEMM
 
