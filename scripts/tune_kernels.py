@@ -81,26 +81,6 @@ def tune_moe(h, i, e=128, m=1):
     return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
 
 
-def tune_moe_one_token(h, i, e=128):
-    """moe_one_token's (BLOCK_N, warps) of pass 1 with pass 2 at its default, then of pass 2 with the best
-    pass 1; against the general two passes (moe_gemv.CONFIGS[1]) and a plain read of the bytes read."""
-    from bench_kernels import plain_read
-    from maverick_plugins.kernels.moe_gemv import CONFIGS
-    from maverick_plugins.kernels.moe_one_token import CONFIG, moe_one_token
-
-    c = moe_case(h, i, e, 1)
-
-    def time(cfg):
-        return graph_ms([lambda j=j: moe_one_token(c.x, c.ids[j], c.sc, c.gu, c.dn, 0, c.s, c.xs, c.s, c.xs,
-                                                   shared=c.shared[j], config=cfg) for j in range(c.n)], iters=15)
-
-    grid = [(bn, nw) for bn in (1, 2, 4, 8, 16, 32) for nw in (2, 4, 8)]
-    first = sorted((time((g, CONFIG[1])), g) for g in grid if g[0] <= 8)
-    second = sorted((time((first[0][1], g)), g) for g in grid if g[0] >= 4)
-    general = graph_ms([lambda j=j: c.fused(j, CONFIGS[1]) for j in range(c.n)], iters=15)
-    return first[:3], second[:3], general, graph_ms(plain_read(6 * h * i), iters=15)
-
-
 def tune_attention(ctx, batch):
     from bench_kernels import bench_attention
 
@@ -111,8 +91,7 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--parts", default="attention,gemm,gemv,moe,moe1",
-                   help="comma-separated: attention, gemm, gemv, moe, moe1 (one token, weights in registers)")
+    p.add_argument("--parts", default="attention,gemm,gemv,moe", help="comma-separated: attention, gemm, gemv, moe")
     p.add_argument("--gemv-tokens", default="1", help="comma-separated token counts of the GEMV tuning")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
     p.add_argument("--gemms", default="", help="comma-separated GEMM names to tune (default: all), e.g. qkv,o_proj")
@@ -136,11 +115,6 @@ if __name__ == "__main__":
             print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
                   [(round(t, 2), *c) for t, *c in best], f"split-K GEMM {gemm:.2f} us, plain read {read:.2f} us",
                   flush=True)
-    if "moe1" in parts:
-        p1, p2, general, read = tune_moe_one_token(H, I // 8)
-        print("moe one token: pass 1 (pass 2 default):", [(round(t, 2), c) for t, c in p1], "pass 2 (best pass 1):",
-              [(round(t, 2), c) for t, c in p2], f"general two passes {general:.2f} us, plain read {read:.2f} us",
-              flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],

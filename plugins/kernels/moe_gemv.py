@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from . import moe_one_token
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .fp8_gemm import _mma
 from .pdl import pdl_enter, pdl_release
@@ -276,9 +275,6 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
-    if config is None and moe_one_token.fits(x, top_ids, gate_up, down, gate_up_input_scale is not None):
-        return moe_one_token.moe_one_token(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
-                                           gate_up_input_scale, down_scale, down_input_scale, shared)
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
     (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
