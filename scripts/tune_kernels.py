@@ -81,25 +81,6 @@ def tune_moe(h, i, e=128, m=1):
     return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
 
 
-def tune_moe_fc2_one(h, i, e=128):
-    """The one-token MoE FFN with pass 2 in registers (moe_fc2_one): its (BLOCK_N, warps), against the
-    general pass 2 (moe_gemv.ONE_TOKEN_FC2 off), the whole FFN timed; and a plain read of the bytes read."""
-    from bench_kernels import plain_read
-    from maverick_plugins.kernels import moe_fc2_one, moe_gemv
-
-    c = moe_case(h, i, e, 1)
-    default = moe_fc2_one.CONFIG
-    rows = []
-    for cfg in [(bn, nw) for bn in (4, 8, 16, 32) for nw in (2, 4, 8)]:
-        moe_fc2_one.CONFIG = cfg
-        rows.append((graph_ms([lambda j=j: c.fused(j) for j in range(c.n)], iters=15), cfg))
-    moe_fc2_one.CONFIG = default
-    moe_gemv.ONE_TOKEN_FC2 = False
-    general = graph_ms([lambda j=j: c.fused(j) for j in range(c.n)], iters=15)
-    moe_gemv.ONE_TOKEN_FC2 = True
-    return sorted(rows)[:4], general, graph_ms(plain_read(6 * h * i), iters=15)
-
-
 def tune_attention(ctx, batch):
     from bench_kernels import bench_attention
 
@@ -110,8 +91,7 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--parts", default="attention,gemm,gemv,moe,moe1",
-                   help="comma-separated: attention, gemm, gemv, moe, moe1 (one token, pass 2 in registers)")
+    p.add_argument("--parts", default="attention,gemm,gemv,moe", help="comma-separated: attention, gemm, gemv, moe")
     p.add_argument("--gemv-tokens", default="1", help="comma-separated token counts of the GEMV tuning")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
     p.add_argument("--gemms", default="", help="comma-separated GEMM names to tune (default: all), e.g. qkv,o_proj")
@@ -135,10 +115,6 @@ if __name__ == "__main__":
             print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
                   [(round(t, 2), *c) for t, *c in best], f"split-K GEMM {gemm:.2f} us, plain read {read:.2f} us",
                   flush=True)
-    if "moe1" in parts:
-        best, general, read = tune_moe_fc2_one(H, I // 8)
-        print("moe one token, pass 2 in registers: (us, (BLOCK_N, warps))", [(round(t, 2), c) for t, c in best],
-              f"general pass 2 {general:.2f} us, plain read {read:.2f} us", flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],

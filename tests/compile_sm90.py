@@ -31,8 +31,8 @@ _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 
 def kernels():
-    from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, fp8_gemv, moe_fc2_one,
-                                          moe_gemv, prefill_attention, small_ops)
+    from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, fp8_gemv, moe_gemv,
+                                          prefill_attention, small_ops)
 
     gemm = {
         "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
@@ -93,11 +93,6 @@ def kernels():
                 "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
             }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": max(8, block_n),
                 "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "PDL": False}, 8
-    yield "moe fc2 one token", moe_fc2_one._fc2_kernel, {  # TP8: I = Is = 1024
-        "h_ptr": "*bf16", **{k: v for k, v in moe.items() if k not in ("TOP_K", "P", "stride_o")}, "N_OUT": _I32,
-        "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
-    }, {"HAS_SHARED": True, "BLOCK_N": moe_fc2_one.CONFIG[0], "KA": 1024, "KB": 0, "KSA": 1024, "KSB": 0,
-        "PDL": 2}, moe_fc2_one.CONFIG[1]
     yield "router", small_ops._router_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
         "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from . import moe_fc2_one
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .fp8_gemm import _mma
 from .pdl import pdl_enter, pdl_release
@@ -237,9 +236,6 @@ def _fc2_kernel(
 # every weight e4m3 -> f16 -> f32 for each token).
 CONFIGS = {1: ((64, 256, 4, 3, 2, 8), (8, 1024, 8, 3, 0)), 8: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))}
 DEFAULT_CONFIG = CONFIGS[1]
-# One token at top-1 with static input scales: pass 2 with its weights in registers (moe_fc2_one), unless a
-# config is given
-ONE_TOKEN_FC2 = True
 
 
 def _config(tokens: int) -> tuple:
@@ -279,7 +275,6 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
-    explicit = config is not None
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
     (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
@@ -313,9 +308,6 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
         gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
         DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k, PDL=PDL, **PDL_LAUNCH,
         num_warps=num_warps, num_stages=stages)
-    if ONE_TOKEN_FC2 and T == 1 and k == 1 and not dynamic and max(I, Is) <= moe_fc2_one.MAX_K and not explicit:
-        return moe_fc2_one.fc2_one_token(h, ids, down, expert_offset, down_scale, down_input_scale,
-                                         None if shared is None else (sdn, sdn_scale, sdn_in), x.dtype)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)
     _fc2_kernel[(triton.cdiv(H, block_n2), T)](
