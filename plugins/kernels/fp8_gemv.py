@@ -10,7 +10,7 @@ no split-K, no cross-program reduction: a row's dot product is a sum inside one 
 
 The dot runs on CUDA cores (e4m3 -> f16 -> f32, exact products, fp32 sums); converting is what limits
 the larger shapes (dense fc13 + SwiGLU, 21 MB: 2.5 TB/s). Building the f32 bits from the e4m3 bits with
-integer ops instead was slower on H200 (fc2 3.81 -> 6.08 us; scripts/proto_gemv.py, BENCHMARKS.md).
+integer ops instead was slower on H200 (fc2 3.81 -> 4.82 us at best; BENCHMARKS.md, eighth session).
 K = KA + KB: KA the largest power of two <= K, KB the rest rounded up to a power of two (masked), since
 Triton tiles have power-of-two sizes (5120 = 4096 + 1024, 640 = 512 + 128).
 """
