@@ -1,4 +1,5 @@
 """FP8 low-latency GEMM for a few tokens (M <= 16): y = quant(x) @ W^T * scales, optional SwiGLU.
+(A single token takes fp8_gemv instead, where plugins/fp8.py dispatches: faster at every TP8 shape.)
 
 Decode at batch 1..8 is weight-streaming: every weight byte is read once, the math is free. Each
 program owns BLOCK_N output rows and streams them along K; the M <= 16 token rows ride along in one

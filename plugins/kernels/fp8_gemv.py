@@ -5,8 +5,8 @@ split-K reduction's round trip through L2) is most of its time: qkv (4.6 MB) too
 a plain read of the same bytes takes 2.8. Here each program loads its BLOCK_N whole weight rows (all of K)
 into registers with one load per K piece, before the PDL wait (weights depend on no earlier kernel), so
 the whole matrix is in flight while the previous kernel finishes; then it releases the next kernel (whose
-programs, register-only too, fit beside this one's on the SMs) and only then reads x. No shared memory,
-no split-K, no cross-program reduction: a row's dot product is a sum inside one program.
+programs use no shared memory either and fit beside this one's on the SMs) and only then reads x. No
+split-K, no cross-program reduction: a row's dot product is a sum inside one program.
 
 The dot runs on CUDA cores (e4m3 -> f16 -> f32, exact products, fp32 sums); converting is what limits
 the larger shapes (dense fc13 + SwiGLU, 21 MB: 2.5 TB/s). Building the f32 bits from the e4m3 bits with
