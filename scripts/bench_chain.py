@@ -3,9 +3,9 @@
 
 One dense TP8 layer's FP8 GEMMs (qkv 896x5120, o 5120x640, fc13+SwiGLU 4096x5120, fc2 5120x2048, one
 token), 48 times, each layer with its own weights (1.89 GB: nothing is left in L2), in one CUDA graph.
-Bytes / time against the HBM read bandwidth measured in the same run, for our kernels without and with
-programmatic dependent launch (waiting at entry; or first bulk-prefetching each program's weights into L2,
-then waiting), each mode in its own process (kernels bind the PDL flags at import), and for cuBLAS
+Bytes / time against the HBM read bandwidth measured in the same run, for our one-token GEMV without and
+with programmatic dependent launch (mode late: weights requested before the wait), each mode in its own
+process (kernels bind the PDL flags at import), and for cuBLAS
 (torch._scaled_mm). `--smoke`: tiny shapes, eager, on CPU (Triton interpreter) or GPU: checks the chain itself.
 Run: `PYTHONPATH=. python3 scripts/bench_chain.py`.
 """
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 SHAPES = {"qkv": (896, 5120), "o": (5120, 640), "fc13": (4096, 5120), "fc2": (5120, 2048)}  # [out, in]
-MODES = ["ours", "ours+pdl", "ours+pdl+prefetch", "cublas"]
+MODES = ["ours", "ours+pdl", "cublas"]  # (the split-K GEMM's L2 prefetch mode: no effect on the one-token GEMV)
 SMOKE = {"qkv": (48, 32), "o": (32, 16), "fc13": (64, 32), "fc2": (32, 32)}
 
 
@@ -43,9 +43,10 @@ def chain(x: torch.Tensor, layers: list[dict], gemm) -> torch.Tensor:
 
 
 def ours(scale, in_scale):
-    from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m
+    """What the model runs for one token (plugins/fp8.py dispatches it): the register GEMV."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
 
-    return lambda x, w, swiglu: fp8_gemm_small_m(x, w, scale, in_scale, x.dtype, swiglu=swiglu)
+    return lambda x, w, swiglu: fp8_gemv(x, w, scale, in_scale, x.dtype, swiglu=swiglu)
 
 
 def cublas(scale, in_scale):
