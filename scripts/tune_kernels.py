@@ -81,21 +81,6 @@ def tune_moe(h, i, e=128, m=1):
     return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
 
 
-def time_moe_shared_apart(h, i, e=128):
-    """The one-token MoE FFN (default configs) with the shared expert's FC13 in its own GEMV
-    (moe_gemv.SHARED_APART) and fused into pass 1; and a plain read of the bytes read."""
-    from bench_kernels import plain_read
-    from maverick_plugins.kernels import moe_gemv
-
-    c = moe_case(h, i, e, 1)
-    got = {}
-    for apart in (True, False, True, False):
-        moe_gemv.SHARED_APART = apart
-        got.setdefault(apart, []).append(graph_ms([lambda j=j: c.fused(j) for j in range(c.n)], iters=15))
-    moe_gemv.SHARED_APART = True
-    return got, graph_ms(plain_read(6 * h * i), iters=15)
-
-
 def tune_attention(ctx, batch):
     from bench_kernels import bench_attention
 
@@ -106,8 +91,7 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--parts", default="attention,gemm,gemv,moe,moe1",
-                   help="comma-separated: attention, gemm, gemv, moe, moe1 (one token: shared expert apart or fused)")
+    p.add_argument("--parts", default="attention,gemm,gemv,moe", help="comma-separated: attention, gemm, gemv, moe")
     p.add_argument("--gemv-tokens", default="1", help="comma-separated token counts of the GEMV tuning")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
     p.add_argument("--gemms", default="", help="comma-separated GEMM names to tune (default: all), e.g. qkv,o_proj")
@@ -131,10 +115,6 @@ if __name__ == "__main__":
             print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
                   [(round(t, 2), *c) for t, *c in best], f"split-K GEMM {gemm:.2f} us, plain read {read:.2f} us",
                   flush=True)
-    if "moe1" in parts:
-        got, read = time_moe_shared_apart(H, I // 8)
-        print("moe one token, us per FFN (two runs each): shared expert apart", [round(t, 2) for t in got[True]],
-              "fused", [round(t, 2) for t in got[False]], f"plain read {read:.2f} us", flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],

@@ -185,35 +185,6 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
         assert torch.equal(out, again)
 
 
-@pytest.mark.parametrize("shared_is,channel,offset", [(32, False, 2), (48, True, 2), (16, False, 7)])
-def test_moe_one_token_shared_expert_apart(shared_is, channel, offset):
-    """One token, default config: the shared expert's FC13 + SwiGLU runs as fp8_gemv into its row of h and
-    pass 1 takes the chosen expert only; against moe_ffn_ref and the fused pass 1 (an explicit config).
-    A shared intermediate other than the routed one, per-channel scales, the chosen expert on another rank."""
-    from maverick_plugins.kernels import moe_gemv
-
-    torch.manual_seed(30 + shared_is)
-    H, I, E = 96, 32, 4
-    x = act(1, H)
-    ids = torch.tensor([[3]], device=DEV)
-    scores = torch.sigmoid(torch.randn(1, 1, device=DEV)) if GPU else torch.ones(1, 1, device=DEV)
-    w8 = lambda *s: (torch.randn(*s, device=DEV) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
-    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
-    gs = torch.rand(E, 2 * I, device=DEV) / 100 + 1e-3 if channel else torch.tensor(1 / 200, device=DEV)
-    ds = torch.rand(E, H, device=DEV) / 100 + 1e-3 if channel else torch.tensor(1 / 300, device=DEV)
-    gis, dis = torch.tensor(ACT_SCALE, device=DEV), torch.tensor(0.5 / 448, device=DEV)
-    shared = (w8(2 * shared_is, H), torch.rand(2 * shared_is, device=DEV) / 100 + 1e-3,
-              torch.tensor(ACT_SCALE, device=DEV), w8(H, shared_is), torch.tensor(1 / 250, device=DEV),
-              torch.tensor(0.5 / 448, device=DEV))
-    assert moe_gemv.SHARED_APART
-    out = moe_gemv.moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared)
-    ref = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, *shared)
-    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
-    fused = moe_gemv.moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared,
-                                      config=moe_gemv.CONFIGS[1])
-    assert rel(out, fused) < 1e-3
-
-
 @pytest.mark.parametrize("config,what", [((16, 32, 4, 2, 2), "wgmma, BLOCK_N >= 64"), ((16, 16, 4, 2, 1), "BLOCK_K >= 32"),
                                          ((16, 32, 4, 2, 5), "MODE must be"),
                                          (((16, 32, 4), (16, 32, 4, 2, 0, 2)), "1 in pass 2")])

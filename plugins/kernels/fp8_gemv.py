@@ -107,12 +107,10 @@ def default_config(n_out: int, k: int, swiglu: bool) -> tuple[int, int]:
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
-             out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] (M: a token or two; each costs one more pass of CUDA-core math), weight [N, K] e4m3
     row-major, K <= MAX_K, weight_scale scalar or [N], input_scale scalar; config (BLOCK_N, num_warps).
-    Returns [M, N] (or [M, N/2], silu(gate) * up, with swiglu) in out_dtype, written into `out` if given
-    (rows may be strided)."""
+    Returns [M, N] (or [M, N/2], silu(gate) * up, with swiglu) in out_dtype."""
     M, K = x.shape
     N = weight.shape[0]
     assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == K and weight.stride(1) == 1, \
@@ -121,9 +119,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     n_out = N // 2 if swiglu else N
     block_n, num_warps = config or CONFIGS.get((N, K)) or default_config(n_out, K, swiglu)
     ka, kb = k_pieces(K)
-    if out is None:
-        out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
-    assert out.shape == (M, n_out) and out.stride(1) == 1, f"out {list(out.shape)}: expected [{M}, {n_out}]"
+    out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     _fp8_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, weight_scale, input_scale, out, M, n_out, K, x.stride(0), weight.stride(0), out.stride(0),
         ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka, KB=kb, PDL=PDL, **PDL_LAUNCH,

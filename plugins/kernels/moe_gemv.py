@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from . import fp8_gemv
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .fp8_gemm import _mma
 from .pdl import pdl_enter, pdl_release
@@ -237,9 +236,6 @@ def _fc2_kernel(
 # every weight e4m3 -> f16 -> f32 for each token).
 CONFIGS = {1: ((64, 256, 4, 3, 2, 8), (8, 1024, 8, 3, 0)), 8: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))}
 DEFAULT_CONFIG = CONFIGS[1]
-# One token, no explicit config: the shared expert's FC13 + SwiGLU runs as fp8_gemv (weights requested
-# before its PDL wait) and pass 1 takes the chosen experts only
-SHARED_APART = True
 
 
 def _config(tokens: int) -> tuple:
@@ -279,7 +275,6 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
-    explicit = config is not None
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
     (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
@@ -299,12 +294,8 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
             down_scale, down_scale, 0
     rows = P + (T if shared is not None else 0)
     h = torch.empty((rows, max(I, Is)), dtype=x.dtype, device=x.device)
-    apart = SHARED_APART and shared is not None and T == 1 and not explicit and H <= fp8_gemv.MAX_K
-    if apart:  # the shared expert's FC13 + SwiGLU in its own GEMV, whose weights stream during the router
-        fp8_gemv.fp8_gemv(x, sgu, sgu_scale, sgu_in, x.dtype, swiglu=True, out=h[P:, :Is])
-        rows = P
     se, sn = _scale_strides(gate_up_scale)
-    grid = (triton.cdiv(I if apart else max(I, Is), block_n), rows, split_k)
+    grid = (triton.cdiv(max(I, Is), block_n), rows, split_k)
     k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
     if split_k > 1:
         partial = torch.empty((split_k, 2, rows, grid[0] * block_n), dtype=torch.float32, device=x.device)
