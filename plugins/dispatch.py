@@ -11,9 +11,10 @@ import torch
 
 # Thresholds per device name prefix; "default" applies to any other CUDA device.
 THRESHOLDS = {
-    # gemv_max_tokens: H200, proto_gemv.py, one token in a 48-GEMM chain: qkv 5.72 -> 2.86 us, o 3.40 -> 2.09,
-    # fc13 + SwiGLU 10.09 -> 8.47, fc2 7.25 -> 3.81; two tokens: fc2 7.48 -> 6.72 at best, some tiles spill
-    "default": {"gemm_max_tokens": 16, "gemv_max_tokens": 1, "moe_max_tokens": 16, "attention_max_new_tokens": 8,
+    # gemv_max_tokens: H200, tune_kernels.py --parts gemv (2e3b51f), one token after another GEMM of its shape
+    # with PDL: qkv 5.71 -> 3.02 us, o_proj 3.62 -> 2.27, fc13 + SwiGLU 10.24 -> 8.33, fc2 7.45 -> 3.89; two
+    # tokens only where it wins too (fp8_gemv.config_for: qkv 5.76 -> 4.62, fc13 + SwiGLU loses)
+    "default": {"gemm_max_tokens": 16, "gemv_max_tokens": 2, "moe_max_tokens": 16, "attention_max_new_tokens": 8,
                 "allreduce_max_tokens": 16,
                 # one-launch router (GEMV + top-k): H200, e316438: 1 token 5.2 us vs 6.8 for cuBLAS + top-k;
                 # 8 tokens 22.4 vs 6.9 (each program walks the tokens one by one), so only for one token

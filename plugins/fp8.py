@@ -68,12 +68,16 @@ def fp8_linear_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def _few_tokens(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
-    """The min-latency kernels: the register-resident GEMV for a single token, the split-K GEMM beyond."""
+    """The min-latency kernels: the register-resident GEMV for a token (two at the shapes where it wins),
+    the split-K GEMM beyond."""
     from .kernels import fp8_gemv
 
     x = x.contiguous()
-    if x.shape[0] <= threshold(x, "gemv_max_tokens") and weight.shape[1] <= fp8_gemv.MAX_K:
-        return fp8_gemv.fp8_gemv(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu)
+    config = None
+    if x.shape[0] <= threshold(x, "gemv_max_tokens"):
+        config = fp8_gemv.config_for(weight.shape[0], weight.shape[1], x.shape[0], swiglu)
+    if config is not None:
+        return fp8_gemv.fp8_gemv(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu, config=config)
     from .kernels.fp8_gemm import fp8_gemm_small_m
 
     return fp8_gemm_small_m(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu)

@@ -359,7 +359,7 @@ def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
     against the reference (exact products, fp32 sums) within fp32 summation order, e4m3 subnormal rows
     included, eager and in a graph replay with a new input; two tokens as well."""
     import maverick_plugins as ops
-    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.fp8_gemv import config_for, fp8_gemv
 
     torch.manual_seed(6)
     w = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448)
@@ -378,6 +378,8 @@ def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
     for m in (1, 2):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         check(fp8_gemv(x, w, ws, xs, torch.float32, swiglu=swiglu), x)
+        if config_for(n, k, m, swiglu):  # as dispatched (two tokens: CONFIGS_2)
+            check(fp8_gemv(x, w, ws, xs, torch.float32, swiglu=swiglu, config=config_for(n, k, m, swiglu)), x)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

@@ -113,6 +113,20 @@ def test_fp8_gemv(m, n, k, rows, swiglu, block_n):
         assert rel(out[:, ::3], ref[:, ::3]) < TOL["fp8"]
 
 
+def test_fp8_gemv_config_for_follows_the_measurements():
+    """One token: every shape (tuned or default; K up to MAX_K); two tokens: only the measured winners, never
+    a SwiGLU shape; three or more: the split-K GEMM."""
+    from maverick_plugins.kernels import fp8_gemv
+
+    assert fp8_gemv.config_for(896, 5120, 1, False) == fp8_gemv.CONFIGS[(896, 5120)]
+    assert fp8_gemv.config_for(200, 96, 1, True) == fp8_gemv.default_config(100, 96, True)
+    assert fp8_gemv.config_for(64, fp8_gemv.MAX_K + 1, 1, False) is None
+    assert fp8_gemv.config_for(896, 5120, 2, False) == fp8_gemv.CONFIGS_2[(896, 5120)]
+    assert fp8_gemv.config_for(4096, 5120, 2, True) is None
+    assert fp8_gemv.config_for(200, 96, 2, False) is None
+    assert fp8_gemv.config_for(896, 5120, 3, False) is None
+
+
 # (BLOCK_N, BLOCK_K, warps, stages, MODE[, SPLIT_K]): CUDA cores, mma.sync, wgmma, and pass 1 split over H
 MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2),
                "wgmma split-K": ((64, 32, 4, 2, 2, 2), (64, 32, 4, 2, 2)),

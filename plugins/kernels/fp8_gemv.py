@@ -1,4 +1,4 @@
-"""FP8 GEMV for one decode token: each program holds its weight rows in registers, requested before it waits.
+"""FP8 GEMV for a decode token or two: each program holds its weight rows in registers, requested before it waits.
 
 At one token a GEMM is a weight stream and the fixed cost of a kernel (launch, first DRAM latency, the
 split-K reduction's round trip through L2) is most of its time: qkv (4.6 MB) took 5.8 us in a chain where
@@ -97,6 +97,14 @@ CONFIGS: dict[tuple[int, int], tuple[int, int]] = {
     (2048, 5120): (4, 4),  # shared expert fc13 + SwiGLU (unfused MoE path): 4.72 us (8.43, 4.48)
     (5120, 1024): (16, 8),  # shared expert fc2: 2.54 us (4.41, 3.61)
 }
+# Two tokens (each one more pass of CUDA-core math): only the shapes where the GEMV beat the split-K GEMM
+# in the same run (2e3b51f, H200); with SwiGLU it loses (dense fc13 17.0 us against 10.3).
+CONFIGS_2: dict[tuple[int, int], tuple[int, int]] = {
+    (896, 5120): (4, 4),  # qkv: 4.62 us (GEMM 5.76)
+    (5120, 640): (16, 4),  # o_proj: 3.04 us (3.70)
+    (5120, 2048): (4, 4),  # dense fc2: 6.98 us (7.68)
+    (5120, 1024): (8, 2),  # shared expert fc2: 3.62 us (4.41)
+}
 MAX_K = 32768  # a program holds BLOCK_N x K weight bytes in registers; longer rows take the GEMM
 
 
@@ -104,6 +112,16 @@ def default_config(n_out: int, k: int, swiglu: bool) -> tuple[int, int]:
     """About 32 KB of weights a program (the tuned shapes' best are 20-40 KB), 4 warps."""
     per_row = k * (2 if swiglu else 1)
     return max(1, min(32, 1 << max(0, (32768 // per_row).bit_length() - 1))), 4
+
+
+def config_for(n: int, k: int, tokens: int, swiglu: bool) -> tuple[int, int] | None:
+    """The GEMV's config for `tokens` tokens of weight [n, k], or None where the split-K GEMM is the faster
+    (measured) or the rows do not fit: one token any shape, two tokens the shapes of CONFIGS_2."""
+    if k > MAX_K or tokens > 2:
+        return None
+    if tokens == 2:
+        return CONFIGS_2.get((n, k))
+    return CONFIGS.get((n, k)) or default_config(n // 2 if swiglu else n, k, swiglu)
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
