@@ -40,7 +40,7 @@ def tune_gemv(n, k, m=1, swiglu=False):
     """The register-resident GEMV (kernels/fp8_gemv.py): (BLOCK_N, warps) by time, each call with PDL (the
     default) after another of the same shape, as in a decode step; against the split-K GEMM and a plain read."""
     from bench_kernels import plain_read
-    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.fp8_gemv import default_config, fp8_gemv
 
     ws = [fp8_weight(n, k) for _ in range(copies(n * k))]
     sc, xs = torch.tensor(1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")
@@ -54,7 +54,10 @@ def tune_gemv(n, k, m=1, swiglu=False):
             rows.append((graph_ms([lambda w=w: fp8_gemv(x, w, sc, xs, torch.bfloat16, swiglu=swiglu, config=(bn, nw))
                                    for w in ws], iters=15), bn, nw))
     gemm = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, sc, xs, torch.bfloat16, swiglu=swiglu) for w in ws], iters=15)
-    return sorted(rows)[:4], gemm, graph_ms(plain_read(n * k), iters=15)
+    dflt = default_config(n_out, k, swiglu)
+    dflt_t = graph_ms([lambda w=w: fp8_gemv(x, w, sc, xs, torch.bfloat16, swiglu=swiglu, config=dflt) for w in ws],
+                      iters=15)
+    return sorted(rows)[:4], (round(dflt_t, 2), *dflt), gemm, graph_ms(plain_read(n * k), iters=15)
 
 
 def tune_moe(h, i, e=128, m=1):
@@ -94,6 +97,7 @@ if __name__ == "__main__":
     p.add_argument("--parts", default="attention,gemm,gemv,moe", help="comma-separated: attention, gemm, gemv, moe")
     p.add_argument("--gemv-tokens", default="1", help="comma-separated token counts of the GEMV tuning")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
+    p.add_argument("--tp-size", type=int, default=8, help="per-rank shapes of this tensor-parallel size")
     p.add_argument("--gemms", default="", help="comma-separated GEMM names to tune (default: all), e.g. qkv,o_proj")
     args = p.parse_args()
     parts = args.parts.split(",")
@@ -101,9 +105,11 @@ if __name__ == "__main__":
         for b in (1, 8):
             print("attention", ctx, b, tune_attention(ctx, b), flush=True)
     H, I, M_ = 5120, 8192, 16384
-    gemms = [("qkv", 896, H, False), ("o_proj", H, 640, False), ("dense fc13", 4096, H, True),
-             ("dense fc2", H, 2048, False), ("shared fc13", 2048, H, True), ("shared fc2", H, 1024, False),
-             ("lm_head", 25264, H, False)]
+    tp = args.tp_size  # per-rank Maverick shapes: 40 query heads, 8 kv heads of 128
+    gemms = [("qkv", (40 + 16) * 128 // tp, H, False), ("o_proj", H, 40 * 128 // tp, False),
+             ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
+             ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
+             ("lm_head", -(-202048 // tp // 16) * 16, H, False)]
     chosen = [g for g in gemms if not args.gemms or g[0] in args.gemms.split(",")]
     for name, n, k, swiglu in chosen if "gemm" in parts else ():
         best, failed = tune_gemm(n, k, swiglu=swiglu)
@@ -111,10 +117,10 @@ if __name__ == "__main__":
               flush=True)
     for name, n, k, swiglu in [g for g in chosen if g[0] != "lm_head"] if "gemv" in parts else ():  # bf16 there
         for m in [int(t) for t in args.gemv_tokens.split(",")]:
-            best, gemm, read = tune_gemv(n, k, m, swiglu)
+            best, dflt, gemm, read = tune_gemv(n, k, m, swiglu)
             print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
-                  [(round(t, 2), *c) for t, *c in best], f"split-K GEMM {gemm:.2f} us, plain read {read:.2f} us",
-                  flush=True)
+                  [(round(t, 2), *c) for t, *c in best], f"default_config {dflt}, split-K GEMM {gemm:.2f} us,",
+                  f"plain read {read:.2f} us", flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],
