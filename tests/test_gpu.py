@@ -353,7 +353,8 @@ def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, prefetch, pdl, monke
 
 @pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("n,k,swiglu", [(896, 5120, False), (5120, 640, False), (4096, 5120, True), (5120, 2048, False),
-                                        (2048, 5120, True), (5120, 1024, False), (200, 96, False)])
+                                        (2048, 5120, True), (5120, 1024, False), (200, 96, False),
+                                        (1792, 5120, False), (8192, 5120, True), (5120, 4096, False)])  # TP8, TP4
 def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
     """The one-token GEMV at every TP8 shape (tuned configs, PDL as by default) and an untuned small one:
     against the reference (exact products, fp32 sums) within fp32 summation order, e4m3 subnormal rows

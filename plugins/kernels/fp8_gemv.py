@@ -96,6 +96,11 @@ CONFIGS: dict[tuple[int, int], tuple[int, int]] = {
     (5120, 2048): (16, 2),  # dense fc2: 3.89 us (7.45, 4.39)
     (2048, 5120): (4, 4),  # shared expert fc13 + SwiGLU (unfused MoE path): 4.72 us (8.43, 4.48)
     (5120, 1024): (16, 8),  # shared expert fc2: 2.54 us (4.41, 3.61)
+    # TP4 per-rank shapes, same method (tune_kernels.py --parts gemv --tp-size 4, run of b8a1797)
+    (1792, 5120): (4, 4),  # qkv: 4.22 us (GEMM 8.21, plain read 4.11)
+    (5120, 1280): (16, 4),  # o_proj: 3.01 us (5.56, 3.64)
+    (8192, 5120): (2, 2),  # dense fc13 + SwiGLU: 13.99 us (20.12, 11.22; default_config's (2, 4) 15.72)
+    (5120, 4096): (16, 4),  # dense fc2: 6.67 us (11.66, 6.50; default_config's (8, 4) 7.38)
 }
 # Two tokens (each one more pass of CUDA-core math): only the shapes where the GEMV beat the split-K GEMM
 # in the same run (2e3b51f, H200); with SwiGLU it loses (dense fc13 17.0 us against 10.3).
