@@ -140,7 +140,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
         f"weight must be e4m3 [N, {K}] row-major, got {weight.dtype} {list(weight.shape)}"
     assert K <= MAX_K and x.stride(1) == 1, f"fp8_gemv: K={K}, at most {MAX_K}"
     n_out = N // 2 if swiglu else N
-    block_n, num_warps = config or CONFIGS.get((N, K)) or default_config(n_out, K, swiglu)
+    block_n, num_warps = config or config_for(N, K, 1, swiglu)  # by default the one-token config
     ka, kb = k_pieces(K)
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     _fp8_gemv_kernel[(triton.cdiv(n_out, block_n),)](
