@@ -50,7 +50,7 @@ def kernels():
         swiglu = (n, k) in ((4096, 5120), (2048, 5120), (8192, 5120))
         ka, kb = fp8_gemv.k_pieces(k)
         yield f"fp8_gemv {n}x{k}", fp8_gemv._fp8_gemv_kernel, gemv, {
-            "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "BITS": True, "PDL": 2}, warps
+            "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "PDL": 2}, warps
 
     yield "allreduce_norm", allreduce_norm._allreduce_add_rms_norm_kernel, {
         "d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",

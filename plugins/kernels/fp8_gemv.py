@@ -29,52 +29,11 @@ def _quantized(x, x_scale):
 
 
 @triton.jit
-def _e4m3_bits_as_f32(w):
-    """e4m3 weights as f32 times 2^-120, exactly (subnormals become f32 subnormals): each weight's bits moved
-    into a bf16 (sign to bit 15, exponent and mantissa to bits 4..10; two weights a 32-bit register: one
-    prmt and four logic ops), then bf16 -> f32 by a shift or a mask. About 3.5 integer operations a weight
-    instead of Triton's two conversions (e4m3x2 -> f16x2, f16 -> f32). GPU only (inline PTX)."""
-    bits = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 z, lo, hi, s, t;
-        mov.b32 z, 0;
-        prmt.b32 lo, $4, z, 0x4140;
-        prmt.b32 hi, $4, z, 0x4342;
-        shl.b32 s, lo, 4;
-        and.b32 s, s, 0x07F007F0;
-        shl.b32 t, lo, 8;
-        and.b32 t, t, 0x80008000;
-        or.b32 lo, s, t;
-        shl.b32 s, hi, 4;
-        and.b32 s, s, 0x07F007F0;
-        shl.b32 t, hi, 8;
-        and.b32 t, t, 0x80008000;
-        or.b32 hi, s, t;
-        shl.b32 $0, lo, 16;
-        and.b32 $1, lo, 0xFFFF0000;
-        shl.b32 $2, hi, 16;
-        and.b32 $3, hi, 0xFFFF0000;
-        }""",
-        constraints="=r,=r,=r,=r,r", args=[w.to(tl.uint8, bitcast=True)], dtype=tl.int32, is_pure=True, pack=4)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _w_f32(w, BITS: tl.constexpr):
-    """The weights as f32, times 2^-120 with BITS (GPU), exact either way."""
-    if BITS:
-        wf = _e4m3_bits_as_f32(w)
-    else:
-        wf = w.to(tl.float32)
-    return wf
-
-
-@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr,
     M, N_OUT, K, stride_xm, stride_wn, stride_om,
     ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    BITS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,22 +62,16 @@ def _fp8_gemv_kernel(
     else:
         ws = tl.load(w_scale_ptr)
         wsu = ws
-    # with BITS the weights come as w * 2^-120 and x8 goes in times 2^60: every product w * x8 * 2^-60 stays a
-    # normal f32 (|w x8| within [2^-18, 2^17.6]); the 2^60 left over joins the scales
-    xmul = 1.152921504606847e18 if BITS else 1.0  # 2^60
     for m in range(M):  # each token one more pass over the registers (so: few tokens)
-        xa = _quantized(tl.load(x_ptr + m * stride_xm + ka), x_scale) * xmul
-        acc = tl.sum(_w_f32(wa, BITS) * xa[None, :], axis=1)
+        xa = _quantized(tl.load(x_ptr + m * stride_xm + ka), x_scale)
+        acc = tl.sum(wa.to(tl.float32) * xa[None, :], axis=1)
         if SWIGLU:
-            acc_up = tl.sum(_w_f32(ua, BITS) * xa[None, :], axis=1)
+            acc_up = tl.sum(ua.to(tl.float32) * xa[None, :], axis=1)
         if KB > 0:
-            xb = _quantized(tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0), x_scale) * xmul
-            acc += tl.sum(_w_f32(wb, BITS) * xb[None, :], axis=1)
+            xb = _quantized(tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0), x_scale)
+            acc += tl.sum(wb.to(tl.float32) * xb[None, :], axis=1)
             if SWIGLU:
-                acc_up += tl.sum(_w_f32(ub, BITS) * xb[None, :], axis=1)
-        acc = acc * xmul
-        if SWIGLU:
-            acc_up = acc_up * xmul
+                acc_up += tl.sum(ub.to(tl.float32) * xb[None, :], axis=1)
         y = acc * (x_scale * ws)
         if SWIGLU:
             y = y / (1.0 + tl.exp(-y)) * (acc_up * (x_scale * wsu))
@@ -157,7 +110,6 @@ CONFIGS_2: dict[tuple[int, int], tuple[int, int]] = {
     (5120, 2048): (4, 4),  # dense fc2: 6.98 us (7.68)
     (5120, 1024): (8, 2),  # shared expert fc2: 3.62 us (4.41)
 }
-BITS_CONVERT = True  # _e4m3_bits_as_f32 on GPUs (the interpreter has no inline PTX)
 MAX_K = 32768  # a program holds BLOCK_N x K weight bytes in registers; longer rows take the GEMM
 
 
@@ -193,7 +145,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     _fp8_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, weight_scale, input_scale, out, M, n_out, K, x.stride(0), weight.stride(0), out.stride(0),
-        ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka, KB=kb,
-        BITS=BITS_CONVERT and x.is_cuda, PDL=PDL, **PDL_LAUNCH,
+        ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka, KB=kb, PDL=PDL, **PDL_LAUNCH,
         num_warps=num_warps)
     return out
