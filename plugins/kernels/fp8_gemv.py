@@ -8,9 +8,10 @@ the whole matrix is in flight while the previous kernel finishes; then it releas
 programs use no shared memory either and fit beside this one's on the SMs) and only then reads x. No
 split-K, no cross-program reduction: a row's dot product is a sum inside one program.
 
-The dot runs on CUDA cores (e4m3 -> f16 -> f32, exact products, fp32 sums); converting is what limits
-the larger shapes (dense fc13 + SwiGLU, 21 MB: 2.5 TB/s). Building the f32 bits from the e4m3 bits with
-integer ops instead was slower on H200 (fc2 3.81 -> 4.82 us at best; BENCHMARKS.md, eighth session).
+The dot runs on CUDA cores (e4m3 -> f16 -> f32, exact products, fp32 sums). The largest shape stays
+below a plain read (dense fc13 + SwiGLU, 21 MB: 2.5 TB/s on H200), and not for the conversions alone:
+building the f32 bits from the e4m3 bits with integer ops (per element, or packed in inline PTX) measured
+slower, and a pre-quantized FP8 input gained 11% (BENCHMARKS.md, eighth session).
 K = KA + KB: KA the largest power of two <= K, KB the rest rounded up to a power of two (masked), since
 Triton tiles have power-of-two sizes (5120 = 4096 + 1024, 640 = 512 + 128).
 """
