@@ -96,9 +96,9 @@ def _fc13_swiglu_kernel(
     row = tl.program_id(1)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
     pid_k = tl.program_id(2)  # this program's share of H (SPLIT_K)
     if PREFETCH:  # the shared expert's rows depend on no earlier kernel: into L2 while the router runs
-        if row >= P:
+        k0 = pid_k * K_PER_SPLIT
+        if (row == P) & (k0 < K):  # the first token's shared row only (the others read the same weights)
             offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            k0 = pid_k * K_PER_SPLIT
             nbytes = tl.full((BLOCK_N,), 0, tl.int32) + (tl.minimum(k0 + K_PER_SPLIT, K) - k0)
             ok = offs < N_SHARED
             prefetch_l2(tl.where(ok, sw_ptr + offs.to(tl.int64) * stride_wn + k0, sw_ptr), nbytes)
@@ -206,8 +206,9 @@ def _fc2_kernel(
     token = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH and HAS_SHARED:  # the shared expert's down rows: into L2 while pass 1 runs
-        nbytes = tl.full((BLOCK_N,), 0, tl.int32) + K_SHARED
-        prefetch_l2(tl.where(offs_n < N_OUT, sw_ptr + offs_n.to(tl.int64) * stride_swn, sw_ptr), nbytes)
+        if token == 0:  # the other tokens' programs read the same rows
+            nbytes = tl.full((BLOCK_N,), 0, tl.int32) + K_SHARED
+            prefetch_l2(tl.where(offs_n < N_OUT, sw_ptr + offs_n.to(tl.int64) * stride_swn, sw_ptr), nbytes)
     pdl_enter(PDL)
     n_mask = offs_n < N_OUT
     dtype = out_ptr.dtype.element_ty
