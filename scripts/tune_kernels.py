@@ -84,21 +84,6 @@ def tune_moe(h, i, e=128, m=1):
     return first[:3] + cuda_cores[:1], second[:3] + cuda_cores[1:]
 
 
-def time_moe_shared_prefetch(h, i, e=128, m=1):
-    """The MoE FFN (default configs) with and without the shared expert's L2 prefetch before the PDL wait
-    (moe_gemv.SHARED_PREFETCH), alternated twice; and a plain read of the bytes read."""
-    from bench_kernels import plain_read
-    from maverick_plugins.kernels import moe_gemv
-
-    c = moe_case(h, i, e, m)
-    got = {}
-    for on in (True, False, True, False):
-        moe_gemv.SHARED_PREFETCH = on
-        got.setdefault(on, []).append(graph_ms([lambda j=j: c.fused(j) for j in range(c.n)], iters=15))
-    moe_gemv.SHARED_PREFETCH = True
-    return got, graph_ms(plain_read(6 * h * i), iters=15)
-
-
 def tune_attention(ctx, batch):
     from bench_kernels import bench_attention
 
@@ -109,8 +94,7 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--parts", default="attention,gemm,gemv,moe,moe-prefetch",
-                   help="comma-separated: attention, gemm, gemv, moe, moe-prefetch (shared expert's L2 prefetch)")
+    p.add_argument("--parts", default="attention,gemm,gemv,moe", help="comma-separated: attention, gemm, gemv, moe")
     p.add_argument("--gemv-tokens", default="1", help="comma-separated token counts of the GEMV tuning")
     p.add_argument("--moe-tokens", default="1,8", help="comma-separated token counts of the MoE tuning")
     p.add_argument("--tp-size", type=int, default=8, help="per-rank shapes of this tensor-parallel size")
@@ -137,10 +121,6 @@ if __name__ == "__main__":
             print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
                   [(round(t, 2), *c) for t, *c in best], f"default_config {dflt}, split-K GEMM {gemm:.2f} us,",
                   f"plain read {read:.2f} us", flush=True)
-    for m in [int(t) for t in args.moe_tokens.split(",")] if "moe-prefetch" in parts else ():
-        got, read = time_moe_shared_prefetch(H, I // 8, m=m)
-        print(f"moe ffn m={m}, us (two runs each): shared expert prefetched", [round(t, 2) for t in got[True]],
-              "not", [round(t, 2) for t in got[False]], f"plain read {read:.2f} us", flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():
         p1, p2 = tune_moe(H, I // 8, m=m)
         print(f"moe ffn m={m} pass 1 (pass 2 default):", [(round(t, 1), c) for t, c in p1],

@@ -87,12 +87,12 @@ def kernels():
             "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32", "N_OUT": _I32, "N_SHARED": _I32,
             "K_PER_SPLIT": _I32, "stride_x": _I32, "shared_scale_stride_n": _I32,
         }, {"DYNAMIC_X": dynamic, "BLOCK_N": block_n, "BLOCK_K": {0: 2048, 1: 256, 2: 128}[mode], "MODE": mode,
-            "SPLIT_K": split, "PREFETCH": dynamic, "PDL": dynamic}, 4
+            "SPLIT_K": split, "PDL": dynamic}, 4
         for shared in (False, True):
             yield f"moe fc2 dynamic={dynamic} shared={shared} mode={mode}", moe_gemv._fc2_kernel, {
                 "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
             }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": max(8, block_n),
-                "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "PREFETCH": shared, "PDL": False}, 8
+                "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "PDL": False}, 8
     yield "router", small_ops._router_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
         "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,

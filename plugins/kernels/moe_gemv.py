@@ -28,7 +28,7 @@ import triton.language as tl
 from ..dispatch import PDL, PDL_LAUNCH
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .fp8_gemm import _mma
-from .pdl import pdl_enter, pdl_release, prefetch_l2
+from .pdl import pdl_enter, pdl_release
 
 
 @triton.jit
@@ -90,20 +90,12 @@ def _fc13_swiglu_kernel(
     N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n, shared_scale_stride_n,
     DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-    SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     row = tl.program_id(1)  # < P: a (token, k) pair; >= P: token row - P of the shared expert
     pid_k = tl.program_id(2)  # this program's share of H (SPLIT_K)
-    if PREFETCH:  # the shared expert's rows depend on no earlier kernel: into L2 while the router runs
-        k0 = pid_k * K_PER_SPLIT
-        if (row == P) & (k0 < K):  # the first token's shared row only (the others read the same weights)
-            offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            nbytes = tl.full((BLOCK_N,), 0, tl.int32) + (tl.minimum(k0 + K_PER_SPLIT, K) - k0)
-            ok = offs < N_SHARED
-            prefetch_l2(tl.where(ok, sw_ptr + offs.to(tl.int64) * stride_wn + k0, sw_ptr), nbytes)
-            prefetch_l2(tl.where(ok, sw_ptr + (offs + N_SHARED).to(tl.int64) * stride_wn + k0, sw_ptr), nbytes)
-    pdl_enter(PDL)
     shared = row >= P
     pair = tl.minimum(row, P - 1)
     token = tl.where(shared, row - P, pair // TOP_K)
@@ -200,16 +192,12 @@ def _fc2_kernel(
     N_OUT, K, K_SHARED, E_LOCAL, expert_offset, TOP_K, P,
     stride_we, stride_wn, stride_swn, stride_h, stride_o, scale_stride_e, scale_stride_n,
     HAS_SHARED: tl.constexpr, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    MODE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     token = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH and HAS_SHARED:  # the shared expert's down rows: into L2 while pass 1 runs
-        if token == 0:  # the other tokens' programs read the same rows
-            nbytes = tl.full((BLOCK_N,), 0, tl.int32) + K_SHARED
-            prefetch_l2(tl.where(offs_n < N_OUT, sw_ptr + offs_n.to(tl.int64) * stride_swn, sw_ptr), nbytes)
-    pdl_enter(PDL)
     n_mask = offs_n < N_OUT
     dtype = out_ptr.dtype.element_ty
     routed = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -248,7 +236,6 @@ def _fc2_kernel(
 # every weight e4m3 -> f16 -> f32 for each token).
 CONFIGS = {1: ((64, 256, 4, 3, 2, 8), (8, 1024, 8, 3, 0)), 8: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))}
 DEFAULT_CONFIG = CONFIGS[1]
-SHARED_PREFETCH = True
 
 
 def _config(tokens: int) -> tuple:
@@ -288,8 +275,6 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
-    # the shared expert's weights bulk-prefetched into L2 before the PDL wait (GPU: inline PTX)
-    prefetch = SHARED_PREFETCH and bool(PDL) and x.is_cuda
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
     (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
@@ -321,8 +306,7 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
         x, ids, scores, gate_up, gate_up_scale, gate_up_scale if dynamic else gate_up_input_scale,
         sgu, sgu_scale, sgu_in, h, partial, counters, I, Is, H, k_per_split, gate_up.shape[0], expert_offset, k, P,
         gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
-        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k,
-        PREFETCH=prefetch and shared is not None, PDL=PDL, **PDL_LAUNCH,
+        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k, PDL=PDL, **PDL_LAUNCH,
         num_warps=num_warps, num_stages=stages)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)
@@ -330,6 +314,5 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
         h, ids, down, down_scale, down_scale if dynamic else down_input_scale, sdn, sdn_scale, sdn_in, out,
         H, I, Is, down.shape[0], expert_offset, k, P, down.stride(0), down.stride(1), sdn.stride(0), h.stride(0),
         out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
-        BLOCK_K=block_k2, MODE=mode2, PREFETCH=prefetch, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2,
-        num_stages=stages2)
+        BLOCK_K=block_k2, MODE=mode2, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2, num_stages=stages2)
     return out
