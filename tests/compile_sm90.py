@@ -46,7 +46,7 @@ def kernels():
 
     gemv = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
             "M": _I32, "N_OUT": _I32, "K": _I32, "stride_xm": _I32, "stride_wn": _I32, "stride_om": _I32}
-    for (n, k), (block_n, warps) in fp8_gemv.CONFIGS.items():  # the tuned TP8 shapes, as they run
+    for (n, k), (block_n, warps) in fp8_gemv.CONFIGS.items():  # every tuned shape (TP8, TP4), as it runs
         swiglu = (n, k) in ((4096, 5120), (2048, 5120), (8192, 5120))
         ka, kb = fp8_gemv.k_pieces(k)
         yield f"fp8_gemv {n}x{k}", fp8_gemv._fp8_gemv_kernel, gemv, {
