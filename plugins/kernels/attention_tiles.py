@@ -9,6 +9,8 @@ will hold them.
 import triton
 import triton.language as tl
 
+from .e4m3 import to_e4m3
+
 
 @triton.jit
 def visible(kpos, qpos, CHUNK, LOCAL: tl.constexpr):
@@ -51,8 +53,8 @@ def new_tile(k_ptr, v_ptr, qidx_ptr, qpos_ptr, b, Q, jj, h, stride_kt, stride_kh
     v = tl.load(v_ptr + ktok[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=jj_ok[:, None],
                 other=0.0).to(tl.float32)
     if FP8:  # attend to the keys exactly as the cache will hold them
-        k = tl.clamp(k / k_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * k_scale
-        v = tl.clamp(v / v_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * v_scale
+        k = to_e4m3(k, k_scale).to(tl.float32) * k_scale
+        v = to_e4m3(v, v_scale).to(tl.float32) * v_scale
     return k, v, kpos
 
 

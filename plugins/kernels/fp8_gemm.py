@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH, PDL_PREFETCH, SPLITK_SERIAL
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
+from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release, prefetch_l2
 
 
@@ -66,7 +67,7 @@ def _fp8_gemm_kernel(
         w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)
-        x8 = tl.clamp(x / x_scale, -448.0, 448.0).to(tl.float8e4nv)
+        x8 = to_e4m3(x, x_scale)
         acc += _mma(x8, w, SWAP_AB, BLOCK_K)
         if SWIGLU:
             wu = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)

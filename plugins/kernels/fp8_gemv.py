@@ -20,13 +20,14 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
+from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release
 
 
 @triton.jit
 def _quantized(x, x_scale):
     """x8 = saturate(x / x_scale) in e4m3, as f32 (exact)."""
-    return tl.clamp(x.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+    return to_e4m3(x, x_scale).to(tl.float32)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
+from .e4m3 import to_e4m3
 from .fp8_gemm import _mma
 from .pdl import pdl_enter, pdl_release
 
@@ -127,7 +128,7 @@ def _fc13_swiglu_kernel(
         k_mask = k < k_end
         xv = tl.load(x_row + k, mask=k_mask, other=0.0)
         xv = (xv * score).to(x_ptr.dtype.element_ty)  # the reference rounds score * x to the input dtype
-        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv)
+        x8 = to_e4m3(xv, x_scale)
         m = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_base + rows[:, None] + k[None, :], mask=m, other=0.0)
         acc = _dot_chunk(acc, x8, w, MODE, BLOCK_K)
@@ -178,7 +179,7 @@ def _gemv_rows(x_row, x_scale, w_base, rows, n_mask, K, BLOCK_N: tl.constexpr, B
         k = k0 + offs_k
         k_mask = k < K
         xv = tl.load(x_row + k, mask=k_mask, other=0.0)
-        x8 = tl.clamp(xv.to(tl.float32) / x_scale, -448.0, 448.0).to(tl.float8e4nv)
+        x8 = to_e4m3(xv, x_scale)
         w = tl.load(w_base + rows[:, None] + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = _dot_chunk(acc, x8, w, MODE, BLOCK_K)
     return _acc_row(acc, MODE)

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
+from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release
 
 
@@ -73,7 +74,7 @@ def _qkv_post_kernel(
         offs = tl.arange(0, HEAD_DIM)
         v = tl.load(src + offs)
         if FP8:
-            v = tl.clamp(v.to(tl.float32) / tl.load(vs_ptr), -448.0, 448.0)
+            v = to_e4m3(v, tl.load(vs_ptr))
         tl.store(vc_ptr + (slot * KVH + head - HQ - KVH) * HEAD_DIM + offs, v.to(vc_ptr.dtype.element_ty))
     else:
         xe = tl.load(src + 2 * half).to(tl.float32)
@@ -106,8 +107,8 @@ def _qkv_post_kernel(
                 ke = ye.to(dt).to(tl.float32)  # the cache takes k as returned (in its dtype)
                 ko = yo.to(dt).to(tl.float32)
                 if FP8:
-                    ke = tl.clamp(ke / tl.load(ks_ptr), -448.0, 448.0)
-                    ko = tl.clamp(ko / tl.load(ks_ptr), -448.0, 448.0)
+                    ke = to_e4m3(ke, tl.load(ks_ptr))
+                    ko = to_e4m3(ko, tl.load(ks_ptr))
                 cdst = kc_ptr + (slot * KVH + head - HQ) * HEAD_DIM
                 tl.store(cdst + 2 * half, ke.to(kc_ptr.dtype.element_ty))
                 tl.store(cdst + 2 * half + 1, ko.to(kc_ptr.dtype.element_ty))
@@ -147,8 +148,8 @@ def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, str
     k = tl.load(k_ptr + t * stride_kt + h * HEAD_DIM + offs)
     v = tl.load(v_ptr + t * stride_vt + h * HEAD_DIM + offs)
     if FP8:
-        k = tl.clamp(k.to(tl.float32) / tl.load(ks_ptr), -448.0, 448.0)
-        v = tl.clamp(v.to(tl.float32) / tl.load(vs_ptr), -448.0, 448.0)
+        k = to_e4m3(k, tl.load(ks_ptr))
+        v = to_e4m3(v, tl.load(vs_ptr))
     dst = (slot * KVH + h) * HEAD_DIM + offs
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
