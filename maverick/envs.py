@@ -34,10 +34,9 @@ def pdl() -> str:
     """MAVERICK_PDL=off|entry|late: programmatic dependent launch of the kernels on Hopper+ (default late:
     the next kernel launches once every program of the current one passed its main loop; plugins/dispatch.py
     has the measurements)."""
-    mode = os.environ.get("MAVERICK_PDL", "late")
-    if mode not in ("off", "entry", "late"):
-        raise ValueError(f"MAVERICK_PDL={mode!r}: expected one of ['entry', 'late', 'off']")
-    return mode
+    from maverick_plugins.dispatch import check_pdl_mode
+
+    return check_pdl_mode(os.environ.get("MAVERICK_PDL", "late"), "MAVERICK_PDL")
 
 
 def commit_override() -> str | None:

@@ -47,12 +47,17 @@ PDL_PREFETCH = False
 SPLITK_SERIAL = True
 
 
+def check_pdl_mode(mode: str, what: str = "PDL mode") -> str:
+    """mode if it is one of "off", "entry", "late"; else a ValueError naming `what` and the choices."""
+    if mode not in _PDL_MODES:
+        raise ValueError(f"{what}={mode!r}: expected one of {sorted(_PDL_MODES)}")
+    return mode
+
+
 def request_pdl(mode: str) -> None:
     """The PDL mode to use once decided ("off", "entry", "late"); touches no GPU."""
     global _pdl_request
-    if mode not in _PDL_MODES:
-        raise ValueError(f"PDL mode {mode!r}: expected one of {sorted(_PDL_MODES)}")
-    _pdl_request = mode
+    _pdl_request = check_pdl_mode(mode)
 
 
 def set_pdl(mode: str | None = None, prefetch: bool = False) -> None:
@@ -60,9 +65,7 @@ def set_pdl(mode: str | None = None, prefetch: bool = False) -> None:
     before the first kernel launch: kernel modules bind the flags when imported. Off wherever the GPU
     predates Hopper."""
     global _pdl_mode, PDL_PREFETCH
-    mode = _pdl_request if mode is None else mode
-    if mode not in _PDL_MODES:
-        raise ValueError(f"PDL mode {mode!r}: expected one of {sorted(_PDL_MODES)}")
+    mode = _pdl_request if mode is None else check_pdl_mode(mode)
     on = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     _pdl_mode = _PDL_MODES[mode] if on else 0
     PDL_PREFETCH = bool(_pdl_mode) and prefetch

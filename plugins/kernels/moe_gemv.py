@@ -13,8 +13,8 @@ shared expert) instead of the 2 GB a dense loop over all 128 experts would strea
 expert removes its two GEMM launches and the add (5 launches -> 2). Pairs routed to an expert another
 rank holds (expert parallelism) contribute zeros.
 
-The dot products run on CUDA cores (MODE 0: every FP8 weight converted e4m3 -> f16 -> f32, at most
-about 10 weights per clock per SM on Hopper) or on the tensor cores: the FP8 input row repeated over
+The dot products run on CUDA cores (MODE 0: every FP8 weight converted e4m3 -> f16 -> f32, for each
+token) or on the tensor cores: the FP8 input row repeated over
 the 16 rows an MMA needs on its token side, times the weight tile (MODE 1: x W^T on mma.sync,
 BLOCK_N >= 16; MODE 2: W x^T on wgmma, BLOCK_N >= 64), one row of the result kept; the repeated rows
 cost tensor-core cycles only, which a GEMV has to spare. Pass 1 may split H over SPLIT_K programs (the
