@@ -22,6 +22,10 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         from .kernels.small_ops import kv_write_triton
 
         return kv_write_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    kv_cache_write_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def kv_cache_write_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     kc = k_cache.view(-1, *k_cache.shape[2:])
     vc = v_cache.view(-1, *v_cache.shape[2:])
     if k_cache.dtype == torch.float8_e4m3fn:  # byte views: index_copy_ has no fp8 kernel on CPU
@@ -52,8 +56,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """On CUDA: the split-KV kernel for a few new tokens per sequence, the FlashAttention-style kernel
     for more (prefill); else the reference."""
-    if q.is_cuda and kernels_enabled() and k_cache.shape[1] >= 16 and q.shape[-1] >= 16:
-        if q_index.shape[1] <= threshold(q, "attention_max_new_tokens"):
+    kernel = attention_kernel(q, k_cache, q_index)
+    if kernel:
+        if kernel == "decode":
             from .kernels.decode_attention import decode_attention
 
             return decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale,
@@ -64,6 +69,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  chunk_size, k_scale, v_scale)
     return paged_attention_ref(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions,
                                token_to_padded, scale, chunk_size, k_scale, v_scale)
+
+
+def attention_kernel(q: torch.Tensor, k_cache: torch.Tensor, q_index: torch.Tensor) -> str | None:
+    """"decode" (split-KV, a few new tokens a sequence), "prefill" (FlashAttention-style) or None (the
+    reference: CPU, kernels off, blocks or heads under 16 wide)."""
+    if not (q.is_cuda and kernels_enabled() and k_cache.shape[1] >= 16 and q.shape[-1] >= 16):
+        return None
+    return "decode" if q_index.shape[1] <= threshold(q, "attention_max_new_tokens") else "prefill"
 
 
 def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

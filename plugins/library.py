@@ -19,6 +19,7 @@ from .moe import moe_ffn as _moe_ffn
 from .moe import moe_router as _moe_router
 from .norm import add_rms_norm as _add_rms_norm
 from .norm import rms_norm as _rms_norm
+from .qkv_attention import qkv_attention as _qkv_attention
 
 
 @torch.library.custom_op("maverick::fp8_linear", mutates_args=())
@@ -132,3 +133,22 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 @kv_cache_write.register_fake
 def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     return None
+
+
+@torch.library.custom_op("maverick::qkv_attention", mutates_args=("k_cache", "v_cache"))
+def qkv_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, heads: int,
+                  kv_heads: int, head_dim: int, use_rope: bool, qk_norm: bool, eps: float,
+                  temperature: list[float] | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slots: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                  block_table: torch.Tensor, ctx_lens: torch.Tensor, q_index: torch.Tensor,
+                  q_positions: torch.Tensor, token_to_padded: torch.Tensor, scale: float,
+                  chunk_size: int | None) -> torch.Tensor:
+    return _qkv_attention(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps,
+                          None if temperature is None else (temperature[0], temperature[1]), k_cache, v_cache,
+                          slots, k_scale, v_scale, block_table, ctx_lens, q_index, q_positions, token_to_padded,
+                          scale, chunk_size)
+
+
+@qkv_attention.register_fake
+def _(qkv, cos, sin, positions, heads, kv_heads, head_dim, *args):
+    return qkv.new_empty((qkv.shape[0], heads, head_dim))

@@ -59,10 +59,12 @@ def kernels():
     }, {"WORLD": 4, "SPARE": 64, "BLOCK": 8192}, 8
     for local, fp8 in ((True, True), (False, False)):
         yield f"decode_attention local={local} fp8={fp8}", decode_attention._decode_kernel, {
-            **_ATTN_COMMON, "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32",
-            "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32", **{s: _I32 for s in _STRIDES},
+            **_ATTN_COMMON, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "m_buf": "*fp32",
+            "l_buf": "*fp32", "acc_buf": "*fp32", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
+            **{s: _I32 for s in _STRIDES}, "eps": "fp32", "floor_scale": "fp32", "attn_scale": "fp32",
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "ROWS": 8, "BLOCK_KV": 64, "BLOCK_Q": 16, "NUM_SPLITS": 64,
-            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "PDL": 2 if local else 0}, 4  # PDL 2: wait, late release
+            "LOCAL": local, "FP8": fp8, "BF16_DOT": True, "USE_ROPE": local, "QK_NORM": local,
+            "TEMPERATURE": not local, "CACHE": local, "PDL": 2 if local else 0}, 4  # PDL 2: wait, late release
         yield f"decode_attention merge local={local}", decode_attention._merge_kernel, {
             "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32", "out_ptr": "*bf16", "qidx_ptr": "*i64",
             "qpos_ptr": "*i64", "ctx_ptr": "*i64", "Q": _I32, "NBT": _I32, "CHUNK": _I32,

@@ -7,7 +7,7 @@ import torch
 import maverick_plugins as ops
 from maverick_plugins.fp8 import quantize_fp8_static
 
-from test_kernels import _attention_case
+from test_kernels import _attention_case, _qkv_attention_case
 
 
 def _fp8_weight(n, k, seed):
@@ -40,6 +40,10 @@ def _cases():
         q, k, v, kc, vc = a[:5]
         slots = torch.tensor([1, 5, 17, 40, 41, 60])
         yield "kv_cache_write", (k, v, kc.clone(), vc.clone(), slots, a[12], a[13])
+    for Q, temp in ((1, False), (2, True)):  # the fused decode path and the separate ops (on CPU both the latter)
+        a = list(_qkv_attention_case(Q, [20, 29], 32, False, not temp, not temp, temp))
+        a[10] = None if a[10] is None else list(a[10])  # the schema's float[]
+        yield "qkv_attention", tuple(a)
 
 
 @pytest.mark.parametrize("name,args", list(_cases()), ids=lambda c: c if isinstance(c, str) else "")

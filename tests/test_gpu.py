@@ -318,6 +318,60 @@ def test_decode_attention_at_model_shapes_in_a_graph(fp8):
             assert err < 1e-2, (chunk, c0, c1, err)  # probabilities rounded to bf16 for the PV product
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("local", [False, True])
+def test_qkv_attention_at_model_shapes_in_a_graph(fp8, local):
+    """One decode token a sequence at TP8 shapes, from the raw QKV output: RoPE + QK-norm (chunked local
+    layers) or the temperature (global), attention and the cache write in one kernel (qkv_attention's
+    CUDA path), replayed in a graph over contexts up to 16K, against qkv_attention_ref every time."""
+    import maverick_plugins as ops
+
+    torch.manual_seed(6)
+    B, H, kvh, D, bs, nb = 2, 5, 1, 128, 64, 256
+    dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    chunk = 8192 if local else None
+    table = torch.randperm(B * nb, device="cuda", dtype=torch.int32).view(B, nb)
+    table = table[:, : chunk // bs].contiguous() if local else table
+    kc = torch.randn(B * nb + 1, bs, kvh, D, device="cuda").to(dt)
+    vc = torch.randn(B * nb + 1, bs, kvh, D, device="cuda").to(dt)
+    qkv = torch.randn(B, (H + 2 * kvh) * D, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.zeros(B, dtype=torch.int32, device="cuda")
+    pos = torch.zeros(B, dtype=torch.long, device="cuda")
+    slots = torch.zeros(B, dtype=torch.long, device="cuda")
+    inv = 1.0 / (500000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    cos, sin = (torch.zeros(B, D // 2, device="cuda") for _ in range(2))
+    qi = torch.arange(B, device="cuda").view(B, 1)
+    s = torch.tensor(0.25, device="cuda") if fp8 else None
+    temp = None if local else (8192.0, 0.1)
+
+    def args(k_cache, v_cache):
+        return (qkv, cos, sin, pos, H, kvh, D, local, local, 1e-5, temp, k_cache, v_cache, slots, s, s, table, ctx,
+                qi, pos.view(B, 1), torch.arange(B, device="cuda"), D ** -0.5, chunk)
+
+    ops.qkv_attention(*args(kc.clone(), vc.clone()))
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.qkv_attention(*args(kc, vc))
+    for c0, c1 in ((0, 1), (63, 64), (1000, 9000), (8191, 16383), (16000, 130)):
+        ctx.copy_(torch.tensor([c0, c1]))
+        pos.copy_(ctx)
+        ring = pos % chunk if local else pos
+        slots.copy_(table.long().gather(1, (ring // bs)[:, None])[:, 0] * bs + ring % bs)
+        c, sn = ops.rope_cos_sin(pos, inv)
+        cos.copy_(c)
+        sin.copy_(sn)
+        ref_kc, ref_vc = kc.clone(), vc.clone()
+        g.replay()
+        ref = ops.qkv_attention_ref(*args(ref_kc, ref_vc)).float()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (c0, c1, err)  # probabilities rounded to bf16 for the PV product
+        for got, want in ((kc, ref_kc), (vc, ref_vc)):  # one e4m3 / bf16 ulp apart at most, and rarely
+            got, want = got.float(), want.float()
+            assert bool(((got - want).abs() <= want.abs() / 8).all()), (c0, c1)
+            assert int((got != want).sum()) <= B * D // 20, (c0, c1)
+
+
 @pytest.mark.parametrize("prefetch,pdl", [(False, 0), (True, 1), (True, 2)])
 @pytest.mark.parametrize("n,k,swiglu", [(896, 5120, False), (5120, 640, False), (4096, 5120, True), (5120, 2048, False),
                                         (2048, 5120, True), (5120, 1024, False)])

@@ -44,19 +44,10 @@ class Llama4Attention(nn.Module):
             table, slots = batch.local_block_table, batch.local_slots
         else:
             table, slots = batch.global_block_table, batch.global_slots
-        # One new token per sequence (decode): its k, v go to the cache with RoPE/QK-norm, in the same launch.
-        # Attention reads only the earlier positions from the cache, and the one slot written (p, or p % C in
-        # the local ring, which held p - C) is not among them. With several new tokens a later one's ring
-        # slot can hold a key an earlier one still reads, so the write waits until after attention.
-        write = (k_cache, v_cache, slots, self.k_scale, self.v_scale)
-        early = batch.q_index.shape[1] == 1  # a shape: the same branch in every replay of a graph
-        # RoPE + QK-norm (RoPE layers) and the temperature scale of q (NoPE layers): one fused op
-        q, k, v = ops.qkv_post(self.qkv_proj(x), rope[0], rope[1], batch.positions, self.heads, self.kv_heads,
-                               self.head_dim, self.use_rope, self.use_qk_norm, self.cfg.rms_norm_eps, temperature,
-                               write if early else None)
-        o = ops.paged_attention(q, k, v, k_cache, v_cache, table, batch.ctx_lens, batch.q_index,
-                                batch.q_positions, batch.token_to_padded, self.scale, self.chunk_size,
-                                self.k_scale, self.v_scale)
-        if not early:
-            ops.kv_cache_write(k, v, *write)
+        # RoPE + QK-norm (RoPE layers) or the temperature scale of q (NoPE layers), attention over the paged
+        # cache, this step's k and v into it: at decode one kernel (plugins/qkv_attention.py)
+        o = ops.qkv_attention(self.qkv_proj(x), rope[0], rope[1], batch.positions, self.heads, self.kv_heads,
+                              self.head_dim, self.use_rope, self.use_qk_norm, self.cfg.rms_norm_eps, temperature,
+                              k_cache, v_cache, slots, self.k_scale, self.v_scale, table, batch.ctx_lens,
+                              batch.q_index, batch.q_positions, batch.token_to_padded, self.scale, self.chunk_size)
         return self.o_proj(o.reshape(T, self.heads * self.head_dim))

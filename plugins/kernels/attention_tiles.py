@@ -42,20 +42,33 @@ def cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, t0, h, ctx, stride_cs, stride_
 
 
 @triton.jit
+def new_rows(qidx_ptr, qpos_ptr, b, Q, jj):
+    """This step's tokens jj of sequence b: (token index, position, real); rows past Q: token 0, position -1."""
+    jj_ok = jj < Q
+    tok = tl.load(qidx_ptr + b * Q + jj, mask=jj_ok, other=0).to(tl.int64)
+    pos = tl.load(qpos_ptr + b * Q + jj, mask=jj_ok, other=-1)
+    return tok, pos, jj_ok
+
+
+@triton.jit
+def as_cached(x, scale, FP8: tl.constexpr):
+    """x (f32) as the cache will hold it: rounded through FP8 when the cache is FP8."""
+    if FP8:
+        x = to_e4m3(x, scale).to(tl.float32) * scale
+    return x
+
+
+@triton.jit
 def new_tile(k_ptr, v_ptr, qidx_ptr, qpos_ptr, b, Q, jj, h, stride_kt, stride_kh, stride_vt, stride_vh, offs_d,
              k_scale, v_scale, FP8: tl.constexpr):
     """K and V (fp32) of this step's tokens jj of sequence b (rows past Q: zeros at position -1)."""
-    jj_ok = jj < Q
-    ktok = tl.load(qidx_ptr + b * Q + jj, mask=jj_ok, other=0).to(tl.int64)
-    kpos = tl.load(qpos_ptr + b * Q + jj, mask=jj_ok, other=-1)
+    ktok, kpos, jj_ok = new_rows(qidx_ptr, qpos_ptr, b, Q, jj)
     k = tl.load(k_ptr + ktok[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=jj_ok[:, None],
                 other=0.0).to(tl.float32)
     v = tl.load(v_ptr + ktok[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=jj_ok[:, None],
                 other=0.0).to(tl.float32)
-    if FP8:  # attend to the keys exactly as the cache will hold them
-        k = to_e4m3(k, k_scale).to(tl.float32) * k_scale
-        v = to_e4m3(v, v_scale).to(tl.float32) * v_scale
-    return k, v, kpos
+    # attend to the keys exactly as the cache will hold them
+    return as_cached(k, k_scale, FP8), as_cached(v, v_scale, FP8), kpos
 
 
 @triton.jit

@@ -13,6 +13,10 @@ it to one program; on chunked local layers only the current chunk's slots are re
 (max, sum, acc) for the real rows only; a second launch merges them, BLOCK_D columns of head_dim a
 program (all of a slice's partials loaded as one [parts, rows, BLOCK_D] tile per step).
 
+At one new token a sequence the kernel may also take the raw QKV output (`post`): every program applies
+RoPE / QK-norm / the temperature to the q rows it loads, the new-key program to its k rows, and that program
+writes the new k and v to the cache too (plugins/qkv_attention.py): no qkv_post launch.
+
 Measured on H200 at TP8 shapes (run of 5e21ccb, FP8 cache, us): a merge by the last program to finish
 (an arrival counter instead of the second launch) was slower everywhere (1K context: 14.1-16.9 against
 8.5; 128K: 92.9 against 37.1), as was merging whole rows per program (BLOCK_D 128: 17.0 at 1K).
@@ -22,8 +26,10 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PDL, PDL_LAUNCH
-from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
+from .attention_tiles import as_cached, cache_tile, new_rows, online_softmax_tile, visible
+from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release
+from .qk_rows import load_qk_rows, temperature
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
 # Splits per (sequence, kv head): about 4 programs per SM, at least 32 and at most 128 splits (H200, TP8,
@@ -49,14 +55,16 @@ def _splits(ctx, NBT, CHUNK, NUM_SPLITS: tl.constexpr, BLOCK_KV: tl.constexpr, L
 def _decode_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_ptr, qidx_ptr, qpos_ptr, k_scale_ptr, v_scale_ptr,
-    m_buf, l_buf, acc_buf,
-    # sizes and strides
+    cos_ptr, sin_ptr, slot_ptr, m_buf, l_buf, acc_buf,
+    # sizes, strides, qkv_post's scalars
     Q, NBT, CHUNK, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+    eps, floor_scale, attn_scale,
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
-    BF16_DOT: tl.constexpr, PDL: tl.constexpr,
+    BF16_DOT: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
+    CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -70,8 +78,12 @@ def _decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     tok = tl.load(qidx_ptr + b * Q + j, mask=row_ok, other=0).to(tl.int64)
     qpos = tl.load(qpos_ptr + b * Q + j, mask=row_ok, other=-1)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    dt = q_ptr.dtype.element_ty
+    # q as qkv_post would return it (RoPE, QK-norm, temperature: each a no-op when its flag is off)
+    q = load_qk_rows(q_ptr + tok * stride_qt + (h * GROUP + g) * stride_qh, tok, row_ok, cos_ptr, sin_ptr, eps,
+                     offs_d, dt, HEAD_DIM, USE_ROPE, QK_NORM)
+    if TEMPERATURE:
+        q = (q * temperature(qpos, floor_scale, attn_scale)[:, None]).to(dt).to(tl.float32)
     ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
     span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
     k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
@@ -89,8 +101,21 @@ def _decode_kernel(
             m_i, l_i, acc = online_softmax_tile(q, k, v, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
     else:  # this step's own keys
         part = n_active
-        k, v, kpos = new_tile(k_ptr, v_ptr, qidx_ptr, qpos_ptr, b, Q, tl.arange(0, BLOCK_Q), h, stride_kt, stride_kh,
-                              stride_vt, stride_vh, offs_d, k_scale, v_scale, FP8)
+        ktok, kpos, jj_ok = new_rows(qidx_ptr, qpos_ptr, b, Q, tl.arange(0, BLOCK_Q))
+        k = load_qk_rows(k_ptr + ktok * stride_kt + h * stride_kh, ktok, jj_ok, cos_ptr, sin_ptr, eps, offs_d, dt,
+                         HEAD_DIM, USE_ROPE, QK_NORM)
+        v = tl.load(v_ptr + ktok[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=jj_ok[:, None],
+                    other=0.0).to(tl.float32)
+        if CACHE:  # one new token a sequence: its slot is none of those the splits read (see decode_attention)
+            slot = tl.load(slot_ptr + ktok, mask=jj_ok, other=0).to(tl.int64)
+            dst = slot[:, None] * stride_cs + h * stride_ch + offs_d[None, :]
+            k8 = to_e4m3(k, k_scale) if FP8 else k
+            v8 = to_e4m3(v, v_scale) if FP8 else v
+            real = (jj_ok & (kpos >= 0))[:, None]  # graph-padding sequences' rows point at token 0: skip them
+            tl.store(kc_ptr + dst, k8.to(kc_ptr.dtype.element_ty), mask=real)
+            tl.store(vc_ptr + dst, v8.to(vc_ptr.dtype.element_ty), mask=real)
+        k = as_cached(k, k_scale, FP8)  # attend to the keys exactly as the cache holds them
+        v = as_cached(v, v_scale, FP8)
         vis = visible(kpos, qpos, CHUNK, LOCAL)
         sc = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
         sc = tl.where(vis, sc, float("-inf"))
@@ -159,10 +184,17 @@ def default_splits(batch: int, kv_heads: int, table_blocks: int) -> int:
 
 
 def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale: float,
-                     chunk_size: int | None, k_scale=None, v_scale=None, num_splits: int | None = None):
+                     chunk_size: int | None, k_scale=None, v_scale=None, num_splits: int | None = None,
+                     post: tuple | None = None, slots: torch.Tensor | None = None):
     """Arguments as maverick_plugins.paged_attention (token_to_padded is implied by q_index).
     Every token of the step must appear in q_index (padding rows have q_positions -1); real rows'
-    positions are at least their sequence's ctx_lens (new tokens follow the cached context)."""
+    positions are at least their sequence's ctx_lens (new tokens follow the cached context).
+
+    post = (cos, sin, use_rope, qk_norm, eps, temperature): q and k are the raw QKV output's views, and the
+    kernel applies what qkv_post would (RoPE, QK-norm, the temperature (floor_scale, attn_scale) or None).
+    slots [T]: also write this step's k and v to these cache slots (as kv_cache_write does), from the
+    programs that take the new keys; only with one new token a sequence, whose slot (p, or p % C in a
+    local ring, which held p - C) none of the splits reads."""
     T, H, D = q.shape
     B, Q = q_index.shape
     kvh = k.shape[1]
@@ -183,16 +215,21 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     kc = k_cache.view(-1, kvh, D)
     vc = v_cache.view(-1, kvh, D)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert slots is None or Q == 1, f"the cache write in the kernel needs one new token a sequence, got {Q}"
     dummy = ctx_lens
-    out = torch.empty_like(q)  # rows of tokens outside q_index (graph padding) stay unwritten: never read
+    cos, sin, use_rope, qk_norm, eps, temp = post or (dummy, dummy, False, False, 0.0, None)
+    floor_scale, attn_scale = temp or (1.0, 0.0)
+    # rows of tokens outside q_index (graph padding) stay unwritten: never read
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     _decode_kernel[(B, kvh, parts)](
         q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
-        k_scale if fp8 else dummy, v_scale if fp8 else dummy, m, l, acc,
+        k_scale if fp8 else dummy, v_scale if fp8 else dummy, cos, sin, dummy if slots is None else slots, m, l, acc,
         Q, nbt, chunk_size or 1, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
+        float(eps), float(floor_scale), float(attn_scale),
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
-        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, PDL=PDL, **PDL_LAUNCH,
-        num_warps=4)
+        LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, USE_ROPE=use_rope,
+        QK_NORM=qk_norm, TEMPERATURE=temp is not None, CACHE=slots is not None, PDL=PDL, **PDL_LAUNCH, num_warps=4)
     block_d = min(D, MERGE_BLOCK_D)
     _merge_kernel[(B, kvh, D // block_d)](
         m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),

@@ -15,6 +15,7 @@ from ..dispatch import PDL, PDL_LAUNCH
 from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release
+from .qk_rows import load_qk_rows, temperature
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def _qkv_post_kernel(
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     is_q = head < HQ
-    half = tl.arange(0, HEAD_DIM // 2)
+    offs = tl.arange(0, HEAD_DIM)
     src = qkv_ptr + t * stride_t + head * HEAD_DIM
     dt = q_ptr.dtype.element_ty
     if CACHE:
@@ -71,47 +72,26 @@ def _qkv_post_kernel(
     else:  # the v branch below still compiles (it never runs: the grid has no v programs)
         slot = t * 0
     if head >= HQ + KVH:  # v: only with CACHE (the grid has no v programs otherwise)
-        offs = tl.arange(0, HEAD_DIM)
         v = tl.load(src + offs)
         if FP8:
             v = to_e4m3(v, tl.load(vs_ptr))
         tl.store(vc_ptr + (slot * KVH + head - HQ - KVH) * HEAD_DIM + offs, v.to(vc_ptr.dtype.element_ty))
     else:
-        xe = tl.load(src + 2 * half).to(tl.float32)
-        xo = tl.load(src + 2 * half + 1).to(tl.float32)
-        if USE_ROPE:
-            c = tl.load(cos_ptr + t * (HEAD_DIM // 2) + half)
-            s = tl.load(sin_ptr + t * (HEAD_DIM // 2) + half)
-            ye = (xe * c - xo * s).to(dt).to(tl.float32)
-            yo = (xe * s + xo * c).to(dt).to(tl.float32)
-        else:
-            ye, yo = xe, xo
-        if QK_NORM:
-            r = tl.rsqrt((tl.sum(ye * ye, axis=0) + tl.sum(yo * yo, axis=0)) / HEAD_DIM + eps)
-            ye = (ye * r).to(dt).to(tl.float32)
-            yo = (yo * r).to(dt).to(tl.float32)
+        one = tl.zeros([1], dtype=tl.int64)  # a one-row tile of the shared row helper
+        x = load_qk_rows(src + one, t + one, one == 0, cos_ptr, sin_ptr, eps, offs, dt, HEAD_DIM, USE_ROPE, QK_NORM)
         if TEMPERATURE:
             if is_q:
-                pos = tl.load(pos_ptr + t).to(tl.float32)
-                scale = tl.log(tl.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
-                ye = ye * scale
-                yo = yo * scale
+                x = x * temperature(tl.load(pos_ptr + t), floor_scale, attn_scale)
         if is_q:
             dst = q_ptr + (t * HQ + head) * HEAD_DIM
         else:
             dst = k_ptr + (t * KVH + head - HQ) * HEAD_DIM
-        tl.store(dst + 2 * half, ye.to(dt))
-        tl.store(dst + 2 * half + 1, yo.to(dt))
+        tl.store(dst + one[:, None] + offs[None, :], x.to(dt))
         if CACHE:
-            if not is_q:
-                ke = ye.to(dt).to(tl.float32)  # the cache takes k as returned (in its dtype)
-                ko = yo.to(dt).to(tl.float32)
-                if FP8:
-                    ke = to_e4m3(ke, tl.load(ks_ptr))
-                    ko = to_e4m3(ko, tl.load(ks_ptr))
-                cdst = kc_ptr + (slot * KVH + head - HQ) * HEAD_DIM
-                tl.store(cdst + 2 * half, ke.to(kc_ptr.dtype.element_ty))
-                tl.store(cdst + 2 * half + 1, ko.to(kc_ptr.dtype.element_ty))
+            if not is_q:  # the cache takes k as returned (in its dtype)
+                k = to_e4m3(x, tl.load(ks_ptr)) if FP8 else x
+                tl.store(kc_ptr + (slot * KVH + head - HQ) * HEAD_DIM + one[:, None] + offs[None, :],
+                         k.to(kc_ptr.dtype.element_ty))
 
 
 def qkv_post_triton(qkv, cos, sin, positions, heads, kv_heads, head_dim, use_rope, qk_norm, eps, temperature,
