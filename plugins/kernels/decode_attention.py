@@ -66,28 +66,16 @@ def _decode_kernel(
     BF16_DOT: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
     CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     bh = b * tl.num_programs(1) + h
-    offs_d = tl.arange(0, HEAD_DIM)
-    # Before the wait: only what no kernel of this step writes before this one (the contexts and block table,
-    # copied in before the step's first kernel; the cache as earlier steps left it), so each split's first
-    # tile, up to 8K context its only one, streams while the QKV projection still runs.
-    ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
-    span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
-    k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
-    v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
-    start = s * split_len
-    # a real block even where this split is idle (or takes the new keys): then the tile is not used
-    k0, v0, kpos0, valid0 = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, tl.minimum(start, (NBT - 1) * BLOCK_KV),
-                                       h, ctx, stride_cs, stride_ch, offs_d, k_scale, v_scale, CHUNK, BLOCK_KV,
-                                       LOCAL, FP8)
-    pdl_enter(PDL)
     rows = tl.arange(0, BLOCK_R)
     j = rows // GROUP
     g = rows % GROUP
     row_ok = j < Q
+    offs_d = tl.arange(0, HEAD_DIM)
     tok = tl.load(qidx_ptr + b * Q + j, mask=row_ok, other=0).to(tl.int64)
     qpos = tl.load(qpos_ptr + b * Q + j, mask=row_ok, other=-1)
     dt = q_ptr.dtype.element_ty
@@ -96,15 +84,17 @@ def _decode_kernel(
                      offs_d, dt, HEAD_DIM, USE_ROPE, QK_NORM)
     if TEMPERATURE:
         q = (q * temperature(qpos, floor_scale, attn_scale)[:, None]).to(dt).to(tl.float32)
+    ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
+    span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
+    k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
+    v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
     m_i = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
     if s < NUM_SPLITS:  # a slice of the cached context (empty past n_active)
         part = s
-        if start < span:  # then the tile above is this split's first (start <= (NBT - 1) * BLOCK_KV)
-            vis = valid0[None, :] & visible(kpos0, qpos, CHUNK, LOCAL)
-            m_i, l_i, acc = online_softmax_tile(q, k0, v0, vis, m_i, l_i, acc, sm_scale, BF16_DOT)
-        for t0 in range(start + BLOCK_KV, tl.minimum(start + split_len, span), BLOCK_KV):
+        start = s * split_len
+        for t0 in range(start, tl.minimum(start + split_len, span), BLOCK_KV):
             k, v, kpos, valid = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, t0, h, ctx, stride_cs, stride_ch, offs_d,
                                            k_scale, v_scale, CHUNK, BLOCK_KV, LOCAL, FP8)
             vis = valid[None, :] & visible(kpos, qpos, CHUNK, LOCAL)
