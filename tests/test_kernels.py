@@ -338,11 +338,14 @@ def test_decode_attention_applies_qkv_post_and_writes_the_cache(ctx, chunk, fp8,
 def test_qkv_attention_is_its_reference(Q):
     """The op (on CPU: qkv_post, attention, the cache write as separate ops; after attention at Q > 1)."""
     args = list(_qkv_attention_case(Q, [20, 29], 32, False, True, True, False))
+    before = args[11].clone()
     ref_caches = [args[11].clone(), args[12].clone()]
     ref = ops.qkv_attention_ref(*args[:11], *ref_caches, *args[13:])
     out = ops.qkv_attention(*args)
     assert rel(out, ref) < TOL["fp32"]
-    assert torch.equal(args[11], ref_caches[0]) and torch.equal(args[12], ref_caches[1])
+    assert not torch.equal(args[11], before)
+    # on CPU the same torch ops; on a GPU (Q = 1: the fused kernel) RoPE and the norm in another order
+    assert rel(args[11], ref_caches[0]) < TOL["fp32"] and rel(args[12], ref_caches[1]) < TOL["fp32"]
 
 
 @pytest.mark.parametrize("Q,ctx,chunk,fp8,block", [(20, [0, 0], None, False, 16), (20, [0, 13], 16, False, 16),
