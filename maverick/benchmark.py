@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4,8,16", help="decode batch sizes")
     p.add_argument("--contexts", default="1024,8192")
     p.add_argument("--kv-cache-dtype", choices=["fp8", "bf16"], default="fp8")
+    p.add_argument("--lm-head-fp8", action="store_true", help="lm_head_quant_algo FP8_PER_CHANNEL_PER_TOKEN")
     p.add_argument("--reference", action="store_true", help="also time batch 1 with the kernels off")
     p.add_argument("--ttft", default="", help="prompt lengths for time to first token, e.g. 1024,8192")
     p.add_argument("--sweep", default="", help="ISL/OSL workloads for the concurrency sweep, e.g. 128/2048,1024/2048")
@@ -160,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     max_batch = max((b for b, _ in plans), default=1)
     build = BuildConfig(tp_size=a.tp_size, max_batch_size=max_batch, max_seq_len=longest + 64,
                         quant=QuantConfig("FP8", "FP8" if a.kv_cache_dtype == "fp8" else None),
-                        kv_cache_block_size=64)
+                        kv_cache_block_size=64,
+                        lm_head_quant_algo="FP8_PER_CHANNEL_PER_TOKEN" if a.lm_head_fp8 else None)
     card = torch.cuda.get_device_name()
     mode = "one-rank" if world == 1 else "ranks"
     head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} "
             f"pdl={dispatch.pdl_mode_name()} pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} overlap={a.overlap} "
+            f"lm_head={'fp8' if a.lm_head_fp8 else 'bf16'} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
     say(head, flush=True)

@@ -39,8 +39,10 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """FP8 linear: the low-latency kernel for a few tokens on CUDA, else the reference."""
-    if input_scale is not None and x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
-        return _few_tokens(x, weight, weight_scale, input_scale, out_dtype, swiglu=False)
+    if x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
+        y = _few_tokens(x, weight, weight_scale, input_scale, out_dtype, swiglu=False)
+        if y is not None:
+            return y
     if x.is_cuda and kernels_enabled() and x.dim() == 2 and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0:
         return fp8_linear_cublas(x, weight, weight_scale, input_scale, out_dtype)
     return fp8_linear_ref(x, weight, weight_scale, input_scale, out_dtype)
@@ -66,10 +68,10 @@ def fp8_linear_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     return swiglu(fp8_linear(x, weight, weight_scale, input_scale, out_dtype))  # cuBLAS for many tokens on CUDA
 
 
-def _few_tokens(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
-               out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
+def _few_tokens(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor | None:
     """The min-latency kernels: the register-resident GEMV for a token (two at the shapes where it wins),
-    the split-K GEMM beyond."""
+    the split-K GEMM beyond. Activations quantized per token (input_scale None): the GEMV only, else None."""
     from .kernels import fp8_gemv
 
     x = x.contiguous()
@@ -78,6 +80,8 @@ def _few_tokens(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         config = fp8_gemv.config_for(weight.shape[0], weight.shape[1], x.shape[0], swiglu)
     if config is not None:
         return fp8_gemv.fp8_gemv(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu, config=config)
+    if input_scale is None:
+        return None
     from .kernels.fp8_gemm import fp8_gemm_small_m
 
     return fp8_gemm_small_m(x, weight, weight_scale, input_scale, out_dtype, swiglu=swiglu)

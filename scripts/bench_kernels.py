@@ -81,6 +81,19 @@ def bench_gemm(name, n, k, m, rows, swiglu=False):
     return (name, m, nbytes / 1e6, ours, cublas, read)
 
 
+def bench_lm_head(n, k, m):
+    """lm_head_quant_algo FP8_PER_CHANNEL_PER_TOKEN (e4m3 rows, activations per token, through fp8_linear as
+    the model calls it) against the default BF16 lm_head (torch, cuBLAS) and a plain read of the FP8 bytes."""
+    ws = [fp8_weight(n, k) for _ in range(copies(n * k))]
+    scale = torch.full((n,), 1e-3, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ours = graph_ms([lambda w=w: ops.fp8_linear(x, w, scale, None, torch.float32) for w in ws])
+    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(2 * n * k))]
+    bf16 = graph_ms([lambda w=w: torch.nn.functional.linear(x, w).float() for w in wb])
+    return ("lm_head fp8 rows, per-token x (cuBLAS column: the BF16 lm_head)", m, n * k / 1e6, ours, bf16,
+            graph_ms(plain_read(n * k)))
+
+
 def moe_case(h, i, e, m, n=8):
     """One MoE FFN at batch m with n rotations: each routes to other experts and uses another shared-expert
     copy, so no call finds its weights in L2. case.fused(j, config) runs rotation j through the fused pair."""
@@ -170,12 +183,13 @@ def main():
     shapes = [("qkv", (40 + 16) * 128 // tp, H, True), ("o_proj", H, 40 * 128 // tp, False),
               ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
               ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
-              ("lm_head bf16->fp8", 202048 // tp, H, False)]
+              ("lm_head (static x scale)", 202048 // tp, H, False)]
     for m in (1, 8):
         for name, n, k, r in shapes if "gemm" in families else ():
             rows.append(bench_gemm(name, n, k, m, r))
         if "gemm" in families:
             rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
+            rows.append(bench_lm_head(-(-202048 // tp // 16) * 16, H, m))
         if "moe" in families:
             rows.extend(bench_moe(H, I // tp, E, m))
         if "router" in families:

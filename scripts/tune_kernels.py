@@ -36,14 +36,17 @@ def tune_gemm(n, k, m=1, swiglu=False):
     return best[:3] + plain, failed
 
 
-def tune_gemv(n, k, m=1, swiglu=False):
+def tune_gemv(n, k, m=1, swiglu=False, dynamic=False):
     """The register-resident GEMV (kernels/fp8_gemv.py): (BLOCK_N, warps) by time, each call with PDL (the
-    default) after another of the same shape, as in a decode step; against the split-K GEMM and a plain read."""
+    default) after another of the same shape, as in a decode step; against the split-K GEMM and a plain read.
+    dynamic: activations quantized per token in the kernel (the FP8 lm_head; the GEMM column then has a
+    static scale)."""
     from bench_kernels import plain_read
     from maverick_plugins.kernels.fp8_gemv import default_config, fp8_gemv
 
     ws = [fp8_weight(n, k) for _ in range(copies(n * k))]
     sc, xs = torch.tensor(1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")
+    xg = None if dynamic else xs
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     n_out = n // 2 if swiglu else n
     rows = []
@@ -51,11 +54,11 @@ def tune_gemv(n, k, m=1, swiglu=False):
         for nw in (2, 4, 8, 16):
             if bn * k * (2 if swiglu else 1) > 96 * 1024 or n_out // bn < 32 or bn * k < nw * 32 * 16:
                 continue
-            rows.append((graph_ms([lambda w=w: fp8_gemv(x, w, sc, xs, torch.bfloat16, swiglu=swiglu, config=(bn, nw))
+            rows.append((graph_ms([lambda w=w: fp8_gemv(x, w, sc, xg, torch.bfloat16, swiglu=swiglu, config=(bn, nw))
                                    for w in ws], iters=15), bn, nw))
     gemm = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, sc, xs, torch.bfloat16, swiglu=swiglu) for w in ws], iters=15)
     dflt = default_config(n_out, k, swiglu)
-    dflt_t = graph_ms([lambda w=w: fp8_gemv(x, w, sc, xs, torch.bfloat16, swiglu=swiglu, config=dflt) for w in ws],
+    dflt_t = graph_ms([lambda w=w: fp8_gemv(x, w, sc, xg, torch.bfloat16, swiglu=swiglu, config=dflt) for w in ws],
                       iters=15)
     return sorted(rows)[:4], (round(dflt_t, 2), *dflt), gemm, graph_ms(plain_read(n * k), iters=15)
 
@@ -115,9 +118,9 @@ if __name__ == "__main__":
         best, failed = tune_gemm(n, k, swiglu=swiglu)
         print(name, n, k, f"swiglu={swiglu}", [(round(t, 1), *c) for t, *c in best], f"({failed} configs failed)",
               flush=True)
-    for name, n, k, swiglu in [g for g in chosen if g[0] != "lm_head"] if "gemv" in parts else ():  # bf16 there
-        for m in [int(t) for t in args.gemv_tokens.split(",")]:
-            best, dflt, gemm, read = tune_gemv(n, k, m, swiglu)
+    for name, n, k, swiglu in chosen if "gemv" in parts else ():
+        for m in [int(t) for t in args.gemv_tokens.split(",")]:  # lm_head: the FP8_PER_CHANNEL_PER_TOKEN option
+            best, dflt, gemm, read = tune_gemv(n, k, m, swiglu, dynamic=name == "lm_head")
             print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
                   [(round(t, 2), *c) for t, *c in best], f"default_config {dflt}, split-K GEMM {gemm:.2f} us,",
                   f"plain read {read:.2f} us", flush=True)

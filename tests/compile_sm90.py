@@ -50,7 +50,12 @@ def kernels():
         swiglu = (n, k) in ((4096, 5120), (2048, 5120), (8192, 5120))
         ka, kb = fp8_gemv.k_pieces(k)
         yield f"fp8_gemv {n}x{k}", fp8_gemv._fp8_gemv_kernel, gemv, {
-            "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "PDL": 2}, warps
+            "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "DYNAMIC_X": False,
+            "PDL": 2}, warps
+    block_n, warps = fp8_gemv.config_for(25256, 5120, 1, False)  # the FP8 lm_head at TP8: per-token x scale
+    yield "fp8_gemv lm_head dynamic", fp8_gemv._fp8_gemv_kernel, gemv, {
+        "ROW_SCALES": True, "SWIGLU": False, "BLOCK_N": block_n, "KA": 4096, "KB": 1024, "DYNAMIC_X": True,
+        "PDL": 2}, warps
 
     yield "allreduce_norm", allreduce_norm._allreduce_add_rms_norm_kernel, {
         "d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",

@@ -14,7 +14,7 @@ from maverick import LLM, SamplingParams
 from maverick.build.builder import build_engine
 from maverick.build.from_checkpoint import load_model_from_checkpoint
 from maverick.checkpoint import CheckpointError, open_checkpoint
-from maverick.config import BuildConfig
+from maverick.config import BuildConfig, ConfigError
 from maverick.models import ModelSpec
 from maverick.quantization.modelopt_fp8 import calibration_texts, quantize_model
 from maverick.runtime.model_runner import ModelRunner
@@ -221,6 +221,37 @@ def test_meta_fp8_loads_and_matches_dequantized(tiny_ckpt, tmp_path):
     rel = ((la - lb).norm() / lb.norm()).item()
     assert rel < 0.05, rel
     assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9
+
+
+def test_fp8_lm_head(tiny_ckpt, tmp_path):
+    """lm_head_quant_algo FP8_PER_CHANNEL_PER_TOKEN: the builder quantizes each vocabulary row (scale amax /
+    448), the logits stay within FP8's rounding of the full-precision lm_head's, and the engine generates."""
+    eng = tmp_path / "e"
+    build_engine(tiny_ckpt, eng, BuildConfig(dtype="float32", max_seq_len=128, kv_cache_block_size=8,
+                                             lm_head_quant_algo="FP8_PER_CHANNEL_PER_TOKEN"), progress=False)
+    t = load_file(eng / "rank0.safetensors")
+    w, w8, ws = open_checkpoint(tiny_ckpt).get("lm_head.weight"), t["lm_head.weight"], t["lm_head.weight_scale"]
+    assert w8.dtype == torch.float8_e4m3fn and ws.shape == (w8.shape[0],)
+    assert torch.equal(ws[: w.shape[0]], w.float().abs().amax(1) / 448)  # per row, from the checkpoint's values
+    deq = w8[: w.shape[0]].float() * ws[: w.shape[0], None]
+    assert ((deq - w).abs() <= w.abs() / 16 + ws[: w.shape[0], None] * 2 ** -9).all()  # e4m3: half an ulp
+    a = ModelRunner(load_model_from_checkpoint(open_checkpoint(tiny_ckpt), ModelSpec(dtype=torch.float32,
+                                                                                     lm_head_fp8=True)),
+                    max_seq_len=128, max_batch_size=1, block_size=8)
+    b = _runner(tiny_ckpt)
+    ids = prompt_ids(60, seed=12)
+    la, lb = full_logits(a, ids), full_logits(b, ids)
+    rel = ((la - lb).norm() / lb.norm()).item()
+    assert 0 < rel < 0.05, rel
+    assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9
+    with LLM(eng, device="cpu") as m:
+        out = m.generate([ids[:10]], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0].token_ids
+    assert len(out) == 4
+
+
+def test_lm_head_quant_algo_is_checked():
+    with pytest.raises(ConfigError, match="lm_head_quant_algo='FP8': expected one of"):
+        BuildConfig(lm_head_quant_algo="FP8")
 
 
 # ---- malformed inputs --------------------------------------------------------------------------

@@ -444,6 +444,34 @@ def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
     check(out, x)
 
 
+@pytest.mark.parametrize("n", [25256, 50512])  # Maverick's lm_head rows a rank at TP8 and TP4
+def test_fp8_lm_head_gemv_at_model_shape(n):
+    """The FP8_PER_CHANNEL_PER_TOKEN lm_head through fp8_linear: one token on the GEMV with the token's scale
+    computed in the kernel, in a graph replay with a new input (fp32 summation order apart); two tokens
+    (cuBLAS) too."""
+    import maverick_plugins as ops
+
+    torch.manual_seed(7)
+    w = torch.randn(n, 5120, device="cuda") / 72
+    w8, ws = ops.quantize_fp8_dynamic_per_token(w)
+    ws = ws.reshape(-1)
+
+    def check(y, x, tol=1e-5):
+        ref = ops.fp8_linear_ref(x, w8, ws, None, torch.float32)
+        assert ((y - ref).norm() / ref.norm()).item() < tol
+
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16) * 3
+    g = torch.cuda.CUDAGraph()
+    ops.fp8_linear(x, w8, ws, None, torch.float32)
+    with torch.cuda.graph(g):
+        out = ops.fp8_linear(x, w8, ws, None, torch.float32)
+    x.copy_(torch.randn_like(x) / 5)
+    g.replay()
+    check(out, x)
+    x2 = torch.randn(2, 5120, device="cuda", dtype=torch.bfloat16)
+    check(ops.fp8_linear(x2, w8, ws, None, torch.float32), x2, 1e-3)  # Hopper's FP8 MMA sums shorter than fp32
+
+
 def test_overlap_scheduler_with_cuda_graphs(tiny_engine):
     """With graphs, the overlap scheduler feeds each decode step the previous step's samples on the
     device (into the graph's static input ids): the tokens equal the synchronous engine's."""

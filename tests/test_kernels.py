@@ -113,6 +113,19 @@ def test_fp8_gemv(m, n, k, rows, swiglu, block_n):
         assert rel(out[:, ::3], ref[:, ::3]) < TOL["fp8"]
 
 
+@pytest.mark.parametrize("m,k,block_n", [(1, 96, 8), (2, 640, 16)])
+def test_fp8_gemv_dynamic_activations(m, k, block_n):
+    """input_scale None: each token quantized with its own amax / 448 inside the kernel (the FP8 lm_head),
+    as quantize_fp8_dynamic_per_token does; tokens of very different magnitude."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+
+    torch.manual_seed(k)
+    w8, ws = _fp8_weight(40, k, rows=True)
+    x = act(m, k) * torch.tensor([[1.0], [300.0]], device=DEV)[:m]
+    out = fp8_gemv(x, w8, ws, None, torch.float32, config=(block_n, 4))
+    assert rel(out, ops.fp8_linear_ref(x, w8, ws, None, torch.float32)) < TOL["fp8"]
+
+
 def test_fp8_gemv_config_for_follows_the_measurements():
     """One token: every shape (tuned or default; K up to MAX_K); two tokens: only the measured winners, never
     a SwiGLU shape; three or more: the split-K GEMM."""

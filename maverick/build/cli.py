@@ -29,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-block-size", type=int)
     p.add_argument("--quant", dest="algo", choices=["FP8"], help="dry-run only: plan FP8 weights")
     p.add_argument("--kv-cache-dtype", choices=["fp8"], help="dry-run only: plan an FP8 KV cache")
+    p.add_argument("--lm-head-quant-algo", choices=["FP8_PER_CHANNEL_PER_TOKEN"],
+                   help="quantize lm_head's rows to FP8 here (activations per token): half its bytes, FP8 logits")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan; read no weights")
     p.add_argument("--gpu-memory-gb", type=float, help="with --dry-run: say whether the plan fits this GPU")
     p.add_argument("--no-progress", action="store_true")
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(tp_size=a.tp_size, ep_size=a.ep_size, dtype=a.dtype, max_batch_size=a.max_batch_size,
                          max_seq_len=a.max_seq_len, max_num_tokens=a.max_num_tokens,
                          kv_cache_block_size=a.kv_cache_block_size, algo=a.algo,
-                         kv_cache_algo="FP8" if a.kv_cache_dtype == "fp8" else None)
+                         kv_cache_algo="FP8" if a.kv_cache_dtype == "fp8" else None,
+                         lm_head_quant_algo=a.lm_head_quant_algo)
         build = build_config_from(a.config, overrides)
         if a.dry_run:
             cfg = ModelConfig.preset(a.preset) if a.preset else ModelConfig.from_pretrained(a.checkpoint)
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = build_engine(a.checkpoint, a.output, build, progress=not a.no_progress)
         print(f"engine written to {a.output}: tp_size={cfg.build.tp_size} dtype={cfg.build.dtype} "
-              f"quant={cfg.build.quant.algo or 'none'} kv_cache={cfg.build.quant.kv_cache_algo or cfg.build.dtype}")
+              f"quant={cfg.build.quant.algo or 'none'} kv_cache={cfg.build.quant.kv_cache_algo or cfg.build.dtype} "
+              f"lm_head={cfg.build.lm_head_quant_algo or cfg.build.dtype}")
         return 0
     except (ConfigError, CheckpointError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,9 @@ import torch
 from maverick.checkpoint import CheckpointReader
 from maverick.checkpoint.quant_formats import EXPERT_RULES, LINEAR_RULES
 from maverick.config import BuildConfig
+from maverick.layers.embedding import fp8_lm_head_rows
 from maverick.models import Llama4ForCausalLM, ModelSpec
+from maverick_plugins import quantize_fp8_dynamic_per_token
 
 from .shard import RankLayout, iter_entries, shard_tensor
 from .spec import model_spec
@@ -19,6 +21,10 @@ def iter_rank_tensors(reader: CheckpointReader, spec: ModelSpec) -> Iterator[tup
     lay = RankLayout(reader.config, spec.tp_size, spec.tp_rank, spec.ep_size)
     f32 = torch.float32
     for name, sources, rule in iter_entries(reader.config):
+        if name == "lm_head.weight" and spec.lm_head_fp8:  # rows quantized here, from the checkpoint's values
+            w = reader.get(sources[0])
+            yield from _fp8_rows(name, shard_tensor(rule, [w], lay, w.dtype))
+            continue
         yield name, shard_tensor(rule, [reader.get(s) for s in sources], lay, spec.dtype)
         if rule in LINEAR_RULES and spec.fp8:
             base, bases = name[: -len(".weight")], [s[: -len(".weight")] for s in sources]
@@ -43,12 +49,22 @@ def iter_rank_tensors(reader: CheckpointReader, spec: ModelSpec) -> Iterator[tup
             yield f"layers.{i}.self_attn.v_scale", reader.get(p + "v_proj.v_scale").float()
 
 
+def _fp8_rows(name: str, w: torch.Tensor, chunk: int = 8192) -> Iterator[tuple[str, torch.Tensor]]:
+    """w [rows, K] -> (name, e4m3 rows), (scale name, [rows] fp32 amax / 448), a chunk of rows at a time
+    (Maverick's lm_head at tp 1 is 4 GB in fp32), zero rows appended up to fp8_lm_head_rows."""
+    w = torch.cat([w, w.new_zeros(fp8_lm_head_rows(w.shape[0]) - w.shape[0], w.shape[1])])
+    parts = [quantize_fp8_dynamic_per_token(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]
+    yield name, torch.cat([p[0] for p in parts])
+    yield name + "_scale", torch.cat([p[1] for p in parts]).reshape(-1)
+
+
 def load_model_from_checkpoint(reader: CheckpointReader, spec: ModelSpec,
                                device: str | torch.device = "cpu") -> Llama4ForCausalLM:
     """Build one rank's model and fill it from the checkpoint (no engine directory involved).
     Quantization follows the checkpoint; spec gives the parallel layout and the compute dtype."""
     build = BuildConfig(tp_size=spec.tp_size, ep_size=spec.ep_size, dtype=str(spec.dtype).removeprefix("torch."),
-                        quant=reader.quant.build_quant())
+                        quant=reader.quant.build_quant(),
+                        lm_head_quant_algo="FP8_PER_CHANNEL_PER_TOKEN" if spec.lm_head_fp8 else None)
     spec = model_spec(build, spec.tp_rank)
     with torch.device("meta"):
         model = Llama4ForCausalLM(reader.config, spec)

@@ -75,7 +75,8 @@ def format_plan(cfg: ModelConfig, build: BuildConfig, p: MemoryPlan, gpu_memory_
 
     lines = [
         f"memory plan per rank: tp_size={build.tp_size} ep_size={build.ep_size} dtype={build.dtype} "
-        f"quant={build.quant.algo or 'none'} kv_cache={build.quant.kv_cache_algo or build.dtype}",
+        f"quant={build.quant.algo or 'none'} kv_cache={build.quant.kv_cache_algo or build.dtype} "
+        f"lm_head={build.lm_head_quant_algo or build.dtype}",
         f"  model: {cfg.num_parameters() / 1e9:.1f}B parameters, {cfg.num_hidden_layers} layers "
         f"({len(cfg.moe_layers)} MoE x {cfg.num_local_experts} experts), vocab {cfg.vocab_size}",
         f"  limits: max_batch_size={build.max_batch_size} max_seq_len={build.max_seq_len} "

@@ -27,6 +27,7 @@ class ModelSpec:
     fp8: bool = False  # linears: FP8 per-tensor weights and static activation scales (ModelOpt)
     fp8_kv_cache: bool = False
     experts_fp8: str | None = None  # routed experts: None, "tensor" (ModelOpt) or "channel" (Meta FP8)
+    lm_head_fp8: bool = False  # lm_head rows e4m3 with a scale each, activations per token on the fly
 
 
 class Llama4DecoderLayer(nn.Module):
@@ -64,7 +65,8 @@ class Llama4ForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, spec.tp_size, spec.tp_rank, spec.dtype)
         self.layers = nn.ModuleList(Llama4DecoderLayer(cfg, i, spec) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, spec.dtype)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, padded, cfg.hidden_size, spec.tp_size, spec.dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, padded, cfg.hidden_size, spec.tp_size, spec.dtype,
+                                      spec.lm_head_fp8)
         self.rotary_emb = RotaryEmbedding(cfg)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:

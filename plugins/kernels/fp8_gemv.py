@@ -35,7 +35,7 @@ def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr,
     M, N_OUT, K, stride_xm, stride_wn, stride_om,
     ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    PDL: tl.constexpr,
+    DYNAMIC_X: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,7 +55,7 @@ def _fp8_gemv_kernel(
             ub = tl.load(w_ptr + up_rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
     pdl_enter(PDL)
     pdl_release(PDL)  # at once: the next kernel's programs may start loading their weights
-    x_scale = tl.load(x_scale_ptr)
+    x_scale = 1.0 if DYNAMIC_X else tl.load(x_scale_ptr)
     if ROW_SCALES:
         ws = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
         wsu = ws
@@ -65,6 +65,12 @@ def _fp8_gemv_kernel(
         ws = tl.load(w_scale_ptr)
         wsu = ws
     for m in range(M):  # each token one more pass over the registers (so: few tokens)
+        if DYNAMIC_X:  # this token's scale, amax / 448, as quantize_fp8_dynamic_per_token (every program alike)
+            amax = tl.max(tl.abs(tl.load(x_ptr + m * stride_xm + ka).to(tl.float32)), axis=0)
+            if KB > 0:
+                xb = tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=0))
+            x_scale = tl.maximum(amax, 1e-12) / 448.0
         xa = _quantized(tl.load(x_ptr + m * stride_xm + ka), x_scale)
         acc = tl.sum(wa.to(tl.float32) * xa[None, :], axis=1)
         if SWIGLU:
@@ -131,11 +137,12 @@ def config_for(n: int, k: int, tokens: int, swiglu: bool) -> tuple[int, int] | N
     return CONFIGS.get((n, k)) or default_config(n // 2 if swiglu else n, k, swiglu)
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
              out_dtype: torch.dtype, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] (M: a token or two; each costs one more pass of CUDA-core math), weight [N, K] e4m3
-    row-major, K <= MAX_K, weight_scale scalar or [N], input_scale scalar; config (BLOCK_N, num_warps).
-    Returns [M, N] (or [M, N/2], silu(gate) * up, with swiglu) in out_dtype."""
+    row-major, K <= MAX_K, weight_scale scalar or [N], input_scale scalar (static) or None (each token's
+    amax / 448, computed in every program: the FP8_PER_CHANNEL_PER_TOKEN lm_head); config (BLOCK_N,
+    num_warps). Returns [M, N] (or [M, N/2], silu(gate) * up, with swiglu) in out_dtype."""
     M, K = x.shape
     N = weight.shape[0]
     assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == K and weight.stride(1) == 1, \
@@ -146,7 +153,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     ka, kb = k_pieces(K)
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     _fp8_gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        x, weight, weight_scale, input_scale, out, M, n_out, K, x.stride(0), weight.stride(0), out.stride(0),
-        ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka, KB=kb, PDL=PDL, **PDL_LAUNCH,
-        num_warps=num_warps)
+        x, weight, weight_scale, weight_scale if input_scale is None else input_scale, out, M, n_out, K, x.stride(0),
+        weight.stride(0), out.stride(0), ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka,
+        KB=kb, DYNAMIC_X=input_scale is None, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps)
     return out
