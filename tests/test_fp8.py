@@ -249,6 +249,19 @@ def test_fp8_lm_head(tiny_ckpt, tmp_path):
     assert len(out) == 4
 
 
+def test_fp8_lm_head_tp2_equals_tp1(tiny_ckpt, tmp_path):
+    """Each rank quantizes and pads its own vocabulary rows; the gathered logits give TP1's tokens."""
+    out = []
+    for tp in (1, 2):
+        eng = tmp_path / f"tp{tp}"
+        build_engine(tiny_ckpt, eng, BuildConfig(tp_size=tp, dtype="float32", max_seq_len=128, kv_cache_block_size=8,
+                                                 lm_head_quant_algo="FP8_PER_CHANNEL_PER_TOKEN"), progress=False)
+        with LLM(eng, device="cpu") as m:
+            p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            out.append([o.outputs[0].token_ids for o in m.generate([prompt_ids(12, seed=3), prompt_ids(5, seed=4)], p)])
+    assert out[0] == out[1]
+
+
 def test_lm_head_quant_algo_is_checked():
     with pytest.raises(ConfigError, match="lm_head_quant_algo='FP8': expected one of"):
         BuildConfig(lm_head_quant_algo="FP8")
