@@ -14,6 +14,7 @@ from .attention import kv_cache_write as _kv_cache_write
 from .attention import paged_attention as _paged_attention
 from .fp8 import fp8_linear as _fp8_linear
 from .fp8 import fp8_linear_swiglu as _fp8_linear_swiglu
+from .moe import moe_block as _moe_block
 from .moe import moe_experts as _moe_experts
 from .moe import moe_ffn as _moe_ffn
 from .moe import moe_router as _moe_router
@@ -152,3 +153,19 @@ def qkv_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
 @qkv_attention.register_fake
 def _(qkv, cos, sin, positions, heads, kv_heads, head_dim, *args):
     return qkv.new_empty((qkv.shape[0], heads, head_dim))
+
+
+@torch.library.custom_op("maverick::moe_block", mutates_args=())
+def moe_block(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor,
+              expert_offset: int, gate_up_scale: torch.Tensor, gate_up_input_scale: torch.Tensor | None,
+              down_scale: torch.Tensor, down_input_scale: torch.Tensor | None, shared_gate_up: torch.Tensor,
+              shared_gate_up_scale: torch.Tensor, shared_gate_up_input_scale: torch.Tensor, shared_down: torch.Tensor,
+              shared_down_scale: torch.Tensor, shared_down_input_scale: torch.Tensor) -> torch.Tensor:
+    return _moe_block(x, router_weight, top_k, gate_up, down, expert_offset, gate_up_scale, gate_up_input_scale,
+                      down_scale, down_input_scale, shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale,
+                      shared_down, shared_down_scale, shared_down_input_scale)
+
+
+@moe_block.register_fake
+def _(x, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -78,6 +78,38 @@ def moe_ffn(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
     return fp8_linear(h, shared_down, shared_down_scale, shared_down_input_scale, x.dtype) + routed
 
 
+def moe_block(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor,
+              expert_offset: int, gate_up_scale: torch.Tensor, gate_up_input_scale: torch.Tensor | None,
+              down_scale: torch.Tensor, down_input_scale: torch.Tensor | None, shared_gate_up: torch.Tensor,
+              shared_gate_up_scale: torch.Tensor, shared_gate_up_input_scale: torch.Tensor, shared_down: torch.Tensor,
+              shared_down_scale: torch.Tensor, shared_down_input_scale: torch.Tensor) -> torch.Tensor:
+    """The router, then moe_ffn (arguments as moe_router's and moe_ffn's). One token, top-1, on CUDA: the
+    router's launch only writes the logits and the MoE pass 1 picks the expert from them in every program:
+    no pick step by the router's last program (an arrival counter and a read-back) between the two."""
+    shared = (shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale, shared_down, shared_down_scale,
+              shared_down_input_scale)
+    T = x.shape[0]
+    if top_k == 1 and T <= threshold(x, "router_max_tokens") and T <= threshold(x, "moe_max_tokens"):
+        from .kernels.moe_gemv import moe_experts_gemv
+        from .kernels.small_ops import router_triton
+
+        x = x.contiguous()
+        logits = router_triton(x, router_weight, 1, pick=False)
+        ids = torch.empty((T, 1), dtype=torch.int64, device=x.device)
+        scores = torch.empty((T, 1), dtype=x.dtype, device=x.device)
+        return moe_experts_gemv(x, ids, scores, gate_up, down, expert_offset, gate_up_scale, gate_up_input_scale,
+                                down_scale, down_input_scale, shared=shared, router_logits=logits)
+    top_ids, top_scores = moe_router(x, router_weight, top_k)
+    return moe_ffn(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale, gate_up_input_scale,
+                   down_scale, down_input_scale, *shared)
+
+
+def moe_block_ref(x, router_weight, top_k, *ffn_args) -> torch.Tensor:
+    logits = x @ router_weight.t().to(x.dtype)
+    top_vals, top_ids = torch.topk(logits, top_k, dim=-1)
+    return moe_ffn_ref(x, top_ids, torch.sigmoid(top_vals.float()).to(x.dtype), *ffn_args)
+
+
 def moe_ffn_ref(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor, expert_offset: int,
                 gate_up_scale: torch.Tensor, gate_up_input_scale: torch.Tensor | None,

@@ -91,19 +91,21 @@ def kernels():
         split = 4 if mode == 2 and not dynamic else 1
         yield f"moe fc13 dynamic={dynamic} mode={mode} split={split}", moe_gemv._fc13_swiglu_kernel, {
             "x_ptr": "*bf16", **{k: v for k, v in moe.items() if k != "out_ptr"}, "scores_ptr": "*bf16",
-            "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32", "N_OUT": _I32, "N_SHARED": _I32,
-            "K_PER_SPLIT": _I32, "stride_x": _I32, "shared_scale_stride_n": _I32,
+            "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32", "logits_ptr": "*bf16",
+            "N_OUT": _I32, "N_SHARED": _I32, "K_PER_SPLIT": _I32, "E": _I32, "stride_x": _I32,
+            "shared_scale_stride_n": _I32,
         }, {"DYNAMIC_X": dynamic, "BLOCK_N": block_n, "BLOCK_K": {0: 2048, 1: 256, 2: 128}[mode], "MODE": mode,
-            "SPLIT_K": split, "PDL": dynamic}, 4
+            "SPLIT_K": split, "FROM_LOGITS": split > 1, "E_POW2": 128, "PDL": dynamic}, 4
         for shared in (False, True):
             yield f"moe fc2 dynamic={dynamic} shared={shared} mode={mode}", moe_gemv._fc2_kernel, {
                 "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
             }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": max(8, block_n),
                 "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "PDL": False}, 8
-    yield "router", small_ops._router_kernel, {
-        "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
-        "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,
-    }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 8192, "E_POW2": 128, "PRELOAD": True, "PDL": 2}, 4
+    for pick in (True, False):
+        yield f"router pick={pick}", small_ops._router_kernel, {
+            "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
+            "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,
+        }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 8192, "E_POW2": 128, "PRELOAD": True, "PICK": pick, "PDL": 2}, 4
     for cache, fp8 in ((False, False), (True, False), (True, True)):
         yield f"qkv_post cache={cache} fp8={fp8}", small_ops._qkv_post_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "q_ptr": "*bf16",

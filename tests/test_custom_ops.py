@@ -34,6 +34,7 @@ def _cases():
     yield "moe_experts", (x, ids, sc, gu8.float(), dn8.float(), 2, None, None, None, None)
     shared = (_fp8_weight(2 * I, 32, 30), torch.rand(2 * I, generator=g) / 100, xs, _fp8_weight(32, I, 31), s, xs)
     yield "moe_ffn", (x, ids, sc, gu8, dn8, 0, s, xs, s, xs, *shared)
+    yield "moe_block", (x[:1], torch.randn(8, 32, generator=g), 1, gu8, dn8, 0, s, xs, s, xs, *shared)
     for chunk, fp8 in ((None, False), (32, True)):
         a = _attention_case(2, 3, [20, 45], chunk, fp8)
         yield "paged_attention", a

@@ -532,6 +532,42 @@ def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
         assert ((out.float() - unfused).norm() / unfused.norm()).item() < 5e-3
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_moe_block_one_token_picks_in_pass_1(dynamic):
+    """Router + MoE FFN at one TP8 rank's sizes (E 128, H 5120, I 1024), one token: the router writes logits
+    only, pass 1 picks; in a graph replayed with new inputs, the same output as the router's own pick
+    followed by moe_ffn (bit for bit), and as moe_block_ref within FP8's rounding."""
+    import maverick_plugins as ops
+
+    torch.manual_seed(4)
+    H, I, E = 5120, 1024, 128
+    w8 = lambda *s: (torch.randn(*s, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
+    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
+    router = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 72
+    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
+    if dynamic:
+        args = (gu8, dn8, 0, torch.rand(E, 2 * I, device="cuda") / 512 + 1e-4, None,
+                torch.rand(E, H, device="cuda") / 512 + 1e-4, None)
+    else:
+        s, xs = torch.tensor(1 / 512.0, device="cuda"), torch.tensor(4 / 448, device="cuda")
+        args = (gu8, dn8, 0, s, xs, s, xs)
+    shared = (w8(2 * I, H), torch.rand(2 * I, device="cuda") / 512 + 1e-4, torch.tensor(4 / 448, device="cuda"),
+              w8(H, I), torch.tensor(1 / 700.0, device="cuda"), torch.tensor(2 / 448, device="cuda"))
+    run = lambda: ops.moe_block(x, router, 1, *args, *shared)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    for seed in range(3):
+        x.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(seed)).to(x))
+        g.replay()
+        ids, sc = ops.moe_router(x, router, 1)
+        assert torch.equal(out, ops.moe_ffn(x, ids, sc, *args, *shared)), seed
+        ref = ops.moe_block_ref(x, router, 1, *args, *shared).float()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2  # as test_fused_moe_ffn_at_rank_shapes
+
+
 @pytest.mark.parametrize("mode", [1, 2])
 @pytest.mark.parametrize("T,dynamic", [(1, False), (8, False), (2, True)])
 def test_moe_tensor_core_passes_equal_the_cuda_core_ones_at_rank_shapes(mode, T, dynamic):

@@ -212,6 +212,35 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
         assert torch.equal(out, again)
 
 
+@pytest.mark.parametrize("mode", ["cuda cores", "wgmma split-K"])
+def test_moe_pass_1_picks_the_expert_from_router_logits(mode):
+    """router_logits: pass 1 takes each token's top-1 and its sigmoid score from the logits and leaves them in
+    top_ids / top_scores for pass 2; the result is moe_ffn's with those."""
+    from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
+
+    torch.manual_seed(21)
+    T, H, I, E, offset, Is = 3, 64, 32, 4, 2, 32
+    x = act(T, H)
+    logits = -torch.rand(T, 8, device=DEV) - 0.5  # on CPU the best logit is 0: score 1/2 keeps score * x exact
+    logits[torch.arange(T), torch.tensor([2, 5, 3])] = 0.0
+    if GPU:
+        logits = logits + torch.rand(T, 1, device=DEV)
+    w8 = lambda *s: (torch.randn(*s, device=DEV) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
+    gs, ds = torch.tensor(1 / 200, device=DEV), torch.tensor(1 / 300, device=DEV)
+    gis, dis = torch.tensor(ACT_SCALE, device=DEV), torch.tensor(0.5 / 448, device=DEV)
+    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
+    shared = (w8(2 * Is, H), torch.rand(2 * Is, device=DEV) / 100 + 1e-3, torch.tensor(ACT_SCALE, device=DEV),
+              w8(H, Is), torch.tensor(1 / 250, device=DEV), torch.tensor(0.5 / 448, device=DEV))
+    ids = torch.full((T, 1), -1, dtype=torch.int64, device=DEV)
+    scores = torch.zeros(T, 1, device=DEV)
+    out = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared,
+                           config=MOE_CONFIGS[mode], router_logits=logits)
+    vals, want = logits.topk(1, dim=-1)
+    assert torch.equal(ids, want) and rel(scores, torch.sigmoid(vals)) < TOL["fp32"]
+    ref = ops.moe_ffn_ref(x, want, torch.sigmoid(vals), gu8, dn8, offset, gs, gis, ds, dis, *shared)
+    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+
+
 @pytest.mark.parametrize("config,what", [((16, 32, 4, 2, 2), "wgmma, BLOCK_N >= 64"), ((16, 16, 4, 2, 1), "BLOCK_K >= 32"),
                                          ((16, 32, 4, 2, 5), "MODE must be"),
                                          (((16, 32, 4), (16, 32, 4, 2, 0, 2)), "1 in pass 2")])

@@ -48,12 +48,13 @@ def test_attention_kernels_build_with_tensor_core_dots_and_no_spills():
 def test_moe_router_and_qkv_post_kernels_build_in_every_variant():
     """Branches the interpreter never takes still have to compile (a qkv_post variant once did not)."""
     got = _compile("moe", "router", "qkv_post")
-    assert len(got) == 19, got
+    assert len(got) == 20, got
     for name, info in got.items():  # MODE 0: CUDA cores; 1, 2: tensor cores; FP8 weights in 16-byte loads
         if name.startswith("moe"):
             assert ("mma=0" in info) == ("mode=0" in name) and "byte_loads=0" in info, (name, info)
             assert ("acq_rel_add=0" in info) == ("split=4" not in name), (name, info)  # split-K's arrival counter
-    assert "acq_rel_add=0" not in got["router"], got  # the arrival counter that picks the last program
+    assert "acq_rel_add=0" not in got["router pick=True"], got  # the arrival counter that picks the last program
+    assert "acq_rel_add=0" in got["router pick=False"], got  # logits only: MoE pass 1 picks
     for name, info in got.items():
         assert "stack=0" in info, (name, info)
 

@@ -48,16 +48,16 @@ class Llama4MoE(nn.Module):
         self.shared_expert = Llama4MLP(H, cfg.intermediate_size, tp_size, dtype, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top_ids, top_scores = ops.moe_router(x, self.router.weight, self.top_k)
         ex = self.experts
         scales = ()
         if self.experts_fp8:
             in13 = None if self.dynamic_inputs else ex.gate_up_proj_input_scale
             in2 = None if self.dynamic_inputs else ex.down_proj_input_scale
             scales = (ex.gate_up_proj_weight_scale, in13, ex.down_proj_weight_scale, in2)
-        routed = (x, top_ids, top_scores, ex.gate_up_proj, ex.down_proj, self.expert_offset, *scales)
+        experts = (ex.gate_up_proj, ex.down_proj, self.expert_offset, *scales)
         gu, dn = self.shared_expert.gate_up_proj, self.shared_expert.down_proj
-        if self.experts_fp8 and gu.fp8:  # one op for both: the kernels fuse the shared expert in
-            return ops.moe_ffn(*routed, gu.weight, gu.weight_scale, gu.input_scale, dn.weight, dn.weight_scale,
-                               dn.input_scale)
-        return self.shared_expert(x) + ops.moe_experts(*routed)
+        if self.experts_fp8 and gu.fp8:  # router, experts and shared expert in one op (2-3 launches at decode)
+            return ops.moe_block(x, self.router.weight, self.top_k, *experts, gu.weight, gu.weight_scale,
+                                 gu.input_scale, dn.weight, dn.weight_scale, dn.input_scale)
+        top_ids, top_scores = ops.moe_router(x, self.router.weight, self.top_k)
+        return self.shared_expert(x) + ops.moe_experts(x, top_ids, top_scores, *experts)

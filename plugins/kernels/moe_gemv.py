@@ -87,11 +87,11 @@ def _fp8_scale(x_row, K, score, static_scale_ptr, SCALE_INPUT: tl.constexpr, DYN
 def _fc13_swiglu_kernel(
     x_ptr, ids_ptr, scores_ptr, w_ptr, w_scale_ptr, x_scale_ptr,  # routed experts
     sw_ptr, sw_scale_ptr, sx_scale_ptr,  # shared expert (gate_up [2Is, H], row scales, static input scale)
-    out_ptr, partial_ptr, counter_ptr,
-    N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL, expert_offset, TOP_K, P,
+    out_ptr, partial_ptr, counter_ptr, logits_ptr,
+    N_OUT, N_SHARED, K, K_PER_SPLIT, E_LOCAL, expert_offset, TOP_K, P, E,
     stride_we, stride_wn, stride_x, stride_o, scale_stride_e, scale_stride_n, shared_scale_stride_n,
     DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, FROM_LOGITS: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
@@ -100,14 +100,28 @@ def _fc13_swiglu_kernel(
     shared = row >= P
     pair = tl.minimum(row, P - 1)
     token = tl.where(shared, row - P, pair // TOP_K)
-    e = tl.load(ids_ptr + pair) - expert_offset
+    if FROM_LOGITS:  # top-1 of the router's logits, in every program (no pick step in the router's launch)
+        offs_e = tl.arange(0, E_POW2)
+        lg = tl.load(logits_ptr + pair * E + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
+        best = tl.max(lg, axis=0)
+        pick = tl.min(tl.where(lg == best, offs_e, E_POW2), axis=0)  # ties: the lowest id, as torch.topk here
+        top_score = (1.0 / (1.0 + tl.exp(-best))).to(scores_ptr.dtype.element_ty)
+        if (pid_n == 0) & (pid_k == 0) & (row < P):  # for pass 2 (and the caller)
+            tl.store(ids_ptr + pair, pick.to(tl.int64))
+            tl.store(scores_ptr + pair, top_score)
+        e = pick - expert_offset
+    else:
+        e = tl.load(ids_ptr + pair) - expert_offset
     local = shared | ((e >= 0) & (e < E_LOCAL))
     e = tl.where(local & ~shared, e, 0).to(tl.int64)
     n_out = tl.where(shared, N_SHARED, N_OUT)
     w_base = tl.where(shared, sw_ptr, w_ptr + e * stride_we)
     s_base = tl.where(shared, sw_scale_ptr, w_scale_ptr + e * scale_stride_e)
     s_step = tl.where(shared, shared_scale_stride_n, scale_stride_n)
-    score = tl.where(shared, 1.0, tl.load(scores_ptr + pair).to(tl.float32))
+    if FROM_LOGITS:
+        score = tl.where(shared, 1.0, top_score.to(tl.float32))
+    else:
+        score = tl.where(shared, 1.0, tl.load(scores_ptr + pair).to(tl.float32))
     x_row = x_ptr + token.to(tl.int64) * stride_x
     if DYNAMIC_X:
         x_scale = tl.where(shared, tl.load(sx_scale_ptr),
@@ -268,14 +282,16 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
                      down: torch.Tensor, expert_offset: int, gate_up_scale: torch.Tensor,
                      gate_up_input_scale: torch.Tensor | None, down_scale: torch.Tensor,
                      down_input_scale: torch.Tensor | None, shared: tuple | None = None,
-                     config: tuple | None = None) -> torch.Tensor:
+                     config: tuple | None = None, router_logits: torch.Tensor | None = None) -> torch.Tensor:
     """config: (BLOCK_N, BLOCK_K, num_warps[, num_stages[, MODE[, SPLIT_K]]]) for both passes, or a pair of
     them (pass 1, pass 2); MODE 0 CUDA cores, 1 mma.sync, 2 wgmma (module docstring); SPLIT_K (pass 1 only)
     splits the hidden size over that many programs, the last to arrive applies SwiGLU.
     Routed experts for FP8 weights (gate_up [E, 2I, H], down [E, H, I]; scales scalars with static input
     scales, or [E, N] with None: per row), plus, if given, the shared expert
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
-    (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared)."""
+    (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared).
+    router_logits [T, E] (top-1 only): pass 1 picks each token's expert and score from them (in every program,
+    so the router's launch needs no pick step) and writes them to top_ids, top_scores [T, 1] for pass 2."""
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
     (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
@@ -283,6 +299,13 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     T, H = x.shape
     k = top_ids.shape[1]
     P = T * k
+    from_logits = router_logits is not None
+    if from_logits:
+        assert k == 1 and top_ids.is_contiguous() and top_scores.is_contiguous(), \
+            "router logits: top-1, with contiguous top_ids / top_scores [T, 1] to fill"
+        E = router_logits.shape[1]
+    else:
+        router_logits, E = top_scores, 1  # never read
     ids = top_ids.reshape(-1).contiguous()
     scores = top_scores.reshape(-1).contiguous()
     I = gate_up.shape[1] // 2
@@ -305,9 +328,10 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
         partial = counters = h  # never touched
     _fc13_swiglu_kernel[grid](
         x, ids, scores, gate_up, gate_up_scale, gate_up_scale if dynamic else gate_up_input_scale,
-        sgu, sgu_scale, sgu_in, h, partial, counters, I, Is, H, k_per_split, gate_up.shape[0], expert_offset, k, P,
-        gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn, 0 if sgu_scale.numel() == 1 else 1,
-        DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, SPLIT_K=split_k, PDL=PDL, **PDL_LAUNCH,
+        sgu, sgu_scale, sgu_in, h, partial, counters, router_logits, I, Is, H, k_per_split, gate_up.shape[0],
+        expert_offset, k, P, E, gate_up.stride(0), gate_up.stride(1), x.stride(0), h.stride(0), se, sn,
+        0 if sgu_scale.numel() == 1 else 1, DYNAMIC_X=dynamic, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode,
+        SPLIT_K=split_k, FROM_LOGITS=from_logits, E_POW2=triton.next_power_of_2(E), PDL=PDL, **PDL_LAUNCH,
         num_warps=num_warps, num_stages=stages)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     se, sn = _scale_strides(down_scale)

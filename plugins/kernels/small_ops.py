@@ -165,9 +165,10 @@ def router_topk_triton(logits: torch.Tensor, top_k: int):
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T, E, K, stride_x,
                    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-                   PRELOAD: tl.constexpr, PDL: tl.constexpr):
+                   PRELOAD: tl.constexpr, PICK: tl.constexpr, PDL: tl.constexpr):
     """Program p: logits of experts p*BLOCK_E.. for every token (fp32 sums rounded to x's dtype, as the
-    reference's matmul returns them). The last program to arrive reads all logits back and picks.
+    reference's matmul returns them). PICK: the last program to arrive reads all logits back and picks
+    (else the consumer picks: the MoE pass 1 with router logits).
     PRELOAD (BLOCK_K >= K): the program's whole weight rows are loaded before it waits for its input
     (weights depend on no earlier kernel: with PDL the load overlaps the previous kernel)."""
     pid = tl.program_id(0)
@@ -192,12 +193,13 @@ def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T
                 w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=e_mask[:, None] & (k < K)[None, :], other=0.0)
                 acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         tl.store(logits_ptr + t * E + offs_e, acc.to(logits_ptr.dtype.element_ty), mask=e_mask)
-    if last_to_arrive(counter_ptr, tl.num_programs(0)):
-        offs = tl.arange(0, E_POW2)
-        for t in range(0, T):
-            lg = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf"), cache_modifier=".cg")
-            _pick_top_k(lg.to(tl.float32), offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, E_POW2)
-        reset_arrivals(counter_ptr)
+    if PICK:
+        if last_to_arrive(counter_ptr, tl.num_programs(0)):
+            offs = tl.arange(0, E_POW2)
+            for t in range(0, T):
+                lg = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf"), cache_modifier=".cg")
+                _pick_top_k(lg.to(tl.float32), offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, E_POW2)
+            reset_arrivals(counter_ptr)
 
 
 @triton.jit
@@ -211,11 +213,12 @@ def _pick_top_k(x, offs, ids_ptr, scores_ptr, TOP_K: tl.constexpr, E_POW2: tl.co
 
 
 def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: int = 2, block_k: int = 1024,
-                  preload: bool | None = None):
+                  preload: bool | None = None, pick: bool = True):
     """x [T, H] (T small), weight [E, H] -> top-k ids [T, k] (int64) and sigmoid scores [T, k] in x's dtype:
     what moe_router computes, in one launch instead of a cuBLAS GEMM plus the top-k kernel. block_e 2: 64
     programs read the 1.3 MB bf16 router of Maverick (128 x 5120). preload (default: where a program's
-    rows are at most 16K elements, Maverick's 2 x 5120): load them whole before waiting for x."""
+    rows are at most 16K elements, Maverick's 2 x 5120): load them whole before waiting for x. pick False:
+    return the logits [T, E] only (the MoE pass 1 picks from them)."""
     T, H = x.shape
     E = weight.shape[0]
     if weight.dtype != x.dtype:
@@ -230,6 +233,6 @@ def router_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, block_e: in
     counters = arrival_counters(x.device, 1, "router")
     _router_kernel[(triton.cdiv(E, block_e),)](x, weight.contiguous(), logits, counters, ids, scores, T, E, H,
                                                x.stride(0), TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
-                                               E_POW2=triton.next_power_of_2(E), PRELOAD=preload, PDL=PDL,
-                                               **PDL_LAUNCH, num_warps=4)
-    return ids, scores
+                                               E_POW2=triton.next_power_of_2(E), PRELOAD=preload, PICK=pick,
+                                               PDL=PDL, **PDL_LAUNCH, num_warps=4)
+    return (ids, scores) if pick else logits
