@@ -487,17 +487,20 @@ def test_overlap_scheduler_with_cuda_graphs(tiny_engine):
     assert outs[True] == outs[False]
 
 
-@pytest.mark.parametrize("T,offset,dynamic", [(1, 0, False), (8, 0, False), (5, 8, False), (3, 0, True)])
-def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
-    """The min-latency MoE FFN (selected experts + shared expert in two launches, default configs) at one TP8
-    rank's sizes (H 5120, I 1024) against moe_ffn_ref, in a CUDA graph with the routing changed between
-    replays; with expert parallelism (offset: half the routed experts elsewhere) and Meta-style channels."""
-    import maverick_plugins as ops
+def _captured(fn):
+    """(graph, its output): fn run once eagerly (compiles, allocates), then captured."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
 
-    torch.manual_seed(3)
-    H, I, E = 5120, 1024, 16
+
+def _moe_rank_weights(E, offset, dynamic, H=5120, I=1024):
+    """(routed expert args from gate_up on, shared expert args) of one TP8 rank's MoE: FP8 weights, ModelOpt
+    scalar scales or (dynamic) Meta's per-channel scales with per-token activations."""
     w8 = lambda *s: (torch.randn(*s, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
     if dynamic:
         args = (gu8, dn8, offset, torch.rand(E, 2 * I, device="cuda") / 512 + 1e-4, None,
@@ -507,14 +510,23 @@ def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
         args = (gu8, dn8, offset, s, xs, s, xs)
     shared = (w8(2 * I, H), torch.rand(2 * I, device="cuda") / 512 + 1e-4, torch.tensor(4 / 448, device="cuda"),
               w8(H, I), torch.tensor(1 / 700.0, device="cuda"), torch.tensor(2 / 448, device="cuda"))
+    return args, shared
+
+
+@pytest.mark.parametrize("T,offset,dynamic", [(1, 0, False), (8, 0, False), (5, 8, False), (3, 0, True)])
+def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
+    """The min-latency MoE FFN (selected experts + shared expert in two launches, default configs) at one TP8
+    rank's sizes (H 5120, I 1024) against moe_ffn_ref, in a CUDA graph with the routing changed between
+    replays; with expert parallelism (offset: half the routed experts elsewhere) and Meta-style channels."""
+    import maverick_plugins as ops
+
+    torch.manual_seed(3)
+    H, E = 5120, 16
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    args, shared = _moe_rank_weights(E, offset, dynamic)
     ids = torch.zeros(T, 1, dtype=torch.int64, device="cuda")
     sc = torch.zeros(T, 1, dtype=torch.bfloat16, device="cuda")
-    run = lambda: ops.moe_ffn(x, ids, sc, *args, *shared)  # noqa: E731
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = run()
+    g, out = _captured(lambda: ops.moe_ffn(x, ids, sc, *args, *shared))
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         ids.copy_(torch.randint(0, E + offset, (T, 1), generator=gen))
@@ -540,25 +552,11 @@ def test_moe_block_one_token_picks_in_pass_1(dynamic):
     import maverick_plugins as ops
 
     torch.manual_seed(4)
-    H, I, E = 5120, 1024, 128
-    w8 = lambda *s: (torch.randn(*s, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)  # noqa: E731
+    H, E = 5120, 128
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
     router = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 72
-    gu8, dn8 = w8(E, 2 * I, H), w8(E, H, I)
-    if dynamic:
-        args = (gu8, dn8, 0, torch.rand(E, 2 * I, device="cuda") / 512 + 1e-4, None,
-                torch.rand(E, H, device="cuda") / 512 + 1e-4, None)
-    else:
-        s, xs = torch.tensor(1 / 512.0, device="cuda"), torch.tensor(4 / 448, device="cuda")
-        args = (gu8, dn8, 0, s, xs, s, xs)
-    shared = (w8(2 * I, H), torch.rand(2 * I, device="cuda") / 512 + 1e-4, torch.tensor(4 / 448, device="cuda"),
-              w8(H, I), torch.tensor(1 / 700.0, device="cuda"), torch.tensor(2 / 448, device="cuda"))
-    run = lambda: ops.moe_block(x, router, 1, *args, *shared)  # noqa: E731
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = run()
+    args, shared = _moe_rank_weights(E, 0, dynamic)
+    g, out = _captured(lambda: ops.moe_block(x, router, 1, *args, *shared))
     for seed in range(3):
         x.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(seed)).to(x))
         g.replay()
