@@ -88,12 +88,14 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--overlap", choices=["on", "off"], help="the overlap scheduler (default: the engine's)")
+    p.add_argument("--lm-head-fp8", action="store_true", help="lm_head_quant_algo FP8_PER_CHANNEL_PER_TOKEN")
     a = p.parse_args()
     cfg = ModelConfig.preset("maverick")
     conc = [int(x) for x in a.concurrency.split(",")]
     n = a.isl + a.steps + 32
     build = BuildConfig(tp_size=8, max_batch_size=max(conc), max_seq_len=n + 64,
-                        quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64)
+                        quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64,
+                        lm_head_quant_algo="FP8_PER_CHANNEL_PER_TOKEN" if a.lm_head_fp8 else None)
     dev = torch.device("cuda")
     print(f"card={torch.cuda.get_device_name()} commit={git_commit()} command={' '.join(sys.argv)}", flush=True)
     model = synthetic_model(cfg, build, 0, dev)
