@@ -66,7 +66,6 @@ def _decode_kernel(
     BF16_DOT: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
     CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -76,18 +75,21 @@ def _decode_kernel(
     g = rows % GROUP
     row_ok = j < Q
     offs_d = tl.arange(0, HEAD_DIM)
+    # Before the wait: the step's inputs (copied in before its first kernel, written by none) and the scales,
+    # so after it only q (and the cache, whose table entry no longer waits for the context length) is read.
     tok = tl.load(qidx_ptr + b * Q + j, mask=row_ok, other=0).to(tl.int64)
     qpos = tl.load(qpos_ptr + b * Q + j, mask=row_ok, other=-1)
+    ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
+    span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
+    k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
+    v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
+    pdl_enter(PDL)
     dt = q_ptr.dtype.element_ty
     # q as qkv_post would return it (RoPE, QK-norm, temperature: each a no-op when its flag is off)
     q = load_qk_rows(q_ptr + tok * stride_qt + (h * GROUP + g) * stride_qh, tok, row_ok, cos_ptr, sin_ptr, eps,
                      offs_d, dt, HEAD_DIM, USE_ROPE, QK_NORM)
     if TEMPERATURE:
         q = (q * temperature(qpos, floor_scale, attn_scale)[:, None]).to(dt).to(tl.float32)
-    ctx = tl.load(ctx_ptr + b).to(tl.int32)  # int32 or int64 tensors alike
-    span, split_len, n_active = _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
-    k_scale = tl.load(k_scale_ptr) if FP8 else 1.0
-    v_scale = tl.load(v_scale_ptr) if FP8 else 1.0
     m_i = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
@@ -140,17 +142,22 @@ def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q
     """Grid (sequence, kv head, head_dim / BLOCK_D): softmax-merge the partials of (sequence b, kv head h),
     head_dim columns d, MERGE_PARTS parts at a time as one [parts, rows, BLOCK_D] tile (independent loads
     in flight together), and store those output columns."""
-    pdl_enter(PDL)
-    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     b = tl.program_id(0)
     h = tl.program_id(1)
     bh = b * tl.num_programs(1) + h
+    # before the wait: the step's inputs (as in the split kernel), so that after it only the partials are read
     _, _, n_active = _splits(tl.load(ctx_ptr + b).to(tl.int32), NBT, CHUNK, NUM_SPLITS, BLOCK_KV, LOCAL)
     n_parts = n_active + 1  # the active splits, then the new keys
     r = tl.arange(0, ROWS)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     pp = tl.arange(0, MERGE_PARTS)
     r_ok = r < Q * GROUP
+    j = r // GROUP
+    g = r % GROUP
+    real = r_ok & (tl.load(qpos_ptr + b * Q + j, mask=r_ok, other=-1) >= 0)  # padding rows keep their memory
+    tok = tl.load(qidx_ptr + b * Q + j, mask=real, other=0).to(tl.int64)
+    pdl_enter(PDL)
+    pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     m_run = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
     l_run = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
@@ -168,12 +175,8 @@ def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q
         acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=0)
         m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    j = r // GROUP
-    g = r % GROUP
-    ok = r_ok & (tl.load(qpos_ptr + b * Q + j, mask=r_ok, other=-1) >= 0)  # padding rows keep their memory
-    tok = tl.load(qidx_ptr + b * Q + j, mask=ok, other=0).to(tl.int64)
     tl.store(out_ptr + tok[:, None] * stride_ot + (h * GROUP + g)[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
 def default_splits(batch: int, kv_heads: int, table_blocks: int) -> int:
