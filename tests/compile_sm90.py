@@ -98,9 +98,11 @@ def kernels():
             "SPLIT_K": split, "FROM_LOGITS": split > 1, "E_POW2": 128, "PDL": dynamic}, 4
         for shared in (False, True):
             yield f"moe fc2 dynamic={dynamic} shared={shared} mode={mode}", moe_gemv._fc2_kernel, {
-                "h_ptr": "*bf16", **moe, "N_OUT": _I32, "K_SHARED": _I32, "stride_swn": _I32, "stride_h": _I32,
+                "h_ptr": "*bf16", **moe, "logits_ptr": "*bf16", "N_OUT": _I32, "K_SHARED": _I32, "E": _I32,
+                "stride_swn": _I32, "stride_h": _I32,
             }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": max(8, block_n),
-                "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "PDL": False}, 8
+                "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "FROM_LOGITS": shared, "E_POW2": 128,
+                "PDL": 2 if shared else 0}, 8
     for pick in (True, False):
         yield f"router pick={pick}", small_ops._router_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",

@@ -204,21 +204,33 @@ def _fc2_kernel(
     h_ptr, ids_ptr, w_ptr, w_scale_ptr, x_scale_ptr,  # routed experts' down [E, H, I]
     sw_ptr, sw_scale_ptr, sx_scale_ptr,  # shared expert's down [H, Is], scalar scales
     out_ptr,
-    N_OUT, K, K_SHARED, E_LOCAL, expert_offset, TOP_K, P,
+    logits_ptr, N_OUT, K, K_SHARED, E_LOCAL, expert_offset, TOP_K, P, E,
     stride_we, stride_wn, stride_swn, stride_h, stride_o, scale_stride_e, scale_stride_n,
     HAS_SHARED: tl.constexpr, DYNAMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, PDL: tl.constexpr,
+    MODE: tl.constexpr, FROM_LOGITS: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     token = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
+    if FROM_LOGITS:  # top-1 from the router's logits, as pass 1 picks it. With PDL 2 before the wait (the
+        if PDL == 1:  # router ran two kernels back; a kernel starts once the one before it passed its wait), so
+            pdl_enter(PDL)  # after it no load of pass 1's ids stands between the wait and the weights
+        offs_e = tl.arange(0, E_POW2)
+        lg = tl.load(logits_ptr + token * E + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
+        pick = tl.min(tl.where(lg == tl.max(lg, axis=0), offs_e, E_POW2), axis=0) - expert_offset
+        if PDL != 1:
+            pdl_enter(PDL)
+    else:
+        pdl_enter(PDL)
     dtype = out_ptr.dtype.element_ty
     routed = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in range(0, TOP_K):
         pair = token * TOP_K + j
-        e = tl.load(ids_ptr + pair) - expert_offset
+        if FROM_LOGITS:
+            e = pick
+        else:
+            e = tl.load(ids_ptr + pair) - expert_offset
         local = (e >= 0) & (e < E_LOCAL)
         e = tl.where(local, e, 0).to(tl.int64)
         h_row = h_ptr + pair.to(tl.int64) * stride_h
@@ -291,7 +303,8 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     shared = (gate_up [2Is, H], its row scales [2Is] or scalar, input scale, down [H, Is], scale, input scale)
     (FP8, static input scales). Returns [T, H] in x's dtype: routed (+ shared).
     router_logits [T, E] (top-1 only): pass 1 picks each token's expert and score from them (in every program,
-    so the router's launch needs no pick step) and writes them to top_ids, top_scores [T, 1] for pass 2."""
+    so the router's launch needs no pick step) and writes them to top_ids, top_scores [T, 1]; pass 2 picks the
+    same expert from them again, before its PDL wait."""
     config = config or _config(x.shape[0])
     first, second = config if isinstance(config[0], tuple) else (config, config)
     (block_n, block_k, num_warps, stages, mode, split_k), (block_n2, block_k2, num_warps2, stages2, mode2, _) = \
@@ -337,7 +350,8 @@ def moe_experts_gemv(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.T
     se, sn = _scale_strides(down_scale)
     _fc2_kernel[(triton.cdiv(H, block_n2), T)](
         h, ids, down, down_scale, down_scale if dynamic else down_input_scale, sdn, sdn_scale, sdn_in, out,
-        H, I, Is, down.shape[0], expert_offset, k, P, down.stride(0), down.stride(1), sdn.stride(0), h.stride(0),
-        out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
-        BLOCK_K=block_k2, MODE=mode2, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps2, num_stages=stages2)
+        router_logits, H, I, Is, down.shape[0], expert_offset, k, P, E, down.stride(0), down.stride(1), sdn.stride(0),
+        h.stride(0), out.stride(0), se, sn, HAS_SHARED=shared is not None, DYNAMIC_X=dynamic, BLOCK_N=block_n2,
+        BLOCK_K=block_k2, MODE=mode2, FROM_LOGITS=from_logits, E_POW2=triton.next_power_of_2(E), PDL=PDL,
+        **PDL_LAUNCH, num_warps=num_warps2, num_stages=stages2)
     return out
