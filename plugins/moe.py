@@ -83,13 +83,14 @@ def moe_block(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, gate_up:
               down_scale: torch.Tensor, down_input_scale: torch.Tensor | None, shared_gate_up: torch.Tensor,
               shared_gate_up_scale: torch.Tensor, shared_gate_up_input_scale: torch.Tensor, shared_down: torch.Tensor,
               shared_down_scale: torch.Tensor, shared_down_input_scale: torch.Tensor) -> torch.Tensor:
-    """The router, then moe_ffn (arguments as moe_router's and moe_ffn's). One token, top-1, on CUDA: the
-    router's launch only writes the logits and the MoE pass 1 picks the expert from them in every program:
-    no pick step by the router's last program (an arrival counter and a read-back) between the two."""
+    """The router, then moe_ffn (arguments as moe_router's and moe_ffn's: FP8 routed and shared experts). One
+    token, top-1, on CUDA: the router's launch only writes the logits, and both MoE passes pick the expert from
+    them in every program: no pick step by the router's last program (an arrival counter and a read-back)."""
     shared = (shared_gate_up, shared_gate_up_scale, shared_gate_up_input_scale, shared_down, shared_down_scale,
               shared_down_input_scale)
     T = x.shape[0]
-    if top_k == 1 and T <= threshold(x, "router_max_tokens") and T <= threshold(x, "moe_max_tokens"):
+    fp8 = gate_up.dtype == shared_gate_up.dtype == torch.float8_e4m3fn
+    if fp8 and top_k == 1 and T <= threshold(x, "router_max_tokens") and T <= threshold(x, "moe_max_tokens"):
         from .kernels.moe_gemv import moe_experts_gemv
         from .kernels.small_ops import router_triton
 
