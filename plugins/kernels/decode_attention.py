@@ -191,7 +191,9 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
                      post: tuple | None = None, slots: torch.Tensor | None = None):
     """Arguments as maverick_plugins.paged_attention (token_to_padded is implied by q_index).
     Every token of the step must appear in q_index (padding rows have q_positions -1); real rows'
-    positions are at least their sequence's ctx_lens (new tokens follow the cached context).
+    positions are at least their sequence's ctx_lens (new tokens follow the cached context). With PDL both
+    kernels read ctx_lens, q_index and q_positions before waiting for the previous kernel: they must not be
+    that kernel's outputs (in the model they are the step's inputs, copied in before its first kernel).
 
     post = (cos, sin, use_rope, qk_norm, eps, temperature): q and k are the raw QKV output's views, and the
     kernel applies what qkv_post would (RoPE, QK-norm, the temperature (floor_scale, attn_scale) or None).
