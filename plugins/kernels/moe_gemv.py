@@ -30,6 +30,7 @@ from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .e4m3 import to_e4m3
 from .fp8_gemm import _mma
 from .pdl import pdl_enter, pdl_release
+from .router_pick import argmax_lowest, row_logits, sigmoid_score
 
 
 @triton.jit
@@ -101,11 +102,9 @@ def _fc13_swiglu_kernel(
     pair = tl.minimum(row, P - 1)
     token = tl.where(shared, row - P, pair // TOP_K)
     if FROM_LOGITS:  # top-1 of the router's logits, in every program (no pick step in the router's launch)
-        offs_e = tl.arange(0, E_POW2)
-        lg = tl.load(logits_ptr + pair * E + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
-        best = tl.max(lg, axis=0)
-        pick = tl.min(tl.where(lg == best, offs_e, E_POW2), axis=0)  # ties: the lowest id, as torch.topk here
-        top_score = (1.0 / (1.0 + tl.exp(-best))).to(scores_ptr.dtype.element_ty)
+        lg, offs_e = row_logits(logits_ptr + pair * E, E, E_POW2)
+        pick, best = argmax_lowest(lg, offs_e, E_POW2)
+        top_score = sigmoid_score(best, scores_ptr.dtype.element_ty)
         if (pid_n == 0) & (pid_k == 0) & (row < P):  # for pass 2 (and the caller)
             tl.store(ids_ptr + pair, pick.to(tl.int64))
             tl.store(scores_ptr + pair, top_score)
@@ -216,9 +215,8 @@ def _fc2_kernel(
     if FROM_LOGITS:  # top-1 from the router's logits, as pass 1 picks it. With PDL 2 before the wait (the
         if PDL == 1:  # router ran two kernels back; a kernel starts once the one before it passed its wait), so
             pdl_enter(PDL)  # after it no load of pass 1's ids stands between the wait and the weights
-        offs_e = tl.arange(0, E_POW2)
-        lg = tl.load(logits_ptr + token * E + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
-        pick = tl.min(tl.where(lg == tl.max(lg, axis=0), offs_e, E_POW2), axis=0) - expert_offset
+        lg, offs_e = row_logits(logits_ptr + token * E, E, E_POW2)
+        pick = argmax_lowest(lg, offs_e, E_POW2)[0] - expert_offset
         if PDL != 1:
             pdl_enter(PDL)
     else:

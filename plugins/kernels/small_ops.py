@@ -16,6 +16,7 @@ from .counters import arrival_counters, last_to_arrive, reset_arrivals
 from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release
 from .qk_rows import load_qk_rows, temperature
+from .router_pick import argmax_lowest, row_logits, sigmoid_score
 
 
 @triton.jit
@@ -148,8 +149,7 @@ def _router_topk_kernel(logits_ptr, ids_ptr, scores_ptr, E, TOP_K: tl.constexpr,
     pdl_enter(PDL)
     pdl_release(PDL)  # few programs at decode sizes (one wave): release at once
     t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    x = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    x, offs = row_logits(logits_ptr + t * E, E, BLOCK_E)
     _pick_top_k(x, offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, BLOCK_E)
 
 
@@ -196,7 +196,7 @@ def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T
     if PICK:
         if last_to_arrive(counter_ptr, tl.num_programs(0)):
             offs = tl.arange(0, E_POW2)
-            for t in range(0, T):
+            for t in range(0, T):  # .cg: the other programs' logits, past this SM's L1
                 lg = tl.load(logits_ptr + t * E + offs, mask=offs < E, other=float("-inf"), cache_modifier=".cg")
                 _pick_top_k(lg.to(tl.float32), offs, ids_ptr + t * TOP_K, scores_ptr + t * TOP_K, TOP_K, E_POW2)
             reset_arrivals(counter_ptr)
@@ -204,11 +204,10 @@ def _router_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, ids_ptr, scores_ptr, T
 
 @triton.jit
 def _pick_top_k(x, offs, ids_ptr, scores_ptr, TOP_K: tl.constexpr, E_POW2: tl.constexpr):
-    for j in range(TOP_K):  # k rounds of argmax; ties go to the lowest id, as torch.topk does here
-        best = tl.max(x, axis=0)
-        idx = tl.min(tl.where(x == best, offs, E_POW2), axis=0)
+    for j in range(TOP_K):  # k rounds of argmax
+        idx, best = argmax_lowest(x, offs, E_POW2)
         tl.store(ids_ptr + j, idx.to(tl.int64))
-        tl.store(scores_ptr + j, (1.0 / (1.0 + tl.exp(-best))).to(scores_ptr.dtype.element_ty))
+        tl.store(scores_ptr + j, sigmoid_score(best, scores_ptr.dtype.element_ty))
         x = tl.where(offs == idx, float("-inf"), x)
 
 
