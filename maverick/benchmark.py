@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from maverick.bench.measure import (allreduce_us, decode_step, hbm_read_bandwidth, kv_blocks, prefill_step_ms,
-                                    time_to_first_token)
+from maverick.bench.measure import (allreduce_us, decode_step, hbm_read_bandwidth, kv_blocks, prefill_graph_ms,
+                                    prefill_step_ms, time_to_first_token)
 from maverick.build.synthetic import synthetic_model
 from maverick.config import BuildConfig, ModelConfig, QuantConfig
 from maverick.runtime.model_runner import ModelRunner
@@ -46,7 +46,7 @@ GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_num_tokens: int, tp_size: int,
-            rank: int, world: int, say, overlap: bool = True) -> list:
+            rank: int, world: int, say, overlap: bool = True, prefill_graphs: bool = True) -> list:
     """Every rank captures the decode graphs; rank 0 runs the engine loop and sends each step's plan to
     the other ranks, which follow (the LLM's own arrangement)."""
     from maverick import distributed
@@ -54,7 +54,8 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
     from maverick.runtime.worker import STOP, serve_steps
 
     runner.warmup(max_num_tokens)  # compile the prefill kernels now, not in the first request's TTFT
-    runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)])
+    prefill = BuildConfig(max_num_tokens=max_num_tokens, max_seq_len=runner.max_seq_len).graph_prefill_tokens()
+    runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)], prefill if prefill_graphs else [])
     points = []
     if rank == 0:
         send = (lambda plan, rows: distributed.broadcast_object((plan, rows))) if world > 1 else None
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="end-to-end runs read each step's tokens before queuing the next (A/B of the overlap "
                         "scheduler)")
+    p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false",
+                   help="e2e: run prefill steps eagerly (A/B against the prefill CUDA graphs)")
     p.add_argument("--peer-baseline", action="store_true",
                    help="transformers vs maverick on a reduced Maverick (4 layers, 16 experts), one GPU")
     p.add_argument("--allreduce-us", type=float, help="one-rank mode: one all-reduce's latency, measured elsewhere")
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "one-rank" if world == 1 else "ranks"
     head = (f"card={card} gpus={world} mode={mode} tp_size={a.tp_size} preset={a.preset} "
             f"pdl={dispatch.pdl_mode_name()} pdl_prefetch={a.pdl_prefetch} splitk_serial={a.splitk_serial} overlap={a.overlap} "
-            f"lm_head={'fp8' if a.lm_head_fp8 else 'bf16'} "
+            f"lm_head={'fp8' if a.lm_head_fp8 else 'bf16'} prefill_graphs={a.prefill_graphs} "
             f"commit={git_commit()} "
             f"command={' '.join(sys.argv)}")
     say(head, flush=True)
@@ -209,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"({r.bytes_per_step / 1e9:.3f} GB), {r.ratio:.0%} of roofline", flush=True)
     ttft = {}
     for n in ttfts:
-        ttft[n] = time_to_first_token(runner, n)
-        say(f"  time to first token, {n}-token prompt (eager prefill): {ttft[n]:.1f} ms", flush=True)
+        graph_tokens = next((t for t in build.graph_prefill_tokens() if t >= n), n)
+        ttft[n] = (time_to_first_token(runner, n), prefill_graph_ms(runner, n, graph_tokens), graph_tokens)
+        say(f"  time to first token, {n}-token prompt: eager prefill {ttft[n][0]:.1f} ms, prefill CUDA graph of "
+            f"{graph_tokens} tokens {ttft[n][1]:.1f} ms", flush=True)
     if a.reference:
         ops.set_kernels_enabled(False)
         r = decode_step(runner, cfg, build, 1, contexts[0], bw, a.tp_size)
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.append(SweepPoint(isl, osl, c, pre, step, a.tp_size))
             say("  sweep " + sweep[-1].row(), flush=True)
     e2e = run_e2e(runner, cfg, e2e_workloads, concurrency, a.max_num_tokens, a.tp_size, rank, world, say,
-                  a.overlap) \
+                  a.overlap, a.prefill_graphs) \
         if e2e_workloads else []
     peer = []
     if a.peer_baseline:
@@ -239,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"| {path} | {r.batch} | {r.context} | {r.step_ms:.3f} | {r.floor_ms:.3f} | {r.ratio:.0%} | "
             f"{r.tokens_per_s_per_user:.0f} | {r.tokens_per_s_per_gpu:.0f} |")
     if ttft:
-        say("\n| prompt tokens | time to first token ms |\n|---|---|")
-        for n, ms in ttft.items():
-            say(f"| {n} | {ms:.1f} |")
+        say("\n| prompt tokens | eager prefill ms | graph tokens | prefill graph replay ms |\n|---|---|---|---|")
+        for n, (eager, graph, tokens) in ttft.items():
+            say(f"| {n} | {eager:.1f} | {tokens} | {graph:.1f} |")
     if sweep:
         say("\nconcurrency sweep (MODEL over measured parts: c prompts prefilled, then OSL steps at batch c timed "
             "at context ISL + OSL/2; maverick/bench/sweep.py)")
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json and rank == 0:
         Path(a.json).write_text(json.dumps({
             "header": head, "bandwidth_Bps": bw, "allreduce_us": ar_us,
-            "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": ttft,
+            "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": {n: dict(eager=e, graph=g, graph_tokens=t) for n, (e, g, t) in ttft.items()},
             "sweep": [_point(pt) for pt in sweep], "e2e": [_point(pt) for pt in e2e],
             "peer": [{"engine": n, "ms_per_token": ms} for n, ms in peer]}, indent=1))
     if world > 1:

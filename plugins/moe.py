@@ -49,8 +49,9 @@ def moe_experts(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor
         if _grouped_mm_ok(x, gate_up, down):  # one grouped GEMM per projection, no host sync: capturable
             return moe_experts_grouped_mm(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                                           gate_up_input_scale, down_scale, down_input_scale)
-        return moe_experts_grouped(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
-                                   gate_up_input_scale, down_scale, down_input_scale)
+        if not torch.cuda.is_current_stream_capturing():  # it reads the expert counts on the host
+            return moe_experts_grouped(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
+                                       gate_up_input_scale, down_scale, down_input_scale)
     return moe_experts_ref(x, top_ids, top_scores, gate_up, down, expert_offset, gate_up_scale,
                            gate_up_input_scale, down_scale, down_input_scale)
 

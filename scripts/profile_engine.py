@@ -106,7 +106,7 @@ def main() -> int:
     for c in conc:
         overlap = None if a.overlap is None else a.overlap == "on"
         walls, phases, trace = run(runner, cfg.vocab_size, c, a.isl, a.steps, a.temperature, a.profile, overlap)
-        graph = runner.graphs.graphs[runner.graphs.size_for(c)].forward
+        graph = runner.graphs.graphs[runner.graphs.shape_for([1] * c, [1] * c)].forward
         times = []
         for _ in range(50):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -58,6 +58,9 @@ def test_flags_override_yaml():
     ("quant:\n  algo: FP8\n  scheme: x\n", r"unknown key\(s\) \['scheme'\]"),
     ("tp_size: 4\nep_size: 3\n", r"ep_size=3: expected a divisor of tp_size=4"),
     ("- a\n- b\n", "expected a mapping"),
+    ("cuda_graph_prefill_tokens: 128\n", "cuda_graph_prefill_tokens must be a list of positive integers, got 128"),
+    ("cuda_graph_prefill_tokens: [128, 0]\n", r"cuda_graph_prefill_tokens=\(128, 0\): expected a list of positive"),
+    ("cuda_graph_batch_sizes: [1, two]\n", r"cuda_graph_batch_sizes=\(1, 'two'\): expected a list of positive"),
 ])
 def test_yaml_rejects_bad_configs(tmp_path, text, match):
     f = tmp_path / "c.yaml"

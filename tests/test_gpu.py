@@ -15,13 +15,17 @@ def _need_cuda():
 
 
 def test_cuda_greedy_equals_cpu(tiny_engine):
-    """The whole runtime on CUDA (reference ops) gives the CPU path's greedy tokens (fp32 engine)."""
+    """The whole runtime on CUDA (reference ops) gives the CPU path's greedy tokens (fp32 engine): two prompts
+    prefilled in one eager step, and one 100-token prompt alone, whose chunks (64 + 36 tokens, max_num_tokens
+    64) replay the 64-token prefill graph."""
     prompts = [prompt_ids(40, seed=3), prompt_ids(9, seed=4)]
+    alone = prompt_ids(100, seed=5)
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     with LLM(tiny_engine, device="cpu") as cpu:
-        ref = [o.outputs[0].token_ids for o in cpu.generate(prompts, p)]
+        ref = [o.outputs[0].token_ids for o in cpu.generate(prompts, p) + cpu.generate([alone], p)]
     with LLM(tiny_engine, device="cuda") as gpu:
-        got = [o.outputs[0].token_ids for o in gpu.generate(prompts, p)]
+        assert gpu.engine.runner.graphs.prefill_tokens == [16, 32, 64]
+        got = [o.outputs[0].token_ids for o in gpu.generate(prompts, p) + gpu.generate([alone], p)]
         assert gpu.kv_cache.all_free
     assert got == ref
 
@@ -43,7 +47,7 @@ def _decode_logits(runner, prompts, tokens, kernels, eager_rows=None):
         seqs = [StepSeq(i, [toks[i]], cur[i], runner.kv.grow(i, cur[i] + 1)) for i in range(len(prompts))]
         if eager_rows:  # eager, with exactly the padded shapes the graph of that size was captured with
             with torch.inference_mode():
-                batch = ForwardBatch(**to_device(runner._padded(seqs, eager_rows).tensors(), "cuda"))
+                batch = ForwardBatch(**to_device(runner._padded(seqs, (eager_rows, 1)).tensors(), "cuda"))
                 out.append(runner.model(batch, runner.kv_caches)[:len(seqs)])
         else:
             out.append(runner.forward(seqs).clone())
@@ -84,6 +88,48 @@ def test_kernels_and_cuda_graphs(kv, seqs):
     print(f"kv={kv}: kernels vs reference, worst per-row relative logit difference {rel:.3f}")
 
 
+@pytest.mark.parametrize("kv", [None, "FP8"])
+def test_prefill_cuda_graphs(kv):
+    """One sequence's prompt chunks replay prefill graphs padded up to 16, 32 or 64 tokens (7 -> 16, 40 -> 64,
+    and 30 + 33 crossing a 32-token attention chunk with context -> 32, 64). Tiny preset in bf16 with FP8
+    weights (the grouped-GEMM MoE path eagerly and in the graph alike): the logits equal the same padded batch
+    run eagerly bit for bit, so does the KV cache (the padding writes only the scratch block), and the
+    unpadded eager prefill is within bf16/FP8 rounding."""
+    from maverick.build.synthetic import synthetic_model
+    from maverick.config import BuildConfig, ModelConfig, QuantConfig
+    from maverick.layers.forward_batch import ForwardBatch
+    from maverick.runtime.batch import StepSeq
+    from maverick.runtime.model_runner import ModelRunner
+    from maverick.runtime.staging import to_device
+
+    cfg = ModelConfig.preset("tiny")
+    build = BuildConfig(max_seq_len=256, max_batch_size=2, kv_cache_block_size=16, quant=QuantConfig("FP8", kv))
+    model = synthetic_model(cfg, build, 0, "cuda", seed=3)
+    graphed = ModelRunner(model, 256, 2, 16, device="cuda")
+    graphed.capture_cuda_graphs([1, 2], [16, 32, 64])
+    padded, plain = ModelRunner(model, 256, 2, 16, device="cuda"), ModelRunner(model, 256, 2, 16, device="cuda")
+    cases = [([7], (1, 16)), ([40], (1, 64)), ([30, 33], (1, 32))]
+    for seq_id, (chunks, first_shape) in enumerate(cases):
+        ids = prompt_ids(sum(chunks), seed=20 + seq_id, vocab=500)
+        pos = 0
+        for n in chunks:
+            seq = {r: [StepSeq(seq_id, ids[pos:pos + n], pos, r.kv.grow(seq_id, pos + n))]
+                   for r in (graphed, padded, plain)}
+            shape = graphed._graphable(seq[graphed])
+            assert shape == (first_shape if pos == 0 else (1, 64)), shape
+            g = graphed.forward(seq[graphed]).clone()
+            with torch.inference_mode():
+                batch = ForwardBatch(**to_device(padded._padded(seq[padded], shape).tensors(), "cuda"))
+                e = padded.model(batch, padded.kv_caches)
+            assert torch.equal(g, e), (seq_id, pos)
+            ref = plain.forward(seq[plain])
+            rel = ((g - ref).norm() / ref.norm()).item()
+            assert rel < 0.05, (seq_id, pos, rel)
+            pos += n
+        for (kg, vg), (ke, ve) in zip(graphed.kv_caches, padded.kv_caches):
+            assert torch.equal(kg[:-1], ke[:-1]) and torch.equal(vg[:-1], ve[:-1])
+
+
 def test_graphed_sampler_equals_eager():
     """The sampler graph replayed after the forward graph samples exactly what sample() gives eagerly on
     the same logits (top-k, top-p, min-p, seeds, greedy rows mixed in), and an all-greedy step (the
@@ -107,7 +153,7 @@ def test_graphed_sampler_equals_eager():
         seqs = [StepSeq(i, [7 + step], len(p) + step, runner.kv.grow(i, len(p) + step + 1))
                 for i, p in enumerate(prompts)]
         logits, tokens = runner.step(seqs, rows)
-        assert runner._graphable(seqs) == 4 and logits.shape[0] == 3 and tokens.shape == (3,)
+        assert runner._graphable(seqs) == (4, 1) and logits.shape[0] == 3 and tokens.shape == (3,)
         expect = sample(logits.clone(), rows.to_tensors("cuda"))
         assert torch.equal(tokens, expect), (tokens, expect)
         assert tokens[1] == logits[1].argmax()

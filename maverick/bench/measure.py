@@ -120,6 +120,19 @@ def time_to_first_token(runner: ModelRunner, prompt_len: int) -> float:
     return prefill_step_ms(runner, 1, prompt_len)
 
 
+def prefill_graph_ms(runner: ModelRunner, prompt_len: int, graph_tokens: int) -> float:
+    """One prompt of prompt_len tokens replayed from a prefill CUDA graph of graph_tokens tokens (the prompt
+    padded up), in ms: CUDA events over replays, median. Captures that graph, drops it after."""
+    gen = torch.Generator().manual_seed(prompt_len)
+    ids = torch.randint(4, 200000, (prompt_len,), generator=gen).tolist()
+    runner.capture_cuda_graphs([], [graph_tokens])
+    seq = StepSeq(30_000, ids, 0, runner.kv.grow(30_000, prompt_len))
+    ms = median_ms(runner.stage_graph([seq], (1, graph_tokens)).replay, iters=10)
+    runner.kv.free(30_000)
+    runner.graphs = None
+    return ms
+
+
 def allreduce_us(model, device: torch.device) -> float:
     """One all-reduce + add + RMSNorm of one token as the layers run it (fused one-shot over peer
     buffers, or NCCL + the add+norm kernel): median per call over graph replays of 2 x layers calls."""

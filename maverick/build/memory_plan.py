@@ -4,7 +4,8 @@ Weights: exact bytes of the rank's engine tensors. KV cache: global (NoPE) layer
 tokens per sequence, local (chunked RoPE) layers at most one chunk, at max_batch_size sequences.
 Activations: the peak working set of one step of max_num_tokens tokens (residual, QKV, attention
 output, the widest FFN, fp32 logits of max_batch_size rows with the sampler's sort). CUDA graphs:
-the same estimate at each captured batch size. Reserve: CUDA context, NCCL buffers and allocator
+the same estimate at each captured batch size, plus the largest prefill graph (the graphs share one
+memory pool, captured largest first). Reserve: CUDA context, NCCL buffers and allocator
 slack, 2 GiB.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ def plan(cfg: ModelConfig, build: BuildConfig) -> MemoryPlan:
     act = activation_bytes(cfg, build, build.max_num_tokens, build.max_batch_size)
     graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
                  if b <= build.max_batch_size)
+    graphs += max((activation_bytes(cfg, build, t, 1) for t in build.graph_prefill_tokens()), default=0)
     return MemoryPlan(weight_bytes(cfg, build), kv, act, graphs)
 
 
@@ -84,7 +86,8 @@ def format_plan(cfg: ModelConfig, build: BuildConfig, p: MemoryPlan, gpu_memory_
         f"  weights       {gb(p.weights)}",
         f"  kv cache      {gb(p.kv_cache)}  (global layers x max_seq_len, local layers x min(max_seq_len, chunk))",
         f"  activations   {gb(p.activations)}  (one step of max_num_tokens)",
-        f"  cuda graphs   {gb(p.cuda_graphs)}  (batch sizes {list(build.cuda_graph_batch_sizes)})",
+        f"  cuda graphs   {gb(p.cuda_graphs)}  (batch sizes {list(build.cuda_graph_batch_sizes)}, prefill "
+        f"tokens {build.graph_prefill_tokens()})",
         f"  reserve       {gb(p.reserve)}  (CUDA context, NCCL, allocator slack)",
         f"  total         {gb(p.total)}",
     ]

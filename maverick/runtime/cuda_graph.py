@@ -1,11 +1,14 @@
-"""CUDA graphs for decode steps: static inputs per captured batch size, padding, replay, sampling.
+"""CUDA graphs for whole steps: static inputs per captured shape, padding, replay, sampling.
 
-A decode step is hundreds of small kernels; launched eagerly each costs about 7 us of host time
-(shared/REFERENCE.md section 7), so a 48-layer step would be launch-bound. One graph replay launches
-them all. Shapes a graph fixes: batch rows (padded with empty sequences that write only to the
-scratch block), one new token per sequence, and the global block-table width (max_seq_len).
+A step is hundreds of small kernels (about 40 a layer); launched eagerly each costs about 7 us of host
+time (shared/REFERENCE.md section 7), so a 48-layer step is launch-bound: a decode step, and a prefill
+too (one 128-token prompt, one-rank TP8 on H200: 59 ms of host time for 15.6 ms of GPU work). One graph
+replay launches them all. A graph's shape is (rows, q): `rows` sequences of `q` new tokens each, rows * q
+tokens in all. Decode graphs are (batch, 1); prefill graphs (1, tokens) take one sequence's prompt chunk
+padded up to `tokens` (padding tokens sit at position -1 and write to the scratch block). The block-table
+widths are fixed too (max_seq_len).
 
-Each size has two graphs over one memory pool: the forward (ForwardBatch -> logits) and the sampler
+Each shape has two graphs over one memory pool: the forward (ForwardBatch -> logits) and the sampler
 (logits + SamplingTensors -> tokens, about 80 small kernels eager: sort, hash noise, filters). A
 greedy step skips the sampler graph and takes one argmax. The inputs of both live in two flat
 buffers (int64, fp32) filled by one host -> device copy each (maverick/runtime/staging.py).
@@ -33,24 +36,52 @@ class _Captured:
     tokens: torch.Tensor  # [rows] output of `sampler`
 
 
-class DecodeGraphs:
-    def __init__(self, model, kv_caches, batch_sizes: list[int], global_blocks: int, local_blocks: int,
-                 device: torch.device):
+Shape = tuple[int, int]  # (rows, q): rows sequences of q new tokens each
+
+
+def graph_shape(token_counts: list[int], num_logits: list[int], batch_sizes: list[int],
+                prefill_tokens: list[int]) -> Shape | None:
+    """The captured shape a step replays, or None (eager). A step of one new token per sequence takes the
+    smallest decode graph with enough rows; one sequence's chunk of n > 1 tokens, the smallest prefill graph
+    of at least n tokens. Steps that mix sequences with several new tokens, or want several logits of a
+    sequence (draft verification), run eagerly."""
+    if any(n != 1 for n in num_logits):
+        return None
+    if all(t == 1 for t in token_counts):
+        rows = next((b for b in sorted(batch_sizes) if b >= len(token_counts)), None)
+        return None if rows is None else (rows, 1)
+    if len(token_counts) == 1:
+        q = next((t for t in sorted(prefill_tokens) if t >= token_counts[0]), None)
+        return None if q is None else (1, q)
+    return None
+
+
+class StepGraphs:
+    def __init__(self, model, kv_caches, shapes: list[Shape], device: torch.device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
-        self.sizes = sorted(batch_sizes)
-        self.global_blocks, self.local_blocks = global_blocks, local_blocks
-        self.graphs: dict[int, _Captured] = {}
+        self.shapes = sorted(set(shapes), key=lambda s: (s[0] * s[1], s))
+        self.graphs: dict[Shape, _Captured] = {}
         self.pool = None
 
-    def size_for(self, batch: int) -> int | None:
-        return next((s for s in self.sizes if s >= batch), None)
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [r for r, q in self.shapes if q == 1]
+
+    @property
+    def prefill_tokens(self) -> list[int]:
+        return [q for r, q in self.shapes if r == 1 and q > 1]
+
+    def shape_for(self, token_counts: list[int], num_logits: list[int]) -> Shape | None:
+        return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
 
     def capture(self, make_batch) -> None:
-        """make_batch(b) -> a valid decode ForwardBatch of b rows (on the CPU) used as capture input."""
-        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            proto = make_batch(b)
+        """make_batch(shape) -> a valid ForwardBatch of that shape (on the CPU) used as capture input."""
+        for shape in reversed(self.shapes):  # most tokens first, so smaller graphs reuse its memory pool
+            b = shape[0]
+            proto = make_batch(shape)
             ints = Staged({**{k: tuple(t.shape) for k, t in proto.tensors().items()},
-                           **{k: (b,) for k in INT_FIELDS}, "feed_src": (b,)}, torch.int64, self.device)
+                           **{k: (b,) for k in INT_FIELDS}, "feed_src": (proto.num_tokens,)},
+                          torch.int64, self.device)
             floats = Staged({k: (b,) for k in FLOAT_FIELDS}, torch.float32, self.device)
             self._write(ints, floats, proto, SamplingRows([], [], [], [], [], []).padded(b))
             batch = ForwardBatch(**{k: ints.views[k] for k in proto.tensors()})
@@ -66,7 +97,7 @@ class DecodeGraphs:
                 self.pool = forward.pool()
                 with torch.cuda.graph(sampler, pool=self.pool):  # replayed right after `forward`, never alone
                     tokens = sample(logits, params)
-            self.graphs[b] = _Captured(forward, sampler, ints, floats, logits, tokens)
+            self.graphs[shape] = _Captured(forward, sampler, ints, floats, logits, tokens)
 
     @staticmethod
     def _write(ints: Staged, floats: Staged, batch: ForwardBatch, rows: SamplingRows | None) -> None:
@@ -81,18 +112,18 @@ class DecodeGraphs:
         ints.upload()
 
     def stage(self, batch: ForwardBatch) -> torch.cuda.CUDAGraph:
-        """Write a padded decode batch (CPU) into its graph's static inputs; returns the forward graph, whose
+        """Write a padded batch (CPU) into its graph's static inputs; returns the forward graph, whose
         replays then recompute that batch's logits (benchmarks time exactly these replays)."""
-        g = self.graphs[batch.q_index.shape[0]]
+        g = self.graphs[tuple(batch.q_index.shape)]
         self._write(g.ints, g.floats, batch, None)
         return g.forward
 
     def replay(self, batch: ForwardBatch, rows: SamplingRows | None, n_rows: int, feed: torch.Tensor | None = None,
                feed_src: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """batch (CPU) must already be padded to a captured size. Returns the logits of the first n_rows
+        """batch (CPU) must already be padded to a captured shape. Returns the logits of the first n_rows
         and, if rows are given, their sampled tokens (on the device, not yet synchronized). feed_src:
         per token, the row of `feed` (the previous step's tokens on the device) to take instead, or -1."""
-        g = self.graphs[batch.q_index.shape[0]]
+        g = self.graphs[tuple(batch.q_index.shape)]
         greedy = rows is None or rows.greedy
         if feed_src is not None:
             g.ints.write("feed_src", feed_src)

@@ -43,13 +43,14 @@ class ModelRunner:
         self.graph_blocks = cdiv(max_seq_len, block_size)  # block-table width every graph is captured with
         self.graphs = None
 
-    def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
-        """Capture decode steps (one new token per sequence) for these batch sizes."""
-        from .cuda_graph import DecodeGraphs
+    def capture_cuda_graphs(self, batch_sizes: list[int], prefill_tokens: list[int] = ()) -> None:
+        """Capture decode steps (one new token per sequence) for these batch sizes, and one sequence's
+        prefill chunk for these token counts (each padded up to the next; none above max_seq_len)."""
+        from .cuda_graph import StepGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, batch_sizes, self.graph_blocks,
-                                   ring_blocks(self.max_seq_len, self.chunk, self.block_size), self.device)
-        self.graphs.capture(lambda b: self._padded([], b))
+        shapes = [(b, 1) for b in batch_sizes] + [(1, t) for t in prefill_tokens if 1 < t <= self.max_seq_len]
+        self.graphs = StepGraphs(self.model, self.kv_caches, shapes, self.device)
+        self.graphs.capture(lambda shape: self._padded([], shape))
 
     @torch.inference_mode()
     def warmup(self, max_num_tokens: int) -> None:
@@ -78,21 +79,25 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _padded(self, seqs: list[StepSeq], rows: int):
+    def _padded(self, seqs: list[StepSeq], shape: tuple[int, int]):
+        """seqs as a batch of a graph's shape (rows sequences x q new tokens, rows * q tokens, full-width
+        block tables, one logits row a sequence)."""
+        rows, q = shape
         batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local,
-                                    pad_batch=rows, pad_q=1, pad_global_blocks=self.graph_blocks,
+                                    pad_batch=rows, pad_q=q, pad_global_blocks=self.graph_blocks,
                                     pad_local_blocks=ring_blocks(self.max_seq_len, self.chunk, self.block_size),
-                                    pad_tokens=rows)
+                                    pad_tokens=rows * q)
         return batch.pad_logits(rows)
 
-    def stage_graph(self, seqs: list[StepSeq], rows: int):
-        """The captured decode graph of `rows` rows with seqs (padded) in its inputs, for timing replays."""
-        return self.graphs.stage(self._padded(seqs, rows))
+    def stage_graph(self, seqs: list[StepSeq], shape: tuple[int, int] | int):
+        """The captured graph of `shape` ((rows, q); an int: a decode graph of that many rows) with seqs
+        (padded) in its inputs, for timing replays."""
+        return self.graphs.stage(self._padded(seqs, (shape, 1) if isinstance(shape, int) else shape))
 
-    def _graphable(self, seqs: list[StepSeq]) -> int | None:
-        if self.graphs is None or not all(len(s.tokens) == 1 and s.num_logits == 1 for s in seqs):
+    def _graphable(self, seqs: list[StepSeq]) -> tuple[int, int] | None:
+        if self.graphs is None:
             return None
-        return self.graphs.size_for(len(seqs))
+        return self.graphs.shape_for([len(s.tokens) for s in seqs], [s.num_logits for s in seqs])
 
     def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
@@ -110,10 +115,10 @@ class ModelRunner:
         fed = any(s.feed_row >= 0 for s in seqs)
         if fed and feed is None:
             raise ValueError("a sequence's feed_row is set but no previous tokens were given (feed)")
-        graph_rows = self._graphable(seqs)
-        if graph_rows is not None:  # decode: replay the captured graphs of the next size up
-            src = _feed_index(seqs, graph_rows) if fed else None
-            logits, tokens = self.graphs.replay(self._padded(seqs, graph_rows), rows, len(seqs), feed, src)
+        shape = self._graphable(seqs)
+        if shape is not None:  # replay the captured graphs of the next shape up (decode, or one prompt chunk)
+            src = _feed_index(seqs, shape[0] * shape[1]) if fed else None
+            logits, tokens = self.graphs.replay(self._padded(seqs, shape), rows, len(seqs), feed, src)
         else:
             batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
             inputs = batch.tensors()

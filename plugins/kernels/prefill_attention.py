@@ -45,8 +45,10 @@ def _prefill_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
 
+    # a block of padding rows only (a prompt chunk padded up to a CUDA graph's size) reads nothing
+    live = tl.max(qpos) >= 0
     # 1. the cached context, one cache block per tile (a local layer's table is a ring of NBT blocks)
-    for t0 in range(0, tl.minimum(ctx, NBT * BLOCK_KV), BLOCK_KV):
+    for t0 in range(0, tl.where(live, tl.minimum(ctx, NBT * BLOCK_KV), 0), BLOCK_KV):
         k, v, kpos, valid = cache_tile(kc_ptr, vc_ptr, table_ptr, b, NBT, t0, h, ctx, stride_cs, stride_ch, offs_d,
                                        k_scale, v_scale, CHUNK, BLOCK_KV, LOCAL, FP8)
         vis = valid[None, :] & visible(kpos, qpos, CHUNK, LOCAL)
@@ -58,7 +60,7 @@ def _prefill_kernel(
     if LOCAL:
         first = tl.load(qpos_ptr + b * Q + m0)
         j_lo = tl.maximum(first // CHUNK * CHUNK - pos0, 0) // BLOCK_N * BLOCK_N
-    j_hi = tl.minimum(m0 + BLOCK_M, Q)
+    j_hi = tl.where(live, tl.minimum(m0 + BLOCK_M, Q), 0)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         k, v, kpos = new_tile(k_ptr, v_ptr, qidx_ptr, qpos_ptr, b, Q, j0 + tl.arange(0, BLOCK_N), h, stride_kt,
                               stride_kh, stride_vt, stride_vh, offs_d, k_scale, v_scale, FP8)
@@ -86,7 +88,9 @@ def prefill_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index,
     kc = k_cache.view(-1, kvh, D)
     vc = v_cache.view(-1, kvh, D)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    out = torch.empty_like(q)  # rows of tokens outside q_index (padding) stay unwritten: never read
+    # rows of tokens outside q_index stay unwritten. Eager, every token is in q_index; a CUDA graph's padding
+    # tokens are not, and their rows flow on through the layer's (row-wise) ops: zeros, not stale memory
+    out = torch.zeros_like(q) if q.is_cuda and torch.cuda.is_current_stream_capturing() else torch.empty_like(q)
     _prefill_kernel[(B, H, triton.cdiv(Q, block_m))](
         q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
         k_scale if fp8 else ctx_lens, v_scale if fp8 else ctx_lens, out,
