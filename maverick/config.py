@@ -327,10 +327,11 @@ class BuildConfig:
     kv_cache_block_size: int = 64
     quant: QuantConfig = field(default_factory=QuantConfig)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
-    # One sequence's prefill chunk replays a CUDA graph of the next token count up (padding costs little:
-    # at these counts a step's time is its weight reads); eager, a 128-token prefill was 59 ms of host time
-    # for 15.6 ms of GPU work (one-rank TP8, H200). Sizes above max_num_tokens or max_seq_len are skipped.
-    cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    # One sequence's prefill chunk replays a CUDA graph of the next token count up. Eager, a prefill is
+    # host-bound up to about 2K tokens: one-rank TP8 on H200 (1a06de2), eager -> graph: 16 tokens 40.5 ->
+    # 3.8 ms, 128: 60.5 -> 12.7, 1024: 57.8 -> 32.8, 2048: 79.9 -> 54.9, but 4096: 111.4 -> 103.7, where
+    # padding up to it would cost more than it saves. Sizes above max_num_tokens or max_seq_len are skipped.
+    cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
     target_arch: str = "any"
     lm_head_quant_algo: str | None = None  # one of LM_HEAD_ALGOS
 
