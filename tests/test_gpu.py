@@ -15,10 +15,11 @@ def _need_cuda():
 
 
 def test_cuda_greedy_equals_cpu(tiny_engine):
-    """The whole runtime on CUDA (reference ops) gives the CPU path's greedy tokens (fp32 engine): two prompts
-    prefilled in one eager step, and one 100-token prompt alone, whose chunks (64 + 36 tokens, max_num_tokens
-    64) replay the 64-token prefill graph."""
-    prompts = [prompt_ids(40, seed=3), prompt_ids(9, seed=4)]
+    """The whole runtime on CUDA (reference ops) gives the CPU path's greedy tokens (fp32 engine): three prompts
+    (max_num_tokens 64: the first step prefills 40 + 9 tokens and 15 of the third eagerly, the next runs the
+    two decode rows' graph and the third's last 35 tokens in the 64-token prefill graph), and one 100-token
+    prompt alone, both its chunks (64 + 36 tokens) in the 64-token prefill graph."""
+    prompts = [prompt_ids(40, seed=3), prompt_ids(9, seed=4), prompt_ids(50, seed=6)]
     alone = prompt_ids(100, seed=5)
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     with LLM(tiny_engine, device="cpu") as cpu:

@@ -16,8 +16,10 @@ DECODE, PREFILL = [1, 2, 4, 8], [16, 32, 64, 128]
     ([1] * 9, [1] * 9, None),  # more sequences than the largest decode graph
     ([2], [1], (1, 16)), ([16], [1], (1, 16)), ([17], [1], (1, 32)), ([128], [1], (1, 128)),
     ([129], [1], None),  # longer than the largest prefill graph
-    ([5, 1], [1, 1], None),  # a prompt chunk beside decode rows: eager
+    ([40], [0], (1, 64)),  # a chunk before the prompt's last: no logits
+    ([5, 1], [1, 1], None), ([5, 7], [1, 1], None),  # a prompt beside others: not one graph
     ([3], [3], None), ([1, 1], [1, 2], None),  # several logits of a sequence (draft verification): eager
+    ([1, 1], [1, 0], None),  # a decode row without logits would break "logits row i is sequence i"
 ])
 def test_graph_shape(tokens, logits, expect):
     assert graph_shape(tokens, logits, DECODE, PREFILL) == expect
@@ -57,3 +59,61 @@ def test_padded_prompt_chunks_equal_eager(tiny_ckpt):
             # wrote instead of the scratch block would differ by O(1)
             assert (k0 - k1).abs().max() < 1e-5 and (v0 - v1).abs().max() < 1e-5
         pos += len(chunk)
+
+
+class _EagerGraphs:
+    """A CPU stand-in for StepGraphs: replay runs the padded batch through the model eagerly."""
+
+    def __init__(self, runner, batch_sizes, prefill_tokens):
+        self.runner, self.batch_sizes, self.prefill_tokens = runner, batch_sizes, prefill_tokens
+        self.replays = []
+
+    def shape_for(self, token_counts, num_logits):
+        return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+
+    def replay(self, batch, rows, n_rows, feed=None, feed_src=None):
+        from maverick.layers.sampler import sample
+        from maverick.runtime.staging import take_fed_tokens
+
+        self.replays.append(tuple(batch.q_index.shape))
+        if feed_src is not None:
+            take_fed_tokens(batch.input_ids, torch.tensor(feed_src), feed)
+        logits = self.runner.model(batch, self.runner.kv_caches)[:n_rows]
+        if rows is None:
+            return logits, None
+        return logits, sample(logits, rows.padded(n_rows).to_tensors("cpu"))
+
+
+def test_prompt_beside_decode_rows_runs_as_two_replays(tiny_ckpt):
+    """A step of two decode rows with a 21-token prompt chunk between them (the middle one fed from the
+    previous step's tokens on the device) runs as the decode graph and the prefill graph, and gives the eager
+    step's logits and sampled tokens in the step's order; a second prompt makes it eager."""
+    from maverick.runtime.sampling_rows import SamplingRows
+
+    eager, split = runner_for(tiny_ckpt), runner_for(tiny_ckpt)
+    split.model = eager.model
+    split.graphs = _EagerGraphs(split, [1, 2, 4], [16, 32])
+    a, b = prompt_ids(12, seed=30), prompt_ids(9, seed=31)
+    for r in (eager, split):  # two sequences with context, prefilled eagerly
+        r.forward([StepSeq(0, a, 0, r.kv.grow(0, 12)), StepSeq(2, b, 0, r.kv.grow(2, 9))])
+    split.graphs.replays.clear()
+    prompt = prompt_ids(21, seed=32)
+    rows = SamplingRows(temperature=[0.8, 0.0, 1.1], top_k=[0, 0, 20], top_p=[0.9, 1.0, 1.0], min_p=[0.0] * 3,
+                        seeds=[5, 6, 7], offsets=[3, 0, 8])
+    feed = torch.tensor([0, 0, 77])
+    out = {}
+    for r in (eager, split):
+        seqs = [StepSeq(0, [41], 12, r.kv.grow(0, 13)), StepSeq(1, prompt, 0, r.kv.grow(1, 21)),
+                StepSeq(2, [0], 9, r.kv.grow(2, 10), feed_row=2)]
+        out[r] = r.step(seqs, rows, feed)
+    assert split.graphs.replays == [(2, 1), (1, 32)]
+    (le, te), (ls, ts) = out[eager], out[split]
+    assert ls.shape == le.shape == (3, eager.model.cfg.vocab_size)
+    assert (ls - le).abs().max().item() < 1e-5 and torch.equal(ts, te)
+    seqs = [StepSeq(3, prompt[:5], 0, split.kv.grow(3, 5)), StepSeq(4, prompt[:7], 0, split.kv.grow(4, 7)),
+            StepSeq(0, [9], 13, split.kv.grow(0, 14))]
+    assert split._prompt_beside_decode(seqs) is None and split._graphable(seqs) is None
+    for i in range(5):
+        for r in (eager, split):
+            if i in r.kv.seqs:
+                r.kv.free(i)

@@ -42,15 +42,16 @@ Shape = tuple[int, int]  # (rows, q): rows sequences of q new tokens each
 def graph_shape(token_counts: list[int], num_logits: list[int], batch_sizes: list[int],
                 prefill_tokens: list[int]) -> Shape | None:
     """The captured shape a step replays, or None (eager). A step of one new token per sequence takes the
-    smallest decode graph with enough rows; one sequence's chunk of n > 1 tokens, the smallest prefill graph
-    of at least n tokens. Steps that mix sequences with several new tokens, or want several logits of a
-    sequence (draft verification), run eagerly."""
-    if any(n != 1 for n in num_logits):
-        return None
+    smallest decode graph with enough rows; one sequence's chunk of n > 1 tokens (with its last token's
+    logits or none), the smallest prefill graph of at least n tokens. Other steps (several prompts, a
+    prompt beside decode rows: ModelRunner splits that one, several logits of a sequence: draft
+    verification) run eagerly."""
     if all(t == 1 for t in token_counts):
+        if any(n != 1 for n in num_logits):  # logits row i is sequence i
+            return None
         rows = next((b for b in sorted(batch_sizes) if b >= len(token_counts)), None)
         return None if rows is None else (rows, 1)
-    if len(token_counts) == 1:
+    if len(token_counts) == 1 and num_logits[0] in (0, 1):  # 0: a chunk before the prompt's last
         q = next((t for t in sorted(prefill_tokens) if t >= token_counts[0]), None)
         return None if q is None else (1, q)
     return None

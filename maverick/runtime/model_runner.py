@@ -99,6 +99,42 @@ class ModelRunner:
             return None
         return self.graphs.shape_for([len(s.tokens) for s in seqs], [s.num_logits for s in seqs])
 
+    def _prompt_beside_decode(self, seqs: list[StepSeq]) -> int | None:
+        """The index of the one prompt chunk in a step whose other sequences all decode one token, when both
+        parts have a captured graph; else None. Run as two replays (the decode rows, then the chunk) such a
+        step costs one decode step more GPU time than together (the weights read twice: 1.8 ms one-rank TP8
+        on H200) instead of an eager step's 40-60 ms of launches (BENCHMARKS.md, tenth session)."""
+        if self.graphs is None:
+            return None
+        prompts = [i for i, s in enumerate(seqs) if len(s.tokens) > 1]
+        if len(prompts) != 1 or len(seqs) < 2:
+            return None
+        p = prompts[0]
+        rest = seqs[:p] + seqs[p + 1:]
+        if self._graphable([seqs[p]]) is None or self._graphable(rest) is None:
+            return None
+        return p
+
+    def _step_split(self, seqs: list[StepSeq], p: int, rows: SamplingRows | None,
+                    feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """step() of seqs as the decode rows' graph and then prompt chunk p's graph; the logits (and tokens)
+        in seqs' order. Every sequence before p decodes, so p's logits row (if any) is row p."""
+        rest = seqs[:p] + seqs[p + 1:]
+        own = seqs[p].num_logits
+        parts = [(rest, None if rows is None else rows.take([i for i in range(len(rows)) if not (own and i == p)])),
+                 ([seqs[p]], None if rows is None else rows.take([p] if own else []))]
+        out = []
+        for sub, sub_rows in parts:
+            shape = self._graphable(sub)
+            src = _feed_index(sub, shape[0] * shape[1]) if any(s.feed_row >= 0 for s in sub) else None
+            out.append(self.graphs.replay(self._padded(sub, shape), sub_rows, sum(s.num_logits for s in sub),
+                                          feed, src))
+        (dl, dt), (pl, pt) = out
+
+        def merge(d, x):
+            return torch.cat([d[:p], x, d[p:]])
+        return merge(dl, pl), None if rows is None else merge(dt, pt)
+
     def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
         return self.step(seqs, None)[0]
@@ -116,9 +152,12 @@ class ModelRunner:
         if fed and feed is None:
             raise ValueError("a sequence's feed_row is set but no previous tokens were given (feed)")
         shape = self._graphable(seqs)
+        split = None if shape is not None else self._prompt_beside_decode(seqs)
         if shape is not None:  # replay the captured graphs of the next shape up (decode, or one prompt chunk)
             src = _feed_index(seqs, shape[0] * shape[1]) if fed else None
-            logits, tokens = self.graphs.replay(self._padded(seqs, shape), rows, len(seqs), feed, src)
+            logits, tokens = self.graphs.replay(self._padded(seqs, shape), rows, n, feed, src)
+        elif split is not None:  # one prompt chunk beside decode rows: two replays instead of one eager step
+            logits, tokens = self._step_split(seqs, split, rows, feed)
         else:
             batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
             inputs = batch.tensors()

@@ -37,6 +37,10 @@ class SamplingRows:
         """Every row takes the argmax (temperature 0 or top_k 1): no sort, no noise needed."""
         return all(t == 0 or k == 1 for t, k in zip(self.temperature, self.top_k))
 
+    def take(self, indices: list[int]) -> "SamplingRows":
+        """These rows, in this order (a step run as several graph replays samples each part's rows)."""
+        return SamplingRows(**{f.name: [getattr(self, f.name)[i] for i in indices] for f in fields(self)})
+
     def padded(self, rows: int) -> "SamplingRows":
         """Pad to `rows` with greedy rows (a CUDA graph's fixed batch; their tokens are dropped)."""
         n = rows - len(self)
