@@ -127,8 +127,11 @@ class ModelRunner:
         for sub, sub_rows in parts:
             shape = self._graphable(sub)
             src = _feed_index(sub, shape[0] * shape[1]) if any(s.feed_row >= 0 for s in sub) else None
-            out.append(self.graphs.replay(self._padded(sub, shape), sub_rows, sum(s.num_logits for s in sub),
-                                          feed, src))
+            logits, tokens = self.graphs.replay(self._padded(sub, shape), sub_rows, sum(s.num_logits for s in sub),
+                                                feed, src)
+            # copied before the next replay: the graphs share one memory pool, so this graph's outputs may sit
+            # where the other graph keeps its intermediates (sampled tokens read back as garbage ids otherwise)
+            out.append((logits.clone(), None if tokens is None else tokens.clone()))
         (dl, dt), (pl, pt) = out
 
         def merge(d, x):
