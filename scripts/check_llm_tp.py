@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The LLM API at TP=N on N GPUs against TP=1, tiny engine (built here from a random tiny checkpoint):
-greedy and sampled tokens with CUDA graphs, the overlap scheduler on and off. With
+greedy and sampled tokens with CUDA graphs (decode, prefill, a prompt chunk beside decode rows as two
+replays), the overlap scheduler on and off. With
 MAVERICK_HANG_DUMP_S=N every rank (this process and the spawned ones) prints its Python stacks
 every N seconds, so a hang names its place. Run: `PYTHONPATH=$PWD python3 scripts/check_llm_tp.py --tp 2`.
 """
@@ -39,6 +40,7 @@ def main() -> int:
     prompts = [torch.randint(4, 500, (n,), generator=g).tolist() for n in (40, 11, 23)]
     params = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=s, ignore_eos=True) for s in (1, 2)]
     params.append(SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    long_prompt = torch.randint(4, 500, (100,), generator=g).tolist()
     outs = {}
     # overlap first: with MAVERICK_FUSED_ALLREDUCE=1 only the first TP>1 LLM of a process gets the fused
     # all-reduce (torch numbers peer-memory rendezvous per process; the next falls back to NCCL, as printed)
@@ -46,11 +48,13 @@ def main() -> int:
         t0 = time.time()
         with LLM(engines[tp], device=a.device, cuda_graphs=a.graphs == "on", disable_overlap_scheduler=off) as llm:
             outs[tp, off] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            # alone, a 100-token prompt's chunks (64 + 36) replay the 64-token prefill graph (NCCL inside)
+            outs[tp, off] += [o.outputs[0].token_ids for o in llm.generate([long_prompt], params[2])]
             fused = distributed.peer_workspace() is not None
             print(f"tp={tp} overlap={not off} fused all-reduce={fused}: generated in {time.time() - t0:.1f} s, "
                   f"{llm.engine.overlapped} overlapped steps", flush=True)
     same = outs[a.tp, True] == outs[a.tp, False]
-    greedy_tp1 = outs[1, False][2] == outs[a.tp, False][2]
+    greedy_tp1 = outs[1, False][2:] == outs[a.tp, False][2:]
     print(f"LLM TP CHECK {'PASSED' if same and greedy_tp1 else 'FAILED'}: tp={a.tp} overlap == synchronous: {same}; "
           f"greedy == TP1: {greedy_tp1}; card={torch.cuda.get_device_name() if a.device == 'cuda' else 'cpu'}", flush=True)
     return 0 if same and greedy_tp1 else 1
