@@ -84,12 +84,15 @@ class _EagerGraphs:
         return logits, sample(logits, rows.padded(n_rows).to_tensors("cpu"))
 
 
-def test_prompt_beside_decode_rows_runs_as_two_replays(tiny_ckpt):
-    """A step of two decode rows with a 21-token prompt chunk between them (the middle one fed from the
-    previous step's tokens on the device) runs as the decode graph and the prefill graph, and gives the eager
-    step's logits and sampled tokens in the step's order; a second prompt makes it eager."""
+def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
+    """A step of two decode rows (the last fed from the previous step's tokens on the device) with a 21-token
+    prompt chunk and a 5-token one without logits (a chunk before its prompt's last) between them runs as the
+    decode graph and one prefill graph per chunk, and gives the eager step's logits and sampled tokens in the
+    step's order; a third chunk (over MAX_PROMPT_REPLAYS) makes it eager."""
+    from maverick.runtime import model_runner
     from maverick.runtime.sampling_rows import SamplingRows
 
+    assert model_runner.MAX_PROMPT_REPLAYS == 2
     eager, split = runner_for(tiny_ckpt), runner_for(tiny_ckpt)
     split.model = eager.model
     split.graphs = _EagerGraphs(split, [1, 2, 4], [16, 32])
@@ -97,23 +100,23 @@ def test_prompt_beside_decode_rows_runs_as_two_replays(tiny_ckpt):
     for r in (eager, split):  # two sequences with context, prefilled eagerly
         r.forward([StepSeq(0, a, 0, r.kv.grow(0, 12)), StepSeq(2, b, 0, r.kv.grow(2, 9))])
     split.graphs.replays.clear()
-    prompt = prompt_ids(21, seed=32)
+    prompt, other = prompt_ids(21, seed=32), prompt_ids(5, seed=33)
     rows = SamplingRows(temperature=[0.8, 0.0, 1.1], top_k=[0, 0, 20], top_p=[0.9, 1.0, 1.0], min_p=[0.0] * 3,
                         seeds=[5, 6, 7], offsets=[3, 0, 8])
     feed = torch.tensor([0, 0, 77])
     out = {}
     for r in (eager, split):
         seqs = [StepSeq(0, [41], 12, r.kv.grow(0, 13)), StepSeq(1, prompt, 0, r.kv.grow(1, 21)),
-                StepSeq(2, [0], 9, r.kv.grow(2, 10), feed_row=2)]
+                StepSeq(3, other, 0, r.kv.grow(3, 5), num_logits=0), StepSeq(2, [0], 9, r.kv.grow(2, 10), feed_row=2)]
         out[r] = r.step(seqs, rows, feed)
-    assert split.graphs.replays == [(2, 1), (1, 32)]
+    assert split.graphs.replays == [(2, 1), (1, 32), (1, 16)]
     (le, te), (ls, ts) = out[eager], out[split]
     assert ls.shape == le.shape == (3, eager.model.cfg.vocab_size)
     assert (ls - le).abs().max().item() < 1e-5 and torch.equal(ts, te)
-    seqs = [StepSeq(3, prompt[:5], 0, split.kv.grow(3, 5)), StepSeq(4, prompt[:7], 0, split.kv.grow(4, 7)),
-            StepSeq(0, [9], 13, split.kv.grow(0, 14))]
-    assert split._prompt_beside_decode(seqs) is None and split._graphable(seqs) is None
-    for i in range(5):
-        for r in (eager, split):
-            if i in r.kv.seqs:
-                r.kv.free(i)
+    seqs = [StepSeq(4, prompt[:5], 0, split.kv.grow(4, 5)), StepSeq(5, prompt[:7], 0, split.kv.grow(5, 7)),
+            StepSeq(6, prompt[:3], 0, split.kv.grow(6, 3)), StepSeq(0, [9], 13, split.kv.grow(0, 14))]
+    assert split._graph_parts(seqs) is None and split._graphable(seqs) is None
+    assert split._graph_parts(seqs[1:]) == [[2], [0], [1]]  # two chunks, no more
+    for r in (eager, split):
+        for i in list(r.kv.seqs):
+            r.kv.free(i)

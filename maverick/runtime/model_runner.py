@@ -13,6 +13,9 @@ from .kv_cache import KVCacheManager, cdiv
 from .sampling_rows import SamplingRows
 from .staging import take_fed_tokens, to_device
 
+# Prompt chunks a step may run as graph replays of their own (beside its decode rows' replay); more: eager
+MAX_PROMPT_REPLAYS = 2
+
 
 class ModelRunner:
     def __init__(self, model: Llama4ForCausalLM, max_seq_len: int, max_batch_size: int, block_size: int,
@@ -99,44 +102,50 @@ class ModelRunner:
             return None
         return self.graphs.shape_for([len(s.tokens) for s in seqs], [s.num_logits for s in seqs])
 
-    def _prompt_beside_decode(self, seqs: list[StepSeq]) -> int | None:
-        """The index of the one prompt chunk in a step whose other sequences all decode one token, when both
-        parts have a captured graph; else None. Run as two replays (the decode rows, then the chunk) such a
-        step costs one decode step more GPU time than together (the weights read twice: 1.8 ms one-rank TP8
-        on H200) instead of an eager step's 40-60 ms of launches (BENCHMARKS.md, tenth session)."""
+    def _graph_parts(self, seqs: list[StepSeq]) -> list[list[int]] | None:
+        """A step no one graph covers (prompt chunks beside decode rows, or several chunks) as several replays:
+        the decode rows together, then each chunk alone (at most MAX_PROMPT_REPLAYS chunks), when every part
+        has a captured graph; else None (eager). Each extra replay reads the weights again (a decode step, 1.8
+        ms one-rank TP8 on H200; a 128-token chunk 12.7 ms) where an eager step spends 40-60 ms on launches."""
         if self.graphs is None:
             return None
-        prompts = [i for i, s in enumerate(seqs) if len(s.tokens) > 1]
-        if len(prompts) != 1 or len(seqs) < 2:
+        prompts = [[i] for i, s in enumerate(seqs) if len(s.tokens) > 1]
+        decode = [i for i, s in enumerate(seqs) if len(s.tokens) == 1]
+        parts = ([decode] if decode else []) + prompts
+        if not prompts or len(prompts) > MAX_PROMPT_REPLAYS or len(parts) < 2:
             return None
-        p = prompts[0]
-        rest = seqs[:p] + seqs[p + 1:]
-        if self._graphable([seqs[p]]) is None or self._graphable(rest) is None:
+        if any(self._graphable([seqs[i] for i in part]) is None for part in parts):
             return None
-        return p
+        return parts
 
-    def _step_split(self, seqs: list[StepSeq], p: int, rows: SamplingRows | None,
+    def _step_parts(self, seqs: list[StepSeq], parts: list[list[int]], rows: SamplingRows | None,
                     feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """step() of seqs as the decode rows' graph and then prompt chunk p's graph; the logits (and tokens)
-        in seqs' order. Every sequence before p decodes, so p's logits row (if any) is row p."""
-        rest = seqs[:p] + seqs[p + 1:]
-        own = seqs[p].num_logits
-        parts = [(rest, None if rows is None else rows.take([i for i in range(len(rows)) if not (own and i == p)])),
-                 ([seqs[p]], None if rows is None else rows.take([p] if own else []))]
-        out = []
-        for sub, sub_rows in parts:
+        """step() of seqs as one graph replay per part (lists of indices into seqs); the logits (and tokens)
+        in seqs' order."""
+        first_row, n = [], 0  # each sequence's first logits row
+        for s in seqs:
+            first_row.append(n)
+            n += s.num_logits
+        pieces = {}
+        for part in parts:
+            sub = [seqs[i] for i in part]
+            sub_rows = None if rows is None else rows.take(
+                [first_row[i] + j for i in part for j in range(seqs[i].num_logits)])
             shape = self._graphable(sub)
             src = _feed_index(sub, shape[0] * shape[1]) if any(s.feed_row >= 0 for s in sub) else None
             logits, tokens = self.graphs.replay(self._padded(sub, shape), sub_rows, sum(s.num_logits for s in sub),
                                                 feed, src)
             # copied before the next replay: the graphs share one memory pool, so this graph's outputs may sit
-            # where the other graph keeps its intermediates (sampled tokens read back as garbage ids otherwise)
-            out.append((logits.clone(), None if tokens is None else tokens.clone()))
-        (dl, dt), (pl, pt) = out
-
-        def merge(d, x):
-            return torch.cat([d[:p], x, d[p:]])
-        return merge(dl, pl), None if rows is None else merge(dt, pt)
+            # where another keeps its intermediates (sampled tokens read back as garbage ids otherwise)
+            logits, tokens = logits.clone(), None if tokens is None else tokens.clone()
+            at = 0
+            for i in part:
+                k = seqs[i].num_logits
+                pieces[i] = (logits[at:at + k], None if tokens is None else tokens[at:at + k])
+                at += k
+        ordered = [pieces[i] for i in range(len(seqs))]
+        logits = torch.cat([lg for lg, _ in ordered])
+        return logits, None if rows is None else torch.cat([t for _, t in ordered])
 
     def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
@@ -155,12 +164,12 @@ class ModelRunner:
         if fed and feed is None:
             raise ValueError("a sequence's feed_row is set but no previous tokens were given (feed)")
         shape = self._graphable(seqs)
-        split = None if shape is not None else self._prompt_beside_decode(seqs)
+        parts = None if shape is not None else self._graph_parts(seqs)
         if shape is not None:  # replay the captured graphs of the next shape up (decode, or one prompt chunk)
             src = _feed_index(seqs, shape[0] * shape[1]) if fed else None
             logits, tokens = self.graphs.replay(self._padded(seqs, shape), rows, n, feed, src)
-        elif split is not None:  # one prompt chunk beside decode rows: two replays instead of one eager step
-            logits, tokens = self._step_split(seqs, split, rows, feed)
+        elif parts is not None:  # prompt chunks beside decode rows: a few replays instead of one eager step
+            logits, tokens = self._step_parts(seqs, parts, rows, feed)
         else:
             batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
             inputs = batch.tensors()
