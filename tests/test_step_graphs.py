@@ -88,11 +88,12 @@ def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
     """A step of two decode rows (the last fed from the previous step's tokens on the device) with a 21-token
     prompt chunk and a 5-token one without logits (a chunk before its prompt's last) between them runs as the
     decode graph and one prefill graph per chunk, and gives the eager step's logits and sampled tokens in the
-    step's order; a third chunk (over MAX_PROMPT_REPLAYS) makes it eager."""
+    step's order. Several chunks only up to PROMPT_REPLAY_TOKENS graph tokens together (else eager); one
+    chunk up to the largest graph."""
     from maverick.runtime import model_runner
     from maverick.runtime.sampling_rows import SamplingRows
 
-    assert model_runner.MAX_PROMPT_REPLAYS == 2
+    assert (model_runner.MAX_PROMPT_REPLAYS, model_runner.PROMPT_REPLAY_TOKENS) == (4, 256)
     eager, split = runner_for(tiny_ckpt), runner_for(tiny_ckpt)
     split.model = eager.model
     split.graphs = _EagerGraphs(split, [1, 2, 4], [16, 32])
@@ -113,10 +114,16 @@ def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
     (le, te), (ls, ts) = out[eager], out[split]
     assert ls.shape == le.shape == (3, eager.model.cfg.vocab_size)
     assert (ls - le).abs().max().item() < 1e-5 and torch.equal(ts, te)
-    seqs = [StepSeq(4, prompt[:5], 0, split.kv.grow(4, 5)), StepSeq(5, prompt[:7], 0, split.kv.grow(5, 7)),
-            StepSeq(6, prompt[:3], 0, split.kv.grow(6, 3)), StepSeq(0, [9], 13, split.kv.grow(0, 14))]
-    assert split._graph_parts(seqs) is None and split._graphable(seqs) is None
-    assert split._graph_parts(seqs[1:]) == [[2], [0], [1]]  # two chunks, no more
+    def step_of(*lengths):  # chunks of these lengths beside one decode row (the choice reads no blocks)
+        return [StepSeq(10 + j, [7] * n, 0, None) for j, n in enumerate(lengths)] + [StepSeq(0, [9], 13, None)]
+
+    assert split._graph_parts(step_of(5, 7, 3, 9)) == [[4], [0], [1], [2], [3]]  # 4 x 16 graph tokens
+    assert split._graph_parts(step_of(5, 7, 3, 9, 4)) is None  # five chunks
+    assert split._graphable(step_of(5, 7)) is None
+    split.graphs.prefill_tokens = [16, 32, 128, 256]
+    assert split._graph_parts(step_of(100, 120)) == [[2], [0], [1]]  # 128 + 128
+    assert split._graph_parts(step_of(100, 120, 20)) is None  # 128 + 128 + 32
+    assert split._graph_parts(step_of(200)) == [[1], [0]]  # one chunk: any graph
     for r in (eager, split):
         for i in list(r.kv.seqs):
             r.kv.free(i)

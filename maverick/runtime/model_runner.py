@@ -13,8 +13,12 @@ from .kv_cache import KVCacheManager, cdiv
 from .sampling_rows import SamplingRows
 from .staging import take_fed_tokens, to_device
 
-# Prompt chunks a step may run as graph replays of their own (beside its decode rows' replay); more: eager
-MAX_PROMPT_REPLAYS = 2
+# Prompt chunks beside decode rows run as graph replays of their own when it pays. Each replay reads the
+# weights again; eager, such a step is 52-63 ms of launches. One-rank TP8 step on H200 (35793ad, 4 decode rows
+# at 1K; eager -> replays, ms): one 128-token chunk 93-98 -> 20; one of 1024 78 -> 43; 16+16+16+16 57 -> 19;
+# 128+128 53 -> 37; 128+128+128 57 -> 54; 512+512+512 59 -> 90; 1024+1024 63 -> 82. So one chunk always
+# (graphs go to 2048 tokens), several only up to PROMPT_REPLAY_TOKENS tokens of graphs together.
+MAX_PROMPT_REPLAYS, PROMPT_REPLAY_TOKENS = 4, 256
 
 
 class ModelRunner:
@@ -104,9 +108,9 @@ class ModelRunner:
 
     def _graph_parts(self, seqs: list[StepSeq]) -> list[list[int]] | None:
         """A step no one graph covers (prompt chunks beside decode rows, or several chunks) as several replays:
-        the decode rows together, then each chunk alone (at most MAX_PROMPT_REPLAYS chunks), when every part
-        has a captured graph; else None (eager). Each extra replay reads the weights again (a decode step, 1.8
-        ms one-rank TP8 on H200; a 128-token chunk 12.7 ms) where an eager step spends 40-60 ms on launches."""
+        the decode rows together, then each chunk alone, when every part has a captured graph and, with
+        several chunks, at most MAX_PROMPT_REPLAYS of them with PROMPT_REPLAY_TOKENS graph tokens in all
+        (measured above); else None (eager)."""
         if self.graphs is None:
             return None
         prompts = [[i] for i, s in enumerate(seqs) if len(s.tokens) > 1]
@@ -114,7 +118,10 @@ class ModelRunner:
         parts = ([decode] if decode else []) + prompts
         if not prompts or len(prompts) > MAX_PROMPT_REPLAYS or len(parts) < 2:
             return None
-        if any(self._graphable([seqs[i] for i in part]) is None for part in parts):
+        shapes = [self._graphable([seqs[i] for i in part]) for part in parts]
+        if None in shapes:
+            return None
+        if len(prompts) > 1 and sum(r * q for r, q in shapes[len(parts) - len(prompts):]) > PROMPT_REPLAY_TOKENS:
             return None
         return parts
 
