@@ -32,20 +32,19 @@ from .pdl import pdl_enter, pdl_release
 from .qk_rows import load_qk_rows, temperature
 
 NUM_SMS = 132  # H100/H200; only sets how finely the context is split
-# Splits per (sequence, kv head): about 4 programs per SM, at least 32 and at most 256 splits. Chosen by the
-# decode step, not the lone kernel (whose KV sits in L2 when replayed: at 128K it picked 128 splits): one-rank
-# TP8 on H200, batch 1 at 128K, 128 -> 256 splits 2.379 -> 2.177 ms, batch 2 3.153 -> 2.870; 1K-32K within 1%.
-MAX_SPLITS, MIN_SPLITS, PROGRAMS_PER_SM = 256, 32, 4
+# Splits per (sequence, kv head): about 4 programs per SM, at least 32 and at most 128 splits (H200, TP8,
+# 5e21ccb, best counts of the lone kernel: 8K context 64 at batch 1 / 32 at batch 8; 128K: 128 / 64; 1K: any).
+MAX_SPLITS, MIN_SPLITS, PROGRAMS_PER_SM = 128, 32, 4
 MERGE_TILE = 8192  # fp32 elements of partial output one merge step loads (64 registers a thread at 4 warps)
 MERGE_BLOCK_D = 32  # head_dim columns a merge program takes (4 programs per kv head at head_dim 128)
-# Where the split programs take at most DEEP_PROGRAMS_PER_SM an SM (batch 1 at TP8: 257 programs), each runs
-# a latency-bound loop over cache blocks: there it pipelines deeper (Triton's num_stages 5: two blocks in
-# flight, 3 keeps one) with 8 warps instead of 4. Same step, 256 splits: b1 128K 2.177 -> 2.119 ms, 1K 1.762
-# -> 1.726, 8K 1.816 -> 1.797 (b55ae2f: 5 stages with 128 splits, 2.54 -> 2.35 ms). Elsewhere (batch 8: 4
-# programs an SM) 5 stages were slower, 4.66 -> 4.83 ms (their 64 KB of shared memory a program).
-KV_STAGES, DEEP_KV_STAGES = 3, 5
-SPLIT_WARPS, DEEP_SPLIT_WARPS = 4, 8
-DEEP_PROGRAMS_PER_SM = 2
+# One (sequence, kv head) alone (batch 1 at TP8) leaves each SM one or two split programs, each a loop over
+# cache blocks bound by memory latency: there 256 splits, Triton's num_stages 5 (two blocks in flight; 3 keeps
+# one) and 8 warps. Chosen by the decode step, not the lone kernel (whose KV sits in L2 when replayed): one-rank
+# TP8 step on H200, batch 1 at 128K context: 128 splits / 3 stages / 4 warps 2.54 ms, 5 stages 2.35-2.38, 256
+# splits too 2.17, and 8 warps 2.12; with all three 32K 1.93 -> 1.915, 8K 1.82 -> 1.80, 1K the same. At batch
+# 2 the 256 splits cost 1-3% up to 32K (more idle programs); at batch 8 five stages were slower (4.66 -> 4.83
+# ms at 128K: 64 KB of shared memory a program). BENCHMARKS.md, tenth session.
+ALONE_SPLITS, ALONE_STAGES, ALONE_WARPS = 256, 5, 8
 
 
 @triton.jit
@@ -192,7 +191,7 @@ def default_splits(batch: int, kv_heads: int, table_blocks: int) -> int:
     """Splits per (sequence, kv head), from the table width (max_seq_len): the context is unknown on the
     host (graphs), and the kernel spreads whatever context there is over them."""
     per_seq = max(MIN_SPLITS, triton.cdiv(PROGRAMS_PER_SM * NUM_SMS, batch * kv_heads))
-    return max(1, min(table_blocks, MAX_SPLITS, per_seq))
+    return max(1, min(table_blocks, ALONE_SPLITS if batch * kv_heads == 1 else MAX_SPLITS, per_seq))
 
 
 def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, q_positions, scale: float,
@@ -235,7 +234,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     floor_scale, attn_scale = temp or (1.0, 0.0)
     # rows of tokens outside q_index (graph padding) stay unwritten: never read
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    deep = B * kvh * parts <= DEEP_PROGRAMS_PER_SM * NUM_SMS
+    alone = B * kvh == 1
     _decode_kernel[(B, kvh, parts)](
         q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
         k_scale if fp8 else dummy, v_scale if fp8 else dummy, cos, sin, dummy if slots is None else slots, m, l, acc,
@@ -245,7 +244,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
         LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, USE_ROPE=use_rope,
         QK_NORM=qk_norm, TEMPERATURE=temp is not None, CACHE=slots is not None, PDL=PDL, **PDL_LAUNCH,
-        num_warps=DEEP_SPLIT_WARPS if deep else SPLIT_WARPS, num_stages=DEEP_KV_STAGES if deep else KV_STAGES)
+        num_warps=ALONE_WARPS if alone else 4, num_stages=ALONE_STAGES if alone else 3)
     block_d = min(D, MERGE_BLOCK_D)
     _merge_kernel[(B, kvh, D // block_d)](
         m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),
