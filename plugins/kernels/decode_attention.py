@@ -45,6 +45,12 @@ MERGE_BLOCK_D = 32  # head_dim columns a merge program takes (4 programs per kv 
 # 2 the 256 splits cost 1-3% up to 32K (more idle programs); at batch 8 five stages were slower (4.66 -> 4.83
 # ms at 128K: 64 KB of shared memory a program). BENCHMARKS.md, tenth session.
 ALONE_SPLITS, ALONE_STAGES, ALONE_WARPS = 256, 5, 8
+# The merge takes at least MERGE_MIN_PROGRAMS programs (narrower head_dim slices, down to 8 columns, when few
+# (sequence, kv head) pairs): each loops over the parts with loads of one DRAM latency a step, so 4 programs
+# at batch 1 waited in turn. Same step (H200, one-rank TP8): batch 1, 32 -> 8 columns: 8K 1.79 -> 1.71-1.73 ms,
+# 128K 2.10 -> 1.97, 1K same (4 columns: no better); batch 2, 32 -> 16: 8K 2.41 -> 2.37, 128K 3.15 -> 3.10;
+# batch 8: 16 columns the same, 8 slower (3.11 -> 3.20 ms at 1K).
+MERGE_MIN_PROGRAMS = 16
 
 
 @triton.jit
@@ -245,7 +251,8 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, USE_ROPE=use_rope,
         QK_NORM=qk_norm, TEMPERATURE=temp is not None, CACHE=slots is not None, PDL=PDL, **PDL_LAUNCH,
         num_warps=ALONE_WARPS if alone else 4, num_stages=ALONE_STAGES if alone else 3)
-    block_d = min(D, MERGE_BLOCK_D)
+    widest = max(8, D * B * kvh // MERGE_MIN_PROGRAMS)
+    block_d = min(D, MERGE_BLOCK_D, 1 << (widest.bit_length() - 1))  # a power of two (batch 3: 24 -> 16)
     _merge_kernel[(B, kvh, D // block_d)](
         m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, BLOCK_KV=bs, NUM_SPLITS=num_splits,
