@@ -76,6 +76,15 @@ def kernels():
             "stride_ot": _I32, "stride_oh": _I32,
         }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_D": 32, "ROWS": 8, "BLOCK_KV": 64, "NUM_SPLITS": 64,
             "MERGE_PARTS": 32, "LOCAL": local, "PDL": local}, 4
+        if local:  # one (sequence, kv head), as batch 1 at TP8 launches it: 8 warps, 5 pipeline stages
+            yield "decode_attention alone", decode_attention._decode_kernel, {
+                **_ATTN_COMMON, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "m_buf": "*fp32",
+                "l_buf": "*fp32", "acc_buf": "*fp32", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
+                **{s: _I32 for s in _STRIDES}, "eps": "fp32", "floor_scale": "fp32", "attn_scale": "fp32",
+            }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "ROWS": 8, "BLOCK_KV": 64, "BLOCK_Q": 16,
+                "NUM_SPLITS": decode_attention.ALONE_SPLITS, "LOCAL": False, "FP8": True, "BF16_DOT": True,
+                "USE_ROPE": False, "QK_NORM": False, "TEMPERATURE": True, "CACHE": True, "PDL": 2}, \
+                {"num_warps": decode_attention.ALONE_WARPS, "num_stages": decode_attention.ALONE_STAGES}
         yield f"prefill_attention local={local} fp8={fp8}", prefill_attention._prefill_kernel, {
             **_ATTN_COMMON, "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},
@@ -137,7 +146,8 @@ def main(names: list[str]) -> int:
                  if arg in sig and (sig[arg].startswith("*") or arg in _DIV16_INTS)}
         sig = {**sig, **{k: "constexpr" for k in consts}}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                           target=GPUTarget("cuda", 90, 32),
+                           options=warps if isinstance(warps, dict) else {"num_warps": warps})
         ptx = k.asm["ptx"]
         print(f"{name}: {_resources(k.asm['cubin'])} prefetch={ptx.count('cp.async.bulk.prefetch.L2')} "
               f"acq_rel_add={ptx.count('atom.global.gpu.acq_rel.add')} "

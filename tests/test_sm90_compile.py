@@ -37,12 +37,13 @@ def test_serial_split_k_gemm_builds_with_its_arrival_counter_and_no_spills():
 
 def test_attention_kernels_build_with_tensor_core_dots_and_no_spills():
     got = _compile("decode_attention", "prefill_attention")
-    assert len(got) == 6, got
+    assert len(got) == 7, got
     assert all("mma=0" not in v for k, v in got.items() if "merge" not in k), got
     assert all("stack=0" in v for k, v in got.items() if k.startswith("decode")), got
     # programmatic dependent launch (pdl_enter) only where asked for
     assert "griddepcontrol=2" in got["decode_attention local=True fp8=True"], got
     assert "griddepcontrol=0" in got["decode_attention local=False fp8=False"], got
+    assert "regs=" in got["decode_attention alone"] and "stack=0" in got["decode_attention alone"], got
 
 
 def test_moe_router_and_qkv_post_kernels_build_in_every_variant():
