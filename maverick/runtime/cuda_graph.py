@@ -43,9 +43,9 @@ def graph_shape(token_counts: list[int], num_logits: list[int], batch_sizes: lis
                 prefill_tokens: list[int]) -> Shape | None:
     """The captured shape a step replays, or None (eager). A step of one new token per sequence takes the
     smallest decode graph with enough rows; one sequence's chunk of n > 1 tokens (with its last token's
-    logits or none), the smallest prefill graph of at least n tokens. Other steps (several prompts, a
-    prompt beside decode rows: ModelRunner splits that one, several logits of a sequence: draft
-    verification) run eagerly."""
+    logits or none), the smallest prefill graph of at least n tokens. Other steps fit no one graph: prompt
+    chunks beside decode rows or beside each other (ModelRunner may replay them as several graphs) and
+    several logits of a sequence (draft verification, eager)."""
     if all(t == 1 for t in token_counts):
         if any(n != 1 for n in num_logits):  # logits row i is sequence i
             return None
