@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from tqdm import tqdm
 
 from maverick.build.engine_format import (SAFETENSORS_DTYPE, EngineConfig, EngineError, check_tensors,
                                           rank_file, read_engine_config, verify_files)
@@ -23,13 +24,16 @@ def open_engine(engine_dir: str | Path, tp_size: int | None = None, verify: bool
     return cfg
 
 
-def load_rank_model(engine_dir: str | Path, cfg: EngineConfig, rank: int,
-                    device: torch.device) -> Llama4ForCausalLM:
+def load_rank_model(engine_dir: str | Path, cfg: EngineConfig, rank: int, device: torch.device,
+                    progress: bool = False) -> Llama4ForCausalLM:
     path = Path(engine_dir) / rank_file(rank)
     with torch.device("meta"):
         model = Llama4ForCausalLM(cfg.model, model_spec(cfg.build, rank))
     expected = {n: (tuple(t.shape), SAFETENSORS_DTYPE[str(t.dtype)]) for n, t in model.state_dict().items()}
     check_tensors(path, expected)  # names, shapes, dtypes: before any device memory is used
-    tensors = load_file(str(path), device=str(device))
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:  # 50 GB a rank at TP8: show progress
+        for name in tqdm(list(f.keys()), desc=f"load engine rank {rank}", unit="tensor", disable=not progress):
+            tensors[name] = f.get_tensor(name)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(device).eval()

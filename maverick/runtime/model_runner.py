@@ -50,14 +50,15 @@ class ModelRunner:
         self.graph_blocks = cdiv(max_seq_len, block_size)  # block-table width every graph is captured with
         self.graphs = None
 
-    def capture_cuda_graphs(self, batch_sizes: list[int], prefill_tokens: list[int] = ()) -> None:
+    def capture_cuda_graphs(self, batch_sizes: list[int], prefill_tokens: list[int] = (),
+                            progress: bool = False) -> None:
         """Capture decode steps (one new token per sequence) for these batch sizes, and one sequence's
         prefill chunk for these token counts (each padded up to the next; none above max_seq_len)."""
         from .cuda_graph import StepGraphs
 
         shapes = [(b, 1) for b in batch_sizes] + [(1, t) for t in prefill_tokens if 1 < t <= self.max_seq_len]
         self.graphs = StepGraphs(self.model, self.kv_caches, shapes, self.device)
-        self.graphs.capture(lambda shape: self._padded([], shape))
+        self.graphs.capture(lambda shape: self._padded([], shape), progress)
 
     @torch.inference_mode()
     def warmup(self, max_num_tokens: int) -> None:

@@ -19,7 +19,7 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     from .model_runner import ModelRunner
 
     b = cfg.build
-    model = load_rank_model(engine_dir, cfg, rank, device)
+    model = load_rank_model(engine_dir, cfg, rank, device, progress=rank == 0)
     enable_fused_all_reduce(model, device)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device)
@@ -27,7 +27,7 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
         runner.warmup(b.max_num_tokens)
     if cuda_graphs and device.type == "cuda":
         runner.capture_cuda_graphs([s for s in b.cuda_graph_batch_sizes if s <= b.max_batch_size],
-                                   b.graph_prefill_tokens())
+                                   b.graph_prefill_tokens(), progress=rank == 0)
     return runner
 
 
