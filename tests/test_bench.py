@@ -30,6 +30,21 @@ def test_prefill_packs_prompts_into_max_num_tokens_steps():
     assert calls == [(1, 10000)]
 
 
+def test_sweep_times_a_lone_prompt_from_its_prefill_graph(monkeypatch):
+    """The sweep's prefill step is timed as the runtime runs it: a lone prompt up to the largest prefill graph
+    from that graph (its padded size), other steps eagerly."""
+    from maverick import benchmark
+    from maverick.config import BuildConfig
+
+    calls = []
+    monkeypatch.setattr(benchmark, "prefill_graph_ms", lambda r, n, t: calls.append(("graph", n, t)) or 1.0)
+    monkeypatch.setattr(benchmark, "prefill_step_ms", lambda r, k, n: calls.append(("eager", k, n)) or 2.0)
+    build = BuildConfig(max_num_tokens=4096, max_seq_len=9000)
+    for prompts, n in ((1, 100), (1, 2048), (1, 2049), (2, 100)):
+        benchmark._prefill_as_run(None, build, prompts, n)
+    assert calls == [("graph", 100, 128), ("graph", 2048, 2048), ("eager", 1, 2049), ("eager", 2, 100)]
+
+
 def test_parse_workloads_errors_name_the_item():
     assert parse_workloads("128/2048,1024/2048") == [(128, 2048), (1024, 2048)]
     with pytest.raises(ValueError, match="'128-2048'"):
