@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Everything to run on a lent GPU machine in one call (device time is short): GPU tests, the multi-GPU
-# smoke check, kernel and chain benchmarks, the one-rank step with and without serial split-K, the
-# end-to-end engine run. Each part has its own time limit; full logs go to $OUT (default ./gpu-logs),
-# a summary is printed last. Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
-# Parts: tests tune kernels tp chain step e2e engine (default: all). One device call runs at most 10 minutes:
-# e.g. "tests tune" (<= 540 s), "kernels chain step" (<= 590 s), then on 2-4 GPUs "tp e2e" (<= 550 s).
+# smoke check, kernel and chain benchmarks, the one-rank step with and without serial split-K, time to
+# first token (eager prefill vs its CUDA graph), the end-to-end engine run. Each part has its own time
+# limit; full logs go to $OUT (default ./gpu-logs), a summary is printed last.
+# Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
+# Parts: tests tune kernels tp chain step ttft e2e engine (default: all). One device call runs at most 10
+# minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain step" (<= 440 s), then on 2-4
+# GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-PARTS=${*:-tests tune kernels tp chain step e2e engine}
+PARTS=${*:-tests tune kernels tp chain step ttft e2e engine}
 summary=()
 
 run() {  # name, seconds, command...
@@ -20,7 +22,7 @@ run() {  # name, seconds, command...
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  summary+=("$name: rc=$rc ($((SECONDS - t0)) s) $(grep -E 'passed|failed|PASSED|FAILED|ms/step|TB/s \||^\| ours|^\| cublas|step wall|e2e \|' "$OUT/$name.log" | tail -3 | tr '\n' ' ')")
+  summary+=("$name: rc=$rc ($((SECONDS - t0)) s) $(grep -E 'passed|failed|PASSED|FAILED|ms/step|TB/s \||^\| ours|^\| cublas|step wall|e2e \||prefill graph' "$OUT/$name.log" | tail -3 | tr '\n' ' ')")
 }
 
 for part in $PARTS; do
@@ -28,7 +30,7 @@ for part in $PARTS; do
     tests) multi=$([ "$GPUS" -ge 2 ] && echo tests/test_allreduce.py)  # its GPU tests need 2 and 4 GPUs
            # the 4-GPU case fails (never skips) where it cannot run; leave it out on 2 GPUs
            only=(); [ "$GPUS" -lt 4 ] && only=(-k "not on_gpus[4]")
-           run gpu_tests 240 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py $multi "${only[@]}" -p no:cacheprovider ;;
+           run gpu_tests 330 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py $multi "${only[@]}" -p no:cacheprovider ;;
     tune) run tune 300 python3 scripts/tune_kernels.py ;;
     kernels) run kernels 150 python3 scripts/bench_kernels.py ;;
     tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" scripts/check_tp_gpus.py
@@ -37,10 +39,11 @@ for part in $PARTS; do
     step) run step 100 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --json "$OUT/step.json"
           run step_two_launch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --no-splitk-serial --json "$OUT/step_two_launch.json"
           run step_prefetch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --pdl --pdl-prefetch --json "$OUT/step_prefetch.json" ;;
+    ttft) run ttft 120 python3 scripts/bench.py --batches "" --contexts "" --ttft 16,128,1024,2048 --json "$OUT/ttft.json" ;;
     e2e) run e2e 200 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json"
          run e2e_sync 200 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --no-overlap --json "$OUT/e2e_sync.json" ;;
     engine) run engine 150 python3 scripts/profile_engine.py --concurrency 1,16,64 --no-profile ;;
-    *) echo "unknown part $part (expected: tests tune kernels tp chain step e2e engine)" >&2; exit 2 ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
