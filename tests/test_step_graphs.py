@@ -6,7 +6,7 @@ import torch
 from helpers import prompt_ids, runner_for
 from maverick.config import BuildConfig
 from maverick.runtime.batch import StepSeq
-from maverick.runtime.cuda_graph import graph_shape
+from maverick.runtime.cuda_graph import graph_parts, graph_shape
 
 DECODE, PREFILL = [1, 2, 4, 8], [16, 32, 64, 128]
 
@@ -71,6 +71,9 @@ class _EagerGraphs:
     def shape_for(self, token_counts, num_logits):
         return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
 
+    def parts_for(self, token_counts, num_logits):
+        return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+
     def replay(self, batch, rows, n_rows, feed=None, feed_src=None):
         from maverick.layers.sampler import sample
         from maverick.runtime.staging import take_fed_tokens
@@ -90,10 +93,10 @@ def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
     decode graph and one prefill graph per chunk, and gives the eager step's logits and sampled tokens in the
     step's order. Several chunks only up to PROMPT_REPLAY_TOKENS graph tokens together (else eager); one
     chunk up to the largest graph."""
-    from maverick.runtime import model_runner
+    from maverick.runtime import cuda_graph
     from maverick.runtime.sampling_rows import SamplingRows
 
-    assert (model_runner.MAX_PROMPT_REPLAYS, model_runner.PROMPT_REPLAY_TOKENS) == (4, 256)
+    assert (cuda_graph.MAX_PROMPT_REPLAYS, cuda_graph.PROMPT_REPLAY_TOKENS) == (4, 256)
     eager, split = runner_for(tiny_ckpt), runner_for(tiny_ckpt)
     split.model = eager.model
     split.graphs = _EagerGraphs(split, [1, 2, 4], [16, 32])
@@ -117,13 +120,14 @@ def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
     def step_of(*lengths):  # chunks of these lengths beside one decode row (the choice reads no blocks)
         return [StepSeq(10 + j, [7] * n, 0, None) for j, n in enumerate(lengths)] + [StepSeq(0, [9], 13, None)]
 
-    assert split._graph_parts(step_of(5, 7, 3, 9)) == [[4], [0], [1], [2], [3]]  # 4 x 16 graph tokens
+    assert split._graph_parts(step_of(5, 7, 3, 9)) == [([4], (1, 1))] + [([i], (1, 16)) for i in range(4)]
     assert split._graph_parts(step_of(5, 7, 3, 9, 4)) is None  # five chunks
     assert split._graphable(step_of(5, 7)) is None
     split.graphs.prefill_tokens = [16, 32, 128, 256]
-    assert split._graph_parts(step_of(100, 120)) == [[2], [0], [1]]  # 128 + 128
-    assert split._graph_parts(step_of(100, 120, 20)) is None  # 128 + 128 + 32
-    assert split._graph_parts(step_of(200)) == [[1], [0]]  # one chunk: any graph
+    assert split._graph_parts(step_of(100, 120)) == [([2], (1, 1)), ([0], (1, 128)), ([1], (1, 128))]
+    assert split._graph_parts(step_of(100, 120, 20)) is None  # 128 + 128 + 32 graph tokens
+    assert split._graph_parts(step_of(200)) == [([1], (1, 1)), ([0], (1, 256))]  # one chunk: any graph
+    assert split._graph_parts(step_of(300)) is None  # above the largest prefill graph
     for r in (eager, split):
         for i in list(r.kv.seqs):
             r.kv.free(i)

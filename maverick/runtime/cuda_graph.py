@@ -58,6 +58,34 @@ def graph_shape(token_counts: list[int], num_logits: list[int], batch_sizes: lis
     return None
 
 
+# Prompt chunks beside decode rows run as graph replays of their own when it pays. Each replay reads the
+# weights again; eager, such a step is 52-63 ms of launches. One-rank TP8 step on H200 (35793ad, 4 decode rows
+# at 1K; eager -> replays, ms): one 128-token chunk 93-98 -> 20; one of 1024 78 -> 43; 16+16+16+16 57 -> 19;
+# 128+128 53 -> 37; 128+128+128 57 -> 54; 512+512+512 59 -> 90; 1024+1024 63 -> 82. So one chunk always
+# (graphs go to 2048 tokens), several only up to PROMPT_REPLAY_TOKENS tokens of graphs together.
+MAX_PROMPT_REPLAYS, PROMPT_REPLAY_TOKENS = 4, 256
+
+
+def graph_parts(token_counts: list[int], num_logits: list[int], batch_sizes: list[int],
+                prefill_tokens: list[int]) -> list[tuple[list[int], Shape]] | None:
+    """A step no one graph fits (prompt chunks beside decode rows, or beside each other) as several replays:
+    the decode rows together, then each chunk alone, as (sequence indices, graph shape), when every part has
+    a captured graph and, with several chunks, at most MAX_PROMPT_REPLAYS of them hold PROMPT_REPLAY_TOKENS
+    graph tokens together (measured above); else None (eager)."""
+    prompts = [[i] for i, n in enumerate(token_counts) if n > 1]
+    decode = [i for i, n in enumerate(token_counts) if n == 1]
+    parts = ([decode] if decode else []) + prompts
+    if not prompts or len(prompts) > MAX_PROMPT_REPLAYS or len(parts) < 2:
+        return None
+    shapes = [graph_shape([token_counts[i] for i in part], [num_logits[i] for i in part], batch_sizes,
+                          prefill_tokens) for part in parts]
+    if None in shapes:
+        return None
+    if len(prompts) > 1 and sum(r * q for r, q in shapes[len(parts) - len(prompts):]) > PROMPT_REPLAY_TOKENS:
+        return None
+    return list(zip(parts, shapes))
+
+
 class StepGraphs:
     def __init__(self, model, kv_caches, shapes: list[Shape], device: torch.device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
@@ -75,6 +103,9 @@ class StepGraphs:
 
     def shape_for(self, token_counts: list[int], num_logits: list[int]) -> Shape | None:
         return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+
+    def parts_for(self, token_counts: list[int], num_logits: list[int]) -> list[tuple[list[int], Shape]] | None:
+        return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
 
     def capture(self, make_batch, progress: bool = False) -> None:
         """make_batch(shape) -> a valid ForwardBatch of that shape (on the CPU) used as capture input.

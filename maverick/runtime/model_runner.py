@@ -13,13 +13,6 @@ from .kv_cache import KVCacheManager, cdiv
 from .sampling_rows import SamplingRows
 from .staging import take_fed_tokens, to_device
 
-# Prompt chunks beside decode rows run as graph replays of their own when it pays. Each replay reads the
-# weights again; eager, such a step is 52-63 ms of launches. One-rank TP8 step on H200 (35793ad, 4 decode rows
-# at 1K; eager -> replays, ms): one 128-token chunk 93-98 -> 20; one of 1024 78 -> 43; 16+16+16+16 57 -> 19;
-# 128+128 53 -> 37; 128+128+128 57 -> 54; 512+512+512 59 -> 90; 1024+1024 63 -> 82. So one chunk always
-# (graphs go to 2048 tokens), several only up to PROMPT_REPLAY_TOKENS tokens of graphs together.
-MAX_PROMPT_REPLAYS, PROMPT_REPLAY_TOKENS = 4, 256
-
 
 class ModelRunner:
     def __init__(self, model: Llama4ForCausalLM, max_seq_len: int, max_batch_size: int, block_size: int,
@@ -107,39 +100,24 @@ class ModelRunner:
             return None
         return self.graphs.shape_for([len(s.tokens) for s in seqs], [s.num_logits for s in seqs])
 
-    def _graph_parts(self, seqs: list[StepSeq]) -> list[list[int]] | None:
-        """A step no one graph covers (prompt chunks beside decode rows, or several chunks) as several replays:
-        the decode rows together, then each chunk alone, when every part has a captured graph and, with
-        several chunks, at most MAX_PROMPT_REPLAYS of them with PROMPT_REPLAY_TOKENS graph tokens in all
-        (measured above); else None (eager)."""
+    def _graph_parts(self, seqs: list[StepSeq]) -> list[tuple[list[int], tuple[int, int]]] | None:
         if self.graphs is None:
             return None
-        prompts = [[i] for i, s in enumerate(seqs) if len(s.tokens) > 1]
-        decode = [i for i, s in enumerate(seqs) if len(s.tokens) == 1]
-        parts = ([decode] if decode else []) + prompts
-        if not prompts or len(prompts) > MAX_PROMPT_REPLAYS or len(parts) < 2:
-            return None
-        shapes = [self._graphable([seqs[i] for i in part]) for part in parts]
-        if None in shapes:
-            return None
-        if len(prompts) > 1 and sum(r * q for r, q in shapes[len(parts) - len(prompts):]) > PROMPT_REPLAY_TOKENS:
-            return None
-        return parts
+        return self.graphs.parts_for([len(s.tokens) for s in seqs], [s.num_logits for s in seqs])
 
-    def _step_parts(self, seqs: list[StepSeq], parts: list[list[int]], rows: SamplingRows | None,
-                    feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """step() of seqs as one graph replay per part (lists of indices into seqs); the logits (and tokens)
-        in seqs' order."""
+    def _step_parts(self, seqs: list[StepSeq], parts: list[tuple[list[int], tuple[int, int]]],
+                    rows: SamplingRows | None, feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """step() of seqs as one graph replay per part (indices into seqs, graph shape); the logits (and
+        tokens) in seqs' order."""
         first_row, n = [], 0  # each sequence's first logits row
         for s in seqs:
             first_row.append(n)
             n += s.num_logits
         pieces = {}
-        for part in parts:
+        for part, shape in parts:
             sub = [seqs[i] for i in part]
             sub_rows = None if rows is None else rows.take(
                 [first_row[i] + j for i in part for j in range(seqs[i].num_logits)])
-            shape = self._graphable(sub)
             src = _feed_index(sub, shape[0] * shape[1]) if any(s.feed_row >= 0 for s in sub) else None
             logits, tokens = self.graphs.replay(self._padded(sub, shape), sub_rows, sum(s.num_logits for s in sub),
                                                 feed, src)
