@@ -35,41 +35,54 @@ def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, s
     Q = max([len(s.tokens) for s in seqs] + [pad_q, 1])
     nbg = max([len(s.blocks.global_blocks) for s in seqs] + [pad_global_blocks, 1])
     nbl = max([len(s.blocks.local_blocks) for s in seqs] + [pad_local_blocks, 1])
-    ids, pos, gslots, lslots, t2p, logits = [], [], [], [], [], []
-    # numpy, filled row by row: nested Python lists of a 128K-context block table (2048 columns) at
-    # batch 64 took 7 ms a step to turn into tensors; these fills take well under 1 ms
+    T = max(sum(len(s.tokens) for s in seqs), pad_tokens)
+    # numpy, filled a sequence at a time: nested Python lists of a 128K-context block table (2048 columns) at
+    # batch 64 took 7 ms a step to turn into tensors, and a per-token loop 1.2 ms for one 2048-token chunk
+    ids = np.zeros(T, np.int64)
+    pos = np.zeros(T, np.int64)
+    t2p = np.zeros(T, np.int64)
+    gslots = np.full(T, scratch_global, np.int64)  # padded tokens write to scratch, are never read
+    lslots = np.full(T, scratch_local, np.int64)
     q_index = np.zeros((B, Q), np.int64)
     q_pos = np.full((B, Q), -1, np.int64)
     ctx = np.zeros(B, np.int64)
     gtab = np.zeros((B, nbg), np.int64)
     ltab = np.zeros((B, nbl), np.int64)
+    logits: list[int] = []
+    t0 = 0
     for b, s in enumerate(seqs):
+        n = len(s.tokens)
         ctx[b] = s.start
         gb, lb = s.blocks.global_blocks, s.blocks.local_blocks
         gtab[b, : len(gb)] = gb
         ltab[b, : len(lb)] = lb
-        last = s.start + len(s.tokens) - 1
-        keep_from = last // chunk_size * chunk_size  # ring keeps only the last chunk this step touches
-        t0 = len(ids)
-        for j, tok in enumerate(s.tokens):
+        last = s.start + n - 1
+        keep_from = last // chunk_size * chunk_size  # the ring keeps only the last chunk this step touches
+        if n <= 16:  # decode rows: Python per token beats numpy's per-call cost (batch 64: 0.25 vs 0.98 ms)
+            for j, tok in enumerate(s.tokens):
+                p, t = s.start + j, t0 + j
+                ids[t], pos[t], t2p[t] = tok, p, b * Q + j
+                q_index[b, j], q_pos[b, j] = t, p
+                if gb:
+                    gslots[t] = gb[p // block_size] * block_size + p % block_size
+                if lb and p >= keep_from:
+                    r = p % chunk_size
+                    lslots[t] = lb[r // block_size] * block_size + r % block_size
+        else:  # a prompt chunk: vectorized (2048 tokens: 1.16 -> 0.11 ms)
+            j = np.arange(n)
             p = s.start + j
-            ids.append(tok)
-            pos.append(p)
-            t2p.append(b * Q + j)
-            gslots.append(gb[p // block_size] * block_size + p % block_size if gb else scratch_global)
-            r = p % chunk_size
-            lslots.append(lb[r // block_size] * block_size + r % block_size
-                          if lb and p >= keep_from else scratch_local)
-        n = len(ids)
-        q_index[b, : n - t0] = range(t0, n)
-        q_pos[b, : n - t0] = pos[t0:]
-        logits += range(n - s.num_logits, n)
-    pad = max(0, pad_tokens - len(ids))  # padded tokens write to scratch, are never read
-    t2p += [0] * pad
-    ids += [0] * pad
-    pos += [0] * pad
-    gslots += [scratch_global] * pad
-    lslots += [scratch_local] * pad
+            rows = slice(t0, t0 + n)
+            ids[rows], pos[rows], t2p[rows] = s.tokens, p, b * Q + j
+            q_index[b, :n], q_pos[b, :n] = np.arange(t0, t0 + n), p
+            if gb:  # a position past the sequence's blocks raises IndexError, never takes slot 0
+                gslots[rows] = np.asarray(gb)[p // block_size] * block_size + p % block_size
+            if lb:
+                keep = p >= keep_from
+                r = p % chunk_size
+                ring = np.asarray(lb)[np.where(keep, r // block_size, 0)]
+                lslots[rows] = np.where(keep, ring * block_size + r % block_size, scratch_local)
+        logits += range(t0 + n - s.num_logits, t0 + n)
+        t0 += n
 
     def lt(x):
         return torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x, dtype=torch.long)
