@@ -61,10 +61,12 @@ def fp8_linear_cublas(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 
 def fp8_linear_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      input_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                      input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """silu(gate) * up of an FP8 gate|up GEMM: fused in the kernel epilogue for a few tokens on CUDA."""
     if x.dim() == 2 and x.shape[0] <= threshold(x, "gemm_max_tokens"):
-        return _few_tokens(x, weight, weight_scale, input_scale, out_dtype, swiglu=True)
+        y = _few_tokens(x, weight, weight_scale, input_scale, out_dtype, swiglu=True)
+        if y is not None:  # None: per-token activations beyond the GEMV's shapes, as in fp8_linear
+            return y
     return swiglu(fp8_linear(x, weight, weight_scale, input_scale, out_dtype))  # cuBLAS for many tokens on CUDA
 
 
