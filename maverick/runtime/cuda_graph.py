@@ -90,16 +90,11 @@ class StepGraphs:
     def __init__(self, model, kv_caches, shapes: list[Shape], device: torch.device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.shapes = sorted(set(shapes), key=lambda s: (s[0] * s[1], s))
+        # looked up every step: derived once
+        self.batch_sizes = sorted(r for r, q in self.shapes if q == 1)
+        self.prefill_tokens = sorted(q for r, q in self.shapes if r == 1 and q > 1)
         self.graphs: dict[Shape, _Captured] = {}
         self.pool = None
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [r for r, q in self.shapes if q == 1]
-
-    @property
-    def prefill_tokens(self) -> list[int]:
-        return [q for r, q in self.shapes if r == 1 and q > 1]
 
     def shape_for(self, token_counts: list[int], num_logits: list[int]) -> Shape | None:
         return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
