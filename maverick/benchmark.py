@@ -27,6 +27,7 @@ from maverick.bench.measure import (allreduce_us, decode_step, hbm_read_bandwidt
                                     prefill_step_ms, time_to_first_token)
 from maverick.build.synthetic import synthetic_model
 from maverick.config import BuildConfig, ModelConfig, QuantConfig
+from maverick.runtime.cuda_graph import graph_shape
 from maverick.runtime.model_runner import ModelRunner
 
 
@@ -46,7 +47,7 @@ GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_num_tokens: int, tp_size: int,
-            rank: int, world: int, say, overlap: bool = True, prefill_graphs: bool = True) -> list:
+            rank: int, world: int, say, overlap: bool = True, prefill_tokens: list[int] = ()) -> list:
     """Every rank captures the decode graphs; rank 0 runs the engine loop and sends each step's plan to
     the other ranks, which follow (the LLM's own arrangement)."""
     from maverick import distributed
@@ -54,8 +55,7 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
     from maverick.runtime.worker import STOP, serve_steps
 
     runner.warmup(max_num_tokens)  # compile the prefill kernels now, not in the first request's TTFT
-    prefill = BuildConfig(max_num_tokens=max_num_tokens, max_seq_len=runner.max_seq_len).graph_prefill_tokens()
-    runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)], prefill if prefill_graphs else [])
+    runner.capture_cuda_graphs([s for s in GRAPH_SIZES if s <= max(concurrency)], prefill_tokens)
     points = []
     if rank == 0:
         send = (lambda plan, rows: distributed.broadcast_object((plan, rows))) if world > 1 else None
@@ -76,9 +76,9 @@ def _prefill_as_run(runner: ModelRunner, build: BuildConfig, prompts: int, promp
     """One prefill step's ms as the runtime runs it: a lone prompt up to the largest prefill graph replays
     that graph (padded up), others eagerly (several prompts of up to 256 graph tokens together run as
     separate replays in the runtime, faster than this eager figure)."""
-    tokens = next((t for t in build.graph_prefill_tokens() if t >= prompt_len), None)
-    if prompts == 1 and tokens is not None:
-        return prefill_graph_ms(runner, prompt_len, tokens)
+    shape = graph_shape([prompt_len] * prompts, [1] * prompts, [], build.graph_prefill_tokens())
+    if shape is not None:
+        return prefill_graph_ms(runner, prompt_len, shape[1])
     return prefill_step_ms(runner, prompts, prompt_len)
 
 
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({r.bytes_per_step / 1e9:.3f} GB), {r.ratio:.0%} of roofline", flush=True)
     ttft = {}
     for n in ttfts:
-        graph_tokens = next((t for t in build.graph_prefill_tokens() if t >= n), n)
+        shape = graph_shape([n], [1], [], build.graph_prefill_tokens())
+        graph_tokens = n if shape is None else shape[1]  # past the largest size: a graph of exactly n
         ttft[n] = (time_to_first_token(runner, n), prefill_graph_ms(runner, n, graph_tokens), graph_tokens)
         say(f"  time to first token, {n}-token prompt: eager prefill {ttft[n][0]:.1f} ms, prefill CUDA graph of "
             f"{graph_tokens} tokens {ttft[n][1]:.1f} ms", flush=True)
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.append(SweepPoint(isl, osl, c, pre, step, a.tp_size))
             say("  sweep " + sweep[-1].row(), flush=True)
     e2e = run_e2e(runner, cfg, e2e_workloads, concurrency, a.max_num_tokens, a.tp_size, rank, world, say,
-                  a.overlap, a.prefill_graphs) \
+                  a.overlap, build.graph_prefill_tokens() if a.prefill_graphs else []) \
         if e2e_workloads else []
     peer = []
     if a.peer_baseline:
