@@ -37,7 +37,7 @@ def tune_gemm(n, k, m=1, swiglu=False):
 
 
 def tune_gemv(n, k, m=1, swiglu=False, dynamic=False):
-    """The register-resident GEMV (kernels/fp8_gemv.py): (BLOCK_N, warps[, PIECE]) by time, each call with PDL (the
+    """The register-resident GEMV (kernels/fp8_gemv.py): (BLOCK_N, warps) by time, each call with PDL (the
     default) after another of the same shape, as in a decode step; against the split-K GEMM and a plain read.
     dynamic: activations quantized per token in the kernel (the FP8 lm_head; the GEMM column then has a
     static scale)."""
@@ -49,13 +49,13 @@ def tune_gemv(n, k, m=1, swiglu=False, dynamic=False):
     xg = None if dynamic else xs
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     n_out = n // 2 if swiglu else n
-    configs = [(bn, nw) for bn in (1, 2, 4, 8, 16, 32, 64) for nw in (2, 4, 8, 16)
-               if bn * k * (2 if swiglu else 1) <= 96 * 1024 and n_out // bn >= 32 and bn * k >= nw * 32 * 16]
-    if m == 1 and not dynamic:  # rows streamed in pieces of K: 32 to 256 weight bytes a thread a piece
-        configs += [(bn, nw, piece) for bn in (2, 4, 8, 16) for nw in (2, 4, 8) for piece in (512, 1024, 2048)
-                    if piece <= k and n_out // bn >= 64 and 32 <= bn * piece * (2 if swiglu else 1) // (nw * 32) <= 256]
-    rows = [(graph_ms([lambda w=w: fp8_gemv(x, w, sc, xg, torch.bfloat16, swiglu=swiglu, config=cfg) for w in ws],
-                      iters=15), *cfg) for cfg in configs]
+    rows = []
+    for bn in (1, 2, 4, 8, 16, 32, 64):
+        for nw in (2, 4, 8, 16):
+            if bn * k * (2 if swiglu else 1) > 96 * 1024 or n_out // bn < 32 or bn * k < nw * 32 * 16:
+                continue
+            rows.append((graph_ms([lambda w=w: fp8_gemv(x, w, sc, xg, torch.bfloat16, swiglu=swiglu, config=(bn, nw))
+                                   for w in ws], iters=15), bn, nw))
     gemm = graph_ms([lambda w=w: fp8_gemm_small_m(x, w, sc, xs, torch.bfloat16, swiglu=swiglu) for w in ws], iters=15)
     dflt = default_config(n_out, k, swiglu)
     dflt_t = graph_ms([lambda w=w: fp8_gemv(x, w, sc, xg, torch.bfloat16, swiglu=swiglu, config=dflt) for w in ws],
@@ -121,7 +121,7 @@ if __name__ == "__main__":
     for name, n, k, swiglu in chosen if "gemv" in parts else ():
         for m in [int(t) for t in args.gemv_tokens.split(",")]:  # lm_head: the FP8_PER_CHANNEL_PER_TOKEN option
             best, dflt, gemm, read = tune_gemv(n, k, m, swiglu, dynamic=name == "lm_head")
-            print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps[, PIECE])",
+            print(f"gemv {name} {n}x{k} m={m} swiglu={swiglu}: (us, BLOCK_N, warps)",
                   [(round(t, 2), *c) for t, *c in best], f"default_config {dflt}, split-K GEMM {gemm:.2f} us,",
                   f"plain read {read:.2f} us", flush=True)
     for m in [int(t) for t in args.moe_tokens.split(",")] if "moe" in parts else ():

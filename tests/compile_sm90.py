@@ -46,16 +46,16 @@ def kernels():
 
     gemv = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
             "M": _I32, "N_OUT": _I32, "K": _I32, "stride_xm": _I32, "stride_wn": _I32, "stride_om": _I32}
-    for (n, k), (block_n, warps, *streamed) in fp8_gemv.CONFIGS.items():  # every tuned shape (TP8, TP4), as it runs
+    for (n, k), (block_n, warps) in fp8_gemv.CONFIGS.items():  # every tuned shape (TP8, TP4), as it runs
         swiglu = (n, k) in ((4096, 5120), (2048, 5120), (8192, 5120))
         ka, kb = fp8_gemv.k_pieces(k)
         yield f"fp8_gemv {n}x{k}", fp8_gemv._fp8_gemv_kernel, gemv, {
             "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "DYNAMIC_X": False,
-            "PDL": 2, "PIECE": streamed[0] if streamed else 0}, warps
+            "PDL": 2}, warps
     block_n, warps = fp8_gemv.config_for(25256, 5120, 1, False)  # the FP8 lm_head at TP8: per-token x scale
     yield "fp8_gemv lm_head dynamic", fp8_gemv._fp8_gemv_kernel, gemv, {
         "ROW_SCALES": True, "SWIGLU": False, "BLOCK_N": block_n, "KA": 4096, "KB": 1024, "DYNAMIC_X": True,
-        "PDL": 2, "PIECE": 0}, warps
+        "PDL": 2}, warps
 
     yield "allreduce_norm", allreduce_norm._allreduce_add_rms_norm_kernel, {
         "d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",

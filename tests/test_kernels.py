@@ -88,14 +88,12 @@ def test_fp8_gemm_serial_split_k_equals_two_launches(m, swiglu, split_k, rows):
     assert rel(one, ops.swiglu(ref) if swiglu else ref) < TOL["fp8"]
 
 
-@pytest.mark.parametrize("m,n,k,rows,swiglu,block_n,piece", [
-    (1, 64, 96, False, False, 8, 0), (1, 40, 640, True, False, 16, 0), (2, 48, 128, True, True, 4, 0),
-    (1, 64, 80, False, True, 2, 0), (1, 40, 640, True, False, 16, 128), (1, 72, 200, False, True, 8, 64),
-    (1, 48, 96, True, True, 4, 128)])
-def test_fp8_gemv(m, n, k, rows, swiglu, block_n, piece):
-    """The one-token GEMV (weights in registers, whole rows or streamed in pieces of K) against the
-    reference; K that is not a power of two (two pieces, the second masked; or a masked last piece, or
-    one piece wider than K), a partial last row block, e4m3 subnormals, zeros and +-448 among the weights."""
+@pytest.mark.parametrize("m,n,k,rows,swiglu,block_n", [(1, 64, 96, False, False, 8), (1, 40, 640, True, False, 16),
+                                                       (2, 48, 128, True, True, 4), (1, 64, 80, False, True, 2)])
+def test_fp8_gemv(m, n, k, rows, swiglu, block_n):
+    """The one-token GEMV (weights in registers) against the reference;
+    K that is not a power of two (two pieces, the second masked), a partial last row block, e4m3
+    subnormals, zeros and +-448 among the weights."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
 
     torch.manual_seed(n + k)
@@ -105,7 +103,7 @@ def test_fp8_gemv(m, n, k, rows, swiglu, block_n, piece):
     w8[::3, 7:] = (w8[::3, 7:].float() * 2 ** -12).to(torch.float8_e4m3fn)  # rows of subnormals mostly
     x = act(m, k)
     xs = torch.tensor(ACT_SCALE, device=DEV)
-    out = fp8_gemv(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=(block_n, 4, piece) if piece else (block_n, 4))
+    out = fp8_gemv(x, w8, ws, xs, torch.float32, swiglu=swiglu, config=(block_n, 4))
     ref = ops.fp8_linear_ref(x, w8, ws, xs, torch.float32)
     if swiglu:
         ref = ops.swiglu(ref)
@@ -126,22 +124,6 @@ def test_fp8_gemv_dynamic_activations(m, k, block_n):
     x = act(m, k) * torch.tensor([[1.0], [300.0]], device=DEV)[:m]
     out = fp8_gemv(x, w8, ws, None, torch.float32, config=(block_n, 4))
     assert rel(out, ops.fp8_linear_ref(x, w8, ws, None, torch.float32)) < TOL["fp8"]
-
-
-def test_fp8_gemv_streamed_rows_take_one_token_with_a_static_scale(monkeypatch):
-    """Rows streamed in pieces dot one token with a static input scale; other calls get a clear error, and
-    where the tuned config streams, the default falls back to the same tile with whole rows for them."""
-    from maverick_plugins.kernels import fp8_gemv
-
-    w8, ws = _fp8_weight(32, 256, rows=False)
-    xs = torch.tensor(ACT_SCALE, device=DEV)
-    for x, scale, piece in ((act(2, 256), xs, 64), (act(1, 256), None, 64), (act(1, 256), xs, 96)):
-        with pytest.raises(ValueError, match="streamed in pieces"):
-            fp8_gemv.fp8_gemv(x, w8, ws, scale, torch.float32, config=(4, 4, piece))
-    monkeypatch.setitem(fp8_gemv.CONFIGS, (32, 256), (4, 4, 64))
-    for x, scale in ((act(2, 256), xs), (act(1, 256), None), (act(1, 256), xs)):
-        out = fp8_gemv.fp8_gemv(x, w8, ws, scale, torch.float32)
-        assert rel(out, ops.fp8_linear_ref(x, w8, ws, scale, torch.float32)) < TOL["fp8"]
 
 
 def test_fp8_gemv_config_for_follows_the_measurements():

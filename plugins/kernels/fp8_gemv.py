@@ -14,14 +14,6 @@ building the f32 bits from the e4m3 bits with integer ops (per element, or packe
 slower, and a pre-quantized FP8 input gained 11% (BENCHMARKS.md, eighth session).
 K = KA + KB: KA the largest power of two <= K, KB the rest rounded up to a power of two (masked), since
 Triton tiles have power-of-two sizes (5120 = 4096 + 1024, 640 = 512 + 128).
-
-Streamed rows (PIECE > 0, one token): where the whole matrix in registers fills the register file (dense
-fc13 + SwiGLU at TP8, 21 MB: 4 programs of 250 registers a thread on every SM), the dot of the last bytes
-to arrive is the tail: every program's dot starts only when its last load lands. Instead each program
-holds one PIECE of K of its rows ahead (the first before the wait) and dots the previous piece while the
-next loads, so the dots overlap the stream (sm_90 build: 116 registers a thread and no spill, against 250
-and a 3.8 KB stack whole). H100: 10.04 -> 9.09 us against a plain read of 8.41; the other shapes measured
-as fast or faster whole (BENCHMARKS.md).
 """
 import torch
 import triton
@@ -39,61 +31,28 @@ def _quantized(x, x_scale):
 
 
 @triton.jit
-def _rows_piece(w_ptr, rows, up_rows, n_mask, p, K, PIECE: tl.constexpr, SWIGLU: tl.constexpr):
-    """Piece p of K (PIECE columns, masked past K) of this program's gate rows (and up rows)."""
-    k = p * PIECE + tl.arange(0, PIECE)
-    mask = n_mask[:, None] & (k < K)[None, :]
-    w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=mask, other=0.0)
-    u = w
-    if SWIGLU:
-        u = tl.load(w_ptr + up_rows[:, None] + k[None, :], mask=mask, other=0.0)
-    return w, u
-
-
-@triton.jit
-def _piece_dot(acc, acc_up, w, u, x_ptr, p, K, x_scale, PIECE: tl.constexpr, SWIGLU: tl.constexpr):
-    k = p * PIECE + tl.arange(0, PIECE)
-    xq = _quantized(tl.load(x_ptr + k, mask=k < K, other=0.0), x_scale)
-    acc += tl.sum(w.to(tl.float32) * xq[None, :], axis=1)
-    if SWIGLU:
-        acc_up += tl.sum(u.to(tl.float32) * xq[None, :], axis=1)
-    return acc, acc_up
-
-
-@triton.jit
-def _store_rows(out_row, offs_n, n_mask, acc, acc_up, scale, scale_up, SWIGLU: tl.constexpr):
-    """One token's outputs: acc * scale, or silu(gate) * up with SwiGLU."""
-    y = acc * scale
-    if SWIGLU:
-        y = y / (1.0 + tl.exp(-y)) * (acc_up * scale_up)
-    tl.store(out_row + offs_n, y.to(out_row.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, out_ptr,
     M, N_OUT, K, stride_xm, stride_wn, stride_om,
     ROW_SCALES: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    DYNAMIC_X: tl.constexpr, PDL: tl.constexpr, PIECE: tl.constexpr = 0,
+    DYNAMIC_X: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
     rows = offs_n.to(tl.int64) * stride_wn
     up_rows = (offs_n + N_OUT).to(tl.int64) * stride_wn
-    if PIECE > 0:  # streamed (one token, static x scale): the first piece before the wait, one ahead after
-        w, u = _rows_piece(w_ptr, rows, up_rows, n_mask, 0, K, PIECE, SWIGLU)
-    else:  # every weight byte of this program requested before the wait
-        ka = tl.arange(0, KA)
-        wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=n_mask[:, None], other=0.0)
+    ka = tl.arange(0, KA)
+    # every weight byte of this program requested before the wait
+    wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=n_mask[:, None], other=0.0)
+    if SWIGLU:
+        ua = tl.load(w_ptr + up_rows[:, None] + ka[None, :], mask=n_mask[:, None], other=0.0)
+    if KB > 0:
+        kb = KA + tl.arange(0, KB)
+        b_mask = n_mask[:, None] & (kb < K)[None, :]
+        wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
         if SWIGLU:
-            ua = tl.load(w_ptr + up_rows[:, None] + ka[None, :], mask=n_mask[:, None], other=0.0)
-        if KB > 0:
-            kb = KA + tl.arange(0, KB)
-            b_mask = n_mask[:, None] & (kb < K)[None, :]
-            wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
-            if SWIGLU:
-                ub = tl.load(w_ptr + up_rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+            ub = tl.load(w_ptr + up_rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
     pdl_enter(PDL)
     pdl_release(PDL)  # at once: the next kernel's programs may start loading their weights
     x_scale = 1.0 if DYNAMIC_X else tl.load(x_scale_ptr)
@@ -105,34 +64,26 @@ def _fp8_gemv_kernel(
     else:
         ws = tl.load(w_scale_ptr)
         wsu = ws
-    if PIECE > 0:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for p in range(1, tl.cdiv(K, PIECE)):  # a loop, not unrolled: one piece in flight beside the dot
-            w_next, u_next = _rows_piece(w_ptr, rows, up_rows, n_mask, p, K, PIECE, SWIGLU)
-            acc, acc_up = _piece_dot(acc, acc_up, w, u, x_ptr, p - 1, K, x_scale, PIECE, SWIGLU)
-            w, u = w_next, u_next
-        acc, acc_up = _piece_dot(acc, acc_up, w, u, x_ptr, tl.cdiv(K, PIECE) - 1, K, x_scale, PIECE, SWIGLU)
-        _store_rows(out_ptr, offs_n, n_mask, acc, acc_up, x_scale * ws, x_scale * wsu, SWIGLU)
-    else:
-        for m in range(M):  # each token one more pass over the registers (so: few tokens)
-            if DYNAMIC_X:  # this token's scale, amax / 448, as quantize_fp8_dynamic_per_token (every program alike)
-                amax = tl.max(tl.abs(tl.load(x_ptr + m * stride_xm + ka).to(tl.float32)), axis=0)
-                if KB > 0:
-                    xb = tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0).to(tl.float32)
-                    amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=0))
-                x_scale = tl.maximum(amax, 1e-12) / 448.0
-            xa = _quantized(tl.load(x_ptr + m * stride_xm + ka), x_scale)
-            acc = tl.sum(wa.to(tl.float32) * xa[None, :], axis=1)
-            acc_up = acc
-            if SWIGLU:
-                acc_up = tl.sum(ua.to(tl.float32) * xa[None, :], axis=1)
+    for m in range(M):  # each token one more pass over the registers (so: few tokens)
+        if DYNAMIC_X:  # this token's scale, amax / 448, as quantize_fp8_dynamic_per_token (every program alike)
+            amax = tl.max(tl.abs(tl.load(x_ptr + m * stride_xm + ka).to(tl.float32)), axis=0)
             if KB > 0:
-                xb = _quantized(tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0), x_scale)
-                acc += tl.sum(wb.to(tl.float32) * xb[None, :], axis=1)
-                if SWIGLU:
-                    acc_up += tl.sum(ub.to(tl.float32) * xb[None, :], axis=1)
-            _store_rows(out_ptr + m * stride_om, offs_n, n_mask, acc, acc_up, x_scale * ws, x_scale * wsu, SWIGLU)
+                xb = tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=0))
+            x_scale = tl.maximum(amax, 1e-12) / 448.0
+        xa = _quantized(tl.load(x_ptr + m * stride_xm + ka), x_scale)
+        acc = tl.sum(wa.to(tl.float32) * xa[None, :], axis=1)
+        if SWIGLU:
+            acc_up = tl.sum(ua.to(tl.float32) * xa[None, :], axis=1)
+        if KB > 0:
+            xb = _quantized(tl.load(x_ptr + m * stride_xm + kb, mask=kb < K, other=0.0), x_scale)
+            acc += tl.sum(wb.to(tl.float32) * xb[None, :], axis=1)
+            if SWIGLU:
+                acc_up += tl.sum(ub.to(tl.float32) * xb[None, :], axis=1)
+        y = acc * (x_scale * ws)
+        if SWIGLU:
+            y = y / (1.0 + tl.exp(-y)) * (acc_up * (x_scale * wsu))
+        tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def k_pieces(k: int) -> tuple[int, int]:
@@ -146,11 +97,10 @@ def k_pieces(k: int) -> tuple[int, int]:
 # num_warps); us against the split-K GEMM (fp8_gemm.CONFIGS) and a plain read of the same bytes (one
 # kernel per read, no PDL) in the same run. Some of these spill (fc13: 3 KB a thread to local memory, which
 # L1 holds) and are still the fastest measured.
-CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {
+CONFIGS: dict[tuple[int, int], tuple[int, int]] = {
     (896, 5120): (4, 8),  # qkv: 3.02 us (GEMM 5.71, plain read 3.41)
     (5120, 640): (32, 4),  # o_proj: 2.27 us (3.62, 3.20)
-    (4096, 5120): (4, 4, 1024),  # dense fc13 + SwiGLU, streamed in 1 KB pieces (H100 at 8e7b28c: 9.09 us
-    # against 10.04 whole in (4, 2), plain read 8.41; whole on H200 at 2e3b51f: 8.33 us, split-K GEMM 10.24, read 6.50)
+    (4096, 5120): (4, 2),  # dense fc13 + SwiGLU: 8.33 us (10.24, 6.50)
     (5120, 2048): (16, 2),  # dense fc2: 3.89 us (7.45, 4.39)
     (2048, 5120): (4, 4),  # shared expert fc13 + SwiGLU (unfused MoE path): 4.72 us (8.43, 4.48)
     (5120, 1024): (16, 8),  # shared expert fc2: 2.54 us (4.41, 3.61)
@@ -171,13 +121,13 @@ CONFIGS_2: dict[tuple[int, int], tuple[int, int]] = {
 MAX_K = 32768  # a program holds BLOCK_N x K weight bytes in registers; longer rows take the GEMM
 
 
-def default_config(n_out: int, k: int, swiglu: bool) -> tuple[int, ...]:
+def default_config(n_out: int, k: int, swiglu: bool) -> tuple[int, int]:
     """About 32 KB of weights a program (the tuned shapes' best are 20-40 KB), 4 warps."""
     per_row = k * (2 if swiglu else 1)
     return max(1, min(32, 1 << max(0, (32768 // per_row).bit_length() - 1))), 4
 
 
-def config_for(n: int, k: int, tokens: int, swiglu: bool) -> tuple[int, ...] | None:
+def config_for(n: int, k: int, tokens: int, swiglu: bool) -> tuple[int, int] | None:
     """The GEMV's config for `tokens` tokens of weight [n, k], or None where the split-K GEMM is the faster
     (measured) or the rows do not fit: one token any shape, two tokens the shapes of CONFIGS_2."""
     if k > MAX_K or tokens > 2:
@@ -192,27 +142,18 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     """x [M, K] (M: a token or two; each costs one more pass of CUDA-core math), weight [N, K] e4m3
     row-major, K <= MAX_K, weight_scale scalar or [N], input_scale scalar (static) or None (each token's
     amax / 448, computed in every program: the FP8_PER_CHANNEL_PER_TOKEN lm_head); config (BLOCK_N,
-    num_warps) for whole rows in registers or (BLOCK_N, num_warps, PIECE) for rows streamed in pieces of
-    PIECE (a power of two) columns, one token with a static input scale. Returns [M, N] (or [M, N/2],
-    silu(gate) * up, with swiglu) in out_dtype."""
+    num_warps). Returns [M, N] (or [M, N/2], silu(gate) * up, with swiglu) in out_dtype."""
     M, K = x.shape
     N = weight.shape[0]
     assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == K and weight.stride(1) == 1, \
         f"weight must be e4m3 [N, {K}] row-major, got {weight.dtype} {list(weight.shape)}"
     assert K <= MAX_K and x.stride(1) == 1, f"fp8_gemv: K={K}, at most {MAX_K}"
     n_out = N // 2 if swiglu else N
-    if config is None:  # the one-token config; its tile with whole rows where the streamed kind cannot run
-        config = config_for(N, K, 1, swiglu)
-        config = config if M == 1 and input_scale is not None else config[:2]
-    block_n, num_warps, *streamed = config
-    piece = streamed[0] if streamed else 0
-    if piece and (M != 1 or input_scale is None or piece & (piece - 1)):
-        raise ValueError(f"fp8_gemv: rows streamed in pieces of {piece} take one token with a static input "
-                         f"scale and a power-of-two piece, got {M} tokens, input_scale {input_scale is not None}")
+    block_n, num_warps = config or config_for(N, K, 1, swiglu)  # by default the one-token config
     ka, kb = k_pieces(K)
     out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
     _fp8_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, weight_scale, weight_scale if input_scale is None else input_scale, out, M, n_out, K, x.stride(0),
         weight.stride(0), out.stride(0), ROW_SCALES=weight_scale.numel() > 1, SWIGLU=swiglu, BLOCK_N=block_n, KA=ka,
-        KB=kb, DYNAMIC_X=input_scale is None, PDL=PDL, PIECE=piece, **PDL_LAUNCH, num_warps=num_warps)
+        KB=kb, DYNAMIC_X=input_scale is None, PDL=PDL, **PDL_LAUNCH, num_warps=num_warps)
     return out
