@@ -24,6 +24,10 @@ def main():
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--tp-size", type=int, default=8)
     p.add_argument("--reference", action="store_true", help="kernels off")
+    p.add_argument("--ncu", action="store_true",
+                   help="instead of torch.profiler: plain reads of --read-mb, then one step, between "
+                        "cudaProfilerStart and Stop, for `ncu --profile-from-start off` (hardware counters per kernel)")
+    p.add_argument("--read-mb", default="21,10.5", help="with --ncu: sizes of the plain reads to compare with (MB)")
     a = p.parse_args()
     cfg = ModelConfig.preset("maverick")
     build = BuildConfig(tp_size=a.tp_size, max_batch_size=a.batch, max_seq_len=a.context + 64,
@@ -34,6 +38,21 @@ def main():
     for _ in range(3):
         runner.forward(seqs)
     torch.cuda.synchronize()
+    if a.ncu:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_kernels import plain_read
+
+        reads = [plain_read(int(float(mb) * 1e6))[0] for mb in a.read_mb.split(",") if mb]
+        for read in reads:  # compiled outside the profiled range
+            read()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        for read in reads:  # first, so that `ncu -c N` takes them and the step's first kernels
+            read()
+        runner.forward(seqs)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
     steps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
