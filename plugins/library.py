@@ -12,6 +12,7 @@ import torch
 
 from .attention import kv_cache_write as _kv_cache_write
 from .attention import paged_attention as _paged_attention
+from .embedding import embedding_rows as _embedding_rows
 from .fp8 import fp8_linear as _fp8_linear
 from .fp8 import fp8_linear_swiglu as _fp8_linear_swiglu
 from .moe import moe_block as _moe_block
@@ -21,6 +22,7 @@ from .moe import moe_router as _moe_router
 from .norm import add_rms_norm as _add_rms_norm
 from .norm import rms_norm as _rms_norm
 from .qkv_attention import qkv_attention as _qkv_attention
+from .rotary import rope_cos_sin as _rope_cos_sin
 
 
 @torch.library.custom_op("maverick::fp8_linear", mutates_args=())
@@ -65,6 +67,27 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 def _(x, delta, weight, eps):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("maverick::embedding_rows", mutates_args=())
+def embedding_rows(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
+    return _embedding_rows(ids, weight, start)
+
+
+@embedding_rows.register_fake
+def _(ids, weight, start):
+    return weight.new_empty((ids.numel(), weight.shape[1]))
+
+
+@torch.library.custom_op("maverick::rope_cos_sin", mutates_args=())
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_cos_sin(positions, inv_freq)
+
+
+@rope_cos_sin.register_fake
+def _(positions, inv_freq):
+    shape = (positions.numel(), inv_freq.numel())
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("maverick::moe_router", mutates_args=())

@@ -6,7 +6,16 @@ from .norm import l2_norm
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, head_dim/2] in fp32 for integer positions [T]."""
+    """cos and sin [T, head_dim/2] in fp32 for integer positions [T]: one Triton kernel on CUDA, else the
+    reference."""
+    if positions.is_cuda and kernels_enabled():
+        from .kernels.step_start import rope_cos_sin_triton
+
+        return rope_cos_sin_triton(positions.contiguous(), inv_freq.float().contiguous())
+    return rope_cos_sin_ref(positions, inv_freq)
+
+
+def rope_cos_sin_ref(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     angles = positions.float()[:, None] * inv_freq.float()[None, :]
     return torch.cos(angles), torch.sin(angles)
 

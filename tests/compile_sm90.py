@@ -32,7 +32,7 @@ _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 def kernels():
     from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, fp8_gemv, moe_gemv,
-                                          prefill_attention, small_ops)
+                                          prefill_attention, small_ops, step_start)
 
     gemm = {
         "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
@@ -56,6 +56,13 @@ def kernels():
     yield "fp8_gemv lm_head dynamic", fp8_gemv._fp8_gemv_kernel, gemv, {
         "ROW_SCALES": True, "SWIGLU": False, "BLOCK_N": block_n, "KA": 4096, "KB": 1024, "DYNAMIC_X": True,
         "PDL": 2}, warps
+
+    yield "step_start embedding_rows", step_start._embedding_rows_kernel, {
+        "ids_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*bf16", "start": _I32, "rows": _I32, "H": _I32,
+    }, {"BLOCK": step_start.EMBED_BLOCK}, 4
+    yield "step_start rope_cos_sin", step_start._rope_cos_sin_kernel, {
+        "pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "T": _I32, "HALF": _I32,
+    }, {"BLOCK_T": 16, "BLOCK_F": 64}, 4
 
     yield "allreduce_norm", allreduce_norm._allreduce_add_rms_norm_kernel, {
         "d_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",
@@ -151,7 +158,8 @@ def main(names: list[str]) -> int:
               f"acq_rel_add={ptx.count('atom.global.gpu.acq_rel.add')} "
               f"release_sys_cas={ptx.count('atom.global.release.sys.cas')} "
               f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} griddepcontrol={ptx.count('griddepcontrol')} mma={ptx.count('mma.sync') + ptx.count('wgmma')} "
-              f"byte_loads={ptx.count('ld.global.b8') + ptx.count('ld.global.u8')}")
+              f"byte_loads={ptx.count('ld.global.b8') + ptx.count('ld.global.u8')} "
+              f"approx_sin_cos={ptx.count('sin.approx') + ptx.count('cos.approx')}")
     return 0
 
 

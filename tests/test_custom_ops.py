@@ -23,6 +23,8 @@ def _cases():
     yield "fp8_linear", (x, w8, s, None, torch.bfloat16)  # dynamic per-token activations
     yield "fp8_linear_swiglu", (x, w8, s, xs, torch.float32)
     yield "rms_norm", (x, torch.randn(32, generator=g), 1e-5)
+    yield "embedding_rows", (torch.tensor([3, 40, 17, 9]), torch.randn(16, 32, generator=g).bfloat16(), 8)
+    yield "rope_cos_sin", (torch.tensor([0, 5, 131071, -1]), 1.0 / 500000 ** (torch.arange(0, 16, 2) / 16))
     yield "add_rms_norm", (x, torch.randn(3, 32, generator=g), torch.randn(32, generator=g), 1e-5)
     yield "moe_router", (x, torch.randn(8, 32, generator=g), 2)
     E, I = 4, 8

@@ -513,3 +513,32 @@ def test_router_gemv_and_top_k_in_one_launch(T, E, top_k, preload):
         vals, ref_ids = logits.topk(top_k, dim=-1)
         assert torch.equal(ids, ref_ids)
         assert rel(scores, torch.sigmoid(vals)) < TOL["fp32"]
+
+
+@pytest.mark.parametrize("T,rows,start", [(1, 40, 0), (7, 40, 40), (300, 24, 16)])
+def test_embedding_rows(T, rows, start):
+    """The rank's rows of the vocabulary-parallel embedding: exact copies for ids it holds, zeros for the
+    others (ids below and above its slice); hidden not a multiple of the kernel's block."""
+    from maverick_plugins.kernels.step_start import embedding_rows_triton
+
+    torch.manual_seed(T)
+    weight = torch.randn(rows, 1100, device=DEV).to(torch.bfloat16)
+    ids = torch.randint(0, 3 * rows, (T,), device=DEV)
+    ids[0] = start  # at least one held id
+    got = embedding_rows_triton(ids, weight, start)
+    assert torch.equal(got, ops.embedding_rows_ref(ids, weight, start))
+    assert (got[0] == weight[0]).all()
+
+
+@pytest.mark.parametrize("T", [1, 5, 130])
+def test_rope_cos_sin_kernel(T):
+    """cos / sin of position * inv_freq (fp32) as torch computes them, positions up to 1M and -1 (graph padding)."""
+    from maverick_plugins.kernels.step_start import rope_cos_sin_triton
+
+    torch.manual_seed(T)
+    pos = torch.randint(-1, 1 << 20, (T,), device=DEV)
+    inv = 1.0 / 500000 ** (torch.arange(0, 128, 2, device=DEV).float() / 128)
+    cos, sin = rope_cos_sin_triton(pos, inv)
+    ref_cos, ref_sin = ops.rope_cos_sin_ref(pos, inv)
+    assert cos.shape == ref_cos.shape == (T, 64) and cos.dtype == torch.float32
+    assert (cos - ref_cos).abs().max().item() < 1e-6 and (sin - ref_sin).abs().max().item() < 1e-6

@@ -69,3 +69,12 @@ def test_gemv_builds_with_pdl_and_vector_weight_loads():
     assert len(got) == len(CONFIGS) + 1, got  # and the FP8 lm_head (dynamic activations)
     for name, info in got.items():
         assert "griddepcontrol=2" in info and "byte_loads=0" in info and "mma=0" in info, (name, info)
+
+
+def test_step_start_kernels_build_with_precise_sin_cos():
+    """RoPE's cos / sin are libdevice's full-range functions (angles reach 1M radians), not sin/cos.approx;
+    their only local memory is the range reduction's 28-byte scratch (stack 32 at any tile size)."""
+    got = _compile("step_start")
+    assert len(got) == 2, got
+    assert "stack=0" in got["step_start embedding_rows"], got
+    assert "approx_sin_cos=0" in got["step_start rope_cos_sin"] and "stack=32" in got["step_start rope_cos_sin"], got
