@@ -45,6 +45,11 @@ MERGE_BLOCK_D = 32  # head_dim columns a merge program takes (4 programs per kv 
 # 2 the 256 splits cost 1-3% up to 32K (more idle programs); at batch 8 five stages were slower (4.66 -> 4.83
 # ms at 128K: 64 KB of shared memory a program). BENCHMARKS.md, tenth session.
 ALONE_SPLITS, ALONE_STAGES, ALONE_WARPS = 256, 5, 8
+# The other launches (several sequences or kv heads): 4 warps, 3 stages. On the GPU image's Triton 3.6 the
+# local layers' build (RoPE and QK-norm of q in the kernel) takes 255 registers and spills at 4 warps (ncu,
+# batch 8); still, same H200, one-rank TP8 step, eleventh session: 8 warps 4.63 -> 5.39 ms at batch 8 128K
+# (batch 2 128K 3.07 -> 2.88, 1K/8K 1-4% slower), 2 stages within noise of 3 in two alternated A/Bs.
+SPLIT_WARPS, SPLIT_STAGES = 4, 3
 # The merge takes at least MERGE_MIN_PROGRAMS programs (narrower head_dim slices, down to 8 columns, when few
 # (sequence, kv head) pairs): each loops over the parts with loads of one DRAM latency a step, so 4 programs
 # at batch 1 waited in turn. Same step (H200, one-rank TP8): batch 1, 32 -> 8 columns: 8K 1.79 -> 1.71-1.73 ms,
@@ -250,7 +255,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
         GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
         LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, USE_ROPE=use_rope,
         QK_NORM=qk_norm, TEMPERATURE=temp is not None, CACHE=slots is not None, PDL=PDL, **PDL_LAUNCH,
-        num_warps=ALONE_WARPS if alone else 4, num_stages=ALONE_STAGES if alone else 3)
+        num_warps=ALONE_WARPS if alone else SPLIT_WARPS, num_stages=ALONE_STAGES if alone else SPLIT_STAGES)
     widest = max(8, D * B * kvh // MERGE_MIN_PROGRAMS)
     block_d = min(D, MERGE_BLOCK_D, 1 << (widest.bit_length() - 1))  # a power of two (batch 3: 24 -> 16)
     _merge_kernel[(B, kvh, D // block_d)](
