@@ -8,6 +8,9 @@ from .dispatch import kernels_enabled
 def embedding_rows(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
     """[T, hidden] rows of this rank's weight [rows, hidden] for ids [T] (zeros for ids it does not hold): one
     Triton kernel on CUDA, else the reference."""
+    if ids.dim() != 1 or weight.dim() != 2:
+        raise ValueError(f"embedding_rows: expected ids [T] and weight [rows, hidden], got ids {list(ids.shape)} "
+                         f"and weight {list(weight.shape)}")
     if weight.is_cuda and kernels_enabled():
         from .kernels.step_start import embedding_rows_triton
 

@@ -530,6 +530,11 @@ def test_embedding_rows(T, rows, start):
     assert (got[0] == weight[0]).all()
 
 
+def test_embedding_rows_rejects_other_shapes():
+    with pytest.raises(ValueError, match=r"expected ids \[T\] and weight \[rows, hidden\]"):
+        ops.embedding_rows(torch.zeros(2, 3, dtype=torch.long), torch.zeros(8, 4), 0)
+
+
 @pytest.mark.parametrize("T", [1, 5, 130])
 def test_rope_cos_sin_kernel(T):
     """cos / sin of position * inv_freq (fp32) as torch computes them, positions up to 1M and -1 (graph padding)."""
