@@ -152,6 +152,25 @@ def bench_router(h, e, m):
             graph_ms(plain_read(nbytes)))
 
 
+def bench_step_start(rows, h, m, half=64):
+    """The step's first two kernels (embedding rows of this rank, RoPE cos / sin) against the torch ops they
+    replaced (the cuBLAS column); launch-bound at decode sizes, so the bytes are small."""
+    from maverick_plugins.kernels.step_start import embedding_rows_triton, rope_cos_sin_triton
+
+    weight = torch.randn(rows, h, device="cuda").to(torch.bfloat16)
+    ids = torch.randint(0, 8 * rows, (m,), device="cuda")
+    pos = torch.randint(0, 1 << 17, (m,), device="cuda")
+    inv = 1.0 / 500000 ** (torch.arange(0, 2 * half, 2, device="cuda").float() / (2 * half))
+    nbytes = m * h * 2
+    embed = ("embedding rows (cuBLAS column: the 8 torch ops)", m, nbytes / 1e6,
+             graph_ms([lambda: embedding_rows_triton(ids, weight, rows)]),
+             graph_ms([lambda: ops.embedding_rows_ref(ids, weight, rows)]), graph_ms(plain_read(nbytes)))
+    rope = ("rope cos/sin (cuBLAS column: the 4 torch ops)", m, m * half * 8 / 1e6,
+            graph_ms([lambda: rope_cos_sin_triton(pos, inv)]), graph_ms([lambda: ops.rope_cos_sin_ref(pos, inv)]),
+            graph_ms(plain_read(max(m * half * 8, 4096))))
+    return [embed, rope]
+
+
 def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
     nb = -(-ctx // bs)
     blocks = batch * nb
@@ -173,7 +192,7 @@ def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tp-size", type=int, default=8)
-    p.add_argument("--ops", default="gemm,moe,router,attention", help="comma-separated families to run")
+    p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run")
     a = p.parse_args()
     families = a.ops.split(",")
     tp = a.tp_size
@@ -194,6 +213,8 @@ def main():
             rows.extend(bench_moe(H, I // tp, E, m))
         if "router" in families:
             rows.append(bench_router(H, E, m))
+        if "step_start" in families:
+            rows.extend(bench_step_start(202048 // tp, H, m))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
