@@ -10,7 +10,7 @@ from .embedding import embedding_rows, embedding_rows_ref
 from .fp8 import (FP8_MAX, dequantize_fp8, fp8_linear, fp8_linear_ref, fp8_linear_swiglu,
                   quantize_fp8_dynamic_per_token, quantize_fp8_static)
 from .moe import (moe_block, moe_block_ref, moe_experts, moe_experts_grouped, moe_experts_ref, moe_ffn, moe_ffn_ref,
-                  moe_router)
+                  moe_router, moe_router_ref)
 from .norm import add_rms_norm, add_rms_norm_ref, l2_norm, rms_norm, rms_norm_ref
 from .qkv_attention import qkv_attention, qkv_attention_ref
 from .rotary import apply_rope, qkv_post, qkv_post_ref, rope_cos_sin, rope_cos_sin_ref
@@ -20,7 +20,7 @@ __all__ = [
     "embedding_rows_ref", "fp8_linear", "fp8_linear_ref",
     "fp8_linear_swiglu", "qkv_post", "qkv_post_ref",
     "kernels_enabled", "kv_cache_write", "kv_cache_write_ref", "l2_norm", "moe_block", "moe_block_ref", "moe_experts", "moe_experts_grouped", "moe_experts_ref", "moe_ffn", "moe_ffn_ref",
-    "moe_router",
+    "moe_router", "moe_router_ref",
     "paged_attention", "paged_attention_ref", "qkv_attention", "qkv_attention_ref", "quantize_fp8_dynamic_per_token", "quantize_fp8_static",
     "rms_norm", "rms_norm_ref", "rope_cos_sin", "rope_cos_sin_ref", "set_kernels_enabled", "swiglu",
 ]

@@ -17,11 +17,15 @@ def moe_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tupl
         from .kernels.small_ops import router_triton
 
         return router_triton(x.contiguous(), router_weight, top_k)
-    logits = x @ router_weight.t().to(x.dtype)
     if x.is_cuda and kernels_enabled():  # top-k and sigmoid in one launch instead of three
         from .kernels.small_ops import router_topk_triton
 
-        return router_topk_triton(logits, top_k)
+        return router_topk_triton(x @ router_weight.t().to(x.dtype), top_k)
+    return moe_router_ref(x, router_weight, top_k)
+
+
+def moe_router_ref(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = x @ router_weight.t().to(x.dtype)
     top_vals, top_ids = torch.topk(logits, top_k, dim=-1)
     return top_ids, torch.sigmoid(top_vals.float()).to(x.dtype)
 
@@ -107,9 +111,7 @@ def moe_block(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, gate_up:
 
 
 def moe_block_ref(x, router_weight, top_k, *ffn_args) -> torch.Tensor:
-    logits = x @ router_weight.t().to(x.dtype)
-    top_vals, top_ids = torch.topk(logits, top_k, dim=-1)
-    return moe_ffn_ref(x, top_ids, torch.sigmoid(top_vals.float()).to(x.dtype), *ffn_args)
+    return moe_ffn_ref(x, *moe_router_ref(x, router_weight, top_k), *ffn_args)
 
 
 def moe_ffn_ref(x: torch.Tensor, top_ids: torch.Tensor, top_scores: torch.Tensor,
