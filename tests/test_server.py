@@ -111,12 +111,38 @@ def test_logprobs_and_seed(client):
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
     ({"model": MODEL, "prompt": "word " * 400}, 400, "prompt"),
     ({"model": MODEL, "prompt": [1, 99999]}, 400, "prompt"),
+    # numbers past what the engine holds are refused before they reach a step (they once stopped the engine)
+    ({"model": MODEL, "prompt": "x", "seed": 2 ** 64, "temperature": 1}, 400, "seed"),
+    ({"model": MODEL, "prompt": "x", "seed": -1}, 400, "seed"),
+    ({"model": MODEL, "prompt": "x", "temperature": 10 ** 400}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_k": -(2 ** 63) - 1}, 400, "top_k"),
+    ({"model": MODEL, "prompt": [1, 2 ** 63]}, 400, "prompt"),
 ])
 def test_bad_completion_requests(server, body, status, param):
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_int64_edge_values_are_served_and_the_server_lives_on(server, stream):
+    """seed 2**63 (a valid 64-bit seed) and top_k 2**63 (beyond the vocabulary: off) once overflowed int64
+    inside the step and stopped the engine for every later request."""
+    for extra in ({"seed": 2 ** 63}, {"seed": 2 ** 64 - 1}, {"top_k": 2 ** 63}):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "temperature": 1.0, "stream": stream, **extra}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        assert ("data: [DONE]" in r.text) if stream else r.json()["usage"]["completion_tokens"] == 3
+    # max_tokens past any context: generation stops at max_seq_len or an end token
+    r = httpx.post(server.url + "/v1/completions", timeout=30, json={"model": MODEL, "prompt": "x", "max_tokens": 2 ** 64})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    # seeds that differ only above bit 31 sample differently (the noise mixes all 64 bits)
+    texts = {httpx.post(server.url + "/v1/completions", timeout=30, json={
+        "model": MODEL, "prompt": "x", "max_tokens": 8, "temperature": 1.0, "seed": s}).json()["choices"][0]["text"]
+        for s in (5, 5 + 2 ** 40, 5 + 2 ** 63)}
+    assert len(texts) == 3
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_malformed_json_and_bad_messages(server):

@@ -25,9 +25,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
-    """U(0, 1) [N, vocab] fp32, a pure function of (seed, offset, token id)."""
+    """U(0, 1) [N, vocab] fp32, a pure function of (seed, offset, token id); seeds are 64-bit (int64 bits of
+    an unsigned seed), both halves mixed so that seeds differing only above bit 31 sample differently."""
     ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None, :]
-    h = _hash32(_hash32(seeds[:, None] ^ _hash32(offsets[:, None] + 0x9E3779B9)) ^ ids)
+    lo, hi = seeds[:, None] & _M32, (seeds[:, None] >> 32) & _M32
+    h = _hash32(_hash32(lo ^ _hash32(hi ^ _hash32(offsets[:, None] + 0x9E3779B9))) ^ ids)
     return (h.double() + 0.5).div(2.0 ** 32).float()
 
 

@@ -1,6 +1,7 @@
 """The step loop on rank 0: admit requests, schedule, run the model on every rank, sample, stop."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Callable
 
@@ -8,9 +9,10 @@ import torch
 
 from .batch import StepSeq
 from .detokenizer import detokenize_step
+from .errors import EngineDead, StepError, is_fatal_error
 from .launched import Launched
 from .model_runner import ModelRunner
-from .request import Request, Status
+from .request import Request, Status, TokenizedPrompt
 from .sampling_params import InvalidRequest, SamplingParams
 from .sampling_rows import SamplingRows
 from .scheduler import Scheduled, Scheduler
@@ -31,7 +33,11 @@ class EngineCore:
         self.max_seq_len = runner.max_seq_len
         self.scheduler = Scheduler(runner.kv, max_batch_size, max_num_tokens)
         self.requests: dict[int, Request] = {}
+        self.collective = before_step is not None  # other ranks run every step too
         self.before_step = before_step or (lambda plan, rows: None)
+        self.failed: str | None = None  # set once a step failed in a way the engine cannot recover from
+        self._touched: list[Request] = []
+        self._collective_started = False
         self._next_id = 0
         self.steps = 0
         eos = set(self.cfg.eos_token_ids)
@@ -40,24 +46,39 @@ class EngineCore:
         self.eos_ids = frozenset(eos)
 
     # ---- requests --------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+    def encode(self, prompt: str | list[int] | TokenizedPrompt) -> TokenizedPrompt:
+        """Validate and tokenize a prompt. Reads no engine state that steps change, so a server runs it
+        on another thread: a long prompt's tokenization never stalls the step loop."""
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt: empty string; expected at least one token")
             if self.tokenizer is None:
                 raise InvalidRequest("prompt: text given but the engine has no tokenizer; pass token ids")
-            ids, text = self.tokenizer.encode(prompt), prompt
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids, text = list(prompt), None
-        else:
-            raise InvalidRequest(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") has no UTF-8 form to tokenize
+                raise InvalidRequest(f"prompt: not valid Unicode text at character {e.start} "
+                                     f"({prompt[e.start]!r}); expected UTF-8-encodable text") from None
+            return TokenizedPrompt(self.tokenizer.encode(prompt), prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise InvalidRequest(f"prompt: token id {bad[0]} out of range; expected ids in [0, {self.cfg.vocab_size})")
+            return TokenizedPrompt(ids, None)
+        raise InvalidRequest(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: str | list[int] | TokenizedPrompt, params: SamplingParams) -> Request:
+        if self.failed is not None:
+            raise EngineDead(f"the engine stopped after an unrecoverable error: {self.failed}")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        p = self.encode(prompt)
+        ids = p.ids
         if not ids:
             raise InvalidRequest("prompt: empty; expected at least one token")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise InvalidRequest(f"prompt: token id {bad[0]} out of range; expected ids in [0, {self.cfg.vocab_size})")
         if len(ids) >= self.max_seq_len:
             raise InvalidRequest(f"prompt: {len(ids)} tokens; the engine's max_seq_len is {self.max_seq_len}, so "
                                  f"prompts may have at most {self.max_seq_len - 1}")
@@ -66,8 +87,10 @@ class EngineCore:
         if g > kv.global_pool.num_blocks or loc > kv.local_pool.num_blocks:
             raise InvalidRequest(f"prompt: {len(ids)} tokens need {g} KV blocks; the pool has "
                                  f"{kv.global_pool.num_blocks}")
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
-        req = Request(self._next_id, text, ids, params, seed, self.eos_ids, arrival_step=self.steps)
+        if params.top_k >= self.cfg.vocab_size:  # keeps every token: the same as off, and fits the int64 row
+            params = dataclasses.replace(params, top_k=0)
+        seed = params.seed if params.seed is not None else random.getrandbits(64)
+        req = Request(self._next_id, p.text, ids, params, seed, self.eos_ids, arrival_step=self.steps)
         self._next_id += 1
         self.requests[req.request_id] = req
         self.scheduler.add(req)
@@ -91,26 +114,62 @@ class EngineCore:
         """Run one forward over the scheduled tokens; returns the requests whose tokens were read.
 
         With overlap, a step queues the next decode step (fed from this one's tokens on the GPU) before
-        it reads this one's tokens; a request that stops meanwhile wastes one row, never a token."""
+        it reads this one's tokens; a request that stops meanwhile wastes one row, never a token.
+
+        Raises StepError if the step fails: the requests it held are finished with reason "error" and their
+        KV freed; the others keep their state and the next step serves them, unless the error is fatal."""
+        if self.failed is not None:
+            raise EngineDead(f"the engine stopped after an unrecoverable error: {self.failed}")
+        self._touched: list[Request] = []
+        self._collective_started = False
+        try:
+            return self._step()
+        except Exception as e:
+            raise self._fail_step(e) from e
+
+    def _step(self) -> list[Request]:
         if self._in_flight is None:
             sched = self.scheduler.schedule()
             if not sched:
                 if self.scheduler.has_work():
                     raise RuntimeError("scheduler made no progress: the KV pool cannot hold any waiting request")
                 return []
+            self._touched += [s.request for s in sched]
             plan = [StepSeq(s.request.request_id,
                             s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_new),
                             s.request.num_computed, self.runner.kv.seqs[s.request.request_id],
                             num_logits=1 if s.completes else 0) for s in sched]
             self._in_flight = self._launch(sched, plan, [s.request for s in sched if s.completes], pending=0)
         prev, self._in_flight = self._in_flight, None
+        self._touched += [s.request for s in prev.sched]
         if self.overlap:
             self._in_flight = self._continue(prev)
         return self._read(prev)
 
+    def _fail_step(self, e: Exception) -> "StepError":
+        """Finish every request the failed step held (reason "error", KV freed) and drop the queued step.
+        Fatal when the other ranks may be inside this step's collectives (their state and rank 0's now
+        differ), when a rank died, or on a device error (the CUDA context is lost): then the engine refuses
+        all further work."""
+        if self._in_flight is not None:
+            self._touched += [s.request for s in self._in_flight.sched]
+            self._in_flight = None
+        failed = []
+        for r in dict.fromkeys(self._touched):  # in order, once each
+            if not r.finished:
+                r.finish("error", f"{type(e).__name__}: {e}")
+                self._retire(r)
+                failed.append(r)
+        fatal = (self._collective_started and self.collective) or is_fatal_error(e)
+        if fatal:
+            self.failed = f"{type(e).__name__}: {e}"
+        return StepError(f"step failed ({type(e).__name__}: {e}); {len(failed)} request(s) ended with an error"
+                         + ("; the engine cannot continue" if fatal else ""), failed, fatal)
+
     def _launch(self, sched: list[Scheduled], plan: list[StepSeq], sampled: list[Request], pending: int,
                 feed: torch.Tensor | None = None) -> Launched:
         rows = SamplingRows.of(sampled, pending) if sampled else None  # in the order of the logits rows
+        self._collective_started = True
         self.before_step(plan, rows)
         logits, tokens = self.runner.step(plan, rows, feed)
         self.steps += 1

@@ -12,13 +12,10 @@ from maverick import envs
 
 from .engine import EngineCore
 from .engine_loader import open_engine
+from .errors import RankFailure, StepError
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 from .worker import STOP, build_runner, join_group, serve_steps, worker_main
-
-
-class RankFailure(RuntimeError):
-    """A tensor-parallel rank died or failed to start."""
 
 
 class LLM:
@@ -178,7 +175,7 @@ class LLM:
                 for p, sp in zip(prompts, params):
                     reqs.append(self.engine.add_request(p, sp))
                 while any(not r.finished for r in reqs):
-                    self.engine.step()
+                    self._step()
             except BaseException:
                 for r in reqs:
                     self.engine.abort(r.request_id)
@@ -196,7 +193,7 @@ class LLM:
             while True:
                 with self._lock:
                     if not req.finished:
-                        self.engine.step()
+                        self._step()
                     out = req.output(delta=True)
                 if streaming and (out.outputs[0].token_ids_diff or out.finished):
                     yield out
@@ -208,6 +205,15 @@ class LLM:
             if not req.finished:
                 with self._lock:
                     self.engine.abort(req.request_id)
+
+    def _step(self) -> None:
+        """One engine step; a rank that died surfaces as the RankFailure that says which and how."""
+        try:
+            self.engine.step()
+        except StepError as e:
+            if isinstance(e.__cause__, RankFailure):
+                raise e.__cause__ from None
+            raise
 
     def abort(self, request_id: int) -> None:
         with self._lock:

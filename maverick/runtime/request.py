@@ -13,12 +13,20 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt after validation and tokenization (EngineCore.encode): token ids, and its text if given as text."""
+
+    ids: list[int]
+    text: str | None
+
+
 @dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, sampled first
     text_diff: str = ""

@@ -27,7 +27,7 @@ class SamplingRows:
         """pending: tokens each request has sampled on the GPU that its output does not hold yet."""
         ps = [r.params for r in requests]
         return cls([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps],
-                   [r.seed for r in requests], [len(r.output_token_ids) + pending for r in requests])
+                   [_int64(r.seed) for r in requests], [len(r.output_token_ids) + pending for r in requests])
 
     def __len__(self) -> int:
         return len(self.temperature)
@@ -52,3 +52,8 @@ class SamplingRows:
         ints = to_device({k: torch.tensor(getattr(self, k), dtype=torch.int64) for k in INT_FIELDS}, device)
         floats = to_device({k: torch.tensor(getattr(self, k), dtype=torch.float32) for k in FLOAT_FIELDS}, device)
         return SamplingTensors(**ints, **floats)
+
+
+def _int64(seed: int) -> int:
+    """A 64-bit unsigned seed as the int64 of the same bits (the tensor's dtype)."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from maverick.runtime.sampling_params import InvalidRequest
 
-from .async_engine import AsyncEngine, QueueFull
+from .async_engine import AsyncEngine, QueueFull, Unavailable
 from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, sampling_params
 
-FINISH = {"stop": "stop", "length": "length", "abort": "stop", None: None}
+FINISH = {"stop": "stop", "length": "length", "abort": "abort", None: None}
 
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -38,6 +38,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.get("/health")
     async def health():
+        why = engine.failed or engine.draining
+        if why is not None:
+            return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -87,6 +90,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             raise APIError(400, str(e), "prompt") from None
         except QueueFull as e:
             raise APIError(429, str(e), None, "rate_limit_error") from None
+        except Unavailable as e:
+            raise APIError(503, str(e), None, "service_unavailable") from None
+
+    def failure(err: Exception) -> APIError:
+        """The error that ended a request: the engine is gone or going (503), or its step failed (500)."""
+        if isinstance(err, Unavailable):
+            return APIError(503, str(err), None, "service_unavailable")
+        return APIError(500, f"engine failed: {err}", None, "server_error")
 
     def usage(prompt_len: int, n: int) -> dict:
         return {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
@@ -102,7 +113,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 while True:
                     out = await q.get()
                     if isinstance(out, Exception):
-                        raise APIError(500, f"engine failed: {out}", None, "server_error")
+                        raise failure(out)
                     if out.finished:
                         break
             except BaseException:
@@ -124,7 +135,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 while True:
                     out = await q.get()
                     if isinstance(out, Exception):
-                        yield _sse({"error": {"message": f"engine failed: {out}", "type": "server_error"}})
+                        e = failure(out)
+                        yield _sse({"error": {**e.body()["error"], "code": e.status}})
                         break
                     c = out.outputs[0]
                     n_tokens, prompt_len = len(c.token_ids), len(out.prompt_token_ids)
@@ -173,12 +185,19 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                            "messages")
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
             raise APIError(400, "this engine's tokenizer has no chat template; use /v1/completions", "messages")
-        ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return await run(body, list(ids), chat=True)
+        try:
+            ids = await engine.offload(_chat_ids, llm.tokenizer, messages)
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"'messages': not valid Unicode text ({e.reason}); expected UTF-8-encodable text",
+                           "messages") from None
+        return await run(body, ids, chat=True)
 
     return app
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _sse(obj: dict[str, Any]) -> str:

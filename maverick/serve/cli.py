@@ -52,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = AsyncEngine(llm, a.max_queue)
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:  # the engine cannot serve: end the process non-zero (a supervisor restarts it)
+        print(f"error: {reason}; shutting down", file=sys.stderr)
+        fatal.append(reason)
+        server.should_exit = True
+
+    engine = AsyncEngine(llm, a.max_queue, on_fatal=on_fatal)
     app = create_app(engine, a.model_name or Path(a.engine).resolve().name, a.api_key)
 
     @app.on_event("shutdown")
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         llm.shutdown()
 
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=30)
-    _Server(config).run()
-    return 0
+    server = _Server(config)
+    server.run()
+    return 1 if fatal else 0
 
