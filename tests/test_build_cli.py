@@ -82,7 +82,7 @@ def test_build_cli_writes_engine(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "build engine" in r.stderr  # the progress bar
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["build"]["tp_size"] == 2 and cfg["format_version"] == 1
+    assert cfg["build"]["tp_size"] == 2 and cfg["format_version"] == 2
     assert set(cfg["files"]) >= {"rank0.safetensors", "rank1.safetensors", "tokenizer.json"}
     from safetensors import safe_open
 

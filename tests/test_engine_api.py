@@ -198,7 +198,7 @@ def test_corrupted_engine_file(tiny_engine, tmp_path):
     data = bytearray((bad / "rank0.safetensors").read_bytes())
     data[-10] ^= 0xFF
     (bad / "rank0.safetensors").write_bytes(bytes(data))
-    with pytest.raises(EngineError, match=r"rank0\.safetensors: sha256 .* corrupted or truncated"):
+    with pytest.raises(EngineError, match=r"rank0\.safetensors: hash .* corrupted or truncated"):
         LLM(bad, device="cpu")
 
 
@@ -219,7 +219,7 @@ def test_mismatched_tensor_is_named(tiny_engine, tmp_path):
     """A rank file whose tensors do not match the config fails before loading, naming the tensor."""
     from safetensors.torch import load_file, save_file
 
-    from maverick.build.engine_format import sha256_file
+    from maverick.build.engine_format import config_checksum, sha256_file
 
     bad = tmp_path / "e"
     shutil.copytree(tiny_engine, bad)
@@ -228,6 +228,7 @@ def test_mismatched_tensor_is_named(tiny_engine, tmp_path):
     save_file(t, bad / "rank0.safetensors")
     cfg = json.loads((bad / "config.json").read_text())
     cfg["files"]["rank0.safetensors"] = sha256_file(bad / "rank0.safetensors")
+    cfg["config_sha256"] = config_checksum({k: v for k, v in cfg.items() if k != "config_sha256"})
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EngineError, match=r"'layers\.0\.self_attn\.o_proj\.weight' is F32\[64, 32\], expected F32\[64, 64\]"):
         LLM(bad, device="cpu")

@@ -330,5 +330,10 @@ def test_calib_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         calibration_texts(tmp_path / "none.txt", 4)
     (tmp_path / "e.txt").write_text("\n\n")
-    with pytest.raises(ValueError, match="no non-empty lines"):
+    with pytest.raises(ValueError, match="no non-empty samples"):
         calibration_texts(tmp_path / "e.txt", 4)
+    (tmp_path / "c.jsonl").write_text('{"text": "a\\nb"}\n{"text": "c"}\n')
+    assert calibration_texts(tmp_path / "c.jsonl", 3) == ["a\nb", "c", "a\nb"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": "a"}\n')
+    with pytest.raises(ValueError, match='expected one JSON object with a "text" string'):
+        calibration_texts(tmp_path / "bad.jsonl", 1)

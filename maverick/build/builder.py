@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -11,7 +14,7 @@ from tqdm import tqdm
 from maverick.checkpoint import CheckpointReader, open_checkpoint
 from maverick.config import BuildConfig, ConfigError
 
-from .engine_format import CONFIG_FILE, PRODUCER, EngineConfig, EngineError, rank_file, sha256_file
+from .engine_format import CONFIG_FILE, PRODUCER, EngineConfig, EngineError, hash_files, is_engine_dir, rank_file
 from .from_checkpoint import iter_rank_tensors
 from .shard import iter_entries
 from .spec import model_spec
@@ -31,23 +34,85 @@ def resolve_quant(reader: CheckpointReader, build: BuildConfig) -> BuildConfig:
     return build.replace(quant=ckpt.build_quant())
 
 
-def _prepare_output(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        cfg = out / CONFIG_FILE
-        is_engine = cfg.exists() and PRODUCER in cfg.read_text()[:4096]
-        if not is_engine:
-            raise EngineError(f"{out}: exists and is not an engine directory; refusing to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def build_engine(checkpoint: str | Path, output: str | Path, build: BuildConfig, progress: bool = True,
+                 overwrite: bool = False) -> EngineConfig:
+    """Write an engine for `build` (tp_size ranks) from a Hugging Face or ModelOpt checkpoint.
 
-
-def build_engine(checkpoint: str | Path, output: str | Path, build: BuildConfig, progress: bool = True) -> EngineConfig:
-    """Write an engine for `build` (tp_size ranks) from a Hugging Face or ModelOpt checkpoint."""
+    The engine is written into a temporary sibling of `output` and swapped into place once complete, so a
+    build killed at any moment leaves no directory that loads and keeps the engine that was there.
+    overwrite: replace an existing engine at `output` (never a directory that is not one)."""
     reader = open_checkpoint(checkpoint)
     build = resolve_quant(reader, build)
     build.validate_for(reader.config)
-    out = Path(output)
-    _prepare_output(out)
+    out = Path(output).absolute()
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
+    try:
+        cfg = _write(reader, build, tmp, progress)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new engine's temporary, or the old engine once swapped out
+    return cfg
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_engine_dir(out):
+            raise EngineError(f"{out}: exists and is not an engine directory (no maverick config.json); "
+                              "refusing to replace it")
+        if not overwrite:
+            raise EngineError(f"{out}: an engine is already there; pass --overwrite to replace it")
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of builds that were killed (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.building-*"):
+        m = re.match(rf"\.{re.escape(out.name)}\.building-(\d+)-", p.name)
+        try:
+            pid = int(m.group(1)) if m else -1
+            if pid < 0:
+                raise ValueError
+            os.kill(pid, 0)  # raises if no such process
+            if pid == os.getpid():
+                raise ProcessLookupError
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # someone else's live process
+            pass
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put directory `new` at `out` in one step: where out exists, the two are exchanged atomically
+    (renameat2 RENAME_EXCHANGE), so `out` is always either the old engine or the new one; `new` then
+    holds the old one."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    if _exchange(new, out):
+        return
+    old = out.with_name(f".{out.name}.building-{os.getpid()}-old")  # cleaned with the temporaries
+    os.rename(out, old)
+    os.rename(new, out)
+    os.rename(old, new)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _write(reader: CheckpointReader, build: BuildConfig, out: Path, progress: bool) -> EngineConfig:
     entries = sum(1 for _ in iter_entries(reader.config))
     bar = tqdm(total=entries * build.tp_size, desc="build engine", unit="tensor", disable=not progress)
     for r in range(build.tp_size):
@@ -61,9 +126,8 @@ def build_engine(checkpoint: str | Path, output: str | Path, build: BuildConfig,
     for name in TOKENIZER_FILES:
         if (reader.path / name).exists():
             shutil.copy(reader.path / name, out / name)
-    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.name != CONFIG_FILE}
+    paths = [p for p in sorted(out.iterdir()) if p.name != CONFIG_FILE]
+    files = {p.name: digest for p, digest in hash_files(paths).items()}
     cfg = EngineConfig(reader.config, build, None, files)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
-    tmp.rename(out / CONFIG_FILE)  # config.json appears last: a half-written engine has none
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
     return cfg

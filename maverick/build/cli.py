@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
                    help="quantize lm_head's rows to FP8 here (activations per token): half its bytes, FP8 logits")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan; read no weights")
     p.add_argument("--gpu-memory-gb", type=float, help="with --dry-run: say whether the plan fits this GPU")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing engine at --output")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                               "checkpoint (run quantize.py to make an FP8 checkpoint)")
         from .builder import build_engine
 
-        cfg = build_engine(a.checkpoint, a.output, build, progress=not a.no_progress)
+        cfg = build_engine(a.checkpoint, a.output, build, progress=not a.no_progress, overwrite=a.overwrite)
         print(f"engine written to {a.output}: tp_size={cfg.build.tp_size} dtype={cfg.build.dtype} "
               f"quant={cfg.build.quant.algo or 'none'} kv_cache={cfg.build.quant.kv_cache_algo or cfg.build.dtype} "
               f"lm_head={cfg.build.lm_head_quant_algo or cfg.build.dtype}")

@@ -49,12 +49,21 @@ def fp8_config(kv_cache_fp8: bool) -> dict:
 
 
 def calibration_texts(path: str | Path | None, size: int) -> list[str]:
+    """`size` samples from a text file (one sample a line) or a .jsonl file ({"text": ...} a line, for samples
+    that span lines), cycled if it holds fewer."""
     source = Path(path) if path else DATA
     if not source.exists():
-        raise FileNotFoundError(f"--calib-data {source}: file not found (expected one text sample per line)")
+        raise FileNotFoundError(f"--calib-data {source}: file not found (expected one text sample per line, or "
+                                f"a .jsonl file of {{\"text\": ...}} objects)")
     lines = [ln for ln in source.read_text().splitlines() if ln.strip()]
+    if source.suffix == ".jsonl":
+        try:
+            lines = [json.loads(ln)["text"] for ln in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"--calib-data {source}: expected one JSON object with a \"text\" string a line "
+                             f"({type(e).__name__}: {e})") from None
     if not lines:
-        raise ValueError(f"--calib-data {source}: no non-empty lines to calibrate on")
+        raise ValueError(f"--calib-data {source}: no non-empty samples to calibrate on")
     return [lines[i % len(lines)] for i in range(size)]
 
 
