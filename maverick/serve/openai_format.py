@@ -1,0 +1,85 @@
+"""OpenAI request bodies in, OpenAI response bodies and stream chunks out (no engine, no HTTP)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .protocol import APIError
+
+FINISH = {"stop": "stop", "length": "length", "abort": "abort", None: None}
+ROLES = {"system", "user", "assistant", "developer", "tool"}
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body as a JSON object; 400 for anything else: invalid JSON, nesting deeper than the parser
+    can follow, text that is not valid Unicode (a lone surrogate cannot be tokenized)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"request body holds text that is not valid Unicode ({e.reason}: "
+                            f"{e.object[e.start:e.end]!r}); expected UTF-8-encodable strings") from None
+    return body
+
+
+def completion_prompt(body: dict):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
+        raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt")
+    if body.get("echo") or body.get("suffix") or body.get("best_of", 1) != 1:
+        raise APIError(400, "echo, suffix and best_of are not supported", "echo")
+    return prompt
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
+                       "messages")
+    bad = sorted({m["role"] for m in messages} - ROLES)
+    if bad:
+        raise APIError(400, f"'messages': unknown role {bad[0]!r}; expected one of {sorted(ROLES)}", "messages")
+    return messages
+
+
+def usage(prompt_len: int, n: int) -> dict:
+    return {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
+
+
+def choice(chat: bool, text: str, finish_reason: str | None, logprobs, delta: bool = False, first: bool = False) -> dict:
+    fr = FINISH[finish_reason]
+    if not chat:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": fr}
+    if delta:
+        d = {"content": text, **({"role": "assistant"} if first else {})}
+        return {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": fr}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": fr}
+
+
+def logprobs_body(tokenizer, c, chat: bool, n: int | None):
+    if n is None or c.logprobs is None:
+        return None
+    name = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
+    if chat:
+        return {"content": [{"token": name(t), "logprob": lp[t],
+                             "top_logprobs": [{"token": name(k), "logprob": v} for k, v in list(lp.items())[:n]]}
+                            for t, lp in zip(c.token_ids, c.logprobs)]}
+    return {"tokens": [name(t) for t in c.token_ids], "token_logprobs": [lp[t] for t, lp in zip(c.token_ids, c.logprobs)],
+            "top_logprobs": [{name(k): v for k, v in list(lp.items())[:max(n, 1)]} for lp in c.logprobs],
+            "text_offset": None}
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
