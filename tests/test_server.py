@@ -237,3 +237,109 @@ def test_api_key_and_sigterm(tiny_engine):
         assert rest[-2:] == ["data: [DONE]", ""] or rest[-1:] == ["data: [DONE]"]
     finally:
         s.stop()
+
+
+def test_hostile_bodies_get_4xx_and_the_server_lives_on(server):
+    url = server.url + "/v1/completions"
+    # a lone surrogate: valid JSON, no UTF-8 form, so it cannot be tokenized
+    for raw in (b'{"model": "tiny", "prompt": "abc \\ud800 def"}',
+                b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}'):
+        path = "/v1/completions" if b"prompt" in raw else "/v1/chat/completions"
+        r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
+    r = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(6):
+            yield b"a" * (1 << 20)
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "wizard", "content": "hi"}]})
+    assert r.status_code == 400 and "unknown role 'wizard'" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"prompt": "x"})
+    assert r.status_code == 404 and "None" not in r.json()["error"]["message"]
+    assert httpx.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_slow_body_times_out(tiny_engine):
+    import socket
+
+    s = Server(tiny_engine, "--request-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\"")
+            t0 = time.time()
+            reply = c.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and time.time() - t0 < 5, reply
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_api_key_edge_cases(tiny_engine):
+    r = subprocess.run([sys.executable, "-m", "maverick.serve", str(tiny_engine), "--api-key", ""], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--api-key is empty" in r.stderr
+    s = Server(tiny_engine, "--api-key", "clé-secrète")
+    try:
+        for value in ("Bearer clé-secrète".encode("latin-1"), b"Bearer \xff\xfe", "Bearer ключ".encode()):
+            r = httpx.get(s.url + "/v1/models", headers=[(b"authorization", value)])
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", value
+        ok = httpx.get(s.url + "/v1/models", headers=[(b"authorization", "Bearer clé-secrète".encode())])
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_sigterm_ends_long_streams_with_an_error_event_and_done(tiny_engine):
+    s = Server(tiny_engine, "--shutdown-grace", "0.5")
+    try:
+        body = {"model": MODEL, "prompt": "The harbor", "max_tokens": 240, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGTERM)  # uvicorn stops listening at once; open streams drain
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]"
+        err = json.loads(rest[-2][6:])["error"]
+        assert "shutting down" in err["message"] and err["code"] == 503
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()
+
+
+def test_stalled_stream_reader_is_ended():
+    """A client that stops reading: the stream's send waits at most send_timeout_s, then the generator is
+    closed (its `finally` aborts the request)."""
+    from maverick.serve.guard import TimedStreamingResponse
+
+    closed = []
+
+    async def gen():
+        try:
+            while True:
+                yield "data: x\n\n"
+        finally:
+            closed.append(True)
+
+    async def main():
+        sent = []
+
+        async def send(msg):
+            sent.append(msg)
+            if len(sent) > 3:
+                await asyncio.sleep(3600)  # the client's window is full
+
+        t0 = time.monotonic()
+        await TimedStreamingResponse(gen(), 0.2, media_type="text/event-stream").stream_response(send)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 5 and closed == [True]
