@@ -2,7 +2,9 @@
 the server unavailable (503 everywhere, /health included) instead of hanging anyone."""
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -131,3 +133,47 @@ def test_submit_after_stop_is_refused_not_hung(fresh_llm):
     engine.stop()
     with pytest.raises(Unavailable, match="shutting down"):
         asyncio.run(asyncio.wait_for(engine.submit([1, 2, 3], SamplingParams(max_tokens=2)), 10))
+
+
+@pytest.mark.slow
+def test_rank_killed_while_serving_ends_streams_and_exits_nonzero(tiny_engine_tp2):
+    """TP2 server, a rank killed mid-stream: the stream ends with an error event and [DONE], the process exits 1
+    (a supervisor restarts it) with no rank left behind."""
+    import signal as sig
+
+    from test_server import Server
+
+    s = Server(tiny_engine_tp2)
+    try:
+        rank_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                     and _parent(p) == s.proc.pid and b"rank_main" in _cmd(p)]
+        assert len(rank_pids) == 1
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(rank_pids[0], sig.SIGKILL)
+            t0 = time.monotonic()
+            rest = [ln for ln in lines if ln]
+        assert time.monotonic() - t0 < 10
+        assert rest[-1] == "data: [DONE]"
+        err = json.loads(rest[-2][6:])["error"]
+        assert err["code"] in (500, 503) and "rank 1 exited with signal SIGKILL" in err["message"]
+        assert s.proc.wait(timeout=30) == 1
+    finally:
+        s.stop()
+
+
+def _parent(p) -> int:
+    try:
+        return int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return -1
+
+
+def _cmd(p) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""

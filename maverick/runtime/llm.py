@@ -15,7 +15,8 @@ from .engine_loader import open_engine
 from .errors import RankFailure, StepError
 from .request import RequestOutput
 from .sampling_params import SamplingParams
-from .worker import STOP, build_runner, join_group, serve_steps, worker_main
+from .ranks import RankProcesses, run_in_thread_watching
+from .worker import STOP, build_runner, join_group, serve_steps
 
 
 class LLM:
@@ -51,8 +52,7 @@ class LLM:
             raise RuntimeError("device='cuda' asked for, but no CUDA GPU is visible")
         self.device_kind = kind
         self.cuda_graphs = cuda_graphs
-        self._procs: list = []
-        self._errors = None
+        self._ranks: RankProcesses | None = None
         self._closed = False
         self._lock = threading.RLock()
         world = self.cfg.build.tp_size
@@ -77,23 +77,20 @@ class LLM:
         return "nccl" if self.device_kind == "cuda" else "gloo"
 
     def _spawn_ranks(self, world: int) -> None:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self._errors = ctx.Queue()
         init = f"tcp://127.0.0.1:{dist.free_port()}"
         timeout = envs.rank_timeout_s()
-        for r in range(1, world):
-            p = ctx.Process(target=worker_main, args=(r, world, str(self.engine_dir), self.device_kind,
-                                                       self._backend(), init, timeout, self._errors,
-                                                       self.cuda_graphs), daemon=True)
-            p.start()
-            self._procs.append(p)
-        try:
-            join_group(0, world, self._backend(), init, timeout)
+        self._ranks = RankProcesses(world, str(self.engine_dir), self.device_kind, self._backend(), init, timeout,
+                                    self.cuda_graphs)
+        try:  # a rank that dies at bootstrap is reported now, not after the group's timeout
+            run_in_thread_watching(lambda: join_group(0, world, self._backend(), init, timeout), self._ranks,
+                                   "tensor-parallel group did not form")
         except Exception as e:
-            self._kill_ranks()
-            raise RankFailure(f"tensor-parallel group did not form: {self._rank_error() or e}") from None
+            failure = self._ranks.failure(wait_s=2.0)
+            self._ranks.stop()
+            self._ranks = None
+            dist.shutdown()  # this rank's view of the group (rank, world) back to one process
+            raise RankFailure(str(e) if isinstance(e, RankFailure) or failure is None else
+                              f"tensor-parallel group did not form: {failure}") from None
 
     def _join_mpi(self, rank: int, world: int) -> None:
         from mpi4py import MPI
@@ -111,39 +108,15 @@ class LLM:
         dist.shutdown()
         raise SystemExit(0)
 
-    def _rank_error(self) -> str | None:
-        if self._errors is None:
-            return None
-        try:
-            return self._errors.get(timeout=1.0)
-        except Exception:
-            dead = [f"rank {i + 1} exited with code {p.exitcode}" for i, p in enumerate(self._procs)
-                    if not p.is_alive()]
-            return "; ".join(dead) or None
-
-    def _check_ranks(self) -> None:
-        dead = [p for p in self._procs if not p.is_alive()]
-        if dead:
-            msg = self._rank_error()
-            self.shutdown()
-            raise RankFailure(f"a tensor-parallel rank failed: {msg}")
+    def rank_failure(self, wait_s: float = 0.0) -> RankFailure | None:
+        """A RankFailure if a rank this LLM started has died (exit status and last error line), else None."""
+        return None if self._ranks is None else self._ranks.failure(wait_s)
 
     def _broadcast(self, plan, rows) -> None:
-        self._check_ranks()
-        try:
-            dist.broadcast_object((plan, rows))
-        except Exception as e:
-            msg = self._rank_error()
-            self.shutdown()
-            raise RankFailure(f"a tensor-parallel rank failed during a step: {msg or e}") from None
-
-    def _kill_ranks(self) -> None:
-        for p in self._procs:
-            if p.is_alive():
-                p.terminate()
-        for p in self._procs:
-            p.join(timeout=10)
-        self._procs = []
+        failure = self.rank_failure()
+        if failure is not None:
+            raise failure
+        dist.broadcast_object((plan, rows))
 
     def _load_tokenizer(self):
         if not (self.engine_dir / "tokenizer_config.json").exists() and not (self.engine_dir / "tokenizer.json").exists():
@@ -206,13 +179,25 @@ class LLM:
                 with self._lock:
                     self.engine.abort(req.request_id)
 
-    def _step(self) -> None:
-        """One engine step; a rank that died surfaces as the RankFailure that says which and how."""
+    def step(self) -> list:
+        """One engine step (what generate runs until its requests finish; the server's loop runs it too).
+        A step that broke because a rank died raises StepError naming the rank, its exit status and last
+        error line (a broken collective is seen before the rank's exit)."""
         try:
-            self.engine.step()
+            return self.engine.step()
+        except StepError as e:
+            failure = self.rank_failure(wait_s=2.0) if e.fatal else None
+            if failure is None:
+                raise
+            self._ranks.stop()  # the others cannot go on without it: end them now, none is left behind
+            raise StepError(f"a tensor-parallel rank failed: {failure}", e.requests, True) from failure
+
+    def _step(self) -> None:
+        try:
+            self.step()
         except StepError as e:
             if isinstance(e.__cause__, RankFailure):
-                raise e.__cause__ from None
+                raise RankFailure(str(e)) from None
             raise
 
     def abort(self, request_id: int) -> None:
@@ -232,24 +217,25 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        stopped = bool(self._procs) and all(p.is_alive() for p in self._procs)
+        ranks = self._ranks
+        stopped = ranks is not None and not ranks.dead()
         if stopped:
             try:
                 dist.broadcast_object(STOP)
             except Exception:
                 stopped = False
-        if self._procs and not stopped:  # a rank is gone: no collective teardown, this rank's state only
-            self._kill_ranks()
+        if ranks is not None and not stopped:  # a rank is gone: no collective teardown, this rank's state only
+            ranks.stop()
             dist.shutdown()
             return
-        # with the ranks, not before joining them: their shutdown (a barrier, the group's teardown) waits
-        # for this one; joining first left every rank waiting on the other until the join timed out
+        # with the ranks, not before waiting for them: their shutdown (a barrier, the group's teardown) waits
+        # for this one; waiting first left every rank waiting on the other until the wait timed out
         if getattr(self, "engine", None) is not None:
             self.engine.runner.release_graphs()
         dist.shutdown()
-        for p in self._procs:
-            p.join(timeout=30)
-        self._kill_ranks()
+        if ranks is not None:
+            ranks.wait(30)
+            ranks.stop()
 
     def __enter__(self) -> "LLM":
         return self

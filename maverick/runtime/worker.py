@@ -5,8 +5,6 @@ by LLM or started by mpirun. All ranks run the same forward; only rank 0 samples
 """
 from __future__ import annotations
 
-import traceback
-
 import torch
 
 from maverick import distributed as dist
@@ -58,18 +56,17 @@ def serve_steps(runner) -> None:
 
 
 def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
-                timeout_s: float, error_queue, cuda_graphs: bool = True) -> None:
-    """Entry point of a spawned rank (torch.multiprocessing)."""
+                timeout_s: float, cuda_graphs: bool = True) -> None:
+    """A rank started by LLM (maverick.runtime.rank_main): join, load, follow rank 0 until STOP."""
+    from maverick import envs
+
+    from .engine_loader import open_engine
+
+    if envs.hang_dump_s() > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(envs.hang_dump_s(), repeat=True)
     try:
-        from maverick import envs
-
-        from .engine_loader import open_engine
-
-        if envs.hang_dump_s() > 0:
-            import faulthandler
-
-            faulthandler.dump_traceback_later(envs.hang_dump_s(), repeat=True)
-
         device = torch.device(f"cuda:{rank}") if device_kind == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -78,8 +75,5 @@ def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backen
         runner = build_runner(engine_dir, cfg, rank, device, cuda_graphs)
         serve_steps(runner)
         runner.release_graphs()  # before the group's teardown in `finally`
-    except Exception as e:  # report to rank 0, which raises a clear error instead of hanging
-        error_queue.put(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-        raise SystemExit(1)
     finally:
         dist.shutdown()

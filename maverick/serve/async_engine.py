@@ -215,11 +215,15 @@ class AsyncEngine:
                 continue
             except queue.Empty:
                 pass
+            failure = self.llm.rank_failure()  # a rank that dies while idle is seen now, not at the next request
+            if failure is not None:
+                self._die(str(failure))
+                return
             if not self.engine.has_unfinished():
                 continue
             try:
                 with self.llm._lock:
-                    touched = self.engine.step()
+                    touched = self.llm.step()
             except StepError as e:  # only the step's own requests end; the rest are served on
                 if e.fatal:  # unavailable before anyone hears of the failure
                     self._mark_failed(str(e))
