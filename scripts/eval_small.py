@@ -25,6 +25,29 @@ def quantize(out: Path, kv: bool) -> None:
     print(quantize_checkpoint(MODEL, out, kv, MODEL / "calib.jsonl", 64, 512, "cpu", progress=False))
 
 
+def run_one(i: int, name: str, ckpt: Path, dtype: str, ids: list[int], a) -> list[tuple]:
+    from maverick.build.builder import build_engine
+    from maverick.config import BuildConfig
+    from maverick.evaluate import evaluate
+
+    rows = []
+    eng = a.work / f"engine-{a.device}-{i}"
+    build_engine(ckpt, eng, BuildConfig(dtype=dtype, max_seq_len=513, max_batch_size=8, max_num_tokens=4096,
+                                        kv_cache_block_size=16), progress=False, overwrite=True)
+    t0 = time.time()
+    res = evaluate(eng, ids, window=512, batch=8, device=a.device, hf=MODEL, hf_dtype="float32", progress=False)
+    e, h = res["engine"], res["hf"]
+    if i == 0:
+        rows.append(("transformers fp32", h.tokens, h.nll, h.ppl, None))
+    if i == 1:  # transformers in bf16 on the same windows (the engine pass again, for its reference)
+        h = evaluate(eng, ids, window=512, batch=8, device=a.device, hf=MODEL, hf_dtype="bfloat16",
+                     progress=False)["hf"]
+        rows.append(("transformers bf16", h.tokens, h.nll, h.ppl, None))
+    rows.append((name, e.tokens, e.nll, e.ppl, e.top1_agreement))
+    print(f"{name}: {e} ({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -36,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from maverick.build.builder import build_engine
-    from maverick.config import BuildConfig
-    from maverick.evaluate import SPLITS, evaluate
+    from maverick.evaluate import SPLITS
 
     a.work.mkdir(parents=True, exist_ok=True)
     fp8, fp8_kv = a.work / "ckpt-fp8", a.work / "ckpt-fp8-kv"
@@ -51,21 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             ("engine FP8", fp8, "bfloat16"), ("engine FP8 + FP8 KV", fp8_kv, "bfloat16")]
     rows = []
     for i, (name, ckpt, dtype) in enumerate(runs):
-        eng = a.work / f"engine-{a.device}-{i}"
-        build_engine(ckpt, eng, BuildConfig(dtype=dtype, max_seq_len=513, max_batch_size=8, max_num_tokens=4096,
-                                            kv_cache_block_size=16), progress=False, overwrite=True)
-        t0 = time.time()
-        res = evaluate(eng, ids, window=512, batch=8, device=a.device, hf=MODEL, hf_dtype="float32", progress=False)
-        e, h = res["engine"], res["hf"]
-        if i == 0:
-            rows.append(("transformers fp32", h.tokens, h.nll, h.ppl, None))
-        if i == 1:  # transformers in bf16 on the same windows (the engine pass again, for its reference)
-            h = evaluate(eng, ids, window=512, batch=8, device=a.device, hf=MODEL, hf_dtype="bfloat16",
-                         progress=False)["hf"]
-            rows.append(("transformers bf16", h.tokens, h.nll, h.ppl, None))
-        rows.append((name, e.tokens, e.nll, e.ppl, e.top1_agreement))
-        print(f"{name}: {e} ({time.time() - t0:.0f} s)", flush=True)
+        try:
+            rows += run_one(i, name, ckpt, dtype, ids, a)
+        except Exception as e:  # one row that cannot run must not cost the others
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
     base = {r[0]: r[3] for r in rows}
+    base.setdefault("engine bf16", rows[0][3] if rows else float("nan"))
     print(f"\ntest perplexity, {rows[0][1]} tokens, device {a.device}"
           f" ({torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU'})")
     print(f"{'':22s} {'NLL':>9s} {'ppl':>9s} {'vs bf16':>8s} {'top-1 vs fp32 HF':>17s}")
