@@ -146,3 +146,20 @@ def test_training_script_learns(tmp_path):
     from transformers import Llama4ForCausalLM
 
     Llama4ForCausalLM.from_pretrained(tmp_path / "m" / "size-smoke")  # a valid Hugging Face checkpoint
+
+
+def test_chat_through_the_server(engine):
+    """A chat prompt through maverick-serve and the openai client gets an answer in the plays' manner."""
+    from openai import OpenAI
+    from test_server import Server
+
+    s = Server(engine)
+    try:
+        client = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What news from Rome?"}],
+                                           max_tokens=24, temperature=0)
+        text = r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length") and len(text.split()) >= 3, text
+        assert "<|" not in text  # the turn ends at <|eot|>, which is not text
+    finally:
+        s.stop()
