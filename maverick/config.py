@@ -314,6 +314,9 @@ class QuantConfig:
             raise ConfigError(f"quant.kv_cache_algo={self.kv_cache_algo!r}: expected one of {KV_CACHE_ALGOS}")
 
 
+TARGET_ARCHS = {"any": None, "sm90": 9, "sm100": 10}  # name -> the compute capability's major version
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """What an engine is built for. Field names follow TensorRT-LLM's LLM API."""
@@ -332,8 +335,13 @@ class BuildConfig:
     # 3.8 ms, 128: 60.5 -> 12.7, 1024: 57.8 -> 32.8, 2048: 79.9 -> 54.9, but 4096: 111.4 -> 103.7, where
     # padding up to it would cost more than it saves. Sizes above max_num_tokens or max_seq_len are skipped.
     cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+    # The GPU architecture the engine is for: "sm90" (Hopper), "sm100" (Blackwell) or "any". Loading on a GPU of
+    # another architecture is refused (its tuned tables and kernel choices were made for this one).
     target_arch: str = "any"
     lm_head_quant_algo: str | None = None  # one of LM_HEAD_ALGOS
+    # TensorRT-LLM's kv_cache_config.max_tokens: the KV pool holds at most this many tokens a layer (None: room
+    # for max_batch_size sequences of max_seq_len); requests beyond it wait or are preempted and recomputed
+    kv_cache_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for key, lo, hi in (("tp_size", 1, 64), ("ep_size", 1, 64), ("max_batch_size", 1, 4096),
@@ -348,12 +356,27 @@ class BuildConfig:
             raise ConfigError(f"kv_cache_block_size={self.kv_cache_block_size}: expected a power of two")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
+        if self.target_arch not in TARGET_ARCHS:
+            raise ConfigError(f"target_arch={self.target_arch!r}: expected one of {sorted(TARGET_ARCHS)}")
+        if self.kv_cache_max_tokens is not None and (
+                not isinstance(self.kv_cache_max_tokens, int) or self.kv_cache_max_tokens < self.kv_cache_block_size):
+            raise ConfigError(f"kv_cache_max_tokens={self.kv_cache_max_tokens!r}: expected an integer >= "
+                              f"kv_cache_block_size={self.kv_cache_block_size}, or none")
         if self.lm_head_quant_algo not in LM_HEAD_ALGOS:
             raise ConfigError(f"lm_head_quant_algo={self.lm_head_quant_algo!r}: expected one of {LM_HEAD_ALGOS}")
         for key in ("cuda_graph_batch_sizes", "cuda_graph_prefill_tokens"):
             sizes = getattr(self, key)
             if not all(isinstance(b, int) and b >= 1 for b in sizes):
                 raise ConfigError(f"{key}={sizes!r}: expected a list of positive integers")
+
+    def check_device(self, capability: tuple[int, int] | None) -> None:
+        """Refuse to run on a GPU of another architecture than target_arch (capability None: CPU, always fine)."""
+        if capability is None or self.target_arch == "any":
+            return
+        if TARGET_ARCHS[self.target_arch] != capability[0]:
+            raise ConfigError(f"this engine was built for target_arch={self.target_arch}, but the GPU is "
+                              f"sm{capability[0]}{capability[1]}; rebuild it with target_arch: "
+                              f"sm{capability[0]}{capability[1] if capability[0] < 10 else 0} (or any)")
 
     def graph_prefill_tokens(self) -> list[int]:
         """The prefill graph sizes a runtime of this build captures (within max_num_tokens and max_seq_len)."""

@@ -104,3 +104,28 @@ def test_fp8_from_bf16_checkpoint_is_refused(tiny_ckpt, tmp_path, capsys):
     rc = build_main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "e"), "--no-progress",
                      "--config", str(ROOT / "configs/h200-tp8.yaml"), "--tp-size", "2"])
     assert rc == 2 and "run quantize.py first" in capsys.readouterr().err
+
+
+def test_target_arch_is_checked_at_load(tmp_path):
+    from maverick.config import BuildConfig, ConfigError
+
+    with pytest.raises(ConfigError, match=r"target_arch='sm80': expected one of \['any', 'sm100', 'sm90'\]"):
+        BuildConfig(target_arch="sm80")
+    BuildConfig(target_arch="any").check_device((8, 0))
+    BuildConfig(target_arch="sm90").check_device((9, 0))
+    BuildConfig(target_arch="sm90").check_device(None)  # CPU
+    with pytest.raises(ConfigError, match="built for target_arch=sm100, but the GPU is sm90"):
+        BuildConfig(target_arch="sm100").check_device((9, 0))
+
+
+def test_kv_cache_max_tokens_sizes_the_pool(tiny_ckpt, tmp_path):
+    from maverick import LLM
+    from maverick.build.builder import build_engine
+    from maverick.config import BuildConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="kv_cache_max_tokens=4: expected an integer >= kv_cache_block_size=8"):
+        BuildConfig(kv_cache_block_size=8, kv_cache_max_tokens=4)
+    b = BuildConfig(dtype="float32", max_seq_len=256, max_batch_size=4, kv_cache_block_size=8, kv_cache_max_tokens=160)
+    build_engine(tiny_ckpt, tmp_path / "e", b, progress=False)
+    with LLM(tmp_path / "e", device="cpu") as llm:
+        assert llm.kv_cache.global_pool.num_blocks == 20

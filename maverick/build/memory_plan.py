@@ -66,7 +66,11 @@ def plan(cfg: ModelConfig, build: BuildConfig) -> MemoryPlan:
     g, loc = kv_bytes_per_token(cfg, build)
     seq_tokens = -(-build.max_seq_len // block) * block
     ring_tokens = -(-min(build.max_seq_len, cfg.attention_chunk_size) // block) * block
-    kv = build.max_batch_size * (g * seq_tokens + loc * ring_tokens)
+    global_tokens, local_tokens = build.max_batch_size * seq_tokens, build.max_batch_size * ring_tokens
+    if build.kv_cache_max_tokens is not None:  # the runtime's pools (runtime/worker.py) are capped the same way
+        cap = build.kv_cache_max_tokens // block * block
+        global_tokens, local_tokens = min(global_tokens, cap), min(local_tokens, cap)
+    kv = g * global_tokens + loc * local_tokens
     act = activation_bytes(cfg, build, build.max_num_tokens, build.max_batch_size)
     graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
                  if b <= build.max_batch_size)
