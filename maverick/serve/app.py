@@ -13,8 +13,8 @@ from maverick.runtime.sampling_params import InvalidRequest
 
 from .async_engine import AsyncEngine, QueueFull, Unavailable
 from .guard import Guard, TimedStreamingResponse
-from .openai_format import (chat_messages, choice, completion_prompt, logprobs_body, parse_json, sse,
-                            usage)
+from .openai_format import (CHAT_SCHEMA, COMPLETION_SCHEMA, chat_messages, choice, completion_prompt,
+                            logprobs_body, parse_json, request_body, sse, usage)
 from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, sampling_params
 
 
@@ -99,12 +99,12 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return TimedStreamingResponse(_events(engine, req_id, q, chat, chunk, include_usage),
                                       limits.send_timeout_s, media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_SCHEMA))
     async def completions(request: Request):
         body = await parse(request, COMPLETION_FIELDS)
         return await run(body, completion_prompt(body), chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_SCHEMA))
     async def chat_completions(request: Request):
         body = await parse(request, CHAT_FIELDS)
         messages = chat_messages(body)

@@ -83,3 +83,29 @@ def logprobs_body(tokenizer, c, chat: bool, n: int | None):
 
 def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+# The request bodies as JSON schemas, for the OpenAPI document (/openapi.json) that clients and fuzzers read;
+# the handlers validate every field themselves (parse_json, sampling_params) with messages naming it.
+_SAMPLING = {
+    "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0}, "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": 0}, "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "seed": {"type": "integer", "minimum": 0}, "n": {"type": "integer", "enum": [1]},
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "stream": {"type": "boolean"}, "ignore_eos": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+}
+COMPLETION_SCHEMA = {"type": "object", "required": ["model", "prompt"], "properties": {
+    **_SAMPLING, "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer", "minimum": 0}}]}}}
+CHAT_SCHEMA = {"type": "object", "required": ["model", "messages"], "properties": {
+    **_SAMPLING, "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
+                 "properties": {"role": {"type": "string", "enum": sorted(ROLES)}, "content": {"type": "string"}}}}}}
+
+
+def request_body(schema: dict) -> dict:
+    """FastAPI's openapi_extra for a route that reads its JSON body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
