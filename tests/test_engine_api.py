@@ -151,15 +151,23 @@ def test_streaming_and_abort(llm):
     assert llm.kv_cache.all_free
 
 
-def test_logprobs(llm):
+@pytest.mark.parametrize("sampling", [GREEDY, dict(temperature=1.0, seed=3)])
+def test_logprobs(llm, sampling):
+    """Values, not just lengths: each entry equals log_softmax of the model's logits at that position (the
+    model's distribution, whatever the sampling), the sampled token first, then the top 3 in order."""
+    from maverick.evaluate import engine_logits
+
     ids = prompt_ids(10, seed=10)
-    out = llm.generate(ids, SamplingParams(max_tokens=5, logprobs=3, **GREEDY))[0].outputs[0]
+    out = llm.generate(ids, SamplingParams(max_tokens=5, logprobs=3, **sampling))[0].outputs[0]
     assert len(out.logprobs) == 5
-    for tok, lp in zip(out.token_ids, out.logprobs):
-        first_id, first_lp = next(iter(lp.items()))
-        assert first_id == tok and first_lp <= 0
-        assert first_lp == max(lp.values())  # greedy: the sampled token is the most likely
-        assert len(lp) == 3
+    ref = engine_logits(llm, [ids + out.token_ids])[0].log_softmax(-1)[len(ids) - 1:-1]
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        entries = list(lp.items())
+        assert entries[0][0] == tok and abs(entries[0][1] - ref[i, tok].item()) < 1e-4
+        top_v, top_i = ref[i].topk(3)
+        want = {int(t): v for t, v in zip(top_i.tolist(), top_v.tolist())}
+        assert set(want) <= set(lp) and all(abs(lp[t] - v) < 1e-4 for t, v in want.items())
+        assert len(lp) == 3 + (tok not in want)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -53,6 +53,12 @@ def _runner(ckpt, tp_size=1, tp_rank=0):
     return ModelRunner(model, max_seq_len=128, max_batch_size=1, block_size=8)
 
 
+# The worst position's max |logit difference|: one activation element rounded to the neighbouring FP8 value,
+# amplified through the random tiny model's later layers (logits up to 3.25). Measured over 4 prompts x 60
+# positions: 0.110 without the FP8 KV cache, 0.691 with it (K and V rounded too); bounded at about 2x.
+WORST_FP8_VS_MODELOPT = {"modelopt_fp8_no_kv": 0.25, "modelopt_fp8": 1.5}
+
+
 @pytest.mark.parametrize("fixture", ["modelopt_fp8_no_kv", "modelopt_fp8"])
 def test_engine_matches_modelopt_fake_quant(fixture, request):
     """Same FP8 weights and scales, the same math. ModelOpt quantizes an activation as x * (448 / amax),
@@ -72,8 +78,11 @@ def test_engine_matches_modelopt_fake_quant(fixture, request):
         same.append(out.argmax(-1) == ref.argmax(-1))
     diffs, same = torch.cat(diffs), torch.cat(same)
     exact = (diffs < 1e-4).float().mean().item()
-    print(f"{fixture}: {exact:.0%} of positions within 1e-4, top-1 equal at {same.float().mean():.0%}")
+    scale = ref.abs().max().item()
+    print(f"{fixture}: {exact:.0%} of positions within 1e-4, top-1 equal at {same.float().mean():.0%}, "
+          f"worst {diffs.max().item():.3e} (logits up to {scale:.2f})")
     assert exact > 0.6 and same.float().mean() > 0.9
+    assert diffs.max().item() < WORST_FP8_VS_MODELOPT[fixture]
 
 
 def _agreement(logits, ref):

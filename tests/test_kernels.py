@@ -140,6 +140,15 @@ def test_fp8_gemv_config_for_follows_the_measurements():
     assert fp8_gemv.config_for(896, 5120, 3, False) is None
 
 
+def moe_tol(channel: bool) -> float:
+    """The MoE kernels' tolerance against their references. On CPU (Triton interpreter), measured in every MODE:
+    static per-tensor scales 6e-8 to 1.1e-6 relative; per-channel weights with per-token activations 2.3e-2 to
+    2.9e-2, because the interpreter's in-kernel fp8 downcast of the intermediate rounds wrongly (not the GPU's)."""
+    if GPU:
+        return TOL["fp8"] * 3
+    return 4e-2 if channel else 1e-5
+
+
 # (BLOCK_N, BLOCK_K, warps, stages, MODE[, SPLIT_K]): CUDA cores, mma.sync, wgmma, and pass 1 split over H
 MOE_CONFIGS = {"cuda cores": (16, 32, 4, 2, 0), "mma.sync": (16, 32, 4, 2, 1), "wgmma": (64, 32, 4, 2, 2),
                "wgmma split-K": ((64, 32, 4, 2, 2, 2), (64, 32, 4, 2, 2)),
@@ -173,7 +182,7 @@ def test_moe_gemv(top_k, channel, mode):
     ref = ops.moe_experts_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis)
     assert ((ids >= offset) & (ids < offset + E)).any(), "test must route some tokens here"
     # the second GEMM quantizes the first one's output: boundary cases there are real on any device
-    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+    assert rel(out, ref) < moe_tol(channel)
 
 
 @pytest.mark.parametrize("mode", list(MOE_CONFIGS))
@@ -204,7 +213,7 @@ def test_moe_ffn_with_shared_expert(top_k, channel, Is, mode):
     ref = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, *shared)
     shared_only = ops.moe_ffn_ref(x, ids, scores, gu8, dn8, 100, gs, gis, ds, dis, *shared)  # no local expert
     assert rel(ref, shared_only) > 0.05, "the routed part must matter in this case"
-    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+    assert rel(out, ref) < moe_tol(channel)
     if "split" in mode:  # the last split of each (row, column block) set its counter back: a second call agrees
         assert int(arrival_counters(x.device, 1, "moe_fc13").abs().sum()) == 0
         again = moe_experts_gemv(x, ids, scores, gu8, dn8, offset, gs, gis, ds, dis, shared=shared,
@@ -238,7 +247,7 @@ def test_moe_pass_1_picks_the_expert_from_router_logits(mode):
     vals, want = logits.topk(1, dim=-1)
     assert torch.equal(ids, want) and rel(scores, torch.sigmoid(vals)) < TOL["fp32"]
     ref = ops.moe_ffn_ref(x, want, torch.sigmoid(vals), gu8, dn8, offset, gs, gis, ds, dis, *shared)
-    assert rel(out, ref) < (TOL["fp8"] * 3 if GPU else 0.05)
+    assert rel(out, ref) < moe_tol(False)
 
 
 @pytest.mark.parametrize("config,what", [((16, 32, 4, 2, 2), "wgmma, BLOCK_N >= 64"), ((16, 16, 4, 2, 1), "BLOCK_K >= 32"),
