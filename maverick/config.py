@@ -327,7 +327,7 @@ class BuildConfig:
     max_seq_len: int = 8192
     max_num_tokens: int = 8192
     dtype: str = "bfloat16"
-    kv_cache_block_size: int = 64
+    kv_cache_block_size: int | None = None  # None: chosen for the model (for_model)
     quant: QuantConfig = field(default_factory=QuantConfig)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     # One sequence's prefill chunk replays a CUDA graph of the next token count up. Eager, a prefill is
@@ -348,18 +348,20 @@ class BuildConfig:
                             ("max_seq_len", 2, 1 << 24), ("max_num_tokens", 1, 1 << 20),
                             ("kv_cache_block_size", 1, 4096)):
             value = getattr(self, key)
+            if key == "kv_cache_block_size" and value is None:
+                continue
             if not isinstance(value, int) or not lo <= value <= hi:
                 raise ConfigError(f"{key}={value!r}: expected an integer in [{lo}, {hi}]")
         if self.tp_size % self.ep_size:
             raise ConfigError(f"ep_size={self.ep_size}: expected a divisor of tp_size={self.tp_size}")
-        if self.kv_cache_block_size & (self.kv_cache_block_size - 1):
+        if self.kv_cache_block_size is not None and self.kv_cache_block_size & (self.kv_cache_block_size - 1):
             raise ConfigError(f"kv_cache_block_size={self.kv_cache_block_size}: expected a power of two")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
         if self.target_arch not in TARGET_ARCHS:
             raise ConfigError(f"target_arch={self.target_arch!r}: expected one of {sorted(TARGET_ARCHS)}")
         if self.kv_cache_max_tokens is not None and (
-                not isinstance(self.kv_cache_max_tokens, int) or self.kv_cache_max_tokens < self.kv_cache_block_size):
+                not isinstance(self.kv_cache_max_tokens, int) or self.kv_cache_max_tokens < (self.kv_cache_block_size or 1)):
             raise ConfigError(f"kv_cache_max_tokens={self.kv_cache_max_tokens!r}: expected an integer >= "
                               f"kv_cache_block_size={self.kv_cache_block_size}, or none")
         if self.lm_head_quant_algo not in LM_HEAD_ALGOS:
@@ -383,7 +385,21 @@ class BuildConfig:
         return sorted(t for t in set(self.cuda_graph_prefill_tokens)
                       if 1 < t <= min(self.max_num_tokens, self.max_seq_len))
 
+    def for_model(self, model: ModelConfig) -> "BuildConfig":
+        """This config with a KV block size chosen where none was given: the largest power of two up to 64
+        that divides attention_chunk_size (a local layer's ring holds whole blocks of one chunk): 64 for
+        Maverick's 8192, 1 for a chunk of 11. An explicit block size is kept (and checked by validate_for)."""
+        if self.kv_cache_block_size is not None:
+            return self
+        block = 64
+        if model.attention_chunk_size < self.max_seq_len:
+            while model.attention_chunk_size % block:
+                block //= 2
+        return self.replace(kv_cache_block_size=block)
+
     def validate_for(self, model: ModelConfig) -> None:
+        if self.kv_cache_block_size is None:
+            raise ConfigError("kv_cache_block_size is not chosen yet: call BuildConfig.for_model(model) first")
         model.validate_parallel(self.tp_size, self.ep_size)
         if model.attention_chunk_size % self.kv_cache_block_size and \
                 model.attention_chunk_size < self.max_seq_len:

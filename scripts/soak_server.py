@@ -8,7 +8,7 @@ and counts 5xx responses and hangs. Phase 2 runs --concurrency clients for --dur
 at random: a stream read to the end, a stream cancelled mid-way, a plain completion, a chat completion,
 a bad request (must get a 4xx), a long prompt (the engine's KV pool holds few of them: preemption), logprobs.
 At the end: zero unexpected outcomes, every KV block free, nothing in flight, the server still serves, and
-its resident memory grew less than 5% after the warm-up. Prints a summary, writes --json, exits 1 on any miss.
+its resident memory shows no trend above 5% after the warm-up (sampled every 15 s). Prints a summary, writes --json, exits 1 on any miss.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import asyncio
 import json
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,28 +145,32 @@ def mix_phase(url: str, duration: float, concurrency: int, seed: int) -> dict:
     stats = {"requests": 0, "by_kind": {}, "unexpected": []}
     warm = time.monotonic() + min(10.0, duration / 5)
 
+    until = time.monotonic() + duration
+
     async def main():
         rng = random.Random(seed)
-        until = time.monotonic() + duration
         tasks = [client(url, random.Random(rng.random()), until, stats, long_prompt) for _ in range(concurrency)]
         rss = []
 
-        async def sample_rss():
+        async def sample_rss():  # after the warm-up, then every 15 s: the trend says leak or plateau
             await asyncio.sleep(max(0.0, warm - time.monotonic()))
-            rss.append(metrics(url)["process_resident_memory_bytes"])
+            while time.monotonic() < until:
+                rss.append(metrics(url)["process_resident_memory_bytes"])
+                await asyncio.sleep(15)
 
         await asyncio.gather(sample_rss(), *tasks)
         return rss
 
     t0 = time.time()
-    rss_warm = asyncio.run(main())[0]
+    rss = asyncio.run(main())
+    rss_warm = rss[0]
     deadline = time.time() + 30
     while time.time() < deadline:  # aborts reach the engine asynchronously
         m = metrics(url)
         if m["maverick_kv_blocks_in_use"] == 0 and m["maverick_requests_in_flight"] == 0:
             break
         time.sleep(0.2)
-    return {**stats, "seconds": round(time.time() - t0, 1), "rss_after_warmup": rss_warm,
+    return {**stats, "seconds": round(time.time() - t0, 1), "rss_after_warmup": rss_warm, "rss_every_15s": rss,
             "rss_end": m["process_resident_memory_bytes"], "kv_blocks_in_use": m["maverick_kv_blocks_in_use"],
             "in_flight": m["maverick_requests_in_flight"], "aborted": m["maverick_requests_aborted_total"],
             "failed": m["maverick_requests_failed_total"]}
@@ -202,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
             code = None
         shutil.rmtree(work, ignore_errors=True)
-    growth = mix["rss_end"] / mix["rss_after_warmup"] - 1
+    # a leak is a trend: the median of the last third of the samples against the first third's (single samples
+    # swing by 5-7% as the allocator returns memory unevenly: 665-715 MB within minutes, no trend)
+    series = mix["rss_every_15s"] or [mix["rss_after_warmup"], mix["rss_end"]]
+    third = max(1, len(series) // 3)
+    growth = statistics.median(series[-third:]) / statistics.median(series[:third]) - 1
     checks = {"schemathesis: no failure": fuzz["exit_code"] == 0,
               "schemathesis: no 5xx": fuzz["responses_5xx"] == 0 and fuzz["responses"] > 0,
               "schemathesis: no timeout": fuzz["timeouts"] == 0,
               "mix: no unexpected outcome": not mix["unexpected"],
               "KV blocks all free": mix["kv_blocks_in_use"] == 0, "nothing in flight": mix["in_flight"] == 0,
-              "serves a normal request after": alive, "RSS growth after warm-up < 5%": growth < 0.05,
+              "serves a normal request after": alive, "RSS trend after warm-up < 5%": growth < 0.05,
               "clean exit on SIGTERM": code == 0}
     report = {"duration_s": a.duration, "concurrency": a.concurrency, "examples": a.examples, "schemathesis": fuzz,
               "mix": {**mix, "unexpected": mix["unexpected"][:20], "rss_growth": round(growth, 4)},
@@ -218,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"schemathesis: {fuzz['responses']} responses, {fuzz['responses_5xx']} 5xx, {fuzz['timeouts']} timeouts "
           f"({fuzz['seconds']} s)")
     print(f"mix: {mix['requests']} requests in {mix['seconds']} s {mix['by_kind']}, {len(mix['unexpected'])} "
-          f"unexpected, {mix['aborted']:.0f} aborted; RSS {mix['rss_after_warmup'] / 1e6:.0f} -> "
-          f"{mix['rss_end'] / 1e6:.0f} MB ({100 * growth:+.1f}%)")
+          f"unexpected, {mix['aborted']:.0f} aborted; RSS after warm-up {mix['rss_after_warmup'] / 1e6:.0f} MB, "
+          f"end {mix['rss_end'] / 1e6:.0f} MB, trend {100 * growth:+.1f}% (last third vs first third of samples)")
     for name, ok in checks.items():
         print(f"  {'ok  ' if ok else 'MISS'} {name}")
     return 0 if all(checks.values()) else 1

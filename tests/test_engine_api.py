@@ -21,7 +21,7 @@ def _hf_greedy(ckpt, ids, n):
 
 def test_engine_greedy_equals_transformers(llm, tiny_ckpt):
     ids = prompt_ids(40, seed=3)
-    out = llm.generate(ids, SamplingParams(max_tokens=24, **GREEDY))[0]
+    out = llm.generate(ids, SamplingParams(max_tokens=24, **GREEDY))
     assert out.prompt_token_ids == ids
     assert out.outputs[0].token_ids == _hf_greedy(tiny_ckpt, ids, 24)
     assert out.outputs[0].finish_reason == "length"
@@ -41,7 +41,7 @@ def test_inflight_batching_with_chunked_prefill_equals_alone(tiny_engine):
     prompts = [prompt_ids(n, seed=20 + n) for n in (3, 50, 17, 33, 8, 61)]
     params = SamplingParams(max_tokens=12, **GREEDY)
     with LLM(tiny_engine, device="cpu") as llm:
-        alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+        alone = [llm.generate(p, params).outputs[0].token_ids for p in prompts]
         sched = llm.engine.scheduler
         sched.max_num_tokens, sched.max_batch_size = 7, 3  # forces chunked prefill and queueing
         together = llm.generate(prompts, params)
@@ -57,7 +57,7 @@ def test_preemption_under_kv_pressure_keeps_results(tiny_ckpt, engine_root):
     prompts = [prompt_ids(30, seed=40 + i) for i in range(4)]
     params = SamplingParams(max_tokens=40, **GREEDY)
     with LLM(eng, device="cpu") as llm:
-        alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+        alone = [llm.generate(p, params).outputs[0].token_ids for p in prompts]
         from maverick.runtime.block_allocator import BlockAllocator
 
         kv = llm.kv_cache
@@ -72,11 +72,11 @@ def test_seeded_sampling(llm):
     ids = prompt_ids(12, seed=5)
 
     def run(seed, **kw):
-        return llm.generate(ids, SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True, **kw))[0].outputs[0].token_ids
+        return llm.generate(ids, SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True, **kw)).outputs[0].token_ids
 
     a, b, c = run(1), run(1), run(2)
     assert a == b and a != c
-    greedy = llm.generate(ids, SamplingParams(max_tokens=16, **GREEDY))[0].outputs[0].token_ids
+    greedy = llm.generate(ids, SamplingParams(max_tokens=16, **GREEDY)).outputs[0].token_ids
     assert run(7, top_k=1) == greedy
     assert run(3, top_p=1e-6) == greedy  # only the most likely token survives
     assert run(3, min_p=1.0) == greedy
@@ -107,27 +107,27 @@ def test_top_k_restricts_support():
 
 def test_stop_token_and_stop_string(llm):
     ids = prompt_ids(20, seed=8)
-    full = llm.generate(ids, SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0]
+    full = llm.generate(ids, SamplingParams(max_tokens=20, **GREEDY)).outputs[0]
     stop_tok = full.token_ids[5]
-    out = llm.generate(ids, SamplingParams(max_tokens=20, stop_token_ids=[stop_tok], **GREEDY))[0].outputs[0]
+    out = llm.generate(ids, SamplingParams(max_tokens=20, stop_token_ids=[stop_tok], **GREEDY)).outputs[0]
     first = full.token_ids.index(stop_tok)
     assert out.token_ids == full.token_ids[: first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
     text = full.text
     stop = text[len(text) // 2: len(text) // 2 + 2]
-    out = llm.generate(ids, SamplingParams(max_tokens=20, stop=[stop], **GREEDY))[0].outputs[0]
+    out = llm.generate(ids, SamplingParams(max_tokens=20, stop=[stop], **GREEDY)).outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[: text.find(stop)]
 
 
 def test_eos_ends_generation(llm):
     ids = prompt_ids(20, seed=8)
-    full = llm.generate(ids, SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0].token_ids
+    full = llm.generate(ids, SamplingParams(max_tokens=20, **GREEDY)).outputs[0].token_ids
     saved = llm.engine.eos_ids
     llm.engine.eos_ids = frozenset({full[3]})  # pretend the 4th greedy token is the model's EOS
     try:
-        out = llm.generate(ids, SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
-        ignored = llm.generate(ids, SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0]
+        out = llm.generate(ids, SamplingParams(max_tokens=20, temperature=0.0)).outputs[0]
+        ignored = llm.generate(ids, SamplingParams(max_tokens=20, **GREEDY)).outputs[0]
     finally:
         llm.engine.eos_ids = saved
     assert out.token_ids == full[: full.index(full[3]) + 1] and out.finish_reason == "stop"
@@ -137,18 +137,51 @@ def test_eos_ends_generation(llm):
 def test_streaming_and_abort(llm):
     ids = prompt_ids(15, seed=9)
     params = SamplingParams(max_tokens=20, **GREEDY)
-    full = llm.generate(ids, params)[0].outputs[0]
+    full = llm.generate(ids, params).outputs[0]
     pieces, texts = [], []
     for out in llm.generate_async(ids, params, streaming=True):
         pieces += out.outputs[0].token_ids_diff
         texts.append(out.outputs[0].text_diff)
     assert pieces == full.token_ids and "".join(texts) == full.text
     stream = llm.generate_async(ids, params, streaming=True)
-    next(stream)
-    next(stream)
+    it = iter(stream)
+    next(it)
+    next(it)
     assert not llm.kv_cache.all_free
     stream.close()  # client went away: abort frees every block
-    assert llm.kv_cache.all_free
+    assert llm.kv_cache.all_free and stream.done()
+
+
+def test_generate_single_and_list_and_future(llm, tiny_engine, tmp_path):
+    """TensorRT-LLM's semantics: one prompt -> one RequestOutput, a list -> a list; generate_async is
+    future-like (result(), done()) and iterable, sync and async; streams carry no empty text deltas."""
+    import asyncio
+
+    from maverick.runtime.request import RequestOutput
+
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    one = llm.generate("The harbor was", params)
+    assert isinstance(one, RequestOutput)
+    assert isinstance(llm.generate([1, 2, 3], params), RequestOutput)  # token ids are one prompt
+    many = llm.generate(["The harbor was", [1, 2, 3]], params)
+    assert isinstance(many, list) and len(many) == 2 and many[0].outputs[0].token_ids == one.outputs[0].token_ids
+    fut = llm.generate_async("The harbor was", params)
+    assert not fut.done()
+    res = fut.result()
+    assert fut.done() and res.finished and res.outputs[0].token_ids == one.outputs[0].token_ids
+    assert [o.finished for o in llm.generate_async("The harbor was", params)] == [True]  # not streaming: the end
+    deltas = list(llm.generate_async("The harbor was", SamplingParams(max_tokens=40, **GREEDY), streaming=True))
+    assert all(d.outputs[0].text_diff for d in deltas[:-1]) and deltas[-1].finished
+
+    async def collect():
+        return [d async for d in llm.generate_async("The harbor was", params, streaming=True)]
+
+    got = asyncio.run(collect())
+    assert "".join(d.outputs[0].text_diff for d in got) == one.outputs[0].text
+    assert asyncio.run(llm.generate_async([4, 5], params).aresult()).finished
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(EngineError, match="is a file, not an engine directory"):
+        LLM(tmp_path / "f", device="cpu")
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, dict(temperature=1.0, seed=3)])
@@ -158,7 +191,7 @@ def test_logprobs(llm, sampling):
     from maverick.evaluate import engine_logits
 
     ids = prompt_ids(10, seed=10)
-    out = llm.generate(ids, SamplingParams(max_tokens=5, logprobs=3, **sampling))[0].outputs[0]
+    out = llm.generate(ids, SamplingParams(max_tokens=5, logprobs=3, **sampling)).outputs[0]
     assert len(out.logprobs) == 5
     ref = engine_logits(llm, [ids + out.token_ids])[0].log_softmax(-1)[len(ids) - 1:-1]
     for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
@@ -196,7 +229,7 @@ def test_invalid_prompts(llm):
 
 
 def test_length_limit_at_max_seq_len(llm):
-    out = llm.generate(prompt_ids(250), SamplingParams(max_tokens=100, **GREEDY))[0].outputs[0]
+    out = llm.generate(prompt_ids(250), SamplingParams(max_tokens=100, **GREEDY)).outputs[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
 
 

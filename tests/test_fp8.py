@@ -144,9 +144,9 @@ def test_fp8_tp2_equals_tp1(modelopt_fp8, tmp_path):
     ids = prompt_ids(30, seed=9)
     p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     with LLM(e1, device="cpu") as a:
-        t1 = a.generate(ids, p)[0].outputs[0].token_ids
+        t1 = a.generate(ids, p).outputs[0].token_ids
     with LLM(e2, device="cpu") as b2:
-        t2 = b2.generate(ids, p)[0].outputs[0].token_ids
+        t2 = b2.generate(ids, p).outputs[0].token_ids
     assert t1 == t2
 
 

@@ -41,7 +41,7 @@ SCRIPT = """
 from maverick import LLM, SamplingParams
 llm = LLM({engine!r}, device="cpu")
 out = llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
-print("TOKENS", out[0].outputs[0].token_ids)
+print("TOKENS", out.outputs[0].token_ids)
 llm.shutdown()
 """
 
@@ -89,7 +89,7 @@ def test_rank_killed_mid_generate(tiny_engine_tp2):
         started = threading.Event()
 
         def run():
-            for i, _ in enumerate(llm.generate_async([1, 2, 3], params)):
+            for i, _ in enumerate(llm.generate_async([1, 2, 3], params, streaming=True)):
                 if i == 2:
                     started.set()
 

@@ -73,7 +73,7 @@ def test_completion_stream_equals_non_stream_equals_llm(client, llm):
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
     streamed = "".join(ch.choices[0].text for ch in client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True))
-    ref = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0))[0].outputs[0]
+    ref = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0)).outputs[0]
     assert full.choices[0].text == streamed == ref.text
     assert full.usage.completion_tokens == len(ref.token_ids)
     assert full.choices[0].finish_reason == ref.finish_reason
@@ -88,7 +88,7 @@ def test_chat_stream_equals_non_stream_equals_llm(client, llm):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    ref = llm.generate(list(ids), SamplingParams(max_tokens=16, temperature=0))[0].outputs[0]
+    ref = llm.generate(list(ids), SamplingParams(max_tokens=16, temperature=0)).outputs[0]
     assert full.choices[0].message.content == streamed == ref.text
     assert full.choices[0].message.role == "assistant"
 
@@ -170,7 +170,7 @@ async def _stream(c: httpx.AsyncClient, url: str, prompt: str, cancel_after: int
 
 def test_load_64_streams_with_cancellations(server, llm):
     prompts = ["The harbor was quiet", "Memory bandwidth", "A cache stores", "The train left"]
-    expected = {p: llm.generate(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].outputs[0].text
+    expected = {p: llm.generate(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)).outputs[0].text
                 for p in prompts}
     rss0 = server.metrics()["process_resident_memory_bytes"]
 
@@ -343,3 +343,24 @@ def test_stalled_stream_reader_is_ended():
         return time.monotonic() - t0
 
     assert asyncio.run(main()) < 5 and closed == [True]
+
+
+def test_metrics_are_valid_prometheus(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "The harbor", "max_tokens": 4})
+    text = httpx.get(server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("maverick_time_to_first_token_seconds", "maverick_inter_token_latency_seconds",
+                 "maverick_queue_time_seconds"):
+        assert families[name].type == "histogram", name
+        count = next(s.value for s in families[name].samples if s.name == name + "_count")
+        assert count >= 1, name
+    for name in ("maverick_requests", "maverick_prompt_tokens", "maverick_generation_tokens",
+                 "maverick_requests_aborted", "maverick_requests_rejected", "maverick_requests_failed"):
+        assert families[name].type == "counter", name
+    for name in ("maverick_kv_blocks_in_use", "maverick_kv_blocks_free", "maverick_requests_running",
+                 "maverick_requests_waiting", "maverick_requests_in_flight", "process_resident_memory_bytes"):
+        assert families[name].type == "gauge", name
+    for name in families:  # every family is documented
+        assert f"# HELP {name}" in text and f"# TYPE {name}" in text, name

@@ -71,7 +71,7 @@ def test_async_engine_survives_a_failing_step(fresh_llm):
         assert all(isinstance(o[-1], StepError) or o[-1].finished for o in ok)
         again = asyncio.run(_collect(engine, list(range(30, 36)), SamplingParams(max_tokens=5, temperature=0)))
         assert again[-1].finished and len(again[-1].outputs[0].token_ids) == 5
-        assert engine.failed is None and engine.metrics.in_flight == 0 and fresh_llm.kv_cache.all_free
+        assert engine.failed is None and engine.in_flight == 0 and fresh_llm.kv_cache.all_free
     finally:
         engine.stop()
 
@@ -123,7 +123,7 @@ def test_stream_gets_error_event_then_done_when_its_step_fails(fresh_llm):
         assert lines[-1] == "data: [DONE]"
         err = json.loads(lines[-2][6:])["error"]
         assert "injected" in err["message"] and err["type"] == "server_error"
-        assert engine.failed is None and engine.metrics.in_flight == 0
+        assert engine.failed is None and engine.in_flight == 0
     finally:
         engine.stop()
 

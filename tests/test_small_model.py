@@ -72,7 +72,7 @@ def test_engine_matches_transformers_logits_and_greedy_tokens(engine, hf, tokeni
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([ids])).logits[0].float()
         assert (ours - ref).abs().max().item() <= 1e-4
-        out = llm.generate(ids, SamplingParams(max_tokens=24, temperature=0))[0].outputs[0].token_ids
+        out = llm.generate(ids, SamplingParams(max_tokens=24, temperature=0)).outputs[0].token_ids
     with torch.no_grad():
         want = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert out == want[: len(out)] and len(out) >= 8

@@ -42,7 +42,7 @@ def build_engine(checkpoint: str | Path, output: str | Path, build: BuildConfig,
     build killed at any moment leaves no directory that loads and keeps the engine that was there.
     overwrite: replace an existing engine at `output` (never a directory that is not one)."""
     reader = open_checkpoint(checkpoint)
-    build = resolve_quant(reader, build)
+    build = resolve_quant(reader, build).for_model(reader.config)
     build.validate_for(reader.config)
     out = Path(output).absolute()
     check_output(out, overwrite)

@@ -12,21 +12,39 @@ from maverick.config import ConfigError, ModelConfig
 from .engine_format import EngineError
 
 
+def recorded_tp_size(checkpoint: Path, yaml_path: str | None) -> int | None:
+    """The tp_size quantize.py recorded with a checkpoint, unless the YAML config sets one."""
+    import json
+
+    from .yaml_config import load_build_yaml
+
+    if yaml_path and "tp_size" in load_build_yaml(yaml_path):
+        return None
+    f = checkpoint / "maverick_build.json"
+    return json.loads(f.read_text()).get("tp_size") if f.exists() else None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_engine.py", description="Build a Maverick engine from a Llama 4 "
                                 "checkpoint (Hugging Face BF16, ModelOpt FP8 or Meta FP8).")
+    # each option also under trtllm-build's spelling, so deployment scripts carry over
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
+    src.add_argument("--checkpoint", "--checkpoint_dir", dest="checkpoint", help="Hugging Face checkpoint directory")
     src.add_argument("--preset", help="model preset for --dry-run without a checkpoint: maverick, scout, tiny")
-    p.add_argument("--output", help="engine directory to write")
+    p.add_argument("--output", "--output_dir", dest="output", help="engine directory to write")
     p.add_argument("--config", help="engine config YAML (configs/*.yaml); flags below override it")
-    p.add_argument("--tp-size", type=int)
-    p.add_argument("--ep-size", type=int)
+    p.add_argument("--tp-size", "--tp_size", dest="tp_size", type=int)
+    p.add_argument("--ep-size", "--ep_size", "--moe_ep_size", dest="ep_size", type=int)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--max-seq-len", type=int)
-    p.add_argument("--max-num-tokens", type=int)
-    p.add_argument("--kv-cache-block-size", type=int)
+    p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int)
+    p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int)
+    p.add_argument("--max-num-tokens", "--max_num_tokens", dest="max_num_tokens", type=int)
+    p.add_argument("--kv-cache-block-size", "--tokens_per_block", dest="kv_cache_block_size", type=int,
+                   help="tokens a KV block holds (default: chosen for the model, at most 64)")
+    p.add_argument("--kv-cache-type", "--kv_cache_type", dest="kv_cache_type", choices=["paged"],
+                   help="the KV cache is always paged")
+    p.add_argument("--kv-cache-max-tokens", dest="kv_cache_max_tokens", type=int,
+                   help="cap the KV pool at this many tokens a layer (TensorRT-LLM's kv_cache_config.max_tokens)")
     p.add_argument("--quant", dest="algo", choices=["FP8"], help="dry-run only: plan FP8 weights")
     p.add_argument("--kv-cache-dtype", choices=["fp8"], help="dry-run only: plan an FP8 KV cache")
     p.add_argument("--lm-head-quant-algo", choices=["FP8_PER_CHANNEL_PER_TOKEN"],
@@ -46,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(tp_size=a.tp_size, ep_size=a.ep_size, dtype=a.dtype, max_batch_size=a.max_batch_size,
                          max_seq_len=a.max_seq_len, max_num_tokens=a.max_num_tokens,
-                         kv_cache_block_size=a.kv_cache_block_size, algo=a.algo,
+                         kv_cache_block_size=a.kv_cache_block_size, kv_cache_max_tokens=a.kv_cache_max_tokens,
+                         algo=a.algo,
                          kv_cache_algo="FP8" if a.kv_cache_dtype == "fp8" else None,
                          lm_head_quant_algo=a.lm_head_quant_algo)
+        if overrides["tp_size"] is None and a.checkpoint:  # quantize.py --tp_size records it with the checkpoint
+            overrides["tp_size"] = recorded_tp_size(Path(a.checkpoint), a.config)
         build = build_config_from(a.config, overrides)
         if a.dry_run:
             cfg = ModelConfig.preset(a.preset) if a.preset else ModelConfig.from_pretrained(a.checkpoint)
@@ -56,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 q = detect_quant_format(Path(a.checkpoint))
                 if q.kind != "none":
                     build = build.replace(quant=q.build_quant())
+            build = build.for_model(cfg)
             build.validate_for(cfg)
             print(format_plan(cfg, build, plan(cfg, build), a.gpu_memory_gb))
             return 0

@@ -86,6 +86,9 @@ def sha256_file(path: Path) -> str:
 def read_engine_config(engine_dir: str | Path) -> EngineConfig:
     engine_dir = Path(engine_dir)
     path = engine_dir / CONFIG_FILE
+    if engine_dir.is_file():
+        raise EngineError(f"{engine_dir}: is a file, not an engine directory (give the directory build_engine.py "
+                          "wrote)")
     if not engine_dir.is_dir():
         raise EngineError(f"{engine_dir}: engine directory does not exist")
     if not path.exists():

@@ -62,6 +62,7 @@ def activation_bytes(cfg: ModelConfig, build: BuildConfig, tokens: int, rows: in
 
 
 def plan(cfg: ModelConfig, build: BuildConfig) -> MemoryPlan:
+    build = build.for_model(cfg)
     block = build.kv_cache_block_size
     g, loc = kv_bytes_per_token(cfg, build)
     seq_tokens = -(-build.max_seq_len // block) * block

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -17,6 +17,77 @@ from .request import RequestOutput
 from .sampling_params import SamplingParams
 from .ranks import RankProcesses, run_in_thread_watching
 from .worker import STOP, build_runner, join_group, serve_steps
+
+
+def _is_single_prompt(prompts) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                        and all(isinstance(t, int) for t in prompts))
+
+
+class GenerationResult:
+    """One request of LLM.generate_async: future-like (`result()`, `done()`) and iterable, sync or async."""
+
+    def __init__(self, llm: "LLM", request, streaming: bool):
+        self._llm, self._req, self.streaming = llm, request, streaming
+        self.request_id = request.request_id
+
+    def done(self) -> bool:
+        return self._req.finished
+
+    def result(self) -> RequestOutput:
+        """Run the engine until this request finishes; its complete RequestOutput."""
+        try:
+            while not self._req.finished:
+                with self._llm._lock:
+                    if not self._req.finished:
+                        self._llm._step()
+        except BaseException:
+            self.close()
+            raise
+        return self._req.output()
+
+    def _next(self) -> RequestOutput | None:
+        """Step until there is something new to show (never an empty text delta), or None once delivered."""
+        req = self._req
+        text = self._llm.tokenizer is not None
+        with self._llm._lock:
+            while not req.finished and not (self.streaming and req.has_delta(text)):
+                self._llm._step()
+            if req.delivered:
+                return None
+            out = req.output(delta=True)
+            if req.finished:
+                req.delivered = True
+                if not self.streaming:
+                    return req.output()
+            return out
+
+    def __iter__(self):
+        try:
+            while (out := self._next()) is not None:
+                yield out
+        finally:
+            self.close()
+
+    async def __aiter__(self):
+        import asyncio
+
+        try:
+            while (out := await asyncio.to_thread(self._next)) is not None:
+                yield out
+        finally:
+            self.close()
+
+    async def aresult(self) -> RequestOutput:
+        import asyncio
+
+        return await asyncio.to_thread(self.result)
+
+    def close(self) -> None:
+        """Abort the request if it is still running (frees its KV blocks)."""
+        if not self._req.finished:
+            with self._llm._lock:
+                self._llm.engine.abort(self._req.request_id)
 
 
 class LLM:
@@ -39,12 +110,21 @@ class LLM:
         Read each step's tokens before queuing the next (TensorRT-LLM's option of that name). By
         default the next decode step is queued first, so host work hides behind the GPU; the tokens
         are the same.
+    max_batch_size, max_num_tokens : int, optional
+        Run with smaller limits than the engine was built for (requests in a step; tokens in a step).
     """
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, tp_size: int | None = None,
-                 verify: bool = True, cuda_graphs: bool = True, disable_overlap_scheduler: bool = False):
+                 verify: bool = True, cuda_graphs: bool = True, disable_overlap_scheduler: bool = False,
+                 max_batch_size: int | None = None, max_num_tokens: int | None = None):
         self.engine_dir = Path(engine_dir)
         self.cfg = open_engine(self.engine_dir, tp_size, verify)
+        for name, value in (("max_batch_size", max_batch_size), ("max_num_tokens", max_num_tokens)):
+            built = getattr(self.cfg.build, name)
+            if value is not None and not (isinstance(value, int) and 1 <= value <= built):
+                raise ValueError(f"{name}={value!r}: expected an integer in [1, {built}] (the engine was built "
+                                 f"for {built}; rebuild it for more)")
+        self._caps = (max_batch_size or self.cfg.build.max_batch_size, max_num_tokens or self.cfg.build.max_num_tokens)
         kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if kind not in ("cuda", "cpu"):
             raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
@@ -67,8 +147,7 @@ class LLM:
             torch.cuda.set_device(device)
         self.tokenizer = self._load_tokenizer()
         runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs)
-        b = self.cfg.build
-        self.engine = EngineCore(runner, self.tokenizer, b.max_batch_size, b.max_num_tokens,
+        self.engine = EngineCore(runner, self.tokenizer, *self._caps,
                                  before_step=self._broadcast if world > 1 else None,
                                  overlap=not disable_overlap_scheduler)
 
@@ -136,16 +215,18 @@ class LLM:
         return list(sampling_params)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt under in-flight batching; outputs in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = self._params(sampling_params, len(prompts))
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> RequestOutput | list[RequestOutput]:
+        """Generate under in-flight batching. One prompt (a string or a list of token ids) gives one
+        RequestOutput; a list of prompts gives a list, in prompt order (TensorRT-LLM's LLM.generate)."""
+        single = _is_single_prompt(prompts)
+        batch = [prompts] if single else list(prompts)
+        params = self._params(sampling_params, len(batch))
         with self._lock:
             self._ensure_open()
             reqs = []
             try:
-                for p, sp in zip(prompts, params):
+                for p, sp in zip(batch, params):
                     reqs.append(self.engine.add_request(p, sp))
                 while any(not r.finished for r in reqs):
                     self._step()
@@ -153,31 +234,19 @@ class LLM:
                 for r in reqs:
                     self.engine.abort(r.request_id)
                 raise
-            return [r.output() for r in reqs]
+            outs = [r.output() for r in reqs]
+        return outs[0] if single else outs
 
     def generate_async(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None,
-                       streaming: bool = True) -> Iterator[RequestOutput]:
-        """Yield RequestOutput as tokens are produced (text_diff / token_ids_diff hold the new part).
-        Closing the iterator early aborts the request and frees its KV blocks."""
+                       streaming: bool = False) -> GenerationResult:
+        """Submit one prompt; returns a GenerationResult: `.result()` waits for the final RequestOutput, and
+        iterating it (for, or async for) yields RequestOutput deltas as text arrives (text_diff /
+        token_ids_diff hold the new part; with streaming=False only the final output). Closing it, or
+        leaving a loop early, aborts the request and frees its KV blocks."""
         with self._lock:
             self._ensure_open()
             req = self.engine.add_request(prompt, sampling_params or SamplingParams())
-        try:
-            while True:
-                with self._lock:
-                    if not req.finished:
-                        self._step()
-                    out = req.output(delta=True)
-                if streaming and (out.outputs[0].token_ids_diff or out.finished):
-                    yield out
-                if out.finished:
-                    if not streaming:
-                        yield req.output()
-                    return
-        finally:
-            if not req.finished:
-                with self._lock:
-                    self.engine.abort(req.request_id)
+        return GenerationResult(self, req, streaming)
 
     def step(self) -> list:
         """One engine step (what generate runs until its requests finish; the server's loop runs it too).

@@ -70,6 +70,7 @@ class Request:
     # streaming cursors
     sent_tokens: int = 0
     sent_text: int = 0
+    delivered: bool = False  # the final output was handed out (generate_async)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -103,6 +104,12 @@ class Request:
         if self.params.stop:
             end = min(end, len(self.text) - (max(len(s) for s in self.params.stop) - 1))
         return max(end, self.sent_text)
+
+    def has_delta(self, text: bool) -> bool:
+        """Whether output(delta=True) would carry something new: text (when detokenized) or tokens."""
+        if text:
+            return self._streamable_text_end() > self.sent_text
+        return len(self.output_token_ids) > self.sent_tokens
 
     def output(self, delta: bool = False) -> RequestOutput:
         """A snapshot; with delta=True, text_diff/token_ids_diff hold what is new since the last delta."""

@@ -49,9 +49,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "maverick", "max_model_len": max_seq_len}]}
 
+    engine.metrics.gauges(_gauges(engine))
+
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(_metrics_text(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(engine.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     async def parse(request: Request, fields: set[str]) -> dict:
         body = parse_json(await request.body())
@@ -154,33 +156,14 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _metrics_text(engine: AsyncEngine) -> str:
-    m, llm = engine.metrics, engine.llm
-    kv = llm.kv_cache
-    rows = [("maverick_requests_total", "counter", m.requests_total),
-            ("maverick_requests_rejected_total", "counter", m.requests_rejected),
-            ("maverick_requests_aborted_total", "counter", m.requests_aborted),
-            ("maverick_requests_failed_total", "counter", m.requests_failed),
-            ("maverick_prompt_tokens_total", "counter", m.prompt_tokens_total),
-            ("maverick_generation_tokens_total", "counter", m.generation_tokens_total),
-            ("maverick_time_to_first_token_seconds_sum", "counter", m.ttft_sum_s),
-            ("maverick_time_to_first_token_seconds_count", "counter", m.ttft_count),
-            ("maverick_inter_token_latency_seconds_sum", "counter", m.itl_sum_s),
-            ("maverick_inter_token_latency_seconds_count", "counter", m.itl_count),
-            ("maverick_requests_in_flight", "gauge", m.in_flight),
-            ("maverick_queue_depth", "gauge", len(llm.engine.scheduler.waiting)),
-            ("maverick_kv_blocks_in_use", "gauge", kv.blocks_in_use),
-            ("maverick_kv_blocks_total", "gauge", kv.global_pool.num_blocks + kv.local_pool.num_blocks),
-            ("maverick_engine_healthy", "gauge", int(engine.failed is None)),
-            ("process_resident_memory_bytes", "gauge", _rss_bytes())]
-    return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows)
-
-
-def _rss_bytes() -> int:
-    import os
-
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+def _gauges(engine: AsyncEngine) -> dict:
+    llm = engine.llm
+    kv, sched = llm.kv_cache, llm.engine.scheduler
+    total = kv.global_pool.num_blocks + kv.local_pool.num_blocks
+    return {"maverick_requests_in_flight": ("Requests submitted and not yet ended", lambda: engine.in_flight),
+            "maverick_requests_running": ("Requests the scheduler is running", lambda: len(sched.running)),
+            "maverick_requests_waiting": ("Requests waiting to be scheduled", lambda: len(sched.waiting)),
+            "maverick_kv_blocks_in_use": ("KV cache blocks in use", lambda: kv.blocks_in_use),
+            "maverick_kv_blocks_free": ("KV cache blocks free", lambda: total - kv.blocks_in_use),
+            "maverick_engine_healthy": ("1 while the engine serves, 0 once it failed",
+                                        lambda: int(engine.failed is None))}

@@ -24,6 +24,8 @@ from maverick.runtime.llm import LLM
 from maverick.runtime.request import RequestOutput
 from maverick.runtime.sampling_params import SamplingParams
 
+from .metrics import ServerMetrics
+
 
 class QueueFull(RuntimeError):
     pass
@@ -34,33 +36,20 @@ class Unavailable(RuntimeError):
 
 
 @dataclass
-class Metrics:
-    requests_total: int = 0
-    requests_rejected: int = 0
-    requests_aborted: int = 0
-    requests_failed: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    ttft_sum_s: float = 0.0
-    ttft_count: int = 0
-    itl_sum_s: float = 0.0
-    itl_count: int = 0
-    in_flight: int = 0
-
-
-@dataclass
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     start: float = field(default_factory=time.perf_counter)
     last: float | None = None
+    queued: bool = True  # not yet in a step
 
 
 class AsyncEngine:
     def __init__(self, llm: LLM, max_queue: int, on_fatal: Callable[[str], None] | None = None,
                  tokenizer_threads: int = 2):
         self.llm, self.engine, self.max_queue = llm, llm.engine, max_queue
-        self.metrics = Metrics()
+        self.metrics = ServerMetrics()
+        self.in_flight = 0  # requests submitted and not yet ended (the --max-queue limit)
         self.on_fatal = on_fatal
         self.failed: str | None = None  # why the engine can serve no more; None while healthy
         self.draining: str | None = None  # why new requests are refused (shutting down)
@@ -82,10 +71,10 @@ class AsyncEngine:
         returned queue. Raises InvalidRequest, QueueFull or Unavailable."""
         self._check_available()
         with self._count_lock:  # reserve a slot now, so a burst cannot overshoot the limit
-            if self.metrics.in_flight >= self.max_queue:
-                self.metrics.requests_rejected += 1
+            if self.in_flight >= self.max_queue:
+                self.metrics.rejected.inc()
                 raise QueueFull(f"server is at its limit of {self.max_queue} requests in flight; retry later")
-            self.metrics.in_flight += 1
+            self.in_flight += 1
         try:
             encoded = await self.offload(self.engine.encode, prompt)  # raises InvalidRequest
             fut: Future = Future()
@@ -107,7 +96,7 @@ class AsyncEngine:
 
     def _release(self) -> None:
         with self._count_lock:
-            self.metrics.in_flight -= 1
+            self.in_flight -= 1
 
     def abort(self, request_id: int) -> None:
         self._cmds.put(("abort", request_id))
@@ -137,13 +126,11 @@ class AsyncEngine:
         n = len(out.outputs[0].token_ids_diff)
         if n:
             if sink.last is None:
-                self.metrics.ttft_sum_s += now - sink.start
-                self.metrics.ttft_count += 1
+                self.metrics.ttft.observe(now - sink.start)
             else:
-                self.metrics.itl_sum_s += now - sink.last
-                self.metrics.itl_count += n
+                self.metrics.itl.observe((now - sink.last) / n)
             sink.last = now
-            self.metrics.generation_tokens_total += n
+            self.metrics.generation_tokens.inc(n)
         if out.finished:  # counted out before the client hears the end, so a finished client sees its slot free
             self._sinks.pop(req_id, None)
             self._release()
@@ -152,7 +139,7 @@ class AsyncEngine:
     def _emit_error(self, rid: int, err: Exception) -> None:
         sink = self._sinks.pop(rid, None)
         if sink is not None:
-            self.metrics.requests_failed += 1
+            self.metrics.failed.inc()
             self._release()
             sink.loop.call_soon_threadsafe(sink.queue.put_nowait, err)
 
@@ -166,15 +153,15 @@ class AsyncEngine:
                 fut.set_exception(e)
                 return
             self._sinks[req.request_id] = sink
-            self.metrics.requests_total += 1
-            self.metrics.prompt_tokens_total += len(req.prompt_token_ids)
+            self.metrics.requests.inc()
+            self.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
             fut.set_result(req.request_id)
         elif cmd[0] == "abort":
             req = self.engine.requests.get(cmd[1])
             if req is not None and not req.finished:
                 with self.llm._lock:
                     self.engine.abort(cmd[1])
-                self.metrics.requests_aborted += 1
+                self.metrics.aborted.inc()
                 self._emit(cmd[1], req.output(delta=True))
         elif cmd[0] == "shutdown":  # the drain's grace is over
             self._abort_all(Unavailable("the server is shutting down; the request was ended before it finished"))
@@ -185,7 +172,7 @@ class AsyncEngine:
             if req is not None and not req.finished:
                 with self.llm._lock:
                     self.engine.abort(rid)
-                self.metrics.requests_aborted += 1
+                self.metrics.aborted.inc()
             self._emit_error(rid, err)
 
     def _run(self) -> None:
@@ -236,7 +223,12 @@ class AsyncEngine:
             except EngineDead as e:
                 self._die(str(e))
                 return
+            now = time.perf_counter()
             for req in touched:
+                sink = self._sinks.get(req.request_id)
+                if sink is not None and sink.queued:
+                    sink.queued = False
+                    self.metrics.queue_time.observe(now - sink.start)
                 out = req.output(delta=True)
                 if out.outputs[0].token_ids_diff or out.finished:
                     self._emit(req.request_id, out)
