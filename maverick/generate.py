@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 print()
                 outputs = []
             else:
-                outputs = llm.generate(prompts, params)
+                outputs = llm.generate(list(prompts), params)
             dt = time.perf_counter() - t0
             for o in outputs:
                 c = o.outputs[0]
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if outputs:
                 print(f"generated {n} tokens for {len(outputs)} prompts in {dt:.2f} s: {n / dt:.1f} tokens/s")
         return 0
-    except (InvalidRequest, EngineError, ValueError) as e:
+    except (InvalidRequest, EngineError, ValueError, RuntimeError) as e:  # RankFailure is a RuntimeError too
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -171,7 +171,7 @@ def test_graphed_sampler_equals_eager():
 
 @pytest.mark.parametrize("chunk", [None, 32])
 def test_decode_attention_bf16(chunk):
-    """bf16 models take the bf16 tensor-core path (the interpreter cannot run bf16 dots, shared/ENV.md)."""
+    """bf16 models take the bf16 tensor-core path (the Triton interpreter multiplies bf16 dots' raw bit patterns)."""
     import maverick_plugins as ops
     from maverick_plugins.kernels.decode_attention import decode_attention
     from test_kernels import _attention_case

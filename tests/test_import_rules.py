@@ -1,4 +1,4 @@
-"""The module boundaries of shared/DESIGN.md section 3, checked by walking every import."""
+"""The module boundaries (docs in README.md's Layout), checked by walking every import."""
 import ast
 import sys
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Triton kernels against their pure-torch references (the specification).
 
 On CPU these run in the Triton interpreter (TRITON_INTERPRET=1, set in conftest when there is no GPU),
-at small shapes. Its in-kernel FP8 downcast rounds some values one ulp off (shared/ENV.md), so FP8
+at small shapes. Its in-kernel FP8 downcast rounds some values one ulp off (Triton 3.7's interpreter), so FP8
 cases there use a looser tolerance; on a GPU the same tests run with the tight one.
 """
 import pytest
@@ -378,7 +378,7 @@ def test_decode_attention_applies_qkv_post_and_writes_the_cache(ctx, chunk, fp8,
             assert rel(got, want) < TOL["fp32"]
             continue
         # e4m3 of k computed in two ways (fp32 sums in another order) may round one ulp (1/8) apart; the
-        # interpreter's downcast also loses a rounding carry into the exponent (shared/ENV.md): half the value
+        # interpreter's downcast also loses a rounding carry into the exponent (Triton 3.7's interpreter): half the value
         near = (got - want).abs() <= want.abs() / 8
         carry = (got * 2 == want) & (not GPU)
         assert bool((near | carry).all()), (got - want).abs().max()

@@ -120,7 +120,9 @@ def _write(reader: CheckpointReader, build: BuildConfig, out: Path, progress: bo
         for name, t in iter_rank_tensors(reader, model_spec(build, r)):
             tensors[name] = t
             bar.update(1)
-        save_file(tensors, out / rank_file(r), metadata={"producer": PRODUCER, "rank": str(r)})
+        # one metadata key: safetensors writes a metadata map in a per-process random order, and a build must
+        # be byte-for-byte reproducible (same checkpoint and options, same hashes)
+        save_file(tensors, out / rank_file(r), metadata={"producer": f"{PRODUCER} rank {r}"})
         del tensors
     bar.close()
     for name in TOKENIZER_FILES:

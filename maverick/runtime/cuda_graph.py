@@ -1,7 +1,7 @@
 """CUDA graphs for whole steps: static inputs per captured shape, padding, replay, sampling.
 
 A step is hundreds of small kernels (about 40 a layer); launched eagerly each costs about 7 us of host
-time (shared/REFERENCE.md section 7), so a 48-layer step is launch-bound: a decode step, and a prefill
+time, measured on H100 and H200), so a 48-layer step is launch-bound: a decode step, and a prefill
 too (one 128-token prompt, one-rank TP8 on H200: 59 ms of host time for 15.6 ms of GPU work). One graph
 replay launches them all. A graph's shape is (rows, q): `rows` sequences of `q` new tokens each, rows * q
 tokens in all. Decode graphs are (batch, 1); prefill graphs (1, tokens) take one sequence's prompt chunk

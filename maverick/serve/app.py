@@ -13,7 +13,7 @@ from maverick.runtime.sampling_params import InvalidRequest
 
 from .async_engine import AsyncEngine, QueueFull, Unavailable
 from .guard import Guard, TimedStreamingResponse
-from .openai_format import (CHAT_SCHEMA, COMPLETION_SCHEMA, chat_messages, choice, completion_prompt,
+from .openai_format import (CHAT_SCHEMA, COMPLETION_SCHEMA, chat_messages, choice, completion_prompts,
                             logprobs_body, parse_json, request_body, sse, usage)
 from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, sampling_params
 
@@ -75,36 +75,48 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except Unavailable as e:
             raise APIError(503, str(e), None, "service_unavailable") from None
 
-    async def run(body: dict, prompt, chat: bool):
+    async def run(body: dict, prompts: list, chat: bool):
+        """One request of the API: every prompt submitted (one choice each, by index); a JSON body, or SSE."""
         params = sampling_params(body, chat, max_new_default=16 if not chat else max_seq_len)
-        req_id, q = await start(prompt, params)
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{req_id}-{secrets.token_hex(4)}",
+        started = []
+        try:
+            for p in prompts:
+                started.append(await start(p, params))
+        except BaseException:
+            for req_id, _ in started:
+                engine.abort(req_id)
+            raise
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{started[0][0]}-{secrets.token_hex(4)}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}
-        if not body.get("stream"):
-            try:
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+            return TimedStreamingResponse(_events(engine, started, chat, chunk, include_usage),
+                                          limits.send_timeout_s, media_type="text/event-stream")
+        outs = []
+        try:
+            for req_id, q in started:
                 while True:
                     out = await q.get()
                     if isinstance(out, Exception) or out.finished:
                         break
-            except BaseException:  # the client went away: free the request's KV blocks
+                if isinstance(out, Exception):
+                    raise _failure(out)
+                outs.append(out)
+        finally:  # the client went away, or one prompt failed: free every request's KV blocks
+            for req_id, _ in started:
                 engine.abort(req_id)
-                raise
-            if isinstance(out, Exception):
-                raise _failure(out)
-            c = out.outputs[0]
-            lp = logprobs_body(llm.tokenizer, c, chat, params.logprobs)
-            return {**head, "choices": [choice(chat, c.text, c.finish_reason, lp)],
-                    "usage": usage(len(out.prompt_token_ids), len(c.token_ids))}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        return TimedStreamingResponse(_events(engine, req_id, q, chat, chunk, include_usage),
-                                      limits.send_timeout_s, media_type="text/event-stream")
+        choices = [choice(chat, o.outputs[0].text, o.outputs[0].finish_reason,
+                          logprobs_body(llm.tokenizer, o.outputs[0], chat, params.logprobs), index=i)
+                   for i, o in enumerate(outs)]
+        return {**head, "choices": choices, "usage": usage(sum(len(o.prompt_token_ids) for o in outs),
+                                                           sum(len(o.outputs[0].token_ids) for o in outs))}
 
     @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_SCHEMA))
     async def completions(request: Request):
         body = await parse(request, COMPLETION_FIELDS)
-        return await run(body, completion_prompt(body), chat=False)
+        return await run(body, completion_prompts(body), chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_SCHEMA))
     async def chat_completions(request: Request):
@@ -113,35 +125,52 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
             raise APIError(400, "this engine's tokenizer has no chat template; use /v1/completions", "messages")
         ids = await engine.offload(_chat_ids, llm.tokenizer, messages)
-        return await run(body, ids, chat=True)
+        return await run(body, [ids], chat=True)
 
     return Guard(app, api_key, limits.max_request_bytes, limits.body_timeout_s)
 
 
-async def _events(engine: AsyncEngine, req_id: int, q, chat: bool, chunk: dict, include_usage: bool):
-    """SSE chunks of one request: deltas, then usage (if asked), then [DONE]; an error that ends the request is
-    one error event before [DONE]. Closing the generator (client gone, stalled) aborts the request."""
-    first, n_tokens, prompt_len = True, 0, 0
-    try:
+async def _events(engine: AsyncEngine, started: list, chat: bool, chunk: dict, include_usage: bool):
+    """SSE chunks of a request's prompts, interleaved as they come (each choice by its index): deltas, then
+    usage (if asked), then [DONE]; an error that ends a prompt is one error event before [DONE]. Closing the
+    generator (client gone, stalled) aborts every prompt."""
+    import asyncio
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, q):
         while True:
             out = await q.get()
+            await merged.put((i, out))
+            if isinstance(out, Exception) or out.finished:
+                return
+
+    pumps = [asyncio.ensure_future(pump(i, q)) for i, (_, q) in enumerate(started)]
+    first = [True] * len(started)
+    tokens = [(0, 0)] * len(started)  # (prompt, completion) tokens per choice
+    try:
+        done = 0
+        while done < len(started):
+            i, out = await merged.get()
             if isinstance(out, Exception):
                 e = _failure(out)
                 yield sse({"error": {**e.body()["error"], "code": e.status}})
                 break
             c = out.outputs[0]
-            n_tokens, prompt_len = len(c.token_ids), len(out.prompt_token_ids)
+            tokens[i] = (len(out.prompt_token_ids), len(c.token_ids))
             if c.text_diff or out.finished:
                 yield sse({**chunk, "choices": [choice(chat, c.text_diff, c.finish_reason if out.finished else None,
-                                                       None, delta=True, first=first)]})
-                first = False
-            if out.finished:
-                break
+                                                       None, delta=True, first=first[i], index=i)]})
+                first[i] = False
+            done += out.finished
         if include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage(prompt_len, n_tokens)})
+            yield sse({**chunk, "choices": [], "usage": usage(sum(p for p, _ in tokens), sum(n for _, n in tokens))})
         yield "data: [DONE]\n\n"
-    finally:  # the client went away (or we are done): free the request's KV blocks
-        engine.abort(req_id)
+    finally:  # the client went away (or we are done): free the requests' KV blocks
+        for p in pumps:
+            p.cancel()
+        for req_id, _ in started:
+            engine.abort(req_id)
 
 
 def _failure(err: Exception) -> APIError:

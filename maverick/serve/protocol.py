@@ -19,7 +19,7 @@ class APIError(Exception):
 _COMMON = {"model", "temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed", "n", "stream",
            "stream_options", "logprobs", "user", "frequency_penalty", "presence_penalty", "ignore_eos"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
+CHAT_FIELDS = _COMMON | {"messages", "top_logprobs", "max_completion_tokens", "response_format"}
 
 
 def _num(body: dict, key: str, kind, default):
