@@ -210,8 +210,10 @@ def test_full_queue_gets_429(tiny_engine):
                 body = {"model": MODEL, "prompt": "The harbor", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
                 return await asyncio.gather(*[c.post(s.url + "/v1/completions", json=body) for _ in range(8)])
 
-        codes = [r.status_code for r in asyncio.run(main())]
+        replies = asyncio.run(main())
+        codes = [r.status_code for r in replies]
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert all(r.headers.get("retry-after") == "1" for r in replies if r.status_code == 429)
     finally:
         s.stop()
 
