@@ -8,7 +8,7 @@ and counts 5xx responses and hangs. Phase 2 runs --concurrency clients for --dur
 at random: a stream read to the end, a stream cancelled mid-way, a plain completion, a chat completion,
 a bad request (must get a 4xx), a long prompt (the engine's KV pool holds few of them: preemption), logprobs.
 At the end: zero unexpected outcomes, every KV block free, nothing in flight, the server still serves, and
-its resident memory shows no trend above 5% after the warm-up (sampled every 15 s). Prints a summary, writes --json, exits 1 on any miss.
+its resident memory's floor (sampled every 15 s) grew less than 5% after the warm-up. Prints a summary, writes --json, exits 1 on any miss.
 """
 from __future__ import annotations
 
@@ -207,20 +207,22 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
             code = None
         shutil.rmtree(work, ignore_errors=True)
-    # a leak is a trend: the median of the last third of the samples against the first third's (single samples
-    # swing by 5-7% as the allocator returns memory unevenly: 665-715 MB within minutes, no trend)
+    # a leak raises the floor: the lowest sample of the last third against the first third's. Samples swing by
+    # up to 15% above it while long prompts are in flight (10-minute run: floor 669-672 MB, peaks 780 MB)
     series = mix["rss_every_15s"] or [mix["rss_after_warmup"], mix["rss_end"]]
     third = max(1, len(series) // 3)
-    growth = statistics.median(series[-third:]) / statistics.median(series[:third]) - 1
+    growth = min(series[-third:]) / min(series[:third]) - 1
+    median_growth = statistics.median(series[-third:]) / statistics.median(series[:third]) - 1
     checks = {"schemathesis: no failure": fuzz["exit_code"] == 0,
               "schemathesis: no 5xx": fuzz["responses_5xx"] == 0 and fuzz["responses"] > 0,
               "schemathesis: no timeout": fuzz["timeouts"] == 0,
               "mix: no unexpected outcome": not mix["unexpected"],
               "KV blocks all free": mix["kv_blocks_in_use"] == 0, "nothing in flight": mix["in_flight"] == 0,
-              "serves a normal request after": alive, "RSS trend after warm-up < 5%": growth < 0.05,
+              "serves a normal request after": alive, "RSS floor growth after warm-up < 5%": growth < 0.05,
               "clean exit on SIGTERM": code == 0}
     report = {"duration_s": a.duration, "concurrency": a.concurrency, "examples": a.examples, "schemathesis": fuzz,
-              "mix": {**mix, "unexpected": mix["unexpected"][:20], "rss_growth": round(growth, 4)},
+              "mix": {**mix, "unexpected": mix["unexpected"][:20], "rss_floor_growth": round(growth, 4),
+                      "rss_median_growth": round(median_growth, 4)},
               "checks": checks}
     if a.json:
         a.json.write_text(json.dumps(report, indent=1))
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({fuzz['seconds']} s)")
     print(f"mix: {mix['requests']} requests in {mix['seconds']} s {mix['by_kind']}, {len(mix['unexpected'])} "
           f"unexpected, {mix['aborted']:.0f} aborted; RSS after warm-up {mix['rss_after_warmup'] / 1e6:.0f} MB, "
-          f"end {mix['rss_end'] / 1e6:.0f} MB, trend {100 * growth:+.1f}% (last third vs first third of samples)")
+          f"end {mix['rss_end'] / 1e6:.0f} MB; floor {100 * growth:+.1f}%, median {100 * median_growth:+.1f}% "
+          f"(last third vs first third of the 15 s samples)")
     for name, ok in checks.items():
         print(f"  {'ok  ' if ok else 'MISS'} {name}")
     return 0 if all(checks.values()) else 1
