@@ -25,7 +25,7 @@ import torch
 
 from maverick.bench.measure import (allreduce_us, decode_step, hbm_read_bandwidth, kv_blocks, prefill_graph_ms,
                                     prefill_step_ms, time_to_first_token)
-from maverick.build.synthetic import synthetic_model
+from maverick.builder.synthetic import synthetic_model
 from maverick.config import BuildConfig, ModelConfig, QuantConfig
 from maverick.runtime.cuda_graph import graph_shape
 from maverick.runtime.model_runner import ModelRunner

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from transformers import AutoTokenizer
 
-    from maverick.build.engine_format import EngineError
+    from maverick.builder.engine_format import EngineError
 
     path = Path(a.text) if a.text else SPLITS[a.split]
     if not path.is_file():

@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from maverick import LLM, SamplingParams
-    from maverick.build.engine_format import EngineError
+    from maverick.builder.engine_format import EngineError
     from maverick.runtime.sampling_params import InvalidRequest
 
     prompts = list(a.prompts)

@@ -114,6 +114,22 @@ def threshold(x: torch.Tensor, name: str) -> int:
     return _table(x.device.index if x.device.index is not None else torch.cuda.current_device())[name]
 
 
+# SMs assumed where there is no CUDA device (the Triton interpreter on CPU): an H100 / H200 SXM's
+CPU_SM_COUNT = 132
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (132 on H100/H200 SXM, 148 on B200), looked up once per device."""
+    if device.type != "cuda":
+        return CPU_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def _table(device_index: int) -> dict:
     """The thresholds of one device, looked up once: ops ask on every eager launch (several per layer)."""

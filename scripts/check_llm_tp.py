@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from maverick import LLM, SamplingParams, distributed, envs  # noqa: E402
-from maverick.build.builder import build_engine  # noqa: E402
+from maverick.builder.builder import build_engine  # noqa: E402
 from maverick.config import BuildConfig  # noqa: E402
 from maverick.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 

@@ -15,7 +15,7 @@ import torch
 
 import maverick  # noqa: F401  (binds maverick_plugins from the source tree)
 from maverick import distributed, envs
-from maverick.build.synthetic import synthetic_model
+from maverick.builder.synthetic import synthetic_model
 from maverick.config import BuildConfig, ModelConfig, QuantConfig
 from maverick.runtime.batch import StepSeq
 from maverick.runtime.model_runner import ModelRunner

@@ -26,7 +26,7 @@ def quantize(out: Path, kv: bool) -> None:
 
 
 def run_one(i: int, name: str, ckpt: Path, dtype: str, ids: list[int], a) -> list[tuple]:
-    from maverick.build.builder import build_engine
+    from maverick.builder.builder import build_engine
     from maverick.config import BuildConfig
     from maverick.evaluate import evaluate
 

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from maverick.bench.measure import kv_blocks  # noqa: E402
 from maverick.benchmark import git_commit  # noqa: E402
-from maverick.build.synthetic import synthetic_model  # noqa: E402
+from maverick.builder.synthetic import synthetic_model  # noqa: E402
 from maverick.config import BuildConfig, ModelConfig, QuantConfig  # noqa: E402
 from maverick.runtime.engine import EngineCore  # noqa: E402
 from maverick.runtime.model_runner import ModelRunner  # noqa: E402

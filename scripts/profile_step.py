@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import maverick  # noqa: E402,F401  (binds maverick_plugins from the source tree)
 import maverick_plugins as ops  # noqa: E402
-from maverick.build.synthetic import synthetic_model  # noqa: E402
+from maverick.builder.synthetic import synthetic_model  # noqa: E402
 from maverick.config import BuildConfig, ModelConfig, QuantConfig  # noqa: E402
 from maverick.runtime.batch import StepSeq  # noqa: E402
 from maverick.runtime.model_runner import ModelRunner  # noqa: E402

@@ -30,7 +30,7 @@ MODEL = "soak"
 
 def build_default(out: Path) -> Path:
     """The bundled model's engine with a KV pool of 1,024 tokens (four 256-token prompts at most), for preemption."""
-    from maverick.build.builder import build_engine
+    from maverick.builder.builder import build_engine
     from maverick.config import BuildConfig
 
     build_engine(ROOT / "maverick" / "data" / "shakespeare", out,

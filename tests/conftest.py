@@ -39,7 +39,7 @@ def engine_root(tmp_path_factory):
 
 
 def _build(ckpt, out, **kw):
-    from maverick.build.builder import build_engine
+    from maverick.builder.builder import build_engine
     from maverick.config import BuildConfig
 
     if not (out / "config.json").exists():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from maverick.build.from_checkpoint import load_model_from_checkpoint
+from maverick.builder.from_checkpoint import load_model_from_checkpoint
 from maverick.checkpoint import open_checkpoint
 from maverick.models import ModelSpec
 from maverick.runtime.batch import StepSeq

@@ -107,7 +107,7 @@ def test_inflight_run_through_the_engine_loop():
     """The e2e benchmark drives the real engine (scheduler, chunked prefill, sampling) to completion:
     every request gets exactly OSL tokens, times are ordered, and the rates follow from them."""
     from maverick.bench.e2e import inflight_run
-    from maverick.build.synthetic import synthetic_model
+    from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
     from maverick.runtime.model_runner import ModelRunner
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from maverick.build.builder import build_engine
-from maverick.build.engine_format import EngineError, read_engine_config, verify_files
+from maverick.builder.builder import build_engine
+from maverick.builder.engine_format import EngineError, read_engine_config, verify_files
 from maverick.config import BuildConfig
 
 ROOT = Path(__file__).resolve().parent.parent

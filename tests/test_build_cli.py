@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from maverick.build.cli import main as build_main
-from maverick.build.memory_plan import plan
-from maverick.build.yaml_config import build_config_from, load_build_yaml
+from maverick.builder.cli import main as build_main
+from maverick.builder.memory_plan import plan
+from maverick.builder.yaml_config import build_config_from, load_build_yaml
 from maverick.config import BuildConfig, ConfigError, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def test_target_arch_is_checked_at_load(tmp_path):
 
 def test_kv_cache_max_tokens_sizes_the_pool(tiny_ckpt, tmp_path):
     from maverick import LLM
-    from maverick.build.builder import build_engine
+    from maverick.builder.builder import build_engine
     from maverick.config import BuildConfig, ConfigError
 
     with pytest.raises(ConfigError, match="kv_cache_max_tokens=4: expected an integer >= kv_cache_block_size=8"):

@@ -7,7 +7,7 @@ import torch
 
 from helpers import hf_model, prompt_ids
 from maverick import LLM, SamplingParams
-from maverick.build.engine_format import EngineError
+from maverick.builder.engine_format import EngineError
 from maverick.runtime.sampling_params import InvalidRequest
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -260,7 +260,7 @@ def test_mismatched_tensor_is_named(tiny_engine, tmp_path):
     """A rank file whose tensors do not match the config fails before loading, naming the tensor."""
     from safetensors.torch import load_file, save_file
 
-    from maverick.build.engine_format import config_checksum, sha256_file
+    from maverick.builder.engine_format import config_checksum, sha256_file
 
     bad = tmp_path / "e"
     shutil.copytree(tiny_engine, bad)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 import maverick_plugins as ops
 from helpers import full_logits, make_ckpt, prompt_ids
 from maverick import LLM, SamplingParams
-from maverick.build.builder import build_engine
-from maverick.build.from_checkpoint import load_model_from_checkpoint
+from maverick.builder.builder import build_engine
+from maverick.builder.from_checkpoint import load_model_from_checkpoint
 from maverick.checkpoint import CheckpointError, open_checkpoint
 from maverick.config import BuildConfig, ConfigError
 from maverick.models import ModelSpec
@@ -116,7 +116,7 @@ def test_fp8_accuracy_vs_full_precision_no_worse_than_modelopt(modelopt_fp8, tin
 
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_quantize_build_generate_cli(tiny_ckpt, tmp_path, kv):
-    from maverick.build.cli import main as build_main
+    from maverick.builder.cli import main as build_main
     from maverick.quantization.cli import main as quant_main
 
     q, e = tmp_path / "q", tmp_path / "e"

@@ -66,7 +66,7 @@ def test_kernels_and_cuda_graphs(kv, seqs):
     equal the reference path up to FP8 rounding (the GEMM kernel accumulates in another order, and a
     flipped e4m3 rounding downstream moves a random model's logits by a few percent; an indexing or
     scale bug moves them by 100%)."""
-    from maverick.build.synthetic import synthetic_model
+    from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
     from maverick.runtime.model_runner import ModelRunner
 
@@ -96,7 +96,7 @@ def test_prefill_cuda_graphs(kv):
     weights (the grouped-GEMM MoE path eagerly and in the graph alike): the logits equal the same padded batch
     run eagerly bit for bit, so does the KV cache (the padding writes only the scratch block), and the
     unpadded eager prefill is within bf16/FP8 rounding."""
-    from maverick.build.synthetic import synthetic_model
+    from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
     from maverick.layers.forward_batch import ForwardBatch
     from maverick.runtime.batch import StepSeq
@@ -139,7 +139,7 @@ def test_graphed_sampler_equals_eager():
     """The sampler graph replayed after the forward graph samples exactly what sample() gives eagerly on
     the same logits (top-k, top-p, min-p, seeds, greedy rows mixed in), and an all-greedy step (the
     argmax shortcut) gives the argmax; padded rows never leak into the result."""
-    from maverick.build.synthetic import synthetic_model
+    from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
     from maverick.layers.sampler import sample
     from maverick.runtime.batch import StepSeq

@@ -73,7 +73,7 @@ def test_models_import_layers_and_config_only():
     _check(_files("maverick/models"), ["torch", "maverick.layers", "maverick.config", "maverick.models"], "rule 3")
 
 
-@pytest.mark.parametrize("sub", ["maverick/build", "maverick/checkpoint"])
+@pytest.mark.parametrize("sub", ["maverick/builder", "maverick/checkpoint"])
 def test_build_and_checkpoint_never_import_runtime(sub):
     bad = [f"{f.relative_to(ROOT)} imports {i}" for f in _files(sub) for i in _imports(f)
            if i.startswith("maverick.runtime")]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import CONFIGS, full_logits, greedy, hf_model, make_ckpt, prompt_ids, runner_for
-from maverick.build.from_checkpoint import load_model_from_checkpoint
+from maverick.builder.from_checkpoint import load_model_from_checkpoint
 from maverick.checkpoint import open_checkpoint
 from maverick.models import ModelSpec
 from maverick.runtime.batch import StepSeq

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from maverick import LLM, SamplingParams
-from maverick.build.builder import build_engine
+from maverick.builder.builder import build_engine
 from maverick.config import BuildConfig
 from maverick.evaluate import SPLITS, evaluate
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick.build.memory_plan import kv_bytes_per_token
+from maverick.builder.memory_plan import kv_bytes_per_token
 from maverick.config import BuildConfig, ModelConfig
 from maverick.runtime.batch import StepSeq
 from maverick.runtime.model_runner import ModelRunner

@@ -55,7 +55,7 @@ def transformers_ms_per_token(text_config: dict, prompt_len: int, new_tokens: in
 def maverick_ms_per_token(text_config: dict, quant: str | None, prompt_len: int, new_tokens: int,
                           bandwidth: float) -> float:
     from maverick.bench.measure import decode_step
-    from maverick.build.synthetic import synthetic_model
+    from maverick.builder.synthetic import synthetic_model
     from maverick.runtime.model_runner import ModelRunner
 
     cfg = ModelConfig._from_text_config(text_config)

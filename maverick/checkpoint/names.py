@@ -2,7 +2,7 @@
 
 Canonical checkpoint names are those of `Llama4ForCausalLM` (`model.layers.N...`, `lm_head.weight`);
 readers map other layouts onto them. Each engine tensor is made from one or more checkpoint
-tensors by a named sharding rule (implemented in maverick.build.shard).
+tensors by a named sharding rule (implemented in maverick.builder.shard).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from maverick.config import ModelConfig
 class Entry:
     engine: str  # engine tensor name (per layer: relative to "layers.{i}.")
     sources: tuple[str, ...]  # checkpoint tensors (per layer: relative to "model.layers.{i}.")
-    rule: str  # how the builder fuses and shards them (see maverick.build.shard.RULES)
+    rule: str  # how the builder fuses and shards them (see maverick.builder.shard.RULES)
 
 
 GLOBAL = (

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {model}: {'is a file, not' if model.exists() else 'no such'} checkpoint directory",
               file=sys.stderr)
         return 2
-    from maverick.build.engine_format import is_engine_dir
+    from maverick.builder.engine_format import is_engine_dir
 
     if is_engine_dir(model):
         print(f"error: --model {model}: is a maverick engine, not a Hugging Face checkpoint (quantize the "

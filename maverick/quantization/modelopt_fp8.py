@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from maverick.build.builder import TOKENIZER_FILES
+from maverick.builder.builder import TOKENIZER_FILES
 from maverick.tiny_checkpoint import DATA
 
 

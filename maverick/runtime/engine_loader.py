@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from maverick.build.engine_format import (SAFETENSORS_DTYPE, EngineConfig, EngineError, check_tensors,
+from maverick.builder.engine_format import (SAFETENSORS_DTYPE, EngineConfig, EngineError, check_tensors,
                                           rank_file, read_engine_config, verify_files)
-from maverick.build.spec import model_spec
+from maverick.builder.spec import model_spec
 from maverick.models import Llama4ForCausalLM
 
 

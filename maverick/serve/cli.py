@@ -102,14 +102,14 @@ def engine_for(path: Path, config: str | None, cache: Path) -> Path:
     import hashlib
     import json
 
-    from maverick.build.engine_format import is_engine_dir
+    from maverick.builder.engine_format import is_engine_dir
 
     if is_engine_dir(path):
         return path
     if not (path / "config.json").exists():
         raise ValueError(f"{path}: neither an engine nor a Hugging Face checkpoint (no config.json)")
-    from maverick.build.builder import build_engine
-    from maverick.build.yaml_config import build_config_from
+    from maverick.builder.builder import build_engine
+    from maverick.builder.yaml_config import build_config_from
 
     build = build_config_from(config, {})
     stamp = {"checkpoint": str(path.resolve()), "mtime": (path / "config.json").stat().st_mtime,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {a.host}:{a.port}: {e.strerror}", file=sys.stderr)
         return 2
     from maverick import LLM
-    from maverick.build.engine_format import EngineError
+    from maverick.builder.engine_format import EngineError
     from maverick.checkpoint import CheckpointError
     from maverick.config import ConfigError
 

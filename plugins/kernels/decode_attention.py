@@ -25,13 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import PDL, PDL_LAUNCH
+from ..dispatch import PDL, PDL_LAUNCH, sm_count
 from .attention_tiles import as_cached, cache_tile, new_rows, online_softmax_tile, visible
 from .e4m3 import to_e4m3
 from .pdl import pdl_enter, pdl_release
 from .qk_rows import load_qk_rows, temperature
 
-NUM_SMS = 132  # H100/H200; only sets how finely the context is split
 # Splits per (sequence, kv head): about 4 programs per SM, at least 32 and at most 128 splits (H200, TP8,
 # 5e21ccb, best counts of the lone kernel: 8K context 64 at batch 1 / 32 at batch 8; 128K: 128 / 64; 1K: any).
 MAX_SPLITS, MIN_SPLITS, PROGRAMS_PER_SM = 128, 32, 4
@@ -198,10 +197,10 @@ def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q
              out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
-def default_splits(batch: int, kv_heads: int, table_blocks: int) -> int:
-    """Splits per (sequence, kv head), from the table width (max_seq_len): the context is unknown on the
-    host (graphs), and the kernel spreads whatever context there is over them."""
-    per_seq = max(MIN_SPLITS, triton.cdiv(PROGRAMS_PER_SM * NUM_SMS, batch * kv_heads))
+def default_splits(batch: int, kv_heads: int, table_blocks: int, sms: int) -> int:
+    """Splits per (sequence, kv head), from the table width (max_seq_len) and the device's SM count: the
+    context is unknown on the host (graphs), and the kernel spreads whatever context there is over them."""
+    per_seq = max(MIN_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads))
     return max(1, min(table_blocks, ALONE_SPLITS if batch * kv_heads == 1 else MAX_SPLITS, per_seq))
 
 
@@ -228,7 +227,7 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     assert bs >= 16 and bs & (bs - 1) == 0, f"block size {bs}: expected a power of two >= 16"
     assert D & (D - 1) == 0, f"head_dim {D}: expected a power of two"
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1, "q, k, v need a contiguous head_dim"
-    num_splits = num_splits or default_splits(B, kvh, nbt)
+    num_splits = num_splits or default_splits(B, kvh, nbt, sm_count(q.device))
     block_r = max(16, triton.next_power_of_2(Q * group))
     rows = triton.next_power_of_2(Q * group)
     block_q = max(16, triton.next_power_of_2(Q))
