@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import maverick_plugins as ops
-from helpers import full_logits, make_ckpt, prompt_ids
+from helpers import full_logits, prompt_ids
 from maverick import LLM, SamplingParams
 from maverick.builder.builder import build_engine
 from maverick.builder.from_checkpoint import load_model_from_checkpoint

@@ -1,7 +1,6 @@
 """maverick-serve against the official openai client, bad input, a bounded load test, API key, SIGTERM."""
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
