@@ -46,7 +46,7 @@ def init(rank_: int, world_size_: int, backend: str, init_method: str, timeout_s
 def shutdown(timeout_s: float = 30.0) -> None:
     """Leave the group. Collective: every rank calls it at about the same time (with CUDA graphs freed
     first). The teardown runs in a thread and is given timeout_s: a teardown that hangs (seen on GPUs
-    with graphs alive, BENCHMARKS.md) is logged and left to process exit instead of hanging the caller."""
+    with graphs alive, benchmarks/HISTORY.md) is logged and left to process exit instead of hanging the caller."""
     if _STATE.peer is not None and dist.is_initialized():
         torch.cuda.synchronize()  # no rank unmaps its peer buffers while another may still read them
         dist.barrier()

@@ -24,9 +24,9 @@ def rank_timeout_s() -> float:
 
 def fused_all_reduce() -> bool:
     """The fused one-shot all-reduce + add + RMSNorm over peer buffers at TP > 1 (MAVERICK_FUSED_ALLREDUCE=0:
-    NCCL + the add+norm kernel). On by default since the sixth session: real TP4 on 4xH200 (0bec99a), batch-1
+    NCCL + the add+norm kernel). On by default: real TP4 on 4xH200 (0bec99a), batch-1
     step 4.631 -> 3.945 ms, batch 8 equal, fused vs NCCL logits 1.1e-7 in fp32; TP2 LLM with graphs on
-    2xH100. Where peers cannot be mapped it falls back to NCCL with a warning (BENCHMARKS.md)."""
+    2xH100. Where peers cannot be mapped it falls back to NCCL with a warning (benchmarks/HISTORY.md)."""
     return os.environ.get("MAVERICK_FUSED_ALLREDUCE", "1") != "0"
 
 

@@ -26,7 +26,7 @@ class PeerWorkspace:
     is captured. rows bounds the tokens of a fused call: 16 x 5120 bf16 x 96 sites = 15.7 MB.
     Only ranks that have made the same number of rendezvous in their processes can meet: torch numbers
     them with a process-wide counter in its store keys, so a process that rendezvoused before (an
-    earlier LLM in the same script) waits forever on freshly spawned workers (2xH100, BENCHMARKS.md).
+    earlier LLM in the same script) waits forever on freshly spawned workers (2xH100, benchmarks/HISTORY.md).
     Compare rendezvous_done across ranks first (maverick.distributed.peer_rendezvous_can_meet).
     """
 
@@ -55,7 +55,7 @@ class PeerWorkspace:
         # a device barrier over them (handle.barrier(), the same slots and protocol) let a fast rank's
         # signal land before a slow rank's zero_() ran and be wiped; the slow rank then consumed its
         # peers' next signal as the lost one and ran one call behind ever after: wrong sums, and a
-        # timed-out last barrier with "no signal" from anyone (4xH200, BENCHMARKS.md).
+        # timed-out last barrier with "no signal" from anyone (4xH200, benchmarks/HISTORY.md).
         pad.zero_()
         torch.cuda.synchronize(device)
         import torch.distributed as dist

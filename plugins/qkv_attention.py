@@ -3,7 +3,7 @@
 At one new token a sequence the split-KV kernel does all three (on CUDA): its programs apply RoPE,
 QK-norm and the temperature to the q and k rows they load from the raw QKV output, and the program that
 takes a sequence's new key also writes k and v to the cache. That is one launch a layer fewer than
-qkv_post + decode attention (48 a Maverick step; BENCHMARKS.md has the measurement). Otherwise the three
+qkv_post + decode attention (48 a Maverick step; benchmarks/HISTORY.md has the measurement). Otherwise the three
 ops run one after another, as the reference does.
 """
 import torch

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Does a TP group with the fused all-reduce's peer buffers shut down? (It hung at TP2 and TP4 on
-H200, BENCHMARKS.md.) Each rank maps a PeerWorkspace, runs fused calls, then shuts down in the way
+H200, benchmarks/HISTORY.md.) Each rank maps a PeerWorkspace, runs fused calls, then shuts down in the way
 --order names; a rank still inside after 30 s prints every thread's Python stack and exits 3.
 Run: `PYTHONPATH=$PWD torchrun --nproc_per_node=2 scripts/check_peer_shutdown.py --order runtime`.
 Orders: runtime (maverick.distributed.shutdown as is), free-first (drop the workspace, collect,

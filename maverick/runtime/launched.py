@@ -2,7 +2,7 @@
 
 The overlap scheduler (EngineCore, on by default like TensorRT-LLM's) queues step n+1 before it reads
 step n's tokens, so the host's scheduling, input building and graph launch (0.13 ms at batch 1, 1.3 ms
-at batch 64 on H200, BENCHMARKS.md) run while the GPU computes. Everything step n's host side will
+at batch 64 on H200, benchmarks/HISTORY.md) run while the GPU computes. Everything step n's host side will
 read is copied to pinned memory right after it is queued, before step n+1 can overwrite the graphs'
 static outputs.
 """

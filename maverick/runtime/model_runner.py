@@ -57,7 +57,7 @@ class ModelRunner:
     def warmup(self, max_num_tokens: int) -> None:
         """Run two throwaway prefills (the largest chunk a step may hold, and one token fewer) so the
         Triton kernels compile now, not in the first request's time to first token (3.2 s of a 3.3 s
-        TTFT on H100 in the fifth session). Triton specializes integer arguments on divisibility by
+        TTFT on H100). Triton specializes integer arguments on divisibility by
         16, hence two lengths. Collective under TP: every rank calls it."""
         n = max(2, min(max_num_tokens, self.max_seq_len - 1))
         for length in (n, n - 1):
@@ -72,7 +72,7 @@ class ModelRunner:
     def release_graphs(self) -> None:
         """Free the captured graphs (before the TP group is torn down: NCCL keeps a communicator whose
         collectives live in a graph until the graph is destroyed, so destroy_process_group waited
-        forever with the graphs alive: TP2 on 2xH100 in the fifth session)."""
+        forever with the graphs alive: TP2 on 2xH100)."""
         import gc
 
         self.graphs = None

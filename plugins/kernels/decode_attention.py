@@ -42,11 +42,11 @@ MERGE_BLOCK_D = 32  # head_dim columns a merge program takes (4 programs per kv 
 # TP8 step on H200, batch 1 at 128K context: 128 splits / 3 stages / 4 warps 2.54 ms, 5 stages 2.35-2.38, 256
 # splits too 2.17, and 8 warps 2.12; with all three 32K 1.93 -> 1.915, 8K 1.82 -> 1.80, 1K the same. At batch
 # 2 the 256 splits cost 1-3% up to 32K (more idle programs); at batch 8 five stages were slower (4.66 -> 4.83
-# ms at 128K: 64 KB of shared memory a program). BENCHMARKS.md, tenth session.
+# ms at 128K: 64 KB of shared memory a program). benchmarks/HISTORY.md.
 ALONE_SPLITS, ALONE_STAGES, ALONE_WARPS = 256, 5, 8
 # The other launches (several sequences or kv heads): 4 warps, 3 stages. On the GPU image's Triton 3.6 the
 # local layers' build (RoPE and QK-norm of q in the kernel) takes 255 registers and spills at 4 warps (ncu,
-# batch 8); still, same H200, one-rank TP8 step, eleventh session: 8 warps 4.63 -> 5.39 ms at batch 8 128K
+# batch 8); still, same H200, one-rank TP8 step: 8 warps 4.63 -> 5.39 ms at batch 8 128K
 # (batch 2 128K 3.07 -> 2.88, 1K/8K 1-4% slower), 2 stages within noise of 3 in two alternated A/Bs.
 SPLIT_WARPS, SPLIT_STAGES = 4, 3
 # The merge takes at least MERGE_MIN_PROGRAMS programs (narrower head_dim slices, down to 8 columns, when few

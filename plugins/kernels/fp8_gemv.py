@@ -11,7 +11,7 @@ split-K, no cross-program reduction: a row's dot product is a sum inside one pro
 The dot runs on CUDA cores (e4m3 -> f16 -> f32, exact products, fp32 sums). The largest shape stays
 below a plain read (dense fc13 + SwiGLU, 21 MB: 2.5 TB/s on H200), and not for the conversions alone:
 building the f32 bits from the e4m3 bits with integer ops (per element, or packed in inline PTX) measured
-slower, and a pre-quantized FP8 input gained 11% (BENCHMARKS.md, eighth session).
+slower, and a pre-quantized FP8 input gained 11% (benchmarks/HISTORY.md).
 K = KA + KB: KA the largest power of two <= K, KB the rest rounded up to a power of two (masked), since
 Triton tiles have power-of-two sizes (5120 = 4096 + 1024, 640 = 512 + 128).
 """
