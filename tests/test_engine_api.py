@@ -68,6 +68,36 @@ def test_preemption_under_kv_pressure_keeps_results(tiny_ckpt, engine_root):
     assert [o.outputs[0].token_ids for o in together] == alone
 
 
+def test_guaranteed_no_evict_never_preempts(tiny_ckpt, engine_root):
+    """GUARANTEED_NO_EVICT (TensorRT-LLM's policy): in the pool that forces preemptions above, requests are
+    admitted only while all can run to max_tokens, so none is preempted and the results are the same."""
+    from conftest import _build
+
+    from maverick.runtime.block_allocator import BlockAllocator
+
+    eng = _build(tiny_ckpt, engine_root / "small")
+    prompts = [prompt_ids(30, seed=40 + i) for i in range(4)]
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    with LLM(eng, device="cpu", capacity_scheduler_policy="GUARANTEED_NO_EVICT") as llm:
+        alone = [llm.generate(p, params).outputs[0].token_ids for p in prompts]
+        llm.kv_cache.global_pool = BlockAllocator(20)  # 160 tokens: two requests' worst case (70 tokens) at once
+        most = 0
+
+        def step():
+            nonlocal most
+            out = real()
+            most = max(most, len(llm.engine.scheduler.running))
+            return out
+
+        real, llm.engine.step = llm.engine.step, step
+        together = llm.generate(prompts, params)
+        assert llm.engine.scheduler.num_preemptions == 0 and most == 2
+        assert llm.kv_cache.all_free
+    assert [o.outputs[0].token_ids for o in together] == alone
+    with pytest.raises(ValueError, match="capacity_scheduler_policy='SOMETIMES': expected one of"):
+        LLM(eng, device="cpu", capacity_scheduler_policy="SOMETIMES")
+
+
 def test_seeded_sampling(llm):
     ids = prompt_ids(12, seed=5)
 

@@ -24,14 +24,15 @@ class EngineCore:
 
     def __init__(self, runner: ModelRunner, tokenizer, max_batch_size: int, max_num_tokens: int,
                  before_step: Callable[[list[StepSeq], SamplingRows | None], None] | None = None,
-                 overlap: bool = True):
+                 overlap: bool = True, capacity_scheduler_policy: str = "MAX_UTILIZATION"):
         self.runner, self.tokenizer = runner, tokenizer
         self.overlap = overlap
         self._in_flight: Launched | None = None
         self.overlapped = 0  # steps queued before the previous step's tokens were read
         self.cfg = runner.model.cfg
         self.max_seq_len = runner.max_seq_len
-        self.scheduler = Scheduler(runner.kv, max_batch_size, max_num_tokens)
+        self.scheduler = Scheduler(runner.kv, max_batch_size, max_num_tokens, capacity_scheduler_policy,
+                                   self.max_seq_len)
         self.requests: dict[int, Request] = {}
         self.collective = before_step is not None  # other ranks run every step too
         self.before_step = before_step or (lambda plan, rows: None)

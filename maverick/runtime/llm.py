@@ -16,6 +16,7 @@ from .errors import RankFailure, StepError
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 from .ranks import RankProcesses, run_in_thread_watching
+from .scheduler import POLICIES
 from .worker import STOP, build_runner, join_group, serve_steps
 
 
@@ -112,11 +113,15 @@ class LLM:
         are the same.
     max_batch_size, max_num_tokens : int, optional
         Run with smaller limits than the engine was built for (requests in a step; tokens in a step).
+    capacity_scheduler_policy : {"MAX_UTILIZATION", "GUARANTEED_NO_EVICT"}
+        KV admission (TensorRT-LLM's names): admit whatever prompt fits and preempt the newest request
+        when the pool runs dry (default), or admit only what can run to max_tokens without preemption.
     """
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, tp_size: int | None = None,
                  verify: bool = True, cuda_graphs: bool = True, disable_overlap_scheduler: bool = False,
-                 max_batch_size: int | None = None, max_num_tokens: int | None = None):
+                 max_batch_size: int | None = None, max_num_tokens: int | None = None,
+                 capacity_scheduler_policy: str = "MAX_UTILIZATION"):
         self.engine_dir = Path(engine_dir)
         self.cfg = open_engine(self.engine_dir, tp_size, verify)
         for name, value in (("max_batch_size", max_batch_size), ("max_num_tokens", max_num_tokens)):
@@ -125,6 +130,8 @@ class LLM:
                 raise ValueError(f"{name}={value!r}: expected an integer in [1, {built}] (the engine was built "
                                  f"for {built}; rebuild it for more)")
         self._caps = (max_batch_size or self.cfg.build.max_batch_size, max_num_tokens or self.cfg.build.max_num_tokens)
+        if capacity_scheduler_policy not in POLICIES:  # before any rank is started
+            raise ValueError(f"capacity_scheduler_policy={capacity_scheduler_policy!r}: expected one of {list(POLICIES)}")
         kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if kind not in ("cuda", "cpu"):
             raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
@@ -149,7 +156,8 @@ class LLM:
         runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs)
         self.engine = EngineCore(runner, self.tokenizer, *self._caps,
                                  before_step=self._broadcast if world > 1 else None,
-                                 overlap=not disable_overlap_scheduler)
+                                 overlap=not disable_overlap_scheduler,
+                                 capacity_scheduler_policy=capacity_scheduler_policy)
 
     # ---- ranks -------------------------------------------------------------------------------
     def _backend(self) -> str:
