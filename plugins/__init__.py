@@ -1,7 +1,9 @@
 """Maverick kernels. Each op is a pure-torch reference (its specification, runs on CPU and GPU)
 plus, where one exists, a GPU kernel behind the same name. Imports only torch, triton and itself.
+
+The ops as torch custom ops (`torch.ops.maverick.*`, for torch.compile and opcheck) are registered on
+request: `import maverick_plugins.library`. The engine's forward calls the Python entry points below.
 """
-from . import library  # noqa: F401  (torch.ops.maverick.*: custom ops with fake implementations)
 from .activation import swiglu
 from .allreduce import PeerWorkspace, allreduce_add_rms_norm_ref
 from .attention import kv_cache_write, kv_cache_write_ref, paged_attention, paged_attention_ref

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import maverick_plugins as ops
+import maverick_plugins.library  # noqa: F401  (registers torch.ops.maverick.*)
 from maverick_plugins.fp8 import quantize_fp8_static
 
 from test_kernels import _attention_case, _qkv_attention_case

@@ -118,3 +118,17 @@ def test_top_level_clis_are_thin():
         assert f.exists(), f"{name} missing"
         assert len(f.read_text().splitlines()) < 40, f"{name} should only parse arguments and call the package"
         assert {_third_party(i) for i in _imports(f)} <= STDLIB | {"maverick"}
+
+
+def test_import_maverick_registers_no_custom_ops():
+    """`import maverick` (and the kernels package) only defines things; the custom ops are registered on request."""
+    import subprocess
+    import sys
+
+    code = ("import torch, maverick, maverick_plugins; from maverick import LLM; "
+            "print(hasattr(torch.ops.maverick, 'fp8_linear'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+    code = "import torch, maverick_plugins.library; print(hasattr(torch.ops.maverick, 'fp8_linear'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip() == "True", r.stderr[-2000:]
