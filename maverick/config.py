@@ -380,6 +380,18 @@ class BuildConfig:
                               f"sm{capability[0]}{capability[1]}; rebuild it with target_arch: "
                               f"sm{capability[0]}{capability[1] if capability[0] < 10 else 0} (or any)")
 
+    def kv_pool_blocks(self, model: ModelConfig) -> tuple[int, int]:
+        """(global, local) KV blocks a rank's pools hold: max_batch_size sequences of max_seq_len in the global
+        (NoPE) layers, of at most one chunk in the local rings, each capped at kv_cache_max_tokens. The runtime
+        allocates these and the memory plan counts them."""
+        block = self.kv_cache_block_size
+        glob = self.max_batch_size * -(-self.max_seq_len // block)
+        local = self.max_batch_size * -(-min(self.max_seq_len, model.attention_chunk_size) // block)
+        if self.kv_cache_max_tokens is not None:
+            cap = self.kv_cache_max_tokens // block
+            glob, local = min(glob, cap), min(local, cap)
+        return glob, local
+
     def graph_prefill_tokens(self) -> list[int]:
         """The prefill graph sizes a runtime of this build captures (within max_num_tokens and max_seq_len)."""
         return sorted(t for t in set(self.cuda_graph_prefill_tokens)

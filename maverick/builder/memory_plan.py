@@ -63,15 +63,9 @@ def activation_bytes(cfg: ModelConfig, build: BuildConfig, tokens: int, rows: in
 
 def plan(cfg: ModelConfig, build: BuildConfig) -> MemoryPlan:
     build = build.for_model(cfg)
-    block = build.kv_cache_block_size
     g, loc = kv_bytes_per_token(cfg, build)
-    seq_tokens = -(-build.max_seq_len // block) * block
-    ring_tokens = -(-min(build.max_seq_len, cfg.attention_chunk_size) // block) * block
-    global_tokens, local_tokens = build.max_batch_size * seq_tokens, build.max_batch_size * ring_tokens
-    if build.kv_cache_max_tokens is not None:  # the runtime's pools (runtime/worker.py) are capped the same way
-        cap = build.kv_cache_max_tokens // block * block
-        global_tokens, local_tokens = min(global_tokens, cap), min(local_tokens, cap)
-    kv = g * global_tokens + loc * local_tokens
+    global_blocks, local_blocks = build.kv_pool_blocks(cfg)
+    kv = (g * global_blocks + loc * local_blocks) * build.kv_cache_block_size
     act = activation_bytes(cfg, build, build.max_num_tokens, build.max_batch_size)
     graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
                  if b <= build.max_batch_size)

@@ -13,7 +13,6 @@ STOP = "stop"
 
 
 def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: bool = True):
-    from .batch import ring_blocks
     from .engine_loader import load_rank_model
     from .model_runner import ModelRunner
 
@@ -21,14 +20,10 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     b.check_device(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     model = load_rank_model(engine_dir, cfg, rank, device, progress=rank == 0)
     enable_fused_all_reduce(model, device)
-    blocks = local = None
-    if b.kv_cache_max_tokens is not None:  # a local ring never needs more than its chunk a sequence
-        blocks = b.kv_cache_max_tokens // b.kv_cache_block_size
-        local = min(blocks, b.max_batch_size * ring_blocks(b.max_seq_len, cfg.model.attention_chunk_size,
-                                                           b.kv_cache_block_size))
+    global_blocks, local_blocks = b.kv_pool_blocks(cfg.model)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
-                         block_size=b.kv_cache_block_size, device=device, num_global_blocks=blocks,
-                         num_local_blocks=local)
+                         block_size=b.kv_cache_block_size, device=device, num_global_blocks=global_blocks,
+                         num_local_blocks=local_blocks)
     if device.type == "cuda":
         runner.warmup(b.max_num_tokens)
     if cuda_graphs and device.type == "cuda":
