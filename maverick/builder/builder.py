@@ -72,17 +72,20 @@ def remove_stale_temporaries(out: Path) -> None:
     """Temporaries of builds that were killed (their process is gone)."""
     for p in out.parent.glob(f".{out.name}.building-*"):
         m = re.match(rf"\.{re.escape(out.name)}\.building-(\d+)-", p.name)
-        try:
-            pid = int(m.group(1)) if m else -1
-            if pid < 0:
-                raise ValueError
-            os.kill(pid, 0)  # raises if no such process
-            if pid == os.getpid():
-                raise ProcessLookupError
-        except (ValueError, IndexError, ProcessLookupError):
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:  # someone else's live process
-            pass
+        pid = int(m.group(1)) if m else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue  # another build of this output is running
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def replace_dir(new: Path, out: Path) -> None:
