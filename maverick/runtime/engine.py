@@ -121,7 +121,7 @@ class EngineCore:
         KV freed; the others keep their state and the next step serves them, unless the error is fatal."""
         if self.failed is not None:
             raise EngineDead(f"the engine stopped after an unrecoverable error: {self.failed}")
-        self._touched: list[Request] = []
+        self._touched = []  # every request this step holds: the ones a failure ends
         self._collective_started = False
         try:
             return self._step()

@@ -56,12 +56,8 @@ class GenerationResult:
                 self._llm._step()
             if req.delivered:
                 return None
-            out = req.output(delta=True)
-            if req.finished:
-                req.delivered = True
-                if not self.streaming:
-                    return req.output()
-            return out
+            req.delivered = req.finished
+            return req.output(delta=self.streaming)  # not streaming: only the finished whole
 
     def __iter__(self):
         try:
@@ -270,11 +266,12 @@ class LLM:
             raise StepError(f"a tensor-parallel rank failed: {failure}", e.requests, True) from failure
 
     def _step(self) -> None:
+        """step() for the API's own loops: a dead rank surfaces as the RankFailure that names it."""
         try:
             self.step()
         except StepError as e:
             if isinstance(e.__cause__, RankFailure):
-                raise RankFailure(str(e)) from None
+                raise e.__cause__ from None
             raise
 
     def abort(self, request_id: int) -> None:

@@ -27,6 +27,10 @@ from maverick.runtime.sampling_params import SamplingParams
 from .metrics import ServerMetrics
 
 
+SHUTTING_DOWN = "the server is shutting down"
+ENDED_BY_SHUTDOWN = SHUTTING_DOWN + "; the request was ended before it finished"
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -104,14 +108,14 @@ class AsyncEngine:
     def drain(self, grace_s: float) -> None:
         """Refuse new requests now; end those still running after grace_s with a 'shutting down' error."""
         if self.draining is None:
-            self.draining = "the server is shutting down"
+            self.draining = SHUTTING_DOWN
             timer = threading.Timer(grace_s, lambda: self._cmds.put(("shutdown",)))
             timer.daemon = True
             timer.start()
 
     def stop(self) -> None:
         with self._count_lock:
-            self.draining = self.draining or "the server is shutting down"
+            self.draining = self.draining or SHUTTING_DOWN
         self._stop.set()
         self._cmds.put(("wake",))
         self._thread.join(timeout=30)
@@ -164,7 +168,7 @@ class AsyncEngine:
                 self.metrics.aborted.inc()
                 self._emit(cmd[1], req.output(delta=True))
         elif cmd[0] == "shutdown":  # the drain's grace is over
-            self._abort_all(Unavailable("the server is shutting down; the request was ended before it finished"))
+            self._abort_all(Unavailable(ENDED_BY_SHUTDOWN))
 
     def _abort_all(self, err: Exception) -> None:
         for rid in list(self._sinks):
@@ -180,12 +184,11 @@ class AsyncEngine:
             self._serve()
         except BaseException as e:  # a bug in the loop itself: fail loudly, never leave clients hanging
             self._die(f"the engine loop crashed: {type(e).__name__}: {e}")
-        err = Unavailable(self.failed and f"the engine failed: {self.failed}" or
-                          "the server is shutting down; the request was ended before it finished")
+        err = Unavailable(ENDED_BY_SHUTDOWN if self.failed is None else f"the engine failed: {self.failed}")
         if self.failed is None:  # shutting down: end whatever is still in flight
             self._abort_all(err)
         with self._count_lock:  # submit() puts only while available; both flags are set by now
-            self.draining = self.draining or "the server is shutting down"
+            self.draining = self.draining or SHUTTING_DOWN
         while True:  # requests queued behind the end get the same answer, not a hang
             try:
                 cmd = self._cmds.get_nowait()
