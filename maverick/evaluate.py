@@ -30,10 +30,8 @@ class Perplexity:
         return s if self.top1_agreement is None else s + f", top-1 agreement {100 * self.top1_agreement:.2f}%"
 
 
-def windows(ids: list[int], size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Non-overlapping windows of `size` tokens (the last one shorter), at most max_tokens tokens in all."""
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    """Non-overlapping windows of `size` tokens (the last one shorter, dropped below two tokens)."""
     return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 2]
 
 
