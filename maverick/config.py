@@ -273,7 +273,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192}),
-    # The bundled tiny default: every Maverick feature at toy size (see scripts/make_tiny_checkpoint.py).
+    # The bundled tiny default: every Maverick feature at toy size (see `python -m maverick.tiny_checkpoint --help`).
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
@@ -331,7 +331,7 @@ class BuildConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     # One sequence's prefill chunk replays a CUDA graph of the next token count up. Eager, a prefill is
-    # host-bound up to about 2K tokens: one-rank TP8 on H200 (1a06de2), eager -> graph: 16 tokens 40.5 ->
+    # host-bound up to about 2K tokens: one-rank TP8 on H200, eager -> graph: 16 tokens 40.5 ->
     # 3.8 ms, 128: 60.5 -> 12.7, 1024: 57.8 -> 32.8, 2048: 79.9 -> 54.9, but 4096: 111.4 -> 103.7, where
     # padding up to it would cost more than it saves. Sizes above max_num_tokens or max_seq_len are skipped.
     cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)

@@ -2,6 +2,11 @@
 
 One process per rank. With one rank every collective is the identity, so the model runs
 unchanged without torch.distributed. gloo on CPU, NCCL on GPU.
+
+The fused all-reduce lives here whole: the peer workspace (one buffer per call site, mapped into every
+rank), its lifetime (enable before capture, checks, unmapped at shutdown) and the one function layers call,
+all_reduce_add_rms_norm, with its fallback (NCCL + the add+norm kernel) where the workspace is off or the
+call is too large.
 """
 from __future__ import annotations
 
@@ -67,6 +72,15 @@ def shutdown(timeout_s: float = 30.0) -> None:
                 "rank %d: the tensor-parallel group did not shut down in %.0f s; left to process exit",
                 _STATE.rank, timeout_s)
     _STATE.rank, _STATE.world_size = 0, 1
+
+
+def enable_fused_all_reduce(model, device: torch.device, force: bool = False) -> bool:
+    """Peer buffers for the two all-reduce + add + RMSNorm sites of every layer of `model`, as many rows as the
+    kernel choice gives the fused path on this device (collective; before CUDA graph capture)."""
+    from maverick_plugins import dispatch
+
+    return enable_peer_all_reduce(2 * model.cfg.num_hidden_layers, dispatch.table(device).allreduce_max_tokens,
+                                  model.cfg.hidden_size, model.spec.dtype, device, force)
 
 
 def enable_peer_all_reduce(sites: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
@@ -164,3 +178,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def all_reduce_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                            site: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h)) with h = x + all_reduce(delta): one fused one-shot kernel over peer buffers when
+    they are mapped and the call is small (decode), else the all-reduce and the fused add+norm.
+    site: this call's place in the step (2 per layer); each site owns its peer buffer."""
+    from maverick_plugins import add_rms_norm, dispatch
+
+    ws = peer_workspace()
+    if ws is not None and dispatch.active(delta) and ws.fits(delta, site):
+        return ws.allreduce_add_rms_norm(x, delta, weight, eps, site)
+    return add_rms_norm(x, all_reduce(delta), weight, eps)

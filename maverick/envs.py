@@ -24,19 +24,18 @@ def rank_timeout_s() -> float:
 
 def fused_all_reduce() -> bool:
     """The fused one-shot all-reduce + add + RMSNorm over peer buffers at TP > 1 (MAVERICK_FUSED_ALLREDUCE=0:
-    NCCL + the add+norm kernel). On by default: real TP4 on 4xH200 (0bec99a), batch-1
-    step 4.631 -> 3.945 ms, batch 8 equal, fused vs NCCL logits 1.1e-7 in fp32; TP2 LLM with graphs on
-    2xH100. Where peers cannot be mapped it falls back to NCCL with a warning (benchmarks/HISTORY.md)."""
+    NCCL + the add+norm kernel). On by default: real TP4 on 4xH200, batch-1 step 4.631 -> 3.945 ms, batch 8
+    equal (benchmarks/TUNING.md). Where peers cannot be mapped it falls back to NCCL with a warning."""
     return os.environ.get("MAVERICK_FUSED_ALLREDUCE", "1") != "0"
 
 
-def pdl() -> str:
-    """MAVERICK_PDL=off|entry|late: programmatic dependent launch of the kernels on Hopper+ (default late:
-    the next kernel launches once every program of the current one passed its main loop; plugins/dispatch.py
-    has the measurements)."""
-    from maverick_plugins.dispatch import check_pdl_mode
-
-    return check_pdl_mode(os.environ.get("MAVERICK_PDL", "late"), "MAVERICK_PDL")
+def pdl() -> bool:
+    """MAVERICK_PDL=on|off: programmatic dependent launch of the kernels on Hopper and newer (default on; the
+    measurements are in benchmarks/TUNING.md). "late", the old name of on, is accepted."""
+    value = os.environ.get("MAVERICK_PDL", "on").strip().lower()
+    if value not in ("on", "late", "1", "off", "0"):
+        raise ValueError(f"MAVERICK_PDL={value!r}: expected 'on' or 'off'")
+    return value in ("on", "late", "1")
 
 
 def commit_override() -> str | None:

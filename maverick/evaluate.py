@@ -47,7 +47,7 @@ def score(logits, window: list[int]):
 
 def engine_logits(llm, batch: list[list[int]]):
     """The engine's fp32 logits at every position of each window (one forward; KV freed after)."""
-    from maverick.runtime.batch import StepSeq
+    from maverick.runtime.step import StepSeq
 
     runner = llm.engine.runner
     seqs = []

@@ -69,3 +69,23 @@ def make_tiny_checkpoint(output: str | Path, seed: int = 0, multimodal: bool = F
     assert len(tokenizer) <= text["vocab_size"], "tokenizer larger than the model vocabulary"
     (output / "maverick_tiny.json").write_text(json.dumps({"seed": seed, "overrides": overrides}, indent=1))
     return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m maverick.tiny_checkpoint",
+                                description="Write a tiny random Llama 4 checkpoint (HF format, offline tokenizer).")
+    p.add_argument("--output", default="tiny/checkpoint", help="directory to write (default: tiny/checkpoint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multimodal", action="store_true", help="Llama4ForConditionalGeneration layout")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--override", default="{}", help='JSON text-config overrides, e.g. \'{"use_qk_norm": true}\'')
+    a = p.parse_args(argv)
+    out = make_tiny_checkpoint(a.output, seed=a.seed, multimodal=a.multimodal, dtype=a.dtype,
+                               **json.loads(a.override))
+    print(f"tiny Llama 4 checkpoint written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,18 +31,18 @@ for part in $PARTS; do
            # the 4-GPU case fails (never skips) where it cannot run; leave it out on 2 GPUs
            only=(); [ "$GPUS" -lt 4 ] && only=(-k "not on_gpus[4]")
            run gpu_tests 330 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py $multi "${only[@]}" -p no:cacheprovider ;;
-    tune) run tune 300 python3 scripts/tune_kernels.py ;;
-    kernels) run kernels 150 python3 scripts/bench_kernels.py ;;
-    tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" scripts/check_tp_gpus.py
-          MAVERICK_HANG_DUMP_S=40 run llm_tp 120 python3 scripts/check_llm_tp.py --tp 2; fi ;;
-    chain) run chain 160 python3 scripts/bench_chain.py ;;
-    step) run step 100 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --json "$OUT/step.json"
-          run step_two_launch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --no-splitk-serial --json "$OUT/step_two_launch.json"
-          run step_prefetch 90 python3 scripts/bench.py --batches 1,8 --contexts 1024,8192 --pdl --pdl-prefetch --json "$OUT/step_prefetch.json" ;;
-    ttft) run ttft 120 python3 scripts/bench.py --batches "" --contexts "" --ttft 16,128,1024,2048 --json "$OUT/ttft.json" ;;
-    e2e) run e2e 200 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json"
-         run e2e_sync 200 python3 scripts/bench.py --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --no-overlap --json "$OUT/e2e_sync.json" ;;
-    engine) run engine 150 python3 scripts/profile_engine.py --concurrency 1,16,64 --no-profile ;;
+    tune) run tune 300 python3 -m maverick.bench tune ;;
+    kernels) run kernels 150 python3 -m maverick.bench kernels ;;
+    tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" -m maverick.bench.check_tp
+          MAVERICK_HANG_DUMP_S=40 run llm_tp 120 python3 -m maverick.bench.check_llm_tp --tp 2; fi ;;
+    chain) run chain 160 python3 -m maverick.bench chain ;;
+    step) run step 100 python3 -m maverick.bench step --batches 1,8 --contexts 1024,8192 --json "$OUT/step.json"
+          run step_two_launch 90 python3 -m maverick.bench step --batches 1,8 --contexts 1024,8192 --no-splitk-serial --json "$OUT/step_two_launch.json"
+          run step_no_pdl 90 python3 -m maverick.bench step --batches 1,8 --contexts 1024,8192 --pdl off --json "$OUT/step_no_pdl.json" ;;
+    ttft) run ttft 120 python3 -m maverick.bench step --batches "" --contexts "" --ttft 16,128,1024,2048 --json "$OUT/ttft.json" ;;
+    e2e) run e2e 200 python3 -m maverick.bench step --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json"
+         run e2e_sync 200 python3 -m maverick.bench step --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --no-overlap --json "$OUT/e2e_sync.json" ;;
+    engine) run engine 150 python3 -m maverick.bench profile-engine --concurrency 1,16,64 --no-profile ;;
     *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine)" >&2; exit 2 ;;
   esac
 done

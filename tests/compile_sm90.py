@@ -17,8 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import maverick  # noqa: E402,F401  (binds maverick_plugins)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the source tree
 
 _I32 = "i32"
 _ATTN_COMMON = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
@@ -31,6 +30,7 @@ _STRIDES = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 
 def kernels():
+    from maverick_plugins.dispatch import H200
     from maverick_plugins.kernels import (allreduce_norm, decode_attention, fp8_gemm, fp8_gemv, moe_gemv,
                                           prefill_attention, small_ops, step_start)
 
@@ -42,20 +42,20 @@ def kernels():
     for swap in (False, True):
         yield f"fp8_gemm serial split-K swap={swap}", fp8_gemm._fp8_gemm_kernel, gemm, {
             "ROW_SCALES": False, "SWIGLU": True, "SPLIT_K": 4, "SERIAL": True, "BLOCK_M": 16, "BLOCK_N": 64,
-            "BLOCK_K": 256, "SWAP_AB": swap, "PDL": swap, "PDL_PREFETCH": swap}, 4  # prefetch: one variant
+            "BLOCK_K": 256, "SWAP_AB": swap, "PDL": swap}, 4  # PDL: one variant
 
     gemv = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": "*bf16",
             "M": _I32, "N_OUT": _I32, "K": _I32, "stride_xm": _I32, "stride_wn": _I32, "stride_om": _I32}
-    for (n, k), (block_n, warps) in fp8_gemv.CONFIGS.items():  # every tuned shape (TP8, TP4), as it runs
+    for (n, k), (block_n, warps) in H200.gemv.items():  # every tuned shape (TP8, TP4), as it runs
         swiglu = (n, k) in ((4096, 5120), (2048, 5120), (8192, 5120))
         ka, kb = fp8_gemv.k_pieces(k)
         yield f"fp8_gemv {n}x{k}", fp8_gemv._fp8_gemv_kernel, gemv, {
             "ROW_SCALES": False, "SWIGLU": swiglu, "BLOCK_N": block_n, "KA": ka, "KB": kb, "DYNAMIC_X": False,
-            "PDL": 2}, warps
-    block_n, warps = fp8_gemv.config_for(25256, 5120, 1, False)  # the FP8 lm_head at TP8: per-token x scale
+            "PDL": True}, warps
+    block_n, warps = H200.gemv_config(25256, 5120, 1, False)  # the FP8 lm_head at TP8: per-token x scale
     yield "fp8_gemv lm_head dynamic", fp8_gemv._fp8_gemv_kernel, gemv, {
         "ROW_SCALES": True, "SWIGLU": False, "BLOCK_N": block_n, "KA": 4096, "KB": 1024, "DYNAMIC_X": True,
-        "PDL": 2}, warps
+        "PDL": True}, warps
 
     yield "step_start embedding_rows", step_start._embedding_rows_kernel, {
         "ids_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*bf16", "start": _I32, "rows": _I32, "H": _I32,
@@ -78,7 +78,7 @@ def kernels():
     for local, fp8 in ((True, True), (False, False)):
         yield f"decode_attention local={local} fp8={fp8}", decode_attention._decode_kernel, decode_sig, {
             **decode_meta, "NUM_SPLITS": 64, "LOCAL": local, "FP8": fp8, "USE_ROPE": local, "QK_NORM": local,
-            "TEMPERATURE": not local, "CACHE": local, "PDL": 2 if local else 0}, 4  # PDL 2: wait, late release
+            "TEMPERATURE": not local, "CACHE": local, "PDL": local}, 4
         yield f"decode_attention merge local={local}", decode_attention._merge_kernel, {
             "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32", "out_ptr": "*bf16", "qidx_ptr": "*i64",
             "qpos_ptr": "*i64", "ctx_ptr": "*i64", "Q": _I32, "NBT": _I32, "CHUNK": _I32,
@@ -87,9 +87,9 @@ def kernels():
             "MERGE_PARTS": 32, "LOCAL": local, "PDL": local}, 4
         if local:  # one (sequence, kv head), as batch 1 at TP8 launches it: 8 warps, 5 pipeline stages
             yield "decode_attention alone", decode_attention._decode_kernel, decode_sig, {
-                **decode_meta, "NUM_SPLITS": decode_attention.ALONE_SPLITS, "LOCAL": False, "FP8": True,
-                "USE_ROPE": False, "QK_NORM": False, "TEMPERATURE": True, "CACHE": True, "PDL": 2}, \
-                {"num_warps": decode_attention.ALONE_WARPS, "num_stages": decode_attention.ALONE_STAGES}
+                **decode_meta, "NUM_SPLITS": H200.attention.alone_splits, "LOCAL": False, "FP8": True,
+                "USE_ROPE": False, "QK_NORM": False, "TEMPERATURE": True, "CACHE": True, "PDL": True}, \
+                {"num_warps": H200.attention.alone_warps, "num_stages": H200.attention.alone_stages}
         yield f"prefill_attention local={local} fp8={fp8}", prefill_attention._prefill_kernel, {
             **_ATTN_COMMON, "out_ptr": "*bf16", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
             **{s: _I32 for s in _STRIDES + ["stride_ot", "stride_oh"]},
@@ -116,12 +116,12 @@ def kernels():
                 "stride_swn": _I32, "stride_h": _I32,
             }, {"HAS_SHARED": shared, "DYNAMIC_X": dynamic, "BLOCK_N": max(8, block_n),
                 "BLOCK_K": {0: 1024, 1: 256, 2: 128}[mode], "MODE": mode, "FROM_LOGITS": shared, "E_POW2": 128,
-                "PDL": 2 if shared else 0}, 8
+                "PDL": shared}, 8
     for pick in (True, False):
         yield f"router pick={pick}", small_ops._router_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "counter_ptr": "*i32", "ids_ptr": "*i64",
             "scores_ptr": "*bf16", "T": _I32, "E": _I32, "K": _I32, "stride_x": _I32,
-        }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 8192, "E_POW2": 128, "PRELOAD": True, "PICK": pick, "PDL": 2}, 4
+        }, {"TOP_K": 1, "BLOCK_E": 2, "BLOCK_K": 8192, "E_POW2": 128, "PRELOAD": True, "PICK": pick, "PDL": True}, 4
     for cache, fp8 in ((False, False), (True, False), (True, True)):
         yield f"qkv_post cache={cache} fp8={fp8}", small_ops._qkv_post_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "q_ptr": "*bf16",

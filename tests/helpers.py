@@ -8,7 +8,7 @@ import torch
 from maverick.builder.from_checkpoint import load_model_from_checkpoint
 from maverick.checkpoint import open_checkpoint
 from maverick.models import ModelSpec
-from maverick.runtime.batch import StepSeq
+from maverick.runtime.step import StepSeq
 from maverick.runtime.model_runner import ModelRunner
 from maverick.tiny_checkpoint import make_tiny_checkpoint
 

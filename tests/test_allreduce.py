@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import maverick  # noqa: F401  (binds maverick_plugins in spawned ranks, which import this module first)
 import maverick_plugins as ops
 
 GPU = torch.cuda.is_available()

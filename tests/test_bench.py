@@ -33,7 +33,7 @@ def test_prefill_packs_prompts_into_max_num_tokens_steps():
 def test_sweep_times_a_lone_prompt_from_its_prefill_graph(monkeypatch):
     """The sweep's prefill step is timed as the runtime runs it: a lone prompt up to the largest prefill graph
     from that graph (its padded size), other steps eagerly."""
-    from maverick import benchmark
+    from maverick.bench import step as benchmark
     from maverick.config import BuildConfig
 
     calls = []
@@ -65,12 +65,14 @@ def test_kv_blocks_cover_the_largest_plan():
 def test_bench_refuses_to_run_without_cuda(capsys):
     import torch
 
-    from maverick.benchmark import main
+    from maverick.bench.cli import bench_main
 
     if torch.cuda.is_available():
         pytest.skip("this checks the no-GPU error path")
-    assert main(["--batches", "1"]) == 2
+    assert bench_main(["step", "--batches", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert bench_main(["stepp"]) == 2 and "unknown subcommand 'stepp'" in capsys.readouterr().err
+    assert bench_main(["--help"]) == 0 and "chain" in capsys.readouterr().out
 
 
 def test_pareto_png(tmp_path):
@@ -88,19 +90,14 @@ def test_pareto_png(tmp_path):
     assert main([str(src), str(tmp_path / "q.png")]) == 2
 
 
-def test_chain_benchmark_smoke():
-    """scripts/bench_chain.py end to end at toy shapes on CPU (kernels in the interpreter): every mode
-    builds and runs the chain in its own process."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_chain_benchmark_smoke(capsys):
+    """maverick-bench chain end to end at toy shapes on CPU (kernels in the interpreter): every mode (PDL off
+    and on switched in one process, cuBLAS's reference off CUDA) builds and runs the chain."""
+    from maverick.bench.cli import bench_main
 
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_chain.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()  # ours, ours+pdl, cublas
-    assert len(lines) == 3 and all("'finite': True" in line for line in lines), out.stdout
+    assert bench_main(["chain", "--smoke"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()  # ours, ours+pdl, cublas
+    assert len(lines) == 3 and all("'finite': True" in line for line in lines), lines
 
 
 def test_inflight_run_through_the_engine_loop():

@@ -58,7 +58,7 @@ def test_preemption_under_kv_pressure_keeps_results(tiny_ckpt, engine_root):
     params = SamplingParams(max_tokens=40, **GREEDY)
     with LLM(eng, device="cpu") as llm:
         alone = [llm.generate(p, params).outputs[0].token_ids for p in prompts]
-        from maverick.runtime.block_allocator import BlockAllocator
+        from maverick.runtime.kv_cache import BlockAllocator
 
         kv = llm.kv_cache
         kv.global_pool = BlockAllocator(20)  # 160 tokens of global KV for 4 x 70 tokens
@@ -73,7 +73,7 @@ def test_guaranteed_no_evict_never_preempts(tiny_ckpt, engine_root):
     admitted only while all can run to max_tokens, so none is preempted and the results are the same."""
     from conftest import _build
 
-    from maverick.runtime.block_allocator import BlockAllocator
+    from maverick.runtime.kv_cache import BlockAllocator
 
     eng = _build(tiny_ckpt, engine_root / "small")
     prompts = [prompt_ids(30, seed=40 + i) for i in range(4)]

@@ -70,27 +70,42 @@ def test_grouped_moe_equals_reference():
     assert ((ops.moe_experts_grouped(*bf) - ops.moe_experts_ref(*bf)).norm() / ops.moe_experts_ref(*bf).norm()) < 1e-6
 
 
-@pytest.mark.parametrize("env,mode", [(None, 2), ("late", 2), ("entry", 1), ("off", 0)])
-def test_pdl_mode_comes_from_the_environment_late_by_default(env, mode, monkeypatch):
-    """Programmatic dependent launch: MAVERICK_PDL (default late) is requested at `import maverick` and
-    decided on first use; off where the GPU predates Hopper, and a typo is an error naming the choices."""
-    from maverick import envs
+@pytest.mark.parametrize("env,on", [(None, True), ("on", True), ("late", True), ("off", False), ("0", False)])
+def test_pdl_comes_from_the_environment_on_by_default(env, on, monkeypatch):
+    """Programmatic dependent launch: MAVERICK_PDL (default on) reaches the kernels through the runner's
+    KernelOptions, read at each launch (so one process can switch); off where the GPU predates Hopper, and a
+    typo is an error naming the choices."""
     from maverick_plugins import dispatch
+    from maverick_plugins.kernels.pdl import pdl_launch
 
-    monkeypatch.setattr(dispatch, "_pdl_mode", None)
-    monkeypatch.setattr(dispatch, "_pdl_request", dispatch._pdl_request)  # restored after the test
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    from maverick import envs
+
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     if env is None:
         monkeypatch.delenv("MAVERICK_PDL", raising=False)
     else:
         monkeypatch.setenv("MAVERICK_PDL", env)
-    dispatch.request_pdl(envs.pdl())
-    assert dispatch.pdl_mode() == mode and dispatch.PDL == mode and dispatch.pdl_mode_name() == (env or "late")
-    assert dispatch.PDL_LAUNCH == ({"launch_pdl": True} if mode else {})
-    monkeypatch.setattr(dispatch, "_pdl_mode", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # Ampere: no PDL
-    assert dispatch.pdl_mode() == 0
+    cuda = torch.device("cuda", 0)
+    with dispatch.use(dispatch.KernelOptions(pdl=envs.pdl())):
+        assert pdl_launch(cuda) == ({"PDL": True, "launch_pdl": True} if on else {"PDL": False})
+        assert pdl_launch(torch.device("cpu")) == {"PDL": False}
+        with dispatch.use(dispatch.KernelOptions(pdl=not on)):  # switched inside one process
+            assert pdl_launch(cuda)["PDL"] is (not on)
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (8, 0))  # Ampere: no PDL
+    assert pdl_launch(cuda) == {"PDL": False}
     monkeypatch.setenv("MAVERICK_PDL", "late2")
-    with pytest.raises(ValueError, match="MAVERICK_PDL='late2': expected one of"):
+    with pytest.raises(ValueError, match="MAVERICK_PDL='late2': expected 'on' or 'off'"):
         envs.pdl()
+
+
+def test_kernel_options_switch_the_reference_path_per_forward():
+    """KernelOptions(enabled=False) makes every op take its reference inside `use`, and only there."""
+    from maverick_plugins import dispatch
+
+    x = torch.zeros(2, 4, device="meta")
+    assert dispatch.options().enabled
+    with dispatch.use(dispatch.KernelOptions(enabled=False)):
+        assert not dispatch.options().enabled
+    assert dispatch.options() == dispatch.KernelOptions()
+    assert not dispatch.active(x)  # never a kernel off CUDA

@@ -33,28 +33,29 @@ def test_cuda_greedy_equals_cpu(tiny_engine):
 
 def _decode_logits(runner, prompts, tokens, kernels, eager_rows=None):
     """Prefill (reference path), then teacher-forced decode steps feeding `tokens` [steps][seq]."""
-    import maverick_plugins as ops
+    from maverick_plugins import dispatch
+
     from maverick.layers.forward_batch import ForwardBatch
-    from maverick.runtime.batch import StepSeq
+    from maverick.runtime.step import StepSeq
     from maverick.runtime.staging import to_device
 
-    ops.set_kernels_enabled(False)
+    runner.kernel_options = dispatch.KernelOptions(enabled=False)
     seqs = [StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(prompts)]
     runner.forward(seqs)
-    ops.set_kernels_enabled(kernels)
+    runner.kernel_options = dispatch.KernelOptions(enabled=kernels)
     out = []
     for step, toks in enumerate(tokens):
         cur = [len(p) + step for p in prompts]
         seqs = [StepSeq(i, [toks[i]], cur[i], runner.kv.grow(i, cur[i] + 1)) for i in range(len(prompts))]
         if eager_rows:  # eager, with exactly the padded shapes the graph of that size was captured with
-            with torch.inference_mode():
+            with torch.inference_mode(), dispatch.use(runner.kernel_options):
                 batch = ForwardBatch(**to_device(runner._padded(seqs, (eager_rows, 1)).tensors(), "cuda"))
                 out.append(runner.model(batch, runner.kv_caches)[:len(seqs)])
         else:
             out.append(runner.forward(seqs).clone())
     for i in range(len(prompts)):
         runner.kv.free(i)
-    ops.set_kernels_enabled(True)
+    runner.kernel_options = dispatch.KernelOptions()
     return torch.stack(out)
 
 
@@ -99,7 +100,7 @@ def test_prefill_cuda_graphs(kv):
     from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
     from maverick.layers.forward_batch import ForwardBatch
-    from maverick.runtime.batch import StepSeq
+    from maverick.runtime.step import StepSeq
     from maverick.runtime.model_runner import ModelRunner
     from maverick.runtime.staging import to_device
 
@@ -142,9 +143,9 @@ def test_graphed_sampler_equals_eager():
     from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
     from maverick.layers.sampler import sample
-    from maverick.runtime.batch import StepSeq
+    from maverick.runtime.step import StepSeq
     from maverick.runtime.model_runner import ModelRunner
-    from maverick.runtime.sampling_rows import SamplingRows
+    from maverick.layers.sampler import SamplingRows
 
     cfg = ModelConfig.preset("tiny")
     build = BuildConfig(max_seq_len=128, max_batch_size=4, kv_cache_block_size=16, quant=QuantConfig("FP8", None))
@@ -428,25 +429,28 @@ def test_qkv_attention_at_model_shapes_in_a_graph(fp8, local):
             assert int((got != want).sum()) <= B * D // 20, (c0, c1)
 
 
-@pytest.mark.parametrize("prefetch,pdl", [(False, 0), (True, 1), (True, 2)])
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("n,k,swiglu", [(896, 5120, False), (5120, 640, False), (4096, 5120, True), (5120, 2048, False),
                                         (2048, 5120, True), (5120, 1024, False)])
-def test_fp8_gemm_swap_ab_and_prefetch_on_gpu(n, k, swiglu, prefetch, pdl, monkeypatch):
+def test_fp8_gemm_swap_ab_on_gpu(n, k, swiglu, pdl):
     """Every tuned TP8 shape with its tuned swap-AB config (y^T = W x^T on wgmma) gives the result of
-    x W^T on mma.sync, eager and in a graph, with PDL (next kernel released at entry or after the main
-    loop) and the L2 weight prefetch too. Not bit for bit: Hopper's FP8 wgmma adds products with a
-    shorter mantissa than fp32 (measured 2e-4 relative at K=5120), far inside FP8's own ~1e-2."""
+    x W^T on mma.sync, eager and in a graph, with and without PDL. Not bit for bit: Hopper's FP8 wgmma adds
+    products with a shorter mantissa than fp32 (measured 2e-4 relative at K=5120), far inside FP8's ~1e-2."""
+    from maverick_plugins import dispatch
     from maverick_plugins.kernels import fp8_gemm
 
-    if prefetch:  # the kernels bind these at import; the wrapper reads the module's copies
-        monkeypatch.setattr(fp8_gemm, "PDL", pdl)
-        monkeypatch.setattr(fp8_gemm, "PDL_PREFETCH", True)
-        monkeypatch.setattr(fp8_gemm, "PDL_LAUNCH", {"launch_pdl": True})
+    with dispatch.use(dispatch.KernelOptions(pdl=pdl)):
+        _swap_ab_matches(fp8_gemm, n, k, swiglu)
+
+
+def _swap_ab_matches(fp8_gemm, n, k, swiglu):
+    from maverick_plugins import dispatch
+
     torch.manual_seed(4)
     w = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
     ws, xs = torch.tensor(1 / (32 * 72.0), device="cuda"), torch.tensor(8 / 448, device="cuda")
     x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
-    tuned = fp8_gemm.CONFIGS[(n, k)]
+    tuned = dispatch.H200.gemm[(n, k)]
     assert tuned[5], "the tuned config uses swap-AB"
     plain = (64, 256, tuned[2], 4, 3, False)
     base = fp8_gemm.fp8_gemm_small_m(x, w, ws, xs, torch.float32, swiglu=swiglu, config=plain)
@@ -470,7 +474,10 @@ def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
     against the reference (exact products, fp32 sums) within fp32 summation order, e4m3 subnormal rows
     included, eager and in a graph replay with a new input; two tokens as well."""
     import maverick_plugins as ops
-    from maverick_plugins.kernels.fp8_gemv import config_for, fp8_gemv
+    from maverick_plugins.dispatch import H200
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+
+    config_for = H200.gemv_config
 
     torch.manual_seed(6)
     w = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448)
@@ -489,7 +496,7 @@ def test_fp8_gemv_on_gpu(n, k, swiglu, rows):
     for m in (1, 2):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         check(fp8_gemv(x, w, ws, xs, torch.float32, swiglu=swiglu), x)
-        if config_for(n, k, m, swiglu):  # as dispatched (two tokens: CONFIGS_2)
+        if config_for(n, k, m, swiglu):  # as dispatched (two tokens: H200.gemv_2)
             check(fp8_gemv(x, w, ws, xs, torch.float32, swiglu=swiglu, config=config_for(n, k, m, swiglu)), x)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     g = torch.cuda.CUDAGraph()
@@ -653,28 +660,22 @@ def test_moe_tensor_core_passes_equal_the_cuda_core_ones_at_rank_shapes(mode, T,
     # to 128 products before the fp32 sum (as the swap-AB GEMM does). Pass 2 requantizes h to e4m3 (steps of
     # 6-12%): an h element within ~1e-4 of a rounding boundary lands one step away, about 0.2% of the 2048
     # h elements a token has, each moving every output by ~0.1 |h w| against a norm of sqrt(1024) |h w|:
-    # ~3e-3 per flipped element. Measured with wgmma 3.9e-3 (8 tokens, fe6017f), under 2e-3 with mma.sync
+    # ~3e-3 per flipped element. Measured with wgmma 3.9e-3 (8 tokens), under 2e-3 with mma.sync
     # (H200); a wrong expert, row or scale is off by O(1).
     assert ((run((cfg, cfg)) - base).norm() / base.norm()).item() < 1e-2
     split = cfg + (4,)  # pass 1 split 4 ways over H
     assert ((run((split, cfg)) - base).norm() / base.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("pdl", [1, 2])
-def test_programmatic_dependent_launch_keeps_the_tokens(tiny_engine, pdl, monkeypatch):
-    """Every kernel launched with PDL (the next kernel released at entry, or after the main loops) waits for
-    its predecessor before it reads: the tiny model's greedy tokens through CUDA graphs equal those
-    without PDL."""
-    import importlib
-
+def test_programmatic_dependent_launch_keeps_the_tokens(tiny_engine, monkeypatch):
+    """Every kernel launched with PDL waits for its predecessor before it reads: the tiny model's greedy tokens
+    through CUDA graphs with PDL (the default) equal those with MAVERICK_PDL=off, in one process."""
     prompts = [prompt_ids(30, seed=1), prompt_ids(12, seed=2)]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    monkeypatch.setenv("MAVERICK_PDL", "off")
     with LLM(tiny_engine, device="cuda") as llm:
         base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    for name in ("fp8_gemm", "moe_gemv", "decode_attention", "small_ops", "rms_norm"):
-        mod = importlib.import_module(f"maverick_plugins.kernels.{name}")  # wrappers read these at call time
-        monkeypatch.setattr(mod, "PDL", pdl)
-        monkeypatch.setattr(mod, "PDL_LAUNCH", {"launch_pdl": True})
+    monkeypatch.setenv("MAVERICK_PDL", "on")
     with LLM(tiny_engine, device="cuda") as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == base
 
@@ -684,10 +685,10 @@ def test_benchmark_runs_end_to_end_on_the_tiny_preset(tmp_path):
     the graph runner's internals broke the step benchmark once without any test noticing."""
     import json
 
-    from maverick.benchmark import main
+    from maverick.bench.cli import bench_main
 
     out = tmp_path / "r.json"
-    assert main(["--preset", "tiny", "--tp-size", "1", "--batches", "1,2", "--contexts", "64", "--ttft", "32",
+    assert bench_main(["step", "--preset", "tiny", "--tp-size", "1", "--batches", "1,2", "--contexts", "64", "--ttft", "32",
                  "--e2e", "16/8", "--concurrency", "1,2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert [row["batch"] for row in r["rows"]] == [1, 2] and all(row["step_ms"] > 0 for row in r["rows"])
@@ -698,6 +699,7 @@ def test_fused_router_at_maverick_shape_in_a_graph(T):
     """Router GEMV + top-1 in one launch (bf16, 128 experts x 5120) replayed in a CUDA graph with new inputs:
     the reference's experts wherever its best two logits differ, scores to bf16 rounding."""
     import maverick_plugins as ops
+    from maverick_plugins import dispatch
     from maverick_plugins.kernels.small_ops import router_triton
 
     torch.manual_seed(T)
@@ -714,9 +716,8 @@ def test_fused_router_at_maverick_shape_in_a_graph(T):
         logits = x @ w.t()
         top2 = logits.float().topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 0
-        ops.set_kernels_enabled(False)
-        ref_ids, ref_scores = ops.moe_router(x, w, 1)
-        ops.set_kernels_enabled(True)
+        with dispatch.use(dispatch.KernelOptions(enabled=False)):
+            ref_ids, ref_scores = ops.moe_router(x, w, 1)
         assert clear.any()
         assert torch.equal(ids[clear], ref_ids[clear])
         assert ((scores.float() - ref_scores.float()).abs() <= 1e-2).all()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import maverick_plugins as ops
+from maverick_plugins import dispatch
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -126,18 +127,39 @@ def test_fp8_gemv_dynamic_activations(m, k, block_n):
     assert rel(out, ops.fp8_linear_ref(x, w8, ws, None, torch.float32)) < TOL["fp8"]
 
 
-def test_fp8_gemv_config_for_follows_the_measurements():
-    """One token: every shape (tuned or default; K up to MAX_K); two tokens: only the measured winners, never
-    a SwiGLU shape; three or more: the split-K GEMM."""
-    from maverick_plugins.kernels import fp8_gemv
+def test_gemv_config_follows_the_measurements():
+    """One token: every shape (tuned or default; K up to GEMV_MAX_K); two tokens: only the measured winners,
+    never a SwiGLU shape; three or more: the split-K GEMM."""
+    from maverick_plugins import dispatch
 
-    assert fp8_gemv.config_for(896, 5120, 1, False) == fp8_gemv.CONFIGS[(896, 5120)]
-    assert fp8_gemv.config_for(200, 96, 1, True) == fp8_gemv.default_config(100, 96, True)
-    assert fp8_gemv.config_for(64, fp8_gemv.MAX_K + 1, 1, False) is None
-    assert fp8_gemv.config_for(896, 5120, 2, False) == fp8_gemv.CONFIGS_2[(896, 5120)]
-    assert fp8_gemv.config_for(4096, 5120, 2, True) is None
-    assert fp8_gemv.config_for(200, 96, 2, False) is None
-    assert fp8_gemv.config_for(896, 5120, 3, False) is None
+    t = dispatch.H200
+    assert t.gemv_config(896, 5120, 1, False) == t.gemv[(896, 5120)]
+    assert t.gemv_config(200, 96, 1, True) == dispatch.gemv_default(100, 96, True)
+    assert t.gemv_config(64, dispatch.GEMV_MAX_K + 1, 1, False) is None
+    assert t.gemv_config(896, 5120, 2, False) == t.gemv_2[(896, 5120)]
+    assert t.gemv_config(4096, 5120, 2, True) is None
+    assert t.gemv_config(200, 96, 2, False) is None
+    assert t.gemv_config(896, 5120, 3, False) is None
+
+
+def test_device_tables_cover_h100_h200_b200_and_pick_by_name(monkeypatch):
+    """One table a device family, chosen by the device's name; others take the default; MoE configs by tokens."""
+    from maverick_plugins import dispatch
+
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA B200"):
+        dispatch._table.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index, n=name: n)
+        assert dispatch.table(torch.device("cuda", 0)).name == name[:11]
+    dispatch._table.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA A100-SXM4-80GB")
+    assert dispatch.table(torch.device("cuda", 0)) is dispatch.DEFAULT
+    dispatch._table.cache_clear()
+    assert dispatch.table(torch.device("cpu")) is dispatch.DEFAULT
+    t = dispatch.H200
+    assert t.moe_config(1) == t.moe_config(2) == t.moe[2] and t.moe_config(3) == t.moe_config(16) == t.moe[16]
+    assert t.moe_config(64) == t.moe[16]  # beyond the table: its largest entry
+    assert t.attention.splits(1, 1, 1024, 132) == 256 and t.attention.splits(8, 1, 1024, 132) == 66
+    assert t.attention.splits(1, 1, 16, 132) == 16  # never more splits than table blocks
 
 
 def moe_tol(channel: bool) -> float:
@@ -488,9 +510,8 @@ def test_kv_write(fp8):
     slots = torch.tensor([0, 9, 31], device=DEV)
     s = torch.tensor(1 / 8, device=DEV)
     kv_write_triton(k, v, caches[0], caches[1], slots, s, s)
-    ops.set_kernels_enabled(False)
-    ops.kv_cache_write(k, v, caches[2], caches[3], slots, s, s)
-    ops.set_kernels_enabled(True)
+    with dispatch.use(dispatch.KernelOptions(enabled=False)):
+        ops.kv_cache_write(k, v, caches[2], caches[3], slots, s, s)
     assert torch.equal(caches[0].view(torch.uint8) if fp8 else caches[0], caches[2].view(torch.uint8) if fp8 else caches[2])
     assert torch.equal(caches[1].view(torch.uint8) if fp8 else caches[1], caches[3].view(torch.uint8) if fp8 else caches[3])
 

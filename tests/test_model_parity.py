@@ -6,7 +6,7 @@ from helpers import CONFIGS, full_logits, greedy, hf_model, make_ckpt, prompt_id
 from maverick.builder.from_checkpoint import load_model_from_checkpoint
 from maverick.checkpoint import open_checkpoint
 from maverick.models import ModelSpec
-from maverick.runtime.batch import StepSeq
+from maverick.runtime.step import StepSeq
 from maverick.runtime.model_runner import ModelRunner
 
 ATOL = 1e-4  # fp32 everywhere; measured max |diff| is about 2e-6

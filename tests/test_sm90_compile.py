@@ -29,10 +29,9 @@ def test_serial_split_k_gemm_builds_with_its_arrival_counter_and_no_spills():
     assert len(got) == 2, got
     for info in got.values():
         assert "acq_rel_add=0" not in info and "mma=0" not in info and "stack=0" in info, info
-    # the swap-AB variant is built with PDL and the L2 weight prefetch before the wait: both must be there
-    assert "prefetch=0" not in got["fp8_gemm serial split-K swap=True"], got
-    assert "griddepcontrol=0" not in got["fp8_gemm serial split-K swap=True"], got
-    assert "prefetch=0" in got["fp8_gemm serial split-K swap=False"], got
+    # the swap-AB variant is built with PDL (wait and release), the other without
+    assert "griddepcontrol=2" in got["fp8_gemm serial split-K swap=True"], got
+    assert "griddepcontrol=0" in got["fp8_gemm serial split-K swap=False"], got
 
 
 def test_attention_kernels_build_with_tensor_core_dots_and_no_spills():
@@ -63,10 +62,10 @@ def test_moe_router_and_qkv_post_kernels_build_in_every_variant():
 def test_gemv_builds_with_pdl_and_vector_weight_loads():
     """Every tuned one-token GEMV: waits for its predecessor and releases its successor (griddepcontrol, after
     the weight loads), streams FP8 weights in 16-byte loads, and uses CUDA cores only."""
-    from maverick_plugins.kernels.fp8_gemv import CONFIGS
+    from maverick_plugins.dispatch import H200
 
     got = _compile("fp8_gemv")
-    assert len(got) == len(CONFIGS) + 1, got  # and the FP8 lm_head (dynamic activations)
+    assert len(got) == len(H200.gemv) + 1, got  # and the FP8 lm_head (dynamic activations)
     for name, info in got.items():
         assert "griddepcontrol=2" in info and "byte_loads=0" in info and "mma=0" in info, (name, info)
 

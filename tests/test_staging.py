@@ -4,8 +4,8 @@ import torch
 
 from helpers import make_ckpt, prompt_ids, runner_for
 from maverick.layers.sampler import sample
-from maverick.runtime.batch import StepSeq
-from maverick.runtime.sampling_rows import SamplingRows
+from maverick.runtime.step import StepSeq
+from maverick.layers.sampler import SamplingRows
 from maverick.runtime.staging import Staged, to_device
 
 

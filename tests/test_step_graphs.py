@@ -5,7 +5,7 @@ import torch
 
 from helpers import prompt_ids, runner_for
 from maverick.config import BuildConfig
-from maverick.runtime.batch import StepSeq
+from maverick.runtime.step import StepSeq
 from maverick.runtime.cuda_graph import graph_parts, graph_shape
 
 DECODE, PREFILL = [1, 2, 4, 8], [16, 32, 64, 128]
@@ -94,7 +94,7 @@ def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
     step's order. Several chunks only up to PROMPT_REPLAY_TOKENS graph tokens together (else eager); one
     chunk up to the largest graph."""
     from maverick.runtime import cuda_graph
-    from maverick.runtime.sampling_rows import SamplingRows
+    from maverick.layers.sampler import SamplingRows
 
     assert (cuda_graph.MAX_PROMPT_REPLAYS, cuda_graph.PROMPT_REPLAY_TOKENS) == (4, 256)
     eager, split = runner_for(tiny_ckpt), runner_for(tiny_ckpt)

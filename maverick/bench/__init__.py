@@ -1,2 +1,2 @@
-"""Pieces of maverick-bench beyond the decode step: the concurrency sweep, the transformers peer
-baseline and the Pareto plot (maverick/benchmark.py is the command)."""
+"""Benchmarks and GPU checks: one module a subcommand of `maverick-bench` / `maverick-check` (cli.py), one
+timing utility (timing.py), the step measurements (measure.py) and the sweep, peer baseline and plot."""

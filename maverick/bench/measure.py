@@ -11,23 +11,10 @@ import torch
 
 from maverick.builder.memory_plan import kv_bytes_per_token
 from maverick.config import BuildConfig, ModelConfig
-from maverick.runtime.batch import StepSeq
+from maverick.runtime.step import StepSeq
 from maverick.runtime.model_runner import ModelRunner
 
-
-def median_ms(fn, iters: int = 30, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from .timing import median_ms
 
 
 def hbm_read_bandwidth(gib: float = 4.0) -> float:

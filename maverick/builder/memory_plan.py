@@ -55,7 +55,7 @@ def activation_bytes(cfg: ModelConfig, build: BuildConfig, tokens: int, rows: in
     ffn = 2 * max(cfg.intermediate_size_mlp // tp, cfg.intermediate_size // (tp // build.ep_size))
     per_token = act * (3 * cfg.hidden_size + qkv + cfg.local_heads(tp) * cfg.head_dim + 2 * ffn)
     if cfg.moe_layers:  # grouped expert GEMMs (many tokens): score-scaled copy, its FP8 copy, fp32 accumulator.
-        # Without these the plan counted 0.16 GB for the graphs where their pool measured 0.27 (H200, 4f3a061)
+        # Without these the plan counted 0.16 GB for the graphs where their pool measured 0.27 (H200)
         per_token += (act + 1 + 4) * cfg.hidden_size
     logits = rows * cfg.padded_vocab_size(tp) * 4 * 4  # gathered fp32 logits, probs, sort values, indices
     return tokens * per_token + logits

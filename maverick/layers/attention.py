@@ -45,7 +45,7 @@ class Llama4Attention(nn.Module):
         else:
             table, slots = batch.global_block_table, batch.global_slots
         # RoPE + QK-norm (RoPE layers) or the temperature scale of q (NoPE layers), attention over the paged
-        # cache, this step's k and v into it: at decode one kernel (plugins/qkv_attention.py)
+        # cache, this step's k and v into it: at decode one kernel (maverick_plugins/qkv_attention.py)
         o = ops.qkv_attention(self.qkv_proj(x), rope[0], rope[1], batch.positions, self.heads, self.kv_heads,
                               self.head_dim, self.use_rope, self.use_qk_norm, self.cfg.rms_norm_eps, temperature,
                               k_cache, v_cache, slots, self.k_scale, self.v_scale, table, batch.ctx_lens,

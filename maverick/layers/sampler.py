@@ -1,4 +1,6 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds; logprobs.
+"""Batched sampling, all of it: the step's parameters on the host (SamplingRows, one entry per logits row,
+broadcast to every rank) and on the device (SamplingTensors), greedy, temperature, top-k, top-p, min-p,
+per-request seeds, logprobs.
 
 Randomness is counter-based: the noise for (seed, step, token id) is a hash, so a request samples
 the same tokens whatever else shares its batch, and the whole sampler is capturable in a CUDA graph
@@ -7,7 +9,7 @@ renormalised softmax.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -33,6 +35,63 @@ def uniform_noise(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> tor
     return (h.double() + 0.5).div(2.0 ** 32).float()
 
 
+INT_FIELDS = ("top_k", "seeds", "offsets")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+
+
+@dataclass
+class SamplingRows:
+    """A step's sampling parameters on the host: one entry per sampled row, in the order of the logits."""
+
+    temperature: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
+    seeds: list[int]  # int64 bits of the unsigned 64-bit seed
+    offsets: list[int]  # tokens generated so far: the counter of the request's noise
+
+    @classmethod
+    def of(cls, requests, pending: int = 0) -> "SamplingRows":
+        """pending: tokens each request has sampled on the GPU that its output does not hold yet."""
+        ps = [r.params for r in requests]
+        return cls([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps],
+                   [_int64(r.seed) for r in requests], [len(r.output_token_ids) + pending for r in requests])
+
+    def __len__(self) -> int:
+        return len(self.temperature)
+
+    @property
+    def greedy(self) -> bool:
+        """Every row takes the argmax (temperature 0 or top_k 1): no sort, no noise needed."""
+        return all(t == 0 or k == 1 for t, k in zip(self.temperature, self.top_k))
+
+    def take(self, indices: list[int]) -> "SamplingRows":
+        """These rows, in this order (a step run as several graph replays samples each part's rows)."""
+        return SamplingRows(**{f.name: [getattr(self, f.name)[i] for i in indices] for f in fields(self)})
+
+    def padded(self, rows: int) -> "SamplingRows":
+        """Pad to `rows` with greedy rows (a CUDA graph's fixed batch; their tokens are dropped)."""
+        n = rows - len(self)
+        pad = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seeds=0, offsets=0)
+        return SamplingRows(**{f.name: getattr(self, f.name) + [pad[f.name]] * n for f in fields(self)})
+
+    def to_tensors(self, device: torch.device) -> "SamplingTensors":
+        """On the device, through pinned memory (no stream sync)."""
+        device = torch.device(device)
+
+        def put(name: str, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor(getattr(self, name), dtype=dtype)
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+        return SamplingTensors(**{k: put(k, torch.int64) for k in INT_FIELDS},
+                               **{k: put(k, torch.float32) for k in FLOAT_FIELDS})
+
+
+def _int64(seed: int) -> int:
+    """A 64-bit unsigned seed as the int64 of the same bits (the tensor's dtype)."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 @dataclass
 class SamplingTensors:
     temperature: torch.Tensor  # [N] fp32; 0 = greedy
@@ -41,6 +100,12 @@ class SamplingTensors:
     min_p: torch.Tensor  # [N] fp32
     seeds: torch.Tensor  # [N] int64
     offsets: torch.Tensor  # [N] int64: tokens generated so far (the counter)
+
+
+def sample_tokens(logits: torch.Tensor, t: SamplingTensors | None) -> torch.Tensor:
+    """Token ids [N]: sample(logits, t), or with t None (every row greedy) the argmax alone, which is what
+    sample() returns for greedy rows, without its sort and noise."""
+    return logits.argmax(dim=-1) if t is None else sample(logits, t)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

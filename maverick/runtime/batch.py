@@ -1,26 +1,14 @@
 """Turn one scheduled step (which tokens of which sequences) into the model's ForwardBatch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from maverick.layers.forward_batch import ForwardBatch
 
-from .kv_cache import SeqBlocks, cdiv
-
-
-@dataclass
-class StepSeq:
-    """One sequence's share of a step: new tokens starting at `start` (= tokens already cached)."""
-
-    seq_id: int
-    tokens: list[int]
-    start: int
-    blocks: SeqBlocks
-    num_logits: int = 1  # logits for the last n new tokens (n > 1: verifying draft tokens)
-    feed_row: int = -1  # >= 0: the last token is row feed_row of the previous step's samples (on the GPU)
+from .kv_cache import cdiv
+from .step import StepSeq
 
 
 def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, scratch_global: int,

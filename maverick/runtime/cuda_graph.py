@@ -21,9 +21,8 @@ import torch
 from tqdm import tqdm
 
 from maverick.layers.forward_batch import ForwardBatch
-from maverick.layers.sampler import SamplingTensors, sample
+from maverick.layers.sampler import FLOAT_FIELDS, INT_FIELDS, SamplingRows, SamplingTensors, sample, sample_tokens
 
-from .sampling_rows import FLOAT_FIELDS, INT_FIELDS, SamplingRows
 from .staging import Staged, take_fed_tokens
 
 
@@ -59,10 +58,9 @@ def graph_shape(token_counts: list[int], num_logits: list[int], batch_sizes: lis
 
 
 # Prompt chunks beside decode rows run as graph replays of their own when it pays. Each replay reads the
-# weights again; eager, such a step is 52-63 ms of launches. One-rank TP8 step on H200 (35793ad, 4 decode rows
-# at 1K; eager -> replays, ms): one 128-token chunk 93-98 -> 20; one of 1024 78 -> 43; 16+16+16+16 57 -> 19;
-# 128+128 53 -> 37; 128+128+128 57 -> 54; 512+512+512 59 -> 90; 1024+1024 63 -> 82. So one chunk always
-# (graphs go to 2048 tokens), several only up to PROMPT_REPLAY_TOKENS tokens of graphs together.
+# weights again; eager, such a step is 52-63 ms of launches. One-rank TP8 on H200, 4 decode rows at 1K: one
+# 128-token chunk 93-98 -> 20 ms, 128+128+128 57 -> 54, 512+512+512 59 -> 90 (benchmarks/TUNING.md has every
+# case). So one chunk always (graphs go to 2048 tokens), several only up to PROMPT_REPLAY_TOKENS together.
 MAX_PROMPT_REPLAYS, PROMPT_REPLAY_TOKENS = 4, 256
 
 
@@ -164,6 +162,6 @@ class StepGraphs:
         if rows is None:
             return g.logits[:n_rows], None
         if greedy:
-            return g.logits[:n_rows], g.logits[:n_rows].argmax(dim=-1)
+            return g.logits[:n_rows], sample_tokens(g.logits[:n_rows], None)
         g.sampler.replay()
         return g.logits[:n_rows], g.tokens[:n_rows]

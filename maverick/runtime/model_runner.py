@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import torch
+from maverick_plugins import dispatch
+from maverick_plugins.dispatch import KernelOptions
 
 from maverick import distributed as dist
+from maverick import envs
 from maverick.layers.forward_batch import ForwardBatch
-from maverick.layers.sampler import sample
+from maverick.layers.sampler import SamplingRows, sample_tokens
 from maverick.models import Llama4ForCausalLM
 
-from .batch import StepSeq, build_forward_batch, ring_blocks
+from .batch import build_forward_batch, ring_blocks
+from .step import StepSeq
 from .kv_cache import KVCacheManager, cdiv
-from .sampling_rows import SamplingRows
 from .staging import take_fed_tokens, to_device
 
 
 class ModelRunner:
     def __init__(self, model: Llama4ForCausalLM, max_seq_len: int, max_batch_size: int, block_size: int,
                  kv_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 num_global_blocks: int | None = None, num_local_blocks: int | None = None):
+                 num_global_blocks: int | None = None, num_local_blocks: int | None = None,
+                 kernel_options: KernelOptions | None = None):
         self.model, self.device = model, torch.device(device)
+        # how the kernels run in every forward and capture of this runner (A/B: assign another)
+        self.kernel_options = kernel_options or KernelOptions(pdl=envs.pdl())
         cfg = model.cfg
         self.block_size, self.chunk = block_size, cfg.attention_chunk_size
         self.max_seq_len = max_seq_len
@@ -51,7 +57,8 @@ class ModelRunner:
 
         shapes = [(b, 1) for b in batch_sizes] + [(1, t) for t in prefill_tokens if 1 < t <= self.max_seq_len]
         self.graphs = StepGraphs(self.model, self.kv_caches, shapes, self.device)
-        self.graphs.capture(lambda shape: self._padded([], shape), progress)
+        with dispatch.use(self.kernel_options):
+            self.graphs.capture(lambda shape: self._padded([], shape), progress)
 
     @torch.inference_mode()
     def warmup(self, max_num_tokens: int) -> None:
@@ -149,6 +156,14 @@ class ModelRunner:
         fed = any(s.feed_row >= 0 for s in seqs)
         if fed and feed is None:
             raise ValueError("a sequence's feed_row is set but no previous tokens were given (feed)")
+        with dispatch.use(self.kernel_options):
+            logits, tokens = self._run(seqs, rows, feed, fed)
+        dist.poll_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
+        return logits, tokens
+
+    def _run(self, seqs: list[StepSeq], rows: SamplingRows | None, feed: torch.Tensor | None,
+             fed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = sum(s.num_logits for s in seqs)
         shape = self._graphable(seqs)
         parts = None if shape is not None else self._graph_parts(seqs)
         if shape is not None:  # replay the captured graphs of the next shape up (decode, or one prompt chunk)
@@ -166,9 +181,8 @@ class ModelRunner:
                 take_fed_tokens(inputs["input_ids"], inputs.pop("feed_src"), feed)
             logits = self.model(ForwardBatch(**inputs), self.kv_caches)
             tokens = None
-            if rows is not None:  # greedy needs no sort and no noise: the argmax is what sample() returns
-                tokens = logits.argmax(dim=-1) if rows.greedy else sample(logits, rows.to_tensors(self.device))
-        dist.poll_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
+            if rows is not None:
+                tokens = sample_tokens(logits, None if rows.greedy else rows.to_tensors(self.device))
         return logits, tokens
 
 

@@ -13,21 +13,10 @@ Capacity policies (TensorRT-LLM's names):
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from .kv_cache import KVCacheManager
 from .request import Request, Status
-
-
-@dataclass
-class Scheduled:
-    request: Request
-    num_new: int  # tokens fed this step: all_token_ids[num_computed : num_computed + num_new]
-
-    @property
-    def completes(self) -> bool:
-        """True when this chunk reaches the last known token, so a new token is sampled."""
-        return self.request.num_computed + self.num_new == self.request.num_tokens
+from .step import Scheduled
 
 
 POLICIES = ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT")

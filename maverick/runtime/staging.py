@@ -2,7 +2,7 @@
 
 A decode step's inputs (ForwardBatch: 11 int64 tensors; sampling: 6 more) are a few hundred bytes.
 Copied one tensor at a time they cost about 5 us of host time each, and `torch.tensor(values,
-device=cuda)` even waits for the GPU (profiled on H200, scripts/profile_engine.py: 7 stream syncs per
+device=cuda)` even waits for the GPU (profiled on H200, `maverick-bench profile-engine`: 7 stream syncs per
 step, 1.1 ms of a 4.1 ms batch-1 step outside the graph). Here every tensor of one dtype is a view of
 one flat buffer: the host fills a pinned copy, one asynchronous copy moves it.
 """

@@ -19,7 +19,7 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     b = cfg.build
     b.check_device(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     model = load_rank_model(engine_dir, cfg, rank, device, progress=rank == 0)
-    enable_fused_all_reduce(model, device)
+    dist.enable_fused_all_reduce(model, device)
     global_blocks, local_blocks = b.kv_pool_blocks(cfg.model)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device, num_global_blocks=global_blocks,
@@ -30,15 +30,6 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
         runner.capture_cuda_graphs([s for s in b.cuda_graph_batch_sizes if s <= b.max_batch_size],
                                    b.graph_prefill_tokens(), progress=rank == 0)
     return runner
-
-
-def enable_fused_all_reduce(model, device: torch.device, force: bool = False) -> bool:
-    """Peer buffers for the one-shot all-reduce + add + RMSNorm of every layer (collective; before capture)."""
-    import maverick_plugins as ops
-
-    rows = ops.dispatch.THRESHOLDS["default"]["allreduce_max_tokens"]
-    return dist.enable_peer_all_reduce(2 * model.cfg.num_hidden_layers, rows, model.cfg.hidden_size,
-                                       model.spec.dtype, device, force)
 
 
 def join_group(rank: int, world: int, backend: str, init_method: str, timeout_s: float) -> None:

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Microbenchmarks of the min-latency kernels against cuBLAS (torch._scaled_mm), torch and a plain
+read of the same bytes, all in CUDA graphs on this card, weights rotated out of L2. Prints a table."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+
+import maverick_plugins as ops
+from maverick.bench.timing import graph_us
+from maverick_plugins.kernels.decode_attention import decode_attention
+from maverick_plugins.kernels.fp8_gemm import fp8_gemm_small_m
+from maverick_plugins.kernels.moe_gemv import moe_experts_gemv
+
+L2_BYTES = 60 << 20
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + pid, tl.sum(x.to(tl.int32), axis=0))
+
+
+def plain_read(nbytes):
+    """Reads of `nbytes` rotating over enough buffers that each read comes from HBM, not L2."""
+    xs = [torch.randint(0, 100, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(copies(nbytes))]
+    out = torch.empty(triton.cdiv(xs[0].numel(), 4096), dtype=torch.int32, device="cuda")
+    return [lambda x=x: _read_kernel[(out.numel(),)](x, out, x.numel(), BLOCK=4096) for x in xs]
+
+
+def copies(nbytes):
+    return max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
+
+
+def fp8_weight(n, k):
+    return (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def bench_gemm(name, n, k, m, rows, swiglu=False):
+    n = -(-n // 16) * 16  # cuBLAS FP8 needs multiples of 16 (lm_head 25256 -> 25264)
+    nbytes = n * k
+    ws = [fp8_weight(n, k) for _ in range(copies(nbytes))]
+    scale = torch.full((n,), 1e-3, device="cuda") if rows else torch.tensor(1e-3, device="cuda")
+    xs = torch.tensor(8 / 448, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    linear = ops.fp8_linear_swiglu if swiglu else ops.fp8_linear  # as the model dispatches (GEMV at one token)
+    ours = graph_us([lambda w=w: linear(x, w, scale, xs, torch.bfloat16) for w in ws])
+    x8 = torch.zeros(16, k, device="cuda", dtype=torch.float8_e4m3fn)  # cuBLAS needs M padded to 16
+    one = torch.tensor(1.0, device="cuda")
+    cublas = graph_us([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16) for w in ws])
+    read = graph_us(plain_read(nbytes))
+    return (name, m, nbytes / 1e6, ours, cublas, read)
+
+
+def bench_lm_head(n, k, m):
+    """lm_head_quant_algo FP8_PER_CHANNEL_PER_TOKEN (e4m3 rows, activations per token, through fp8_linear as
+    the model calls it) against the default BF16 lm_head (torch, cuBLAS) and a plain read of the FP8 bytes."""
+    ws = [fp8_weight(n, k) for _ in range(copies(n * k))]
+    scale = torch.full((n,), 1e-3, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ours = graph_us([lambda w=w: ops.fp8_linear(x, w, scale, None, torch.float32) for w in ws])
+    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(2 * n * k))]
+    bf16 = graph_us([lambda w=w: torch.nn.functional.linear(x, w).float() for w in wb])
+    return ("lm_head fp8 rows, per-token x (cuBLAS column: the BF16 lm_head)", m, n * k / 1e6, ours, bf16,
+            graph_us(plain_read(n * k)))
+
+
+def moe_case(h, i, e, m, n=8):
+    """One MoE FFN at batch m with n rotations: each routes to other experts and uses another shared-expert
+    copy, so no call finds its weights in L2. case.fused(j, config) runs rotation j through the fused pair."""
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(n=n, s=torch.tensor(1e-3, device="cuda"), xs=torch.tensor(8 / 448, device="cuda"))
+    c.gu = (torch.randn(e, 2 * i, h, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    c.dn = (torch.randn(e, h, i, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    c.x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    perm = torch.randperm(e, device="cuda")
+    c.ids = [perm.roll(m * j)[:m].view(m, 1) for j in range(n)]  # distinct experts across rotations
+    c.sc = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
+    c.shared = [(fp8_weight(2 * i, h), torch.full((2 * i,), 1e-3, device="cuda"), c.xs, fp8_weight(h, i), c.s, c.xs)
+                for _ in range(n)]
+    c.routed = lambda j: moe_experts_gemv(c.x, c.ids[j], c.sc, c.gu, c.dn, 0, c.s, c.xs, c.s, c.xs)
+    c.fused = lambda j, config=None: moe_experts_gemv(c.x, c.ids[j], c.sc, c.gu, c.dn, 0, c.s, c.xs, c.s, c.xs,
+                                                      shared=c.shared[j], config=config)
+    return c
+
+
+def bench_moe(h, i, e, m):
+    """The MoE FFN after the router at batch m: the fused kernel pair (selected experts + shared expert)
+    against the unfused path of the same math in the same run (routed kernel pair, then the shared expert's
+    two FP8 GEMMs and the add), against the routed pair alone and a plain read of the bytes."""
+    c = moe_case(h, i, e, m)
+    fused = graph_us([lambda j=j: c.fused(j) for j in range(c.n)])
+
+    def unfused(j):
+        sgu, sgs, sxs, sdn, sds, sdx = c.shared[j]
+        h13 = fp8_gemm_small_m(c.x, sgu, sgs, sxs, torch.bfloat16, swiglu=True)
+        return fp8_gemm_small_m(h13, sdn, sds, sdx, torch.bfloat16) + c.routed(j)
+
+    separate = graph_us([lambda j=j: unfused(j) for j in range(c.n)])
+    routed = graph_us([lambda j=j: c.routed(j) for j in range(c.n)])
+    routed_bytes = m * 3 * h * i  # m distinct experts per call
+    total = routed_bytes + 3 * h * i
+    return [("moe ffn fused: selected + shared expert, 2 launches", m, total / 1e6, fused, float("nan"),
+             graph_us(plain_read(total))),
+            ("moe ffn unfused: routed pair + shared fc13, fc2 + add", m, total / 1e6, separate, float("nan"),
+             graph_us(plain_read(total))),
+            ("routed experts alone (selected)", m, routed_bytes / 1e6, routed, float("nan"),
+             graph_us(plain_read(routed_bytes)))]
+
+
+def bench_router(h, e, m):
+    """The MoE router for m tokens: GEMV + top-1 + sigmoid in one launch against cuBLAS's bf16 GEMM plus the
+    top-k kernel (the path for many tokens), weights rotated out of L2."""
+    from maverick_plugins.kernels.small_ops import router_topk_triton, router_triton
+
+    nbytes = e * h * 2
+    ws = [torch.randn(e, h, device="cuda").to(torch.bfloat16) for _ in range(copies(nbytes))]
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    ours = graph_us([lambda w=w: router_triton(x, w, 1) for w in ws])
+    two = graph_us([lambda w=w: router_topk_triton(x @ w.t(), 1) for w in ws])
+    return ("router + top-1 (one launch; cuBLAS column: GEMM + top-k kernel)", m, nbytes / 1e6, ours, two,
+            graph_us(plain_read(nbytes)))
+
+
+def bench_step_start(rows, h, m, half=64):
+    """The step's first two kernels (embedding rows of this rank, RoPE cos / sin) against the torch ops they
+    replaced (the cuBLAS column); launch-bound at decode sizes, so the bytes are small."""
+    from maverick_plugins.kernels.step_start import embedding_rows_triton, rope_cos_sin_triton
+
+    weight = torch.randn(rows, h, device="cuda").to(torch.bfloat16)
+    ids = torch.randint(0, 8 * rows, (m,), device="cuda")
+    pos = torch.randint(0, 1 << 17, (m,), device="cuda")
+    inv = 1.0 / 500000 ** (torch.arange(0, 2 * half, 2, device="cuda").float() / (2 * half))
+    nbytes = m * h * 2
+    embed = ("embedding rows (cuBLAS column: the 8 torch ops)", m, nbytes / 1e6,
+             graph_us([lambda: embedding_rows_triton(ids, weight, rows)]),
+             graph_us([lambda: ops.embedding_rows_ref(ids, weight, rows)]), graph_us(plain_read(nbytes)))
+    rope = ("rope cos/sin (cuBLAS column: the 4 torch ops)", m, m * half * 8 / 1e6,
+            graph_us([lambda: rope_cos_sin_triton(pos, inv)]), graph_us([lambda: ops.rope_cos_sin_ref(pos, inv)]),
+            graph_us(plain_read(max(m * half * 8, 4096))))
+    return [embed, rope]
+
+
+def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
+    nb = -(-ctx // bs)
+    blocks = batch * nb
+    kc = torch.randn(blocks + 1, bs, kvh, d, device="cuda").to(torch.float8_e4m3fn)
+    vc = torch.randn(blocks + 1, bs, kvh, d, device="cuda").to(torch.float8_e4m3fn)
+    table = torch.arange(blocks, device="cuda").view(batch, nb)
+    q = torch.randn(batch, kvh * group, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kvh, d, device="cuda", dtype=torch.bfloat16)
+    ctx_t = torch.full((batch,), ctx - 1, device="cuda")
+    qi = torch.arange(batch, device="cuda").view(batch, 1)
+    qp = ctx_t.view(batch, 1).clone()
+    s = torch.tensor(0.05, device="cuda")
+    ours = graph_us([lambda: decode_attention(q, k, k, kc, vc, table, ctx_t, qi, qp, d ** -0.5, None, s, s,
+                                              num_splits=splits)])
+    nbytes = 2 * batch * ctx * kvh * d
+    return (f"attention fp8 ctx={ctx}", batch, nbytes / 1e6, ours, float("nan"), graph_us(plain_read(nbytes)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tp-size", type=int, default=8)
+    p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run")
+    a = p.parse_args(argv)
+    families = a.ops.split(",")
+    tp = a.tp_size
+    H, I, M_, E = 5120, 8192, 16384, 128
+    print(f"card={torch.cuda.get_device_name()} tp_size={tp} (per-rank Maverick shapes)")
+    rows = []
+    shapes = [("qkv", (40 + 16) * 128 // tp, H, True), ("o_proj", H, 40 * 128 // tp, False),
+              ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
+              ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
+              ("lm_head (static x scale)", 202048 // tp, H, False)]
+    for m in (1, 8):
+        for name, n, k, r in shapes if "gemm" in families else ():
+            rows.append(bench_gemm(name, n, k, m, r))
+        if "gemm" in families:
+            rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
+            rows.append(bench_lm_head(-(-202048 // tp // 16) * 16, H, m))
+        if "moe" in families:
+            rows.extend(bench_moe(H, I // tp, E, m))
+        if "router" in families:
+            rows.append(bench_router(H, E, m))
+        if "step_start" in families:
+            rows.extend(bench_step_start(202048 // tp, H, m))
+    for ctx in (1024, 8192, 131072) if "attention" in families else ():
+        for b in (1, 8):
+            rows.append(bench_attention(ctx, b))
+    print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m, mb, ours, cub, read in rows:
+        print(f"| {name} | {m} | {mb:.2f} | {ours:.1f} | {cub:.1f} | {read:.1f} | {mb * 1e3 / ours:.0f} | "
+              f"{read / ours:.0%} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
