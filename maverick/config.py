@@ -453,3 +453,102 @@ def torch_dtype(name: str):
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
+
+
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    """An EAGLE-3 draft head (NVIDIA's / the EAGLE authors' checkpoint format): one Llama decoder layer whose
+    attention reads concat(input_layernorm(embedding), hidden_norm(h)) [T, 2H], over the target's hidden
+    states at aux_layer_ids fused by `fc` (3 x target_hidden -> hidden), and an lm_head over draft_vocab_size
+    ids (draft id d is target id d + d2t[d])."""
+
+    hidden_size: int
+    target_hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's: the embedding is the target's
+    draft_vocab_size: int
+    aux_layer_ids: tuple[int, ...]
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+        if len(self.aux_layer_ids) != 3:
+            raise ConfigError(f"eagle_aux_hidden_state_layer_ids={list(self.aux_layer_ids)}: expected 3 layer ids")
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ConfigError(f"draft_vocab_size={self.draft_vocab_size}: expected 1..vocab_size={self.vocab_size}")
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @staticmethod
+    def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
+        """Where no checkpoint says: early, middle and late layers (1, L/2 - 1, L - 4)."""
+        return (1, num_layers // 2 - 1, num_layers - 4)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], target: "ModelConfig") -> "Eagle3Config":
+        """From an EAGLE-3 checkpoint's config.json, checked against the target model it drafts for."""
+        arch = hf.get("architectures") or []
+        if EAGLE3_ARCHITECTURE not in arch:
+            raise ConfigError(f"architectures={arch}: expected [{EAGLE3_ARCHITECTURE!r}] (an EAGLE-3 draft head)")
+        if hf.get("num_hidden_layers", 1) != 1:
+            raise ConfigError(f"num_hidden_layers={hf['num_hidden_layers']}: this engine supports one draft layer")
+
+        def need(key: str):
+            if hf.get(key) is None:
+                raise ConfigError(f"EAGLE-3 config.json: '{key}' is missing")
+            return hf[key]
+
+        hidden = need("hidden_size")
+        target_hidden = hf.get("target_hidden_size") or hidden
+        if target_hidden != target.hidden_size:
+            raise ConfigError(f"target_hidden_size={target_hidden}: the target model's hidden_size is "
+                              f"{target.hidden_size}")
+        heads = need("num_attention_heads")
+        ids = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        ids = tuple(int(i) for i in ids) if ids is not None else cls.default_aux_layer_ids(target.num_hidden_layers)
+        bad = [i for i in ids if not 0 <= i < target.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"eagle_aux_hidden_state_layer_ids={list(ids)}: {bad} out of range for a target of "
+                              f"{target.num_hidden_layers} layers")
+        vocab = need("vocab_size")
+        if vocab != target.vocab_size:
+            raise ConfigError(f"vocab_size={vocab}: the target model's vocab_size is {target.vocab_size}")
+        rope = hf.get("rope_scaling") or {}
+        scaling = None
+        if rope.get("rope_type", rope.get("type")) == "llama3":
+            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                                  float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act={hf['hidden_act']!r}: expected 'silu'")
+        return cls(hidden_size=hidden, target_hidden_size=target_hidden, intermediate_size=need("intermediate_size"),
+                   num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                   head_dim=hf.get("head_dim") or hidden // heads, vocab_size=vocab,
+                   draft_vocab_size=hf.get("draft_vocab_size") or vocab, aux_layer_ids=ids,
+                   rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                   rope_theta=float(hf.get("rope_theta", 500000.0)), rope_scaling=scaling)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["aux_layer_ids"] = list(self.aux_layer_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Eagle3Config":
+        d = dict(d)
+        _reject_unknown(d, {f.name for f in dataclasses.fields(cls)}, "speculative.draft")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["aux_layer_ids"] = tuple(d["aux_layer_ids"])
+        return cls(**d)

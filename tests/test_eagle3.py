@@ -1,0 +1,151 @@
+"""The EAGLE-3 draft head: NVIDIA's checkpoint format read and checked, and the draft layer's numerics
+against a dense reference built from transformers' Llama pieces (RoPE, RMSNorm), over a paged KV cache:
+a whole prompt in one step and token by token must give the same outputs."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from maverick.checkpoint.eagle3 import read_eagle3
+from maverick.checkpoint.errors import CheckpointError
+from maverick.config import Eagle3Config, ModelConfig
+from maverick.models.eagle3 import Eagle3Draft
+from maverick.runtime.batch import build_forward_batch
+from maverick.runtime.kv_cache import SeqBlocks
+from maverick.runtime.step import StepSeq
+
+TARGET = ModelConfig.preset("tiny")
+H, NQ, NKV, D, I = TARGET.hidden_size, 4, 2, 16, 48
+
+
+def eagle3_config(**over) -> dict:
+    cfg = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": H,
+           "intermediate_size": I, "num_attention_heads": NQ, "num_key_value_heads": NKV, "head_dim": D,
+           "num_hidden_layers": 1, "vocab_size": TARGET.vocab_size, "draft_vocab_size": TARGET.vocab_size // 2,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+           "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, TARGET.num_hidden_layers - 1]}}
+    cfg.update(over)
+    return cfg
+
+
+def write_eagle3(path, seed: int = 0, drop: str | None = None, reshape: str | None = None, **over):
+    """An EAGLE-3 checkpoint in NVIDIA's layout (HF names, config.json), random weights."""
+    c = eagle3_config(**over)
+    g = torch.Generator().manual_seed(seed)
+    vd, hid = c["draft_vocab_size"], c["hidden_size"]
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    m = "midlayer."
+    t = {"fc.weight": w(hid, 3 * H), m + "input_layernorm.weight": 1 + w(hid) / 4,
+         m + "hidden_norm.weight": 1 + w(hid) / 4, m + "post_attention_layernorm.weight": 1 + w(hid) / 4,
+         m + "self_attn.q_proj.weight": w(NQ * D, 2 * hid), m + "self_attn.k_proj.weight": w(NKV * D, 2 * hid),
+         m + "self_attn.v_proj.weight": w(NKV * D, 2 * hid), m + "self_attn.o_proj.weight": w(hid, NQ * D),
+         m + "mlp.gate_proj.weight": w(I, hid), m + "mlp.up_proj.weight": w(I, hid),
+         m + "mlp.down_proj.weight": w(hid, I), "norm.weight": 1 + w(hid) / 4, "lm_head.weight": w(vd, hid),
+         "d2t": torch.randint(0, TARGET.vocab_size - vd, (vd,), generator=g)}
+    if drop:
+        t.pop(drop)
+    if reshape:
+        t[reshape] = t[reshape][:-1].contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(c))
+    return path
+
+
+def test_nvidia_format_loads_into_the_draft(tmp_path):
+    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d"), TARGET, torch.float32)
+    assert cfg.aux_layer_ids == (0, 1, TARGET.num_hidden_layers - 1) and cfg.draft_vocab_size == TARGET.vocab_size // 2
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights, strict=True)
+    assert draft.midlayer.qkv_proj.shape == ((NQ + 2 * NKV) * D, 2 * H)
+    ids = draft.target_ids(torch.arange(cfg.draft_vocab_size))
+    assert (ids >= torch.arange(cfg.draft_vocab_size)).all() and (ids < TARGET.vocab_size).all()
+
+
+def test_default_aux_layers_are_nvidias_for_maverick():
+    assert Eagle3Config.default_aux_layer_ids(48) == (1, 23, 44)
+
+
+@pytest.mark.parametrize("case,match", [
+    ({"drop": "fc.weight"}, r"missing: \['fc.weight'\]"),
+    ({"drop": "d2t"}, "needs a 'd2t' tensor"),
+    ({"reshape": "midlayer.self_attn.k_proj.weight"}, rf"'midlayer.self_attn.k_proj.weight' has shape \[31, {2 * H}\], expected \[32, {2 * H}\]"),
+    ({"target_hidden_size": H * 2}, f"target_hidden_size={2 * H}: the target model's hidden_size is {H}"),
+    ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 99]}}, r"\[99\] out of range for a target of"),
+    ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2]}}, "expected 3 layer ids"),
+    ({"architectures": ["LlamaForCausalLM"]}, "expected \\['LlamaForCausalLMEagle3'\\]"),
+    ({"vocab_size": 7}, "vocab_size=7: the target model's vocab_size is"),
+    ({"num_hidden_layers": 2}, "num_hidden_layers=2: this engine supports one draft layer"),
+])
+def test_malformed_drafts_name_what_is_wrong(tmp_path, case, match):
+    with pytest.raises(CheckpointError, match=match):
+        read_eagle3(write_eagle3(tmp_path / "d", **case), TARGET, torch.float32)
+
+
+def _reference(draft: Eagle3Draft, embeds, h) -> torch.Tensor:
+    """The draft layer over a whole sequence, dense and causal, from transformers' Llama pieces."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    c, L = draft.cfg, draft.midlayer
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    hf = LlamaConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads, head_dim=c.head_dim,
+                     num_key_value_heads=c.num_key_value_heads, rope_parameters=rope, rms_norm_eps=c.rms_norm_eps,
+                     max_position_embeddings=1 << 16)
+
+    def norm(x, weight):
+        n = LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        n.weight.data.copy_(weight)
+        return n(x)
+
+    T = h.shape[0]
+    x = torch.cat([norm(embeds, L.input_layernorm.weight), norm(h, L.hidden_norm.weight)], -1)
+    q, k, v = (x @ L.qkv_proj.t()).split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                                          c.num_key_value_heads * c.head_dim], -1)
+    q = q.view(1, T, -1, c.head_dim).transpose(1, 2)
+    k = k.view(1, T, -1, c.head_dim).transpose(1, 2)
+    v = v.view(1, T, -1, c.head_dim).transpose(1, 2)
+    cos, sin = LlamaRotaryEmbedding(hf)(v, torch.arange(T)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    h = h + o.transpose(1, 2).reshape(T, -1) @ L.o_proj.t()
+    gate, up = (norm(h, L.post_attention_layernorm.weight) @ L.gate_up_proj.t()).chunk(2, -1)
+    return h + (torch.nn.functional.silu(gate) * up) @ L.down_proj.t()
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_draft_layer_matches_dense_reference_at_once_and_token_by_token(tmp_path, scaling):
+    over = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16}} if scaling else {}
+    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d", **over), TARGET, torch.float32)
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights)
+    T, bs = 21, 8
+    g = torch.Generator().manual_seed(3)
+    embeds, aux = torch.randn(T, H, generator=g), torch.randn(T, 3 * H, generator=g)
+    h = draft.fuse(aux)
+    ref = _reference(draft, embeds, h)
+    blocks = SeqBlocks(list(range(4)), list(range(4)))
+
+    def run(start: int, n: int, cache):
+        b = build_forward_batch([StepSeq(0, [0] * n, start, blocks, num_logits=n)], bs, 4096, 4 * bs, 4 * bs)
+        return draft(embeds[start:start + n], h[start:start + n], b, cache)
+
+    cache = [torch.zeros(draft.kv_cache_shape(4, bs)) for _ in range(2)]
+    with torch.no_grad():
+        whole = run(0, T, cache)
+        cache = [torch.zeros(draft.kv_cache_shape(4, bs)) for _ in range(2)]
+        split = torch.cat([run(0, 9, cache)] + [run(p, 1, cache) for p in range(9, T)])
+    assert (whole - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (split - ref).abs().max() < 1e-4 * ref.abs().max()
+    logits = draft.logits(whole)
+    assert logits.shape == (T, cfg.draft_vocab_size) and logits.dtype == torch.float32
