@@ -552,3 +552,41 @@ class Eagle3Config:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["aux_layer_ids"] = tuple(d["aux_layer_ids"])
         return cls(**d)
+
+
+DECODING_TYPES = ("Eagle",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """TensorRT-LLM's speculative_config: decoding_type Eagle (EAGLE-3, one model: draft and target in one
+    step), max_draft_len draft tokens a step, speculative_model_dir the draft checkpoint. In an engine the
+    draft's own config rides along (`draft`), its weights in draft.safetensors."""
+
+    max_draft_len: int
+    decoding_type: str = "Eagle"
+    speculative_model_dir: str | None = None
+    draft: Eagle3Config | None = None
+
+    def __post_init__(self) -> None:
+        if self.decoding_type not in DECODING_TYPES:
+            raise ConfigError(f"speculative_config.decoding_type={self.decoding_type!r}: expected one of "
+                              f"{list(DECODING_TYPES)}")
+        if not 1 <= self.max_draft_len <= 8:
+            raise ConfigError(f"speculative_config.max_draft_len={self.max_draft_len}: expected 1..8")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decoding_type": self.decoding_type, "max_draft_len": self.max_draft_len,
+                "speculative_model_dir": self.speculative_model_dir,
+                "draft": None if self.draft is None else self.draft.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "speculative_config") -> "SpeculativeConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+        d = dict(d)
+        _reject_unknown(d, {"decoding_type", "max_draft_len", "speculative_model_dir", "draft"}, where)
+        if "max_draft_len" not in d:
+            raise ConfigError(f"{where}: 'max_draft_len' is missing")
+        draft = d.pop("draft", None)
+        return cls(**d, draft=None if draft is None else Eagle3Config.from_dict(draft))

@@ -149,3 +149,51 @@ def test_draft_layer_matches_dense_reference_at_once_and_token_by_token(tmp_path
     assert (split - ref).abs().max() < 1e-4 * ref.abs().max()
     logits = draft.logits(whole)
     assert logits.shape == (T, cfg.draft_vocab_size) and logits.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def spec_engine(tiny_ckpt, tmp_path_factory):
+    """The tiny target with an EAGLE-3 head built in through the CLI (TensorRT-LLM's flag spellings)."""
+    from maverick.builder.cli import main
+
+    root = tmp_path_factory.mktemp("spec")
+    draft = write_eagle3(root / "draft")
+    out = root / "engine"
+    assert main(["--checkpoint", str(tiny_ckpt), "--output", str(out), "--speculative_model_dir", str(draft),
+                 "--max_draft_len", "3", "--no-progress"]) == 0
+    return out, draft
+
+
+def test_engine_carries_the_draft_and_loads_it(spec_engine):
+    from maverick.runtime.engine_loader import load_draft, open_engine
+
+    out, src = spec_engine
+    cfg = open_engine(out)  # every file's hash, draft.safetensors included
+    assert cfg.speculative.decoding_type == "Eagle" and cfg.speculative.max_draft_len == 3
+    assert cfg.speculative.speculative_model_dir == str(src) and "draft.safetensors" in cfg.files
+    draft = load_draft(out, cfg, torch.device("cpu"))
+    _, ref = read_eagle3(src, TARGET, torch.float32)
+    for name, t in draft.state_dict().items():
+        assert torch.equal(t, ref[name].to(t.dtype)), name
+
+
+def test_speculative_config_in_yaml_and_its_errors(tiny_ckpt, tmp_path, capsys):
+    from maverick.builder.cli import main
+    from maverick.runtime.engine_loader import open_engine
+
+    draft = write_eagle3(tmp_path / "draft")
+    yaml = tmp_path / "spec.yaml"
+    yaml.write_text(f"max_batch_size: 2\nspeculative_config:\n  decoding_type: Eagle\n  max_draft_len: 2\n"
+                    f"  speculative_model_dir: {draft}\n")
+    assert main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "e"), "--config", str(yaml),
+                 "--no-progress"]) == 0
+    assert open_engine(tmp_path / "e").speculative.max_draft_len == 2
+    bad = [(["--speculative-model", str(draft)], "'max_draft_len' is missing"),
+           (["--speculative-model", str(draft), "--max-draft-len", "9"], "max_draft_len=9: expected 1..8"),
+           (["--speculative-model", str(tmp_path), "--max-draft-len", "3"], "no config.json")]
+    for flags, message in bad:
+        assert main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "x"), "--no-progress", *flags]) == 2
+        assert message in capsys.readouterr().err
+    yaml.write_text("speculative_config:\n  max_draft_len: 2\n  draft_len: 3\n")
+    assert main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "y"), "--config", str(yaml)]) == 2
+    assert "unknown key(s) ['draft_len']" in capsys.readouterr().err

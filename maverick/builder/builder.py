@@ -1,6 +1,7 @@
 """checkpoint -> engine directory: map, fuse, (re)quantize, shard, write, hash."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,9 +13,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from maverick.checkpoint import CheckpointReader, open_checkpoint
-from maverick.config import BuildConfig, ConfigError
+from maverick.checkpoint.eagle3 import read_eagle3
+from maverick.config import BuildConfig, ConfigError, SpeculativeConfig, torch_dtype
 
-from .engine_format import CONFIG_FILE, PRODUCER, EngineConfig, EngineError, hash_files, is_engine_dir, rank_file
+from .engine_format import CONFIG_FILE, DRAFT_FILE, PRODUCER, EngineConfig, EngineError, hash_files, is_engine_dir, rank_file
 from .from_checkpoint import iter_rank_tensors
 from .shard import iter_entries
 from .spec import model_spec
@@ -35,22 +37,30 @@ def resolve_quant(reader: CheckpointReader, build: BuildConfig) -> BuildConfig:
 
 
 def build_engine(checkpoint: str | Path, output: str | Path, build: BuildConfig, progress: bool = True,
-                 overwrite: bool = False) -> EngineConfig:
+                 overwrite: bool = False, speculative: SpeculativeConfig | None = None) -> EngineConfig:
     """Write an engine for `build` (tp_size ranks) from a Hugging Face or ModelOpt checkpoint.
 
     The engine is written into a temporary sibling of `output` and swapped into place once complete, so a
     build killed at any moment leaves no directory that loads and keeps the engine that was there.
-    overwrite: replace an existing engine at `output` (never a directory that is not one)."""
+    overwrite: replace an existing engine at `output` (never a directory that is not one).
+    speculative: an EAGLE-3 draft (speculative_model_dir) to write beside the target, checked against it."""
     reader = open_checkpoint(checkpoint)
     build = resolve_quant(reader, build).for_model(reader.config)
     build.validate_for(reader.config)
+    draft = None
+    if speculative is not None:
+        if not speculative.speculative_model_dir:
+            raise ConfigError("speculative_config: speculative_model_dir (--speculative-model) is required")
+        dcfg, draft = read_eagle3(speculative.speculative_model_dir, reader.config, torch_dtype(build.dtype))
+        speculative = dataclasses.replace(speculative, draft=dcfg,
+                                          speculative_model_dir=str(Path(speculative.speculative_model_dir)))
     out = Path(output).absolute()
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
-        cfg = _write(reader, build, tmp, progress)
+        cfg = _write(reader, build, tmp, progress, speculative, draft)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the new engine's temporary, or the old engine once swapped out
@@ -115,7 +125,8 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _write(reader: CheckpointReader, build: BuildConfig, out: Path, progress: bool) -> EngineConfig:
+def _write(reader: CheckpointReader, build: BuildConfig, out: Path, progress: bool,
+           speculative: SpeculativeConfig | None = None, draft: dict | None = None) -> EngineConfig:
     entries = sum(1 for _ in iter_entries(reader.config))
     bar = tqdm(total=entries * build.tp_size, desc="build engine", unit="tensor", disable=not progress)
     for r in range(build.tp_size):
@@ -128,11 +139,14 @@ def _write(reader: CheckpointReader, build: BuildConfig, out: Path, progress: bo
         save_file(tensors, out / rank_file(r), metadata={"producer": f"{PRODUCER} rank {r}"})
         del tensors
     bar.close()
+    if draft is not None:
+        save_file({k: t.contiguous() for k, t in draft.items()}, out / DRAFT_FILE,
+                  metadata={"producer": f"{PRODUCER} EAGLE-3 draft"})
     for name in TOKENIZER_FILES:
         if (reader.path / name).exists():
             shutil.copy(reader.path / name, out / name)
     paths = [p for p in sorted(out.iterdir()) if p.name != CONFIG_FILE]
     files = {p.name: digest for p, digest in hash_files(paths).items()}
-    cfg = EngineConfig(reader.config, build, None, files)
+    cfg = EngineConfig(reader.config, build, speculative, files)
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
     return cfg

@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=["fp8"], help="dry-run only: plan an FP8 KV cache")
     p.add_argument("--lm-head-quant-algo", choices=["FP8_PER_CHANNEL_PER_TOKEN"],
                    help="quantize lm_head's rows to FP8 here (activations per token): half its bytes, FP8 logits")
+    p.add_argument("--speculative-model", "--speculative_model_dir", "--speculative_model", dest="speculative_model",
+                   help="EAGLE-3 draft checkpoint (NVIDIA's LlamaForCausalLMEagle3 format) to build in beside the target")
+    p.add_argument("--max-draft-len", "--max_draft_len", dest="max_draft_len", type=int,
+                   help="draft tokens a step (speculative_config.max_draft_len)")
+    p.add_argument("--decoding-type", "--decoding_type", dest="decoding_type", choices=["Eagle"],
+                   help="speculative_config.decoding_type (Eagle: EAGLE-3, draft and target in one step)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan; read no weights")
     p.add_argument("--gpu-memory-gb", type=float, help="with --dry-run: say whether the plan fits this GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine at --output")
@@ -59,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from .memory_plan import format_plan, plan
-    from .yaml_config import build_config_from
+    from .yaml_config import build_config_from, speculative_config_from
 
     try:
         overrides = dict(tp_size=a.tp_size, ep_size=a.ep_size, dtype=a.dtype, max_batch_size=a.max_batch_size,
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides["tp_size"] is None and a.checkpoint:  # quantize.py --tp_size records it with the checkpoint
             overrides["tp_size"] = recorded_tp_size(Path(a.checkpoint), a.config)
         build = build_config_from(a.config, overrides)
+        speculative = speculative_config_from(a.config, a.speculative_model, a.max_draft_len, a.decoding_type)
         if a.dry_run:
             cfg = ModelConfig.preset(a.preset) if a.preset else ModelConfig.from_pretrained(a.checkpoint)
             if a.checkpoint and build.quant.algo is None:  # plan what the checkpoint's format implies
@@ -90,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
                               "checkpoint (run quantize.py to make an FP8 checkpoint)")
         from .builder import build_engine
 
-        cfg = build_engine(a.checkpoint, a.output, build, progress=not a.no_progress, overwrite=a.overwrite)
+        cfg = build_engine(a.checkpoint, a.output, build, progress=not a.no_progress, overwrite=a.overwrite,
+                           speculative=speculative)
         print(f"engine written to {a.output}: tp_size={cfg.build.tp_size} dtype={cfg.build.dtype} "
               f"quant={cfg.build.quant.algo or 'none'} kv_cache={cfg.build.quant.kv_cache_algo or cfg.build.dtype} "
-              f"lm_head={cfg.build.lm_head_quant_algo or cfg.build.dtype}")
+              f"lm_head={cfg.build.lm_head_quant_algo or cfg.build.dtype}"
+              + (f" speculative=EAGLE-3 max_draft_len={cfg.speculative.max_draft_len}" if cfg.speculative else ""))
         return 0
     except (ConfigError, CheckpointError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maverick.config import BuildConfig, ConfigError, ModelConfig
+from maverick.config import BuildConfig, ConfigError, ModelConfig, SpeculativeConfig
 
 FORMAT_VERSION = 2
 PRODUCER = "maverick"
@@ -35,12 +35,13 @@ class EngineError(ValueError):
 class EngineConfig:
     model: ModelConfig
     build: BuildConfig
-    speculative: dict[str, Any] | None
+    speculative: SpeculativeConfig | None
     files: dict[str, str]  # file name -> sha256
 
     def to_dict(self) -> dict[str, Any]:
         body = {"format_version": FORMAT_VERSION, "producer": PRODUCER, "model": self.model.to_dict(),
-                "build": self.build.to_dict(), "speculative": self.speculative, "files": self.files}
+                "build": self.build.to_dict(),
+                "speculative": None if self.speculative is None else self.speculative.to_dict(), "files": self.files}
         return {**body, "config_sha256": config_checksum(body)}
 
 
@@ -56,6 +57,9 @@ def is_engine_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(raw, dict) and raw.get("producer") == PRODUCER and "format_version" in raw
+
+
+DRAFT_FILE = "draft.safetensors"  # the EAGLE-3 head, replicated on every rank
 
 
 def rank_file(rank: int) -> str:
@@ -121,8 +125,12 @@ def read_engine_config(engine_dir: str | Path) -> EngineConfig:
         raise EngineError(f"{path}: config_sha256 does not match the config's contents: the file was edited or "
                           "corrupted after the build; rebuild the engine (build_engine.py)")
     try:
-        return EngineConfig(ModelConfig.from_dict(raw["model"]), BuildConfig.from_dict(raw["build"]),
-                            raw.get("speculative"), dict(raw["files"]))
+        spec = raw.get("speculative")
+        spec = None if spec is None else SpeculativeConfig.from_dict(spec, "speculative")
+        if spec is not None and (spec.draft is None or DRAFT_FILE not in raw["files"]):
+            raise ConfigError(f"speculative: an engine's draft needs its config ('draft') and {DRAFT_FILE}")
+        return EngineConfig(ModelConfig.from_dict(raw["model"]), BuildConfig.from_dict(raw["build"]), spec,
+                            dict(raw["files"]))
     except (ConfigError, KeyError, TypeError) as e:
         raise EngineError(f"{path}: invalid engine config ({e})") from None
 

@@ -7,10 +7,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from maverick.builder.engine_format import (SAFETENSORS_DTYPE, EngineConfig, EngineError, check_tensors,
-                                          rank_file, read_engine_config, verify_files)
+from maverick.builder.engine_format import (DRAFT_FILE, SAFETENSORS_DTYPE, EngineConfig, EngineError,
+                                          check_tensors, rank_file, read_engine_config, verify_files)
 from maverick.builder.spec import model_spec
+from maverick.config import torch_dtype
 from maverick.models import Llama4ForCausalLM
+from maverick.models.eagle3 import Eagle3Draft
 
 
 def open_engine(engine_dir: str | Path, tp_size: int | None = None, verify: bool = True) -> EngineConfig:
@@ -37,3 +39,18 @@ def load_rank_model(engine_dir: str | Path, cfg: EngineConfig, rank: int, device
             tensors[name] = f.get_tensor(name)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def load_draft(engine_dir: str | Path, cfg: EngineConfig, device: torch.device) -> Eagle3Draft | None:
+    """The engine's EAGLE-3 draft (the same on every rank), or None without speculative_config."""
+    if cfg.speculative is None:
+        return None
+    path = Path(engine_dir) / DRAFT_FILE
+    with torch.device("meta"):
+        draft = Eagle3Draft(cfg.speculative.draft, torch_dtype(cfg.build.dtype))
+    expected = {n: (tuple(t.shape), SAFETENSORS_DTYPE[str(t.dtype)]) for n, t in draft.state_dict().items()}
+    check_tensors(path, expected)
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    draft.load_state_dict(tensors, strict=True, assign=True)
+    return draft.to(device).eval()
