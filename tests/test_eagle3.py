@@ -197,3 +197,73 @@ def test_speculative_config_in_yaml_and_its_errors(tiny_ckpt, tmp_path, capsys):
     yaml.write_text("speculative_config:\n  max_draft_len: 2\n  draft_len: 3\n")
     assert main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "y"), "--config", str(yaml)]) == 2
     assert "unknown key(s) ['draft_len']" in capsys.readouterr().err
+
+
+def _greedy(runner, prompt: list[int], n: int, seq_id: int = 0) -> list[int]:
+    """Plain greedy decoding, one token a step."""
+    toks = list(prompt)
+    logits = runner.forward([StepSeq(seq_id, toks, 0, runner.kv.grow(seq_id, len(toks)))])
+    toks.append(int(logits[-1].argmax()))
+    while len(toks) - len(prompt) < n:
+        p = len(toks) - 1
+        logits = runner.forward([StepSeq(seq_id, [toks[-1]], p, runner.kv.grow(seq_id, p + 1))])
+        toks.append(int(logits[-1].argmax()))
+    runner.kv.free(seq_id)
+    return toks[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def spec_parts(tiny_ckpt, tmp_path_factory):
+    from helpers import prompt_ids, runner_for
+
+    cfg, weights = read_eagle3(write_eagle3(tmp_path_factory.mktemp("d") / "d"), TARGET, torch.float32)
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights)
+    prompts = [prompt_ids(5, seed=1), prompt_ids(29, seed=2), prompt_ids(12, seed=3)]  # 29 + 40 crosses chunks of 32
+    base_runner = runner_for(tiny_ckpt, max_seq_len=128)
+    base = [_greedy(base_runner, p, 40) for p in prompts]
+    return tiny_ckpt, draft, prompts, base
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculation_with_a_random_draft_equals_plain_decoding(spec_parts, k):
+    """A random draft is rejected almost always: every round still yields the target's own token."""
+    from helpers import runner_for
+
+    from maverick.runtime.spec_decode import Eagle3Speculator
+
+    ckpt, draft, prompts, base = spec_parts
+    runner = runner_for(ckpt, max_seq_len=128)
+    out, stats = Eagle3Speculator(runner, draft, k).generate(prompts, 40)
+    assert out == base
+    assert stats.rounds > 0 and stats.proposed > 0 and runner.kv.all_free
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_speculation_accepts_right_drafts_and_rolls_back_wrong_ones(spec_parts, k):
+    """Proposals taken from the known continuation, with every third one wrong: accepted runs, rejections
+    mid-window and bonus tokens, across chunk boundaries (chunk 32): still exactly plain decoding, and the
+    acceptance the proposals imply."""
+    from helpers import runner_for
+
+    from maverick.runtime.spec_decode import Eagle3Speculator
+
+    ckpt, draft, prompts, base = spec_parts
+    runner = runner_for(ckpt, max_seq_len=128)
+    spec = Eagle3Speculator(runner, draft, k)
+    calls = [0]
+
+    def oracle(seqs, lengths):
+        out = []
+        for s, n in zip(seqs, lengths):
+            i = prompts.index(s.tokens[:s.prompt_len])
+            truth = base[i][s.generated:s.generated + n]
+            calls[0] += 1
+            out.append([t if (calls[0] + j) % 3 else (t + 1) % TARGET.vocab_size for j, t in enumerate(truth)])
+        return out
+
+    spec.propose = oracle
+    out, stats = spec.generate(prompts, 40)
+    assert out == base
+    assert 0 < stats.accepted < stats.proposed and stats.acceptance_length > 1.3
+    assert runner.kv.all_free

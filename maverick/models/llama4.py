@@ -73,12 +73,24 @@ class Llama4ForCausalLM(nn.Module):
         """Per-layer K (and V) pool shape; one extra scratch block at the end."""
         return (num_blocks + 1, block_size, self.layers[0].self_attn.kv_heads, self.cfg.head_dim)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list) -> torch.Tensor:
-        """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached)."""
+    def forward(self, batch: ForwardBatch, kv_caches: list, aux_layers: tuple[int, ...] = ()):
+        """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached). With
+        aux_layers (an EAGLE-3 draft's features): also the residual stream after each of those layers, for
+        every token, concatenated [T, len(aux_layers) * hidden]."""
         x = self.embed_tokens(batch.input_ids)
         rope = self.rotary_emb(batch.positions)
         normed = self.layers[0].input_layernorm(x)
         norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        aux = []
         for layer, kv, next_norm in zip(self.layers, kv_caches, norms):
             x, normed = layer(x, normed, batch, rope, kv, next_norm)
-        return self.lm_head(normed[batch.logits_indices])
+            if layer.layer_id in aux_layers:
+                aux.append(x)
+        logits = self.lm_head(normed[batch.logits_indices])
+        if not aux_layers:
+            return logits
+        return logits, torch.cat([aux[sorted(aux_layers).index(i)] for i in aux_layers], dim=-1)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding (an EAGLE-3 draft reads the target's)."""
+        return self.embed_tokens(input_ids)
