@@ -267,3 +267,48 @@ def test_greedy_speculation_accepts_right_drafts_and_rolls_back_wrong_ones(spec_
     assert out == base
     assert 0 < stats.accepted < stats.proposed and stats.acceptance_length > 1.3
     assert runner.kv.all_free
+
+
+# chi-square critical values at p = 0.001 by degrees of freedom
+CHI2_0001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def test_sampled_speculation_keeps_the_target_distribution():
+    """The rejection rule for a deterministic draft: over many seeds, the first token of a round follows the
+    target's filtered distribution p0 whatever the draft proposed, and the next one, given the first was
+    the accepted draft token, follows p1 (chi-square, 8-token vocabulary, top-k 6 and temperature 1.3)."""
+    from maverick.layers.sampler import SamplingTensors, sampling_probs
+    from maverick.runtime.spec_decode import Eagle3Speculator
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, generator=g) * 1.5
+    draft = [int(logits[0].argsort()[-2]), int(logits[1].argsort()[-3])]  # plausible but not the favourites
+    params = (1.3, 6, 1.0, 0.0)
+    t = SamplingTensors(torch.full((3,), 1.3), torch.full((3,), 6), torch.ones(3), torch.zeros(3),
+                        torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    p = sampling_probs(logits, t).double()
+    first, second = torch.zeros(8), torch.zeros(8)
+    n = 20000
+    for seed in range(n):
+        _, new = Eagle3Speculator._accept(draft, logits, params, torch.Generator().manual_seed(seed))
+        first[new[0]] += 1
+        if new[0] == draft[0]:
+            second[new[1]] += 1
+    for counts, probs in ((first, p[0]), (second, p[1])):
+        keep = probs > 0
+        assert counts[~keep].sum() == 0  # never a token the filters drop
+        expected = probs[keep] / probs[keep].sum() * counts.sum()
+        stat = float(((counts[keep] - expected) ** 2 / expected).sum())
+        assert stat < CHI2_0001[int(keep.sum()) - 1], (stat, counts, expected)
+
+
+def test_sampled_speculation_runs_end_to_end_reproducibly(spec_parts):
+    from helpers import runner_for
+
+    from maverick.runtime.spec_decode import Eagle3Speculator
+
+    ckpt, draft, prompts, _ = spec_parts
+    runs = [Eagle3Speculator(runner_for(ckpt, max_seq_len=128), draft, 3).generate(prompts, 20, temperature=0.8,
+                                                                                  top_k=20, seed=7)[0]
+            for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(o) == 20 for o in runs[0])

@@ -108,10 +108,10 @@ def sample_tokens(logits: torch.Tensor, t: SamplingTensors | None) -> torch.Tens
     return logits.argmax(dim=-1) if t is None else sample(logits, t)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Token ids [N] from fp32 logits [N, vocab]."""
+def filtered(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """The temperature-scaled logits [N, vocab] and the tokens top-k, top-p and min-p keep (the most likely
+    always): sampling draws from softmax(scaled) renormalized over `keep`."""
     N, V = logits.shape
-    greedy_ids = logits.argmax(dim=-1)
     temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
     scaled = logits / temp[:, None]
     probs = torch.softmax(scaled, dim=-1)
@@ -122,7 +122,20 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     keep_sorted &= (sorted_probs.cumsum(dim=-1) - sorted_probs) < t.top_p[:, None]  # mass before < top_p
     keep_sorted &= sorted_probs >= t.min_p[:, None] * sorted_probs[:, :1]
     keep_sorted[:, 0] = True  # the most likely token always survives
-    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return scaled, torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def sampling_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """The distribution sample() draws from, [N, vocab] fp32 (speculative decoding's acceptance needs it)."""
+    scaled, keep = filtered(logits, t)
+    return torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Token ids [N] from fp32 logits [N, vocab]."""
+    V = logits.shape[1]
+    greedy_ids = logits.argmax(dim=-1)
+    scaled, keep = filtered(logits, t)
     gumbel = -torch.log(-torch.log(uniform_noise(t.seeds, t.offsets, V)))
     sampled = torch.where(keep, scaled + gumbel, torch.full_like(scaled, float("-inf"))).argmax(dim=-1)
     return torch.where((t.temperature == 0) | (t.top_k == 1), greedy_ids, sampled)

@@ -1,4 +1,4 @@
-"""EAGLE-3 speculative decoding, greedy: draft K tokens as a linear chain, verify them in one target step.
+"""EAGLE-3 speculative decoding: draft K tokens as a linear chain, verify them in one target step.
 
 A round for each sequence (committed tokens c[0..L-1]; the target's cache holds positions 0..L-2):
 1. Draft extend: the draft runs over the positions whose target features it has not seen yet (the prompt
@@ -8,7 +8,10 @@ A round for each sequence (committed tokens c[0..L-1]; the target's cache holds 
 3. Verify: the target runs c[L-1], d1..dK (K+1 positions, logits and EAGLE-3 features for each). d(i+1) is
    accepted while it equals the target's argmax after d(i); the target's argmax after the last accepted one
    is a bonus token. Every output token is the target's own greedy choice, so the output is exactly
-   decoding without a draft.
+   decoding without a draft. Sampling (temperature > 0) uses the rejection rule for a deterministic draft:
+   d(i+1) is accepted with probability p_i(d(i+1)) under the target's filtered distribution p_i; on a
+   rejection the token is drawn from p_i without d(i+1), renormalized; after K acceptances the bonus token
+   from p_K. Each output token is then distributed exactly as the target's sampler would draw it.
 4. Roll back: the cache of rejected positions is simply written over later (the sequence's length decides
    what is read). A chunked (local) layer's ring slot of a rejected position held the position one chunk
    earlier, so the verify window never crosses a chunk boundary (K shrinks at the chunk's end): every
@@ -25,6 +28,7 @@ import torch
 from maverick_plugins import dispatch
 
 from maverick.layers.forward_batch import ForwardBatch
+from maverick.layers.sampler import SamplingTensors, sampling_probs
 from maverick.models.eagle3 import Eagle3Draft
 
 from .batch import build_forward_batch
@@ -131,12 +135,38 @@ class Eagle3Speculator:
                 out[active[j]].append(t)
         return out
 
+    @staticmethod
+    def _accept(draft: list[int], logits: torch.Tensor, params: tuple, gen: torch.Generator) -> tuple[int, list[int]]:
+        """(accepted draft tokens a, the tokens this round adds: draft[:a] and one from the target) for logits
+        rows [len(draft) + 1, vocab], row i being the target's after draft[:i]."""
+        temperature, top_k, top_p, min_p = params
+        if temperature == 0 or top_k == 1:
+            ys = logits.argmax(dim=-1).tolist()
+            a = next((i for i, (x, y) in enumerate(zip(draft, ys)) if x != y), len(draft))
+            return a, draft[:a] + [ys[a]]
+        n = logits.shape[0]
+        t = SamplingTensors(*(torch.full((n,), v, dtype=dt, device=logits.device) for v, dt in (
+            (temperature, torch.float32), (top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32),
+            (0, torch.int64), (0, torch.int64))))
+        probs = sampling_probs(logits, t).double().cpu()
+        for i, d in enumerate(draft):
+            if torch.rand((), generator=gen, dtype=torch.float64) < probs[i, d]:
+                continue
+            rest = probs[i].clone()
+            rest[d] = 0.0
+            return i, draft[:i] + [int(torch.multinomial(rest / rest.sum(), 1, generator=gen))]
+        return len(draft), draft + [int(torch.multinomial(probs[-1], 1, generator=gen))]
+
     # --- the loop ------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], SpecStats]:
-        """Greedy continuations of `prompts` (max_new_tokens each, no stop tokens), and acceptance statistics."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, seed: int = 0) -> tuple[list[list[int]], SpecStats]:
+        """Continuations of `prompts` (max_new_tokens each, no stop tokens): greedy at temperature 0, else
+        sampled with these filters (sequence i seeded with seed + i); and acceptance statistics."""
         r, kv, chunk = self.runner, self.runner.kv, self.runner.chunk
         seqs = [_Seq(-1000 - i, list(p), len(p)) for i, p in enumerate(prompts)]
+        params = (temperature, top_k, top_p, min_p)
+        gens = {s.seq_id: torch.Generator().manual_seed(seed + i) for i, s in enumerate(seqs)}
         try:
             for s in seqs:  # prefill: the prompt's cache, its first token and its features for the draft
                 if len(s.tokens) + max_new_tokens + self.k > r.max_seq_len:
@@ -144,7 +174,7 @@ class Eagle3Speculator:
                                      f"exceeds max_seq_len={r.max_seq_len}")
                 step = StepSeq(s.seq_id, s.tokens, 0, kv.grow(s.seq_id, len(s.tokens)))
                 logits, feats = self._target([step])
-                s.tokens.append(int(logits[-1].argmax()))
+                s.tokens.append(self._accept([], logits[-1:], params, gens[s.seq_id])[1][0])
                 s.features = feats
             live = list(seqs)
             while live:
@@ -157,13 +187,11 @@ class Eagle3Speculator:
                 steps = [StepSeq(s.seq_id, [s.tokens[-1], *d], len(s.tokens) - 1, kv.seqs[s.seq_id],
                                  num_logits=1 + len(d)) for s, d in zip(live, proposals)]
                 logits, feats = self._target(steps)
-                greedy = logits.argmax(dim=-1).tolist()
                 at = 0
                 for s, d in zip(live, proposals):
-                    ys = greedy[at:at + 1 + len(d)]
-                    a = next((i for i, (x, y) in enumerate(zip(d, ys)) if x != y), len(d))
+                    a, new = self._accept(d, logits[at:at + 1 + len(d)], params, gens[s.seq_id])
                     start = len(s.tokens) - 1
-                    s.tokens += d[:a] + [ys[a]]
+                    s.tokens += new
                     s.pending_start, s.features = start, feats[at:at + a + 1]
                     s.proposals, s.accepted, s.rounds = s.proposals + len(d), s.accepted + a, s.rounds + 1
                     at += 1 + len(d)
