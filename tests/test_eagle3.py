@@ -312,3 +312,28 @@ def test_sampled_speculation_runs_end_to_end_reproducibly(spec_parts):
                                                                                   top_k=20, seed=7)[0]
             for _ in range(2)]
     assert runs[0] == runs[1] and all(len(o) == 20 for o in runs[0])
+
+
+@pytest.mark.gpu
+def test_greedy_speculation_equals_plain_decoding_on_gpu(spec_parts):
+    """Through the GPU kernels (decode attention for the draft and the verify window, FP32 tiny model):
+    the same tokens as plain greedy decoding on the same GPU."""
+    import copy
+
+    from helpers import load_model_from_checkpoint, open_checkpoint
+
+    from maverick.models.llama4 import ModelSpec
+    from maverick.runtime.model_runner import ModelRunner
+    from maverick.runtime.spec_decode import Eagle3Speculator
+
+    ckpt, draft, prompts, _ = spec_parts
+
+    def runner():
+        model = load_model_from_checkpoint(open_checkpoint(ckpt), ModelSpec(dtype=torch.float32)).to("cuda")
+        return ModelRunner(model, max_seq_len=128, max_batch_size=4, block_size=16, device="cuda")
+
+    base = [_greedy(runner(), p, 40) for p in prompts]
+    gpu_draft = copy.deepcopy(draft).to("cuda")
+    for k in (1, 3):
+        out, _ = Eagle3Speculator(runner(), gpu_draft, k).generate(prompts, 40)
+        assert out == base
