@@ -493,7 +493,10 @@ class Eagle3Config:
 
     @staticmethod
     def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-        """Where no checkpoint says: early, middle and late layers (1, L/2 - 1, L - 4)."""
+        """Where no checkpoint says: early, middle and late layers, (1, L/2 - 1, L - 4) as NVIDIA's Maverick head
+        ((1, 23, 44)); models under 8 layers (0, L/2, L - 1)."""
+        if num_layers < 8:
+            return (0, num_layers // 2, num_layers - 1)
         return (1, num_layers // 2 - 1, num_layers - 4)
 
     @classmethod
