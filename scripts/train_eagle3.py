@@ -1,7 +1,7 @@
 """Train an EAGLE-3 draft head for the bundled small model, and measure its acceptance through the engine.
 
     python scripts/train_eagle3.py train --out out/eagle3 --steps 3000     # one GPU, a few minutes
-    python scripts/train_eagle3.py eval --draft maverick/data/shakespeare-eagle3 --device cpu
+    python scripts/train_eagle3.py eval --draft maverick/data/shakespeare_eagle3 --device cpu
 
 `train` distils from the model itself: prompts are windows of its calibration passages (no held-out text),
 the model samples continuations of them (temperature 1), and the head learns, from the model's features
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval")
-    e.add_argument("--draft", default=str(ROOT / "maverick" / "data" / "shakespeare-eagle3"))
+    e.add_argument("--draft", default=str(ROOT / "maverick" / "data" / "shakespeare_eagle3"))
     e.add_argument("--device", default="cpu")
     e.add_argument("--prompts", type=int, default=16)
     e.add_argument("--prompt", type=int, default=64)

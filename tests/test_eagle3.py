@@ -337,3 +337,31 @@ def test_greedy_speculation_equals_plain_decoding_on_gpu(spec_parts):
     for k in (1, 3):
         out, _ = Eagle3Speculator(runner(), gpu_draft, k).generate(prompts, 40)
         assert out == base
+
+
+def test_shipped_head_of_the_bundled_model_is_accepted_on_held_out_text():
+    """The EAGLE-3 head trained for the bundled Shakespeare model (scripts/train_eagle3.py): NVIDIA's format
+    loads against it, and on held-out prompts (the test plays) greedy K=3 yields well over one token a step
+    (measured 2.39 over 16 prompts; a random head gives 1.00)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from maverick.builder.from_checkpoint import load_model_from_checkpoint
+    from maverick.checkpoint import open_checkpoint
+    from maverick.models import ModelSpec
+    from maverick.runtime.model_runner import ModelRunner
+    from maverick.runtime.spec_decode import Eagle3Speculator
+
+    data = Path(__file__).resolve().parent.parent / "maverick" / "data"
+    reader = open_checkpoint(data / "shakespeare")
+    cfg, weights = read_eagle3(data / "shakespeare_eagle3", reader.config, torch.float32)
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights)
+    tok = AutoTokenizer.from_pretrained(data / "shakespeare")
+    test = tok((data / "shakespeare" / "test.txt").read_text()[:40000], add_special_tokens=False)["input_ids"]
+    prompts = [test[i * 2000:i * 2000 + 64] for i in range(4)]
+    runner = ModelRunner(load_model_from_checkpoint(reader, ModelSpec(dtype=torch.float32)), max_seq_len=160,
+                         max_batch_size=4, block_size=16)
+    _, stats = Eagle3Speculator(runner, draft, 3).generate(prompts, 48)
+    assert stats.acceptance_length > 1.6, stats
