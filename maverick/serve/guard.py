@@ -26,6 +26,9 @@ async def respond(send, status: int, body: bytes, headers: list[tuple[bytes, byt
     await send({"type": "http.response.body", "body": body})
 
 
+DISCARD_FACTOR = 4  # a refused body up to this many times the limit is read off the socket before the 413
+
+
 class Guard:
     def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float, open_paths=("/health",)):
         self.app = app
@@ -43,9 +46,11 @@ class Guard:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await self._discard(receive, 0)
             return await self._too_large(send)
         body, status = await self._read(receive)
         if status == 413:
+            await self._discard(receive, self.max_body)
             return await self._too_large(send)
         if status == 408:
             return await respond(send, 408, error_body(408, f"the request body did not arrive within "
@@ -86,6 +91,20 @@ class Guard:
             parts.append(chunk)
             if not msg.get("more_body", False):
                 return b"".join(parts), 200
+
+    async def _discard(self, receive, seen: int) -> None:
+        """Read and drop the rest of a refused body (at most DISCARD_FACTOR times the limit, within the body
+        deadline) before answering: closing a connection with unread bytes in its buffer makes the kernel reset
+        it, and the client loses the 413 it was being sent."""
+        deadline = time.monotonic() + self.body_timeout
+        while seen <= DISCARD_FACTOR * self.max_body:
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return
+            if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+                return
+            seen += len(msg.get("body", b""))
 
     async def _too_large(self, send) -> None:
         await respond(send, 413, error_body(413, f"request body larger than the server's limit of {self.max_body} "
