@@ -81,15 +81,15 @@ class Llama4ForCausalLM(nn.Module):
         rope = self.rotary_emb(batch.positions)
         normed = self.layers[0].input_layernorm(x)
         norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        aux = []
+        aux = {}
         for layer, kv, next_norm in zip(self.layers, kv_caches, norms):
             x, normed = layer(x, normed, batch, rope, kv, next_norm)
             if layer.layer_id in aux_layers:
-                aux.append(x)
+                aux[layer.layer_id] = x
         logits = self.lm_head(normed[batch.logits_indices])
         if not aux_layers:
             return logits
-        return logits, torch.cat([aux[sorted(aux_layers).index(i)] for i in aux_layers], dim=-1)
+        return logits, torch.cat([aux[i] for i in aux_layers], dim=-1)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embedding (an EAGLE-3 draft reads the target's)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import random
 from typing import Callable
 
@@ -243,7 +242,7 @@ class EngineCore:
             self._retire(r)
 
 
-@dataclass
+@dataclasses.dataclass
 class Launched:
     """A step whose GPU work is queued but whose sampled tokens the host has not read yet. The overlap
     scheduler (EngineCore, on by default like TensorRT-LLM's) queues step n+1 before it reads step n's

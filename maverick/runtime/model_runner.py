@@ -12,9 +12,9 @@ from maverick.layers.sampler import SamplingRows, sample_tokens
 from maverick.models import Llama4ForCausalLM
 
 from .batch import build_forward_batch, ring_blocks
-from .step import StepSeq
 from .kv_cache import KVCacheManager, cdiv
 from .staging import take_fed_tokens, to_device
+from .step import StepSeq
 
 
 class ModelRunner:
