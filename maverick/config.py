@@ -32,6 +32,17 @@ class RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    @classmethod
+    def from_hf(cls, rope: dict[str, Any]) -> "RopeScaling | None":
+        """A config.json's rope_parameters / rope_scaling: llama3 scaling, or None for plain RoPE."""
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "llama3":
+            return cls(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                       int(rope["original_max_position_embeddings"]))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"rope_parameters.rope_type={rope_type!r}: expected 'default' or 'llama3'")
+        return None
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -214,14 +225,7 @@ class ModelConfig:
 
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         theta = rope.get("rope_theta", t.get("rope_theta", 500000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
-                                  float(rope["high_freq_factor"]),
-                                  int(rope["original_max_position_embeddings"]))
-        elif rope_type not in ("default", None):
-            raise ConfigError(f"rope_parameters.rope_type={rope_type!r}: expected 'default' or 'llama3'")
+        scaling = RopeScaling.from_hf(rope)
         if t.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act={t['hidden_act']!r}: expected 'silu'")
         if t.get("attention_bias", False):
@@ -528,11 +532,7 @@ class Eagle3Config:
         vocab = need("vocab_size")
         if vocab != target.vocab_size:
             raise ConfigError(f"vocab_size={vocab}: the target model's vocab_size is {target.vocab_size}")
-        rope = hf.get("rope_scaling") or {}
-        scaling = None
-        if rope.get("rope_type", rope.get("type")) == "llama3":
-            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
-                                  float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        scaling = RopeScaling.from_hf(hf.get("rope_scaling") or {})
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act={hf['hidden_act']!r}: expected 'silu'")
         return cls(hidden_size=hidden, target_hidden_size=target_hidden, intermediate_size=need("intermediate_size"),

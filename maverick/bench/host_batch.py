@@ -5,7 +5,6 @@ Usage: maverick-bench host-batch"""
 import platform
 import sys
 import time
-from pathlib import Path
 
 
 from maverick.bench.timing import git_commit

@@ -3,7 +3,6 @@
 read of the same bytes, all in CUDA graphs on this card, weights rotated out of L2. Prints a table."""
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import triton

@@ -4,7 +4,6 @@ layers run it, and the KV pool a set of runs needs. All timing: CUDA events, med
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 import torch

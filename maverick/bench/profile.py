@@ -4,7 +4,6 @@ from torch.profiler over eager steps: where the step's time goes, summed by kern
 import argparse
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import dataclasses
@@ -123,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: maverick-bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    import maverick_plugins as ops
     from maverick import distributed, envs
     from maverick.bench.sweep import HEADER, SweepPoint, parse_workloads, prefill_ms
 

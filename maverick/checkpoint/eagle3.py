@@ -69,7 +69,8 @@ def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tu
             raise CheckpointError(f"{path}: tensor 'd2t' is {d2t.dtype} {list(d2t.shape)}, expected integers "
                                   f"[{cfg.draft_vocab_size}]")
         d2t = d2t.long()
-        bad = ((torch.arange(cfg.draft_vocab_size) + d2t) < 0) | ((torch.arange(cfg.draft_vocab_size) + d2t) >= cfg.vocab_size)
+        target_ids = torch.arange(cfg.draft_vocab_size) + d2t
+        bad = (target_ids < 0) | (target_ids >= cfg.vocab_size)
         if bad.any():
             raise CheckpointError(f"{path}: d2t maps draft id {int(bad.nonzero()[0])} outside the target's "
                                   f"vocabulary of {cfg.vocab_size}")
