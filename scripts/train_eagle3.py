@@ -11,7 +11,7 @@ with the attention a chain sees at inference (the positions fed with the model's
 chain's start, then the chain's own earlier steps). Saved in NVIDIA's format (LlamaForCausalLMEagle3,
 `midlayer.*`, `fc`, `d2t`), loadable by build_engine.py --speculative-model.
 
-`eval` runs maverick's speculative loop (runtime/spec_decode.py) on held-out prompts (windows of the test
+`eval` runs maverick's engine loop with the draft (runtime/speculative.py) on held-out prompts (windows of the test
 plays) and prints the acceptance length (tokens a verify step yields) at K = 1..5, greedy and sampled.
 """
 from __future__ import annotations
@@ -245,8 +245,9 @@ def evaluate(a) -> int:
     from maverick.checkpoint.eagle3 import read_eagle3
     from maverick.models import ModelSpec
     from maverick.models.eagle3 import Eagle3Draft
+    from maverick.runtime.engine import EngineCore
     from maverick.runtime.model_runner import ModelRunner
-    from maverick.runtime.spec_decode import Eagle3Speculator
+    from maverick.runtime.sampling_params import SamplingParams
 
     device = torch.device(a.device)
     reader = open_checkpoint(TARGET)
@@ -264,8 +265,14 @@ def evaluate(a) -> int:
             model = load_model_from_checkpoint(reader, ModelSpec(dtype=torch.float32)).to(device)
             runner = ModelRunner(model, max_seq_len=a.prompt + a.new + 16, max_batch_size=len(prompts),
                                  block_size=16, device=device)
-            _, stats = Eagle3Speculator(runner, draft, k).generate(prompts, a.new, temperature=temperature,
-                                                                   seed=a.seed)
+            runner.attach_draft(draft, k)
+            engine = EngineCore(runner, None, max_batch_size=len(prompts), max_num_tokens=a.prompt * len(prompts))
+            for i, p in enumerate(prompts):
+                engine.add_request(p, SamplingParams(max_tokens=a.new, temperature=temperature, seed=a.seed + i,
+                                                     ignore_eos=True))
+            while engine.has_unfinished():
+                engine.step()
+            stats = engine.spec_stats
             results.append({"k": k, "temperature": temperature, "acceptance_length": stats.acceptance_length,
                             "accepted": stats.accepted, "proposed": stats.proposed, "rounds": stats.rounds})
             print(f"K={k} temperature={temperature}: acceptance length {stats.acceptance_length:.2f} "

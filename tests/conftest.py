@@ -38,14 +38,26 @@ def engine_root(tmp_path_factory):
     return tmp_path_factory.mktemp("engines")
 
 
-def _build(ckpt, out, **kw):
+def _build(ckpt, out, speculative=None, **kw):
     from maverick.builder.builder import build_engine
     from maverick.config import BuildConfig
 
     if not (out / "config.json").exists():
         build_engine(ckpt, out, BuildConfig(dtype="float32", max_seq_len=256, max_batch_size=4, max_num_tokens=64,
-                                            kv_cache_block_size=8, **kw), progress=False)
+                                            kv_cache_block_size=8, **kw), progress=False, speculative=speculative)
     return out
+
+
+def _eagle3(engine_root, k: int = 3):
+    """A random EAGLE-3 head for the tiny default, in NVIDIA's format (test_eagle3.write_eagle3)."""
+    from test_eagle3 import write_eagle3
+
+    from maverick.config import SpeculativeConfig
+
+    path = engine_root / "eagle3"
+    if not (path / "config.json").exists():
+        write_eagle3(path)
+    return SpeculativeConfig(max_draft_len=k, speculative_model_dir=str(path))
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +68,17 @@ def tiny_engine(tiny_ckpt, engine_root):
 @pytest.fixture(scope="session")
 def tiny_engine_tp2(tiny_ckpt, engine_root):
     return _build(tiny_ckpt, engine_root / "tp2", tp_size=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_spec(tiny_ckpt, engine_root):
+    """The tiny default with a random EAGLE-3 head, max_draft_len 3."""
+    return _build(tiny_ckpt, engine_root / "spec", speculative=_eagle3(engine_root))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_spec_tp2(tiny_ckpt, engine_root):
+    return _build(tiny_ckpt, engine_root / "spec_tp2", speculative=_eagle3(engine_root), tp_size=2)
 
 
 @pytest.fixture(scope="session")

@@ -199,74 +199,160 @@ def test_speculative_config_in_yaml_and_its_errors(tiny_ckpt, tmp_path, capsys):
     assert "unknown key(s) ['draft_len']" in capsys.readouterr().err
 
 
-def _greedy(runner, prompt: list[int], n: int, seq_id: int = 0) -> list[int]:
-    """Plain greedy decoding, one token a step."""
-    toks = list(prompt)
-    logits = runner.forward([StepSeq(seq_id, toks, 0, runner.kv.grow(seq_id, len(toks)))])
-    toks.append(int(logits[-1].argmax()))
-    while len(toks) - len(prompt) < n:
-        p = len(toks) - 1
-        logits = runner.forward([StepSeq(seq_id, [toks[-1]], p, runner.kv.grow(seq_id, p + 1))])
-        toks.append(int(logits[-1].argmax()))
-    runner.kv.free(seq_id)
-    return toks[len(prompt):]
+def _generate(runner, prompts, params, max_num_tokens: int = 16, abort_at: dict | None = None):
+    """Every prompt through the engine loop (in-flight batching, chunked prefill under max_num_tokens);
+    abort_at {step: request index}. Returns the requests and the engine; every KV block must be free after."""
+    from maverick.runtime.engine import EngineCore
+
+    engine = EngineCore(runner, None, max_batch_size=4, max_num_tokens=max_num_tokens)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        if abort_at and steps in abort_at:
+            engine.abort(reqs[abort_at[steps]].request_id)
+    assert runner.kv.all_free
+    return reqs, engine
+
+
+def _greedy_params(n: int = 40):
+    from maverick.runtime.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def _random_draft(seed: int = 0) -> Eagle3Draft:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg, weights = read_eagle3(write_eagle3(Path(d) / "d", seed=seed), TARGET, torch.float32)
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights)
+    return draft
+
+
+# 5, 29 and 12 tokens with 40 new: 29 + 40 crosses the chunk of 32; max_num_tokens 16 chunks the prompts and
+# admits the third request while the others decode (prefill chunks beside verify rows in one step)
+PROMPT_LENGTHS = (5, 29, 12)
 
 
 @pytest.fixture(scope="module")
-def spec_parts(tiny_ckpt, tmp_path_factory):
+def spec_parts(tiny_ckpt):
     from helpers import prompt_ids, runner_for
 
-    cfg, weights = read_eagle3(write_eagle3(tmp_path_factory.mktemp("d") / "d"), TARGET, torch.float32)
-    draft = Eagle3Draft(cfg, torch.float32)
-    draft.load_state_dict(weights)
-    prompts = [prompt_ids(5, seed=1), prompt_ids(29, seed=2), prompt_ids(12, seed=3)]  # 29 + 40 crosses chunks of 32
-    base_runner = runner_for(tiny_ckpt, max_seq_len=128)
-    base = [_greedy(base_runner, p, 40) for p in prompts]
-    return tiny_ckpt, draft, prompts, base
+    prompts = [prompt_ids(n, seed=i + 1) for i, n in enumerate(PROMPT_LENGTHS)]
+    reqs, _ = _generate(runner_for(tiny_ckpt, max_seq_len=128), prompts, _greedy_params())
+    return tiny_ckpt, _random_draft(), prompts, [r.output_token_ids for r in reqs]
+
+
+def _spec_runner(ckpt, draft, k):
+    from helpers import runner_for
+
+    runner = runner_for(ckpt, max_seq_len=128)
+    runner.attach_draft(draft, k)
+    return runner
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_speculation_with_a_random_draft_equals_plain_decoding(spec_parts, k):
     """A random draft is rejected almost always: every round still yields the target's own token."""
-    from helpers import runner_for
-
-    from maverick.runtime.spec_decode import Eagle3Speculator
-
     ckpt, draft, prompts, base = spec_parts
-    runner = runner_for(ckpt, max_seq_len=128)
-    out, stats = Eagle3Speculator(runner, draft, k).generate(prompts, 40)
-    assert out == base
-    assert stats.rounds > 0 and stats.proposed > 0 and runner.kv.all_free
+    reqs, engine = _generate(_spec_runner(ckpt, draft, k), prompts, _greedy_params())
+    assert [r.output_token_ids for r in reqs] == base
+    st = engine.spec_stats
+    assert st.rounds > 30 and st.proposed >= st.rounds and st.accepted < st.proposed
+
+
+def _oracle(prompts, base, wrong_every: int = 3):
+    """A proposer that knows the plain continuation of every prompt and makes every third proposal wrong."""
+    calls = [0]
+
+    def propose(seqs):
+        out = torch.zeros(len(seqs), 8, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            full = None
+            for i, p in enumerate(prompts):  # the request whose committed tokens these are
+                cand = p + base[i]
+                if len(cand) > s.start and cand[s.start] == s.tokens[0] and cand[s.draft_start + 1:s.start + 1] == s.draft_tokens:
+                    full = cand
+                    break
+            truth = full[s.start + 1:s.start + 1 + s.draft_len]
+            for d, t in enumerate(truth):
+                calls[0] += 1
+                out[j, d] = t if calls[0] % wrong_every else (t + 1) % TARGET.vocab_size
+        return out
+
+    return propose
 
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_greedy_speculation_accepts_right_drafts_and_rolls_back_wrong_ones(spec_parts, k):
-    """Proposals taken from the known continuation, with every third one wrong: accepted runs, rejections
-    mid-window and bonus tokens, across chunk boundaries (chunk 32): still exactly plain decoding, and the
-    acceptance the proposals imply."""
-    from helpers import runner_for
+    """Proposals taken from the known continuation, every third one wrong: accepted runs, rejections
+    mid-window and bonus tokens, across chunk boundaries (chunk 32) and beside prefill chunks: still exactly
+    plain decoding, with the acceptance the proposals imply."""
+    ckpt, draft, prompts, base = spec_parts
+    runner = _spec_runner(ckpt, draft, k)
+    oracle = _oracle(prompts, base)
+    runner.spec.propose = lambda seqs: oracle(seqs)[:, :k]
+    reqs, engine = _generate(runner, prompts, _greedy_params())
+    assert [r.output_token_ids for r in reqs] == base
+    st = engine.spec_stats
+    assert 0 < st.accepted < st.proposed and st.acceptance_length > 1.8, st
 
-    from maverick.runtime.spec_decode import Eagle3Speculator
+
+def test_speculation_stops_aborts_and_frees_every_block(spec_parts):
+    """A stop token inside an accepted run ends the request there (later accepted tokens dropped), max_tokens
+    cuts a round short, an abort mid-generation ends one request: the others are unchanged, no block leaks."""
+    from maverick.runtime.sampling_params import SamplingParams
 
     ckpt, draft, prompts, base = spec_parts
-    runner = runner_for(ckpt, max_seq_len=128)
-    spec = Eagle3Speculator(runner, draft, k)
-    calls = [0]
+    runner = _spec_runner(ckpt, draft, 4)
+    oracle = _oracle(prompts, base, wrong_every=1000)  # nearly always right: long accepted runs
+    runner.spec.propose = lambda seqs: oracle(seqs)[:, :4]
+    stop_at = base[0][17]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[stop_at]),
+              SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True), _greedy_params()]
+    reqs, engine = _generate(runner, prompts, params, abort_at={9: 2})
+    first = base[0].index(stop_at)
+    assert reqs[0].output_token_ids == base[0][:first + 1] and reqs[0].finish_reason == "stop"
+    assert reqs[1].output_token_ids == base[1][:13] and reqs[1].finish_reason == "length"
+    assert reqs[2].finish_reason == "abort" and reqs[2].output_token_ids == base[2][:len(reqs[2].output_token_ids)]
+    assert engine.spec_stats.acceptance_length > 3
 
-    def oracle(seqs, lengths):
-        out = []
-        for s, n in zip(seqs, lengths):
-            i = prompts.index(s.tokens[:s.prompt_len])
-            truth = base[i][s.generated:s.generated + n]
-            calls[0] += 1
-            out.append([t if (calls[0] + j) % 3 else (t + 1) % TARGET.vocab_size for j, t in enumerate(truth)])
-        return out
 
-    spec.propose = oracle
-    out, stats = spec.generate(prompts, 40)
-    assert out == base
-    assert 0 < stats.accepted < stats.proposed and stats.acceptance_length > 1.3
-    assert runner.kv.all_free
+def test_speculation_with_stop_strings_through_the_tokenizer(tiny_engine_spec):
+    """LLM on an engine with a draft: stop strings end the text like plain decoding, KV all free after."""
+    from maverick import LLM, SamplingParams
+
+    with LLM(tiny_engine_spec, device="cpu") as llm:
+        full = llm.generate("To be", SamplingParams(max_tokens=24, temperature=0.0)).outputs[0].text
+        assert len(full) > 6
+        stop = full[3:6]
+        out = llm.generate("To be", SamplingParams(max_tokens=24, temperature=0.0, stop=[stop])).outputs[0]
+        assert out.text == full[:full.index(stop)] and out.finish_reason == "stop"
+        assert llm.engine.spec_stats.rounds > 0 and llm.engine.runner.kv.all_free
+
+
+def test_streaming_with_speculation_delivers_accepted_tokens_as_they_land(tiny_engine_spec):
+    """generate_async(streaming=True) on an engine with a draft: the token deltas add up to the whole output,
+    some deltas carry several tokens (one verify round's accepted run) and a stream closed early aborts its
+    request (blocks freed)."""
+    from maverick import LLM, SamplingParams
+
+    p = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    with LLM(tiny_engine_spec, device="cpu") as llm:
+        whole = llm.generate("To be", p).outputs[0].token_ids
+        oracle = _oracle([llm.tokenizer.encode("To be")], [whole], wrong_every=1000)
+        llm.engine.runner.spec.propose = lambda seqs: oracle(seqs)[:, :3]
+        deltas = [o.outputs[0].token_ids_diff for o in llm.generate_async("To be", p, streaming=True)]
+        assert [t for d in deltas for t in d] == whole and max(len(d) for d in deltas) == 4
+        stream = iter(llm.generate_async("To be", p, streaming=True))
+        next(stream)
+        stream.close()
+        assert llm.engine.runner.kv.all_free and not llm.engine.has_unfinished()
 
 
 # chi-square critical values at p = 0.001 by degrees of freedom
@@ -274,26 +360,28 @@ CHI2_0001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.3
 
 
 def test_sampled_speculation_keeps_the_target_distribution():
-    """The rejection rule for a deterministic draft: over many seeds, the first token of a round follows the
-    target's filtered distribution p0 whatever the draft proposed, and the next one, given the first was
-    the accepted draft token, follows p1 (chi-square, 8-token vocabulary, top-k 6 and temperature 1.3)."""
+    """The rejection rule for a deterministic draft, as the engine runs it on the device: over many seeds,
+    the first token of a round follows the target's filtered distribution p0 whatever the draft proposed,
+    and the next one, given the first was the accepted draft token, follows p1 (chi-square, 8-token
+    vocabulary, top-k 6 and temperature 1.3)."""
     from maverick.layers.sampler import SamplingTensors, sampling_probs
-    from maverick.runtime.spec_decode import Eagle3Speculator
+    from maverick.runtime.speculative import accept
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 8, generator=g) * 1.5
     draft = [int(logits[0].argsort()[-2]), int(logits[1].argsort()[-3])]  # plausible but not the favourites
-    params = (1.3, 6, 1.0, 0.0)
-    t = SamplingTensors(torch.full((3,), 1.3), torch.full((3,), 6), torch.ones(3), torch.zeros(3),
-                        torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
-    p = sampling_probs(logits, t).double()
-    first, second = torch.zeros(8), torch.zeros(8)
-    n = 20000
-    for seed in range(n):
-        _, new = Eagle3Speculator._accept(draft, logits, params, torch.Generator().manual_seed(seed))
-        first[new[0]] += 1
-        if new[0] == draft[0]:
-            second[new[1]] += 1
+    n = 20000  # one sequence per seed, all in one call
+    t = SamplingTensors(torch.full((3 * n,), 1.3), torch.full((3 * n,), 6), torch.ones(3 * n), torch.zeros(3 * n),
+                        torch.arange(n).repeat_interleave(3), torch.arange(3).repeat(n))
+    seqs = [StepSeq(i, [0, 0, 0], 0, None, num_logits=3, draft_len=2) for i in range(n)]
+    out, accepted = accept(logits.repeat(n, 1), seqs, torch.tensor([draft] * n), t, 2)
+    out = out.view(n, 3)
+    p = sampling_probs(logits, SamplingTensors(*(x[:3] for x in (t.temperature, t.top_k, t.top_p, t.min_p, t.seeds,
+                                                                    t.offsets)))).double()
+    first = torch.bincount(out[:, 0], minlength=8).double()
+    took = accepted >= 1
+    assert (out[took, 0] == draft[0]).all() and (out[~took, 0] != draft[0]).all()
+    second = torch.bincount(out[took, 1], minlength=8).double()
     for counts, probs in ((first, p[0]), (second, p[1])):
         keep = probs > 0
         assert counts[~keep].sum() == 0  # never a token the filters drop
@@ -302,41 +390,66 @@ def test_sampled_speculation_keeps_the_target_distribution():
         assert stat < CHI2_0001[int(keep.sum()) - 1], (stat, counts, expected)
 
 
-def test_sampled_speculation_runs_end_to_end_reproducibly(spec_parts):
-    from helpers import runner_for
-
-    from maverick.runtime.spec_decode import Eagle3Speculator
+def test_sampled_speculation_is_reproducible_and_batch_independent(spec_parts):
+    """Seeded sampling with a draft: the same tokens run after run, and a request's tokens do not depend on
+    what shares its batch (counter-based noise), so alone it samples what it sampled beside the others."""
+    from maverick.runtime.sampling_params import SamplingParams
 
     ckpt, draft, prompts, _ = spec_parts
-    runs = [Eagle3Speculator(runner_for(ckpt, max_seq_len=128), draft, 3).generate(prompts, 20, temperature=0.8,
-                                                                                  top_k=20, seed=7)[0]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=20, seed=7 + i) for i in range(3)]
+    runs = [[r.output_token_ids for r in _generate(_spec_runner(ckpt, draft, 3), prompts, params)[0]]
             for _ in range(2)]
-    assert runs[0] == runs[1] and all(len(o) == 20 for o in runs[0])
+    alone = _generate(_spec_runner(ckpt, draft, 3), prompts[1:2], params[1:2])[0][0].output_token_ids
+    assert runs[0] == runs[1] and all(len(o) == 20 for o in runs[0]) and alone == runs[0][1]
+
+
+@pytest.mark.slow
+def test_greedy_speculation_at_tp2_equals_plain_tp1(tiny_engine, tiny_engine_spec_tp2):
+    """Two ranks (gloo), each running the draft and the verify (the draft reads the target's embedding,
+    an all-reduce under TP): the same text as plain decoding on one rank."""
+    from maverick import LLM, SamplingParams
+
+    prompts = ["To be, or not", "Now is the winter of our discontent", "A"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with LLM(tiny_engine, device="cpu") as llm:
+        base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    with LLM(tiny_engine_spec_tp2, device="cpu") as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == base
+        assert llm.engine.spec_stats.rounds > 0
 
 
 @pytest.mark.gpu
-def test_greedy_speculation_equals_plain_decoding_on_gpu(spec_parts):
-    """Through the GPU kernels (decode attention for the draft and the verify window, FP32 tiny model):
-    the same tokens as plain greedy decoding on the same GPU."""
+def test_greedy_speculation_equals_plain_decoding_on_gpu_with_cuda_graphs(spec_parts):
+    """Through the GPU kernels and CUDA graphs (the target's decode and prefill graphs write the draft's
+    features; the FP32 tiny model): the same tokens as plain greedy decoding on the same GPU, random and
+    oracle drafts."""
     import copy
 
     from helpers import load_model_from_checkpoint, open_checkpoint
 
     from maverick.models.llama4 import ModelSpec
     from maverick.runtime.model_runner import ModelRunner
-    from maverick.runtime.spec_decode import Eagle3Speculator
 
     ckpt, draft, prompts, _ = spec_parts
 
-    def runner():
+    def runner(k=0, d=None):
         model = load_model_from_checkpoint(open_checkpoint(ckpt), ModelSpec(dtype=torch.float32)).to("cuda")
-        return ModelRunner(model, max_seq_len=128, max_batch_size=4, block_size=16, device="cuda")
+        r = ModelRunner(model, max_seq_len=128, max_batch_size=4, block_size=16, device="cuda")
+        if k:
+            r.attach_draft(d, k)
+        r.capture_cuda_graphs([1, 2, 4], [16, 32])
+        return r
 
-    base = [_greedy(runner(), p, 40) for p in prompts]
+    base = [r.output_token_ids for r in _generate(runner(), prompts, _greedy_params())[0]]
     gpu_draft = copy.deepcopy(draft).to("cuda")
     for k in (1, 3):
-        out, _ = Eagle3Speculator(runner(), gpu_draft, k).generate(prompts, 40)
-        assert out == base
+        reqs, _ = _generate(runner(k, gpu_draft), prompts, _greedy_params())
+        assert [r.output_token_ids for r in reqs] == base
+    r = runner(3, gpu_draft)
+    oracle = _oracle(prompts, base)
+    r.spec.propose = lambda seqs: oracle(seqs)[:, :3].cuda()
+    reqs, engine = _generate(r, prompts, _greedy_params())
+    assert [q.output_token_ids for q in reqs] == base and engine.spec_stats.acceptance_length > 1.8
 
 
 def test_shipped_head_of_the_bundled_model_is_accepted_on_held_out_text():
@@ -351,7 +464,6 @@ def test_shipped_head_of_the_bundled_model_is_accepted_on_held_out_text():
     from maverick.checkpoint import open_checkpoint
     from maverick.models import ModelSpec
     from maverick.runtime.model_runner import ModelRunner
-    from maverick.runtime.spec_decode import Eagle3Speculator
 
     data = Path(__file__).resolve().parent.parent / "maverick" / "data"
     reader = open_checkpoint(data / "shakespeare")
@@ -363,5 +475,6 @@ def test_shipped_head_of_the_bundled_model_is_accepted_on_held_out_text():
     prompts = [test[i * 2000:i * 2000 + 64] for i in range(4)]
     runner = ModelRunner(load_model_from_checkpoint(reader, ModelSpec(dtype=torch.float32)), max_seq_len=160,
                          max_batch_size=4, block_size=16)
-    _, stats = Eagle3Speculator(runner, draft, 3).generate(prompts, 48)
-    assert stats.acceptance_length > 1.6, stats
+    runner.attach_draft(draft, 3)
+    _, engine = _generate(runner, prompts, _greedy_params(48), max_num_tokens=256)
+    assert engine.spec_stats.acceptance_length > 1.6, engine.spec_stats

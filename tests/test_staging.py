@@ -42,7 +42,7 @@ def test_runner_step_samples_like_sample(tmp_path):
     ids = [prompt_ids(12, seed=1), prompt_ids(5, seed=2)]
     seqs = [StepSeq(i, p, 0, runner.kv.grow(i, len(p))) for i, p in enumerate(ids)]
     rows = SamplingRows([0.8, 0.0], [20, 0], [0.95, 1.0], [0.0, 0.0], [3, 4], [0, 0])
-    logits, tokens = runner.step(seqs, rows)
+    logits, tokens, _ = runner.step(seqs, rows)
     assert torch.equal(tokens, sample(logits, rows.to_tensors("cpu")))
     assert tokens[1] == logits[1].argmax()
     seqs = [StepSeq(i, [9], len(p), runner.kv.grow(i, len(p) + 1)) for i, p in enumerate(ids)]

@@ -6,7 +6,7 @@ import torch
 from helpers import prompt_ids, runner_for
 from maverick.config import BuildConfig
 from maverick.runtime.step import StepSeq
-from maverick.runtime.cuda_graph import graph_parts, graph_shape
+from maverick.runtime.cuda_graph import StepGraphs, graph_parts, graph_shape
 
 DECODE, PREFILL = [1, 2, 4, 8], [16, 32, 64, 128]
 
@@ -18,11 +18,27 @@ DECODE, PREFILL = [1, 2, 4, 8], [16, 32, 64, 128]
     ([129], [1], None),  # longer than the largest prefill graph
     ([40], [0], (1, 64)),  # a chunk before the prompt's last: no logits
     ([5, 1], [1, 1], None), ([5, 7], [1, 1], None),  # a prompt beside others: not one graph
-    ([3], [3], None), ([1, 1], [1, 2], None),  # several logits of a sequence (draft verification): eager
+    ([3], [3], None), ([1, 1], [1, 2], None),  # several logits of a sequence without verify graphs: eager
     ([1, 1], [1, 0], None),  # a decode row without logits would break "logits row i is sequence i"
 ])
 def test_graph_shape(tokens, logits, expect):
     assert graph_shape(tokens, logits, DECODE, PREFILL) == expect
+
+
+@pytest.mark.parametrize("tokens,logits,expect", [
+    ([4], [4], (1, 4)), ([4, 2, 1], [4, 2, 1], (4, 4)),  # verify windows (k + 1) beside plain decode rows
+    ([1, 1], [1, 1], (2, 1)),  # no draft this step: the decode graph
+    ([5], [5], None), ([4] * 9, [4] * 9, None),  # a window above max_draft_len + 1, more rows than any graph
+    ([4, 3], [4, 1], None),  # a prompt chunk beside a verify row: not one graph (see graph_parts)
+    ([3], [1], (1, 16)),  # a short prompt chunk: still a prefill graph
+])
+def test_graph_shape_with_verify_graphs(tokens, logits, expect):
+    assert graph_shape(tokens, logits, DECODE, PREFILL, verify_q=4) == expect
+
+
+def test_graph_parts_put_verify_rows_with_decode_rows():
+    assert graph_parts([4, 20, 1], [4, 1, 1], DECODE, PREFILL, verify_q=4) == [([0, 2], (2, 4)), ([1], (1, 32))]
+    assert graph_parts([4, 20, 1], [4, 1, 1], DECODE, PREFILL) is None  # no verify graphs: eager
 
 
 def test_prefill_graph_sizes_within_the_build_limits():
@@ -64,15 +80,18 @@ def test_padded_prompt_chunks_equal_eager(tiny_ckpt):
 class _EagerGraphs:
     """A CPU stand-in for StepGraphs: replay runs the padded batch through the model eagerly."""
 
-    def __init__(self, runner, batch_sizes, prefill_tokens):
+    logits_rows = StepGraphs.logits_rows
+
+    def __init__(self, runner, batch_sizes, prefill_tokens, verify_q: int = 0):
         self.runner, self.batch_sizes, self.prefill_tokens = runner, batch_sizes, prefill_tokens
+        self.verify_q = verify_q
         self.replays = []
 
     def shape_for(self, token_counts, num_logits):
-        return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+        return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens, self.verify_q)
 
     def parts_for(self, token_counts, num_logits):
-        return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+        return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens, self.verify_q)
 
     def replay(self, batch, rows, n_rows, feed=None, feed_src=None):
         from maverick.layers.sampler import sample
@@ -114,7 +133,7 @@ def test_prompt_chunks_beside_decode_rows_run_as_separate_replays(tiny_ckpt):
                 StepSeq(3, other, 0, r.kv.grow(3, 5), num_logits=0), StepSeq(2, [0], 9, r.kv.grow(2, 10), feed_row=2)]
         out[r] = r.step(seqs, rows, feed)
     assert split.graphs.replays == [(2, 1), (1, 32), (1, 16)]
-    (le, te), (ls, ts) = out[eager], out[split]
+    (le, te, _), (ls, ts, _) = out[eager], out[split]
     assert ls.shape == le.shape == (3, eager.model.cfg.vocab_size)
     assert (ls - le).abs().max().item() < 1e-5 and torch.equal(ts, te)
     def step_of(*lengths):  # chunks of these lengths beside one decode row (the choice reads no blocks)
@@ -190,3 +209,23 @@ def test_forward_batch_matches_its_per_token_spec():
         want = _batch_spec(seqs, bs, chunk, 5555, 6666, *pads)
         for k, t in got.items():
             assert t.dtype == torch.int64 and t.tolist() == want[k], k
+
+
+def test_speculative_steps_padded_to_verify_graphs_equal_plain_decoding(tiny_ckpt):
+    """With a draft, verify windows (k + 1 tokens, every token's logits) beside plain decode rows replay the
+    verify graphs (rows, k + 1), prompt chunks their prefill graphs beside them: the padded batches (run
+    eagerly here) give exactly plain greedy decoding."""
+    from test_eagle3 import PROMPT_LENGTHS, _generate, _greedy_params, _oracle, _random_draft
+
+    prompts = [prompt_ids(n, seed=i + 1) for i, n in enumerate(PROMPT_LENGTHS)]
+    base = [r.output_token_ids for r in _generate(runner_for(tiny_ckpt, max_seq_len=128), prompts,
+                                                   _greedy_params())[0]]
+    runner = runner_for(tiny_ckpt, max_seq_len=128)
+    runner.attach_draft(_random_draft(), 3)
+    oracle = _oracle(prompts, base)
+    runner.spec.propose = lambda seqs: oracle(seqs)[:, :3]
+    runner.graphs = _EagerGraphs(runner, [1, 2, 4], [16, 32], verify_q=4)
+    reqs, engine = _generate(runner, prompts, _greedy_params())
+    # every third proposal wrong, three a round: the wrong one sits at the same place most rounds (1.41)
+    assert [r.output_token_ids for r in reqs] == base and engine.spec_stats.acceptance_length > 1.3
+    assert {(2, 4), (4, 4)} & set(runner.graphs.replays) and (1, 16) in runner.graphs.replays

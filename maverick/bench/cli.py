@@ -16,6 +16,7 @@ BENCH = {
     "sweep": ("step", "modelled concurrency sweep from measured prefill and decode steps"),
     "peer": ("step", "transformers against maverick on a reduced Maverick (4 layers, 16 experts)"),
     "spec": ("spec", "the EAGLE-3 round (draft extend, chain, verify K+1) and tokens/s per user at given acceptance"),
+    "spec-e2e": ("spec_e2e", "speculative decoding end to end on the bundled model and its head: speedup, acceptance"),
     "kernels": ("kernels", "each min-latency kernel against cuBLAS / torch and a plain read of its bytes"),
     "chain": ("chain", "48 layers of FP8 GEMMs in one graph against the HBM bandwidth"),
     "allreduce": ("allreduce", "all-reduce (+ add + RMSNorm) latency on every GPU of this host (torchrun)"),

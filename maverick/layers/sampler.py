@@ -35,6 +35,16 @@ def uniform_noise(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> tor
     return (h.double() + 0.5).div(2.0 ** 32).float()
 
 
+# Speculative decoding's acceptance test draws its own U(0, 1) per (seed, token index): the counter offset by
+# 2**30 (more tokens than any sequence holds) so it never reuses the sampler's noise of a real index.
+_ACCEPT_COUNTER = 1 << 30
+
+
+def acceptance_noise(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) [N] fp32 for the acceptance test of the draft token at each row's token index."""
+    return uniform_noise(seeds, offsets + _ACCEPT_COUNTER, 1)[:, 0]
+
+
 INT_FIELDS = ("top_k", "seeds", "offsets")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 
@@ -51,11 +61,14 @@ class SamplingRows:
     offsets: list[int]  # tokens generated so far: the counter of the request's noise
 
     @classmethod
-    def of(cls, requests, pending: int = 0) -> "SamplingRows":
-        """pending: tokens each request has sampled on the GPU that its output does not hold yet."""
-        ps = [r.params for r in requests]
+    def of(cls, requests, pending: int = 0, counts: list[int] | None = None) -> "SamplingRows":
+        """pending: tokens each request has sampled on the GPU that its output does not hold yet. counts: rows
+        per request (a verified draft of k tokens: k + 1 rows, the i-th sampling the request's token i)."""
+        counts = counts or [1] * len(requests)
+        rs = [(r, i) for r, n in zip(requests, counts) for i in range(n)]
+        ps = [r.params for r, _ in rs]
         return cls([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps],
-                   [_int64(r.seed) for r in requests], [len(r.output_token_ids) + pending for r in requests])
+                   [_int64(r.seed) for r, _ in rs], [len(r.output_token_ids) + pending + i for r, i in rs])
 
     def __len__(self) -> int:
         return len(self.temperature)

@@ -68,6 +68,7 @@ class Llama4ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, padded, cfg.hidden_size, spec.tp_size, spec.dtype,
                                       spec.lm_head_fp8)
         self.rotary_emb = RotaryEmbedding(cfg)
+        self.feature_sink = None  # an EAGLE-3 draft's (maverick/runtime/speculative.py): fed every forward
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Per-layer K (and V) pool shape; one extra scratch block at the end."""
@@ -76,7 +77,10 @@ class Llama4ForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list, aux_layers: tuple[int, ...] = ()):
         """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached). With
         aux_layers (an EAGLE-3 draft's features): also the residual stream after each of those layers, for
-        every token, concatenated [T, len(aux_layers) * hidden]."""
+        every token, concatenated [T, len(aux_layers) * hidden]. With a feature_sink, those of its layers go
+        to it (inside the same CUDA graph)."""
+        sink = self.feature_sink
+        wanted = set(aux_layers) | set(sink.layers if sink is not None else ())
         x = self.embed_tokens(batch.input_ids)
         rope = self.rotary_emb(batch.positions)
         normed = self.layers[0].input_layernorm(x)
@@ -84,8 +88,10 @@ class Llama4ForCausalLM(nn.Module):
         aux = {}
         for layer, kv, next_norm in zip(self.layers, kv_caches, norms):
             x, normed = layer(x, normed, batch, rope, kv, next_norm)
-            if layer.layer_id in aux_layers:
+            if layer.layer_id in wanted:
                 aux[layer.layer_id] = x
+        if sink is not None:
+            sink.write(torch.cat([aux[i] for i in sink.layers], dim=-1), batch.global_slots)
         logits = self.lm_head(normed[batch.logits_indices])
         if not aux_layers:
             return logits

@@ -40,17 +40,20 @@ Shape = tuple[int, int]  # (rows, q): rows sequences of q new tokens each
 
 
 def graph_shape(token_counts: list[int], num_logits: list[int], batch_sizes: list[int],
-                prefill_tokens: list[int]) -> Shape | None:
+                prefill_tokens: list[int], verify_q: int = 0) -> Shape | None:
     """The captured shape a step replays, or None (eager). A step of one new token per sequence takes the
-    smallest decode graph with enough rows; one sequence's chunk of n > 1 tokens (with its last token's
-    logits or none), the smallest prefill graph of at least n tokens. Other steps fit no one graph: prompt
-    chunks beside decode rows or beside each other (ModelRunner may replay them as several graphs) and
-    several logits of a sequence (draft verification, eager)."""
+    smallest decode graph with enough rows; a verification step (speculative decoding: every sequence wants
+    the logits of each of its tokens, up to verify_q of them) the verify graph (rows, verify_q); one
+    sequence's chunk of n > 1 tokens (with its last token's logits or none), the smallest prefill graph of
+    at least n tokens. Other steps fit no one graph: prompt chunks beside decode rows or beside each other
+    (ModelRunner may replay them as several graphs)."""
+    rows = next((b for b in sorted(batch_sizes) if b >= len(token_counts)), None)
     if all(t == 1 for t in token_counts):
         if any(n != 1 for n in num_logits):  # logits row i is sequence i
             return None
-        rows = next((b for b in sorted(batch_sizes) if b >= len(token_counts)), None)
         return None if rows is None else (rows, 1)
+    if verify_q and all(n == t <= verify_q for n, t in zip(num_logits, token_counts)):
+        return None if rows is None else (rows, verify_q)
     if len(token_counts) == 1 and num_logits[0] in (0, 1):  # 0: a chunk before the prompt's last
         q = next((t for t in sorted(prefill_tokens) if t >= token_counts[0]), None)
         return None if q is None else (1, q)
@@ -65,18 +68,19 @@ MAX_PROMPT_REPLAYS, PROMPT_REPLAY_TOKENS = 4, 256
 
 
 def graph_parts(token_counts: list[int], num_logits: list[int], batch_sizes: list[int],
-                prefill_tokens: list[int]) -> list[tuple[list[int], Shape]] | None:
+                prefill_tokens: list[int], verify_q: int = 0) -> list[tuple[list[int], Shape]] | None:
     """A step no one graph fits (prompt chunks beside decode rows, or beside each other) as several replays:
     the decode rows together, then each chunk alone, as (sequence indices, graph shape), when every part has
     a captured graph and, with several chunks, at most MAX_PROMPT_REPLAYS of them hold PROMPT_REPLAY_TOKENS
     graph tokens together (measured above); else None (eager)."""
-    prompts = [[i] for i, n in enumerate(token_counts) if n > 1]
-    decode = [i for i, n in enumerate(token_counts) if n == 1]
+    rows = [n == 1 or (verify_q and num_logits[i] == n <= verify_q) for i, n in enumerate(token_counts)]
+    prompts = [[i] for i, r in enumerate(rows) if not r]
+    decode = [i for i, r in enumerate(rows) if r]
     parts = ([decode] if decode else []) + prompts
     if not prompts or len(prompts) > MAX_PROMPT_REPLAYS or len(parts) < 2:
         return None
     shapes = [graph_shape([token_counts[i] for i in part], [num_logits[i] for i in part], batch_sizes,
-                          prefill_tokens) for part in parts]
+                          prefill_tokens, verify_q) for part in parts]
     if None in shapes:
         return None
     if len(prompts) > 1 and sum(r * q for r, q in shapes[len(parts) - len(prompts):]) > PROMPT_REPLAY_TOKENS:
@@ -85,28 +89,39 @@ def graph_parts(token_counts: list[int], num_logits: list[int], batch_sizes: lis
 
 
 class StepGraphs:
-    def __init__(self, model, kv_caches, shapes: list[Shape], device: torch.device):
+    """verify_q > 0 (speculative decoding): graphs (rows, verify_q) for every decode batch size, which give the
+    logits of every token (a verify step: k + 1 rows a sequence); other graphs give one a sequence."""
+
+    def __init__(self, model, kv_caches, shapes: list[Shape], device: torch.device, verify_q: int = 0):
         self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.verify_q = verify_q
+        decode = sorted(r for r, q in shapes if q == 1)
+        shapes = list(shapes) + [(r, verify_q) for r in decode if verify_q > 1]
         self.shapes = sorted(set(shapes), key=lambda s: (s[0] * s[1], s))
         # looked up every step: derived once
-        self.batch_sizes = sorted(r for r, q in self.shapes if q == 1)
+        self.batch_sizes = decode
         self.prefill_tokens = sorted(q for r, q in self.shapes if r == 1 and q > 1)
         self.graphs: dict[Shape, _Captured] = {}
         self.pool = None
 
     def shape_for(self, token_counts: list[int], num_logits: list[int]) -> Shape | None:
-        return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+        return graph_shape(token_counts, num_logits, self.batch_sizes, self.prefill_tokens, self.verify_q)
 
     def parts_for(self, token_counts: list[int], num_logits: list[int]) -> list[tuple[list[int], Shape]] | None:
-        return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens)
+        return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens, self.verify_q)
+
+    def logits_rows(self, shape: Shape) -> int:
+        """Logits rows a graph of this shape computes: every token's in a verify graph, else one a sequence."""
+        rows, q = shape
+        return rows * q if q == self.verify_q else rows
 
     def capture(self, make_batch, progress: bool = False) -> None:
         """make_batch(shape) -> a valid ForwardBatch of that shape (on the CPU) used as capture input.
         progress: a bar over the shapes (full-size Maverick on H200: 4 decode and 11 prefill graphs, 7-15 s)."""
         shapes = list(reversed(self.shapes))  # most tokens first, so smaller graphs reuse its memory pool
         for shape in tqdm(shapes, desc="capture CUDA graphs", unit="graph", disable=not progress):
-            b = shape[0]
             proto = make_batch(shape)
+            b = proto.logits_indices.shape[0]  # sampled rows
             ints = Staged({**{k: tuple(t.shape) for k, t in proto.tensors().items()},
                            **{k: (b,) for k in INT_FIELDS}, "feed_src": (proto.num_tokens,)},
                           torch.int64, self.device)

@@ -25,7 +25,11 @@ class EngineCore:
                  before_step: Callable[[list[StepSeq], SamplingRows | None], None] | None = None,
                  overlap: bool = True, capacity_scheduler_policy: str = "MAX_UTILIZATION"):
         self.runner, self.tokenizer = runner, tokenizer
-        self.overlap = overlap
+        # speculative decoding (an EAGLE-3 draft attached to the runner): decode rows verify up to spec_k draft
+        # tokens a step. The next step's plan depends on how many were accepted, so nothing is queued ahead.
+        self.spec_k = runner.spec.k if runner.spec is not None else 0
+        self.spec_stats = SpecStats()
+        self.overlap = overlap and not self.spec_k
         self._in_flight: Launched | None = None
         self.overlapped = 0  # steps queued before the previous step's tokens were read
         self.cfg = runner.model.cfg
@@ -135,16 +139,42 @@ class EngineCore:
                     raise RuntimeError("scheduler made no progress: the KV pool cannot hold any waiting request")
                 return []
             self._touched += [s.request for s in sched]
-            plan = [StepSeq(s.request.request_id,
-                            s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_new),
-                            s.request.num_computed, self.runner.kv.seqs[s.request.request_id],
-                            num_logits=1 if s.completes else 0) for s in sched]
-            self._in_flight = self._launch(sched, plan, [s.request for s in sched if s.completes], pending=0)
+            plan = [self._plan(s) for s in sched]
+            self._in_flight = self._launch(sched, plan, [s.request for s in sched if s.completes], pending=0,
+                                           counts=[p.num_logits for p in plan if p.num_logits])
         prev, self._in_flight = self._in_flight, None
         self._touched += [s.request for s in prev.sched]
         if self.overlap:
             self._in_flight = self._continue(prev)
         return self._read(prev)
+
+    def _plan(self, s: Scheduled) -> StepSeq:
+        r = s.request
+        tokens = r.token_ids(r.num_computed, r.num_computed + s.num_new)
+        seq = StepSeq(r.request_id, tokens, r.num_computed, self.runner.kv.seqs[r.request_id],
+                      num_logits=1 if s.completes else 0)
+        k = self._draft_len(s)
+        if k:  # verify k draft tokens after the last committed one; the draft first catches up from draft_start
+            seq.tokens, seq.num_logits, seq.draft_len = tokens + [0] * k, k + 1, k
+            seq.draft_start, seq.draft_tokens = r.draft_start, r.token_ids(r.draft_start + 1, r.num_tokens)
+            r.draft_start = r.num_computed
+        return seq
+
+    def _draft_len(self, s: Scheduled) -> int:
+        """Draft tokens a decode row verifies this step: spec_k, fewer at the end of an attention chunk (the
+        verify window stays in one chunk, see speculative.py), of max_tokens and of max_seq_len; 0 if the KV
+        pool cannot hold them (the row then decodes one token as usual)."""
+        r = s.request
+        if not self.spec_k or not r.output_token_ids or s.num_new != 1 or not s.completes:
+            return 0
+        start = r.num_computed  # the last committed token's position
+        k = min(self.spec_k, self.runner.chunk - 1 - start % self.runner.chunk,
+                r.params.max_tokens - len(r.output_token_ids) - 1, self.max_seq_len - r.num_tokens)
+        kv = self.runner.kv
+        if k <= 0 or not kv.can_grow(r.request_id, r.num_tokens + k):
+            return 0
+        kv.grow(r.request_id, r.num_tokens + k)
+        return k
 
     def _fail_step(self, e: Exception) -> "StepError":
         """Finish every request the failed step held (reason "error", KV freed) and drop the queued step.
@@ -167,15 +197,17 @@ class EngineCore:
                          + ("; the engine cannot continue" if fatal else ""), failed, fatal)
 
     def _launch(self, sched: list[Scheduled], plan: list[StepSeq], sampled: list[Request], pending: int,
-                feed: torch.Tensor | None = None) -> Launched:
-        rows = SamplingRows.of(sampled, pending) if sampled else None  # in the order of the logits rows
+                feed: torch.Tensor | None = None, counts: list[int] | None = None) -> Launched:
+        """counts: logits rows per sampled request (default one each)."""
+        counts = counts or [1] * len(sampled)
+        rows = SamplingRows.of(sampled, pending, counts) if sampled else None  # in the order of the logits rows
         self._collective_started = True
         self.before_step(plan, rows)
-        logits, tokens = self.runner.step(plan, rows, feed)
+        out = self.runner.step(plan, rows, feed)
         self.steps += 1
         for s in sched:
             s.request.num_computed += s.num_new
-        return Launched.queue(sched, sampled, logits, tokens)
+        return Launched.queue(sched, sampled, out.logits, out.tokens, counts, out.accepted)
 
     def _continue(self, prev: Launched) -> Launched | None:
         """Queue the decode step that follows `prev` for all its requests, before prev's tokens are read:
@@ -204,16 +236,25 @@ class EngineCore:
         if launched.tokens is None:
             return [s.request for s in launched.sched]
         done_before = {id(r) for r in launched.sampled if r.finished}  # stopped after this step was queued
-        tokens, lp = launched.results()
-        for i, r in enumerate(launched.sampled):
+        tokens, lp, accepted = launched.results()
+        row = 0
+        for j, (n, r) in enumerate(zip(launched.counts, launched.sampled)):
+            first, row = row, row + n
             if id(r) in done_before:
                 continue
-            entry = None
-            if r.params.logprobs is not None:
-                entry = {tokens[i]: lp[0][i]}
-                for tid, v in zip(lp[2][i][: r.params.logprobs], lp[1][i][: r.params.logprobs]):
-                    entry.setdefault(tid, v)
-            self._append(r, tokens[i], entry)
+            a = accepted[j] if accepted is not None else 0
+            if n > 1:
+                self.spec_stats.add(n - 1, a)
+                r.num_computed += a  # the accepted draft tokens' KV is the target's own; the rest is written over
+            for i in range(first, first + a + 1):  # stops at a stop token or string like plain decoding
+                entry = None
+                if r.params.logprobs is not None:
+                    entry = {tokens[i]: lp[0][i]}
+                    for tid, v in zip(lp[2][i][: r.params.logprobs], lp[1][i][: r.params.logprobs]):
+                        entry.setdefault(tid, v)
+                self._append(r, tokens[i], entry)
+                if r.finished:
+                    break
         return [s.request for s in launched.sched if id(s.request) not in done_before]
 
     def _append(self, r: Request, token: int, lp: dict[int, float] | None) -> None:
@@ -251,30 +292,52 @@ class Launched:
     the step is queued, before step n+1 can overwrite the graphs' static outputs."""
 
     sched: list[Scheduled]  # what ran
-    sampled: list[Request]  # one per row of tokens, in order
+    sampled: list[Request]  # the requests with rows of tokens, in order
+    counts: list[int]  # rows of tokens per sampled request (a verified draft of k tokens: k + 1)
     tokens: torch.Tensor  # [rows] on the device: feeds the next step without a host round trip
-    host: list[torch.Tensor]  # tokens (+ logprobs: chosen, top values, top ids) on the host, once `done`
+    host: list[torch.Tensor]  # tokens, accepted draft tokens (with a draft), logprobs (chosen, top values, top ids)
     done: torch.cuda.Event | None
+    speculative: bool = False
 
     @classmethod
-    def queue(cls, sched: list[Scheduled], sampled: list[Request], logits: torch.Tensor,
-              tokens: torch.Tensor | None) -> "Launched":
+    def queue(cls, sched: list[Scheduled], sampled: list[Request], logits: torch.Tensor, tokens: torch.Tensor | None,
+              counts: list[int], accepted: torch.Tensor | None = None) -> "Launched":
+        spec = accepted is not None
         if tokens is None:
-            return cls(sched, sampled, tokens, [], None)
+            return cls(sched, sampled, counts, tokens, [], None, spec)
         want = [r.params.logprobs for r in sampled if r.params.logprobs is not None]
-        out = [tokens] + (list(logprobs(logits, tokens, max(want))) if want else [])
+        out = [tokens] + ([accepted] if spec else []) + (list(logprobs(logits, tokens, max(want))) if want else [])
         if tokens.device.type != "cuda":
-            return cls(sched, sampled, tokens, out, None)
+            return cls(sched, sampled, counts, tokens, out, None, spec)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
         for h, t in zip(host, out):
             h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return cls(sched, sampled, tokens, host, done)
+        return cls(sched, sampled, counts, tokens, host, done, spec)
 
-    def results(self) -> tuple[list[int], list | None]:
-        """Token ids per row, and [chosen, top values, top ids] logprob lists if any row asked (waits)."""
+    def results(self) -> tuple[list[int], list | None, list[int] | None]:
+        """Token ids per row, [chosen, top values, top ids] logprob lists if any row asked, and accepted draft
+        tokens per sampled request with a draft (waits)."""
         if self.done is not None:
             self.done.synchronize()
         lists = [t.tolist() for t in self.host]
-        return lists[0], (lists[1:] or None)
+        accepted = lists.pop(1) if self.speculative else None
+        return lists[0], (lists[1:] or None), accepted
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Speculative decoding so far: verify rounds, draft tokens proposed and accepted. The acceptance length
+    (tokens a round yields, the bonus token included) is what EAGLE-3 papers and NVIDIA's figures quote."""
+
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def add(self, proposed: int, accepted: int) -> None:
+        self.rounds, self.proposed, self.accepted = self.rounds + 1, self.proposed + proposed, self.accepted + accepted
+
+    @property
+    def acceptance_length(self) -> float:
+        return 1 + self.accepted / max(1, self.rounds)

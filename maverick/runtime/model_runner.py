@@ -1,6 +1,8 @@
 """Owns one rank's model and KV pools; runs a step's ForwardBatch and returns logits."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from maverick_plugins import dispatch
 from maverick_plugins.dispatch import KernelOptions
@@ -13,8 +15,15 @@ from maverick.models import Llama4ForCausalLM
 
 from .batch import build_forward_batch, ring_blocks
 from .kv_cache import KVCacheManager, cdiv
+from .speculative import accept
 from .staging import take_fed_tokens, to_device
 from .step import StepSeq
+
+
+class StepOut(NamedTuple):
+    logits: torch.Tensor  # fp32 [rows, vocab]
+    tokens: torch.Tensor | None  # [rows] sampled (with sampling rows)
+    accepted: torch.Tensor | None  # [sequences with logits] draft tokens accepted (with a draft)
 
 
 class ModelRunner:
@@ -48,6 +57,16 @@ class ModelRunner:
         self.scratch_local = num_local_blocks * block_size
         self.graph_blocks = cdiv(max_seq_len, block_size)  # block-table width every graph is captured with
         self.graphs = None
+        self.spec = None  # an Eagle3Proposer once a draft is attached
+
+    def attach_draft(self, draft, max_draft_len: int) -> None:
+        """Speculative decoding with this EAGLE-3 draft (before graphs are captured: the target's forward then
+        also writes the draft's features)."""
+        from .speculative import Eagle3Proposer
+
+        if self.graphs is not None:
+            raise RuntimeError("attach the draft before capturing CUDA graphs")
+        self.spec = Eagle3Proposer(self, draft, max_draft_len)
 
     def capture_cuda_graphs(self, batch_sizes: list[int], prefill_tokens: list[int] = (),
                             progress: bool = False) -> None:
@@ -56,7 +75,8 @@ class ModelRunner:
         from .cuda_graph import StepGraphs
 
         shapes = [(b, 1) for b in batch_sizes] + [(1, t) for t in prefill_tokens if 1 < t <= self.max_seq_len]
-        self.graphs = StepGraphs(self.model, self.kv_caches, shapes, self.device)
+        verify_q = self.spec.k + 1 if self.spec is not None else 0  # with a draft: verify graphs too
+        self.graphs = StepGraphs(self.model, self.kv_caches, shapes, self.device, verify_q)
         with dispatch.use(self.kernel_options):
             self.graphs.capture(lambda shape: self._padded([], shape), progress)
 
@@ -89,13 +109,13 @@ class ModelRunner:
 
     def _padded(self, seqs: list[StepSeq], shape: tuple[int, int]):
         """seqs as a batch of a graph's shape (rows sequences x q new tokens, rows * q tokens, full-width
-        block tables, one logits row a sequence)."""
+        block tables, the graph's logits rows)."""
         rows, q = shape
         batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local,
                                     pad_batch=rows, pad_q=q, pad_global_blocks=self.graph_blocks,
                                     pad_local_blocks=ring_blocks(self.max_seq_len, self.chunk, self.block_size),
                                     pad_tokens=rows * q)
-        return batch.pad_logits(rows)
+        return batch.pad_logits(rows if self.graphs is None else self.graphs.logits_rows(shape))
 
     def stage_graph(self, seqs: list[StepSeq], shape: tuple[int, int] | int):
         """The captured graph of `shape` ((rows, q); an int: a decode graph of that many rows) with seqs
@@ -113,19 +133,24 @@ class ModelRunner:
         return self.graphs.parts_for([len(s.tokens) for s in seqs], [s.num_logits for s in seqs])
 
     def _step_parts(self, seqs: list[StepSeq], parts: list[tuple[list[int], tuple[int, int]]],
-                    rows: SamplingRows | None, feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    rows: SamplingRows | None, feed: torch.Tensor | None,
+                    feed_src: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """step() of seqs as one graph replay per part (indices into seqs, graph shape); the logits (and
         tokens) in seqs' order."""
-        first_row, n = [], 0  # each sequence's first logits row
+        first_row, first_tok, n, t = [], [], 0, 0  # each sequence's first logits row and token
         for s in seqs:
             first_row.append(n)
-            n += s.num_logits
+            first_tok.append(t)
+            n, t = n + s.num_logits, t + len(s.tokens)
         pieces = {}
         for part, shape in parts:
             sub = [seqs[i] for i in part]
             sub_rows = None if rows is None else rows.take(
                 [first_row[i] + j for i in part for j in range(seqs[i].num_logits)])
-            src = _feed_index(sub, shape[0] * shape[1]) if any(s.feed_row >= 0 for s in sub) else None
+            src = None
+            if feed_src is not None:
+                src = _pad_src([x for i in part for x in feed_src[first_tok[i]:first_tok[i] + len(seqs[i].tokens)]],
+                               shape[0] * shape[1])
             logits, tokens = self.graphs.replay(self._padded(sub, shape), sub_rows, sum(s.num_logits for s in sub),
                                                 feed, src)
             # copied before the next replay: the graphs share one memory pool, so this graph's outputs may sit
@@ -142,40 +167,55 @@ class ModelRunner:
 
     def forward(self, seqs: list[StepSeq]) -> torch.Tensor:
         """fp32 logits [sum of num_logits, vocab] for the step (KV written for every token)."""
-        return self.step(seqs, None)[0]
+        return self.step(seqs, None).logits
 
     @torch.inference_mode()
-    def step(self, seqs: list[StepSeq], rows: SamplingRows | None,
-             feed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(self, seqs: list[StepSeq], rows: SamplingRows | None, feed: torch.Tensor | None = None) -> StepOut:
         """Logits as `forward`, and with `rows` (one per logits row) the sampled tokens [rows] on the
         device. feed: the previous step's tokens on the device, for seqs whose feed_row is set (their
-        last token is taken from it). Nothing here waits for the GPU; the caller's read of the tokens does."""
+        last token is taken from it). With a draft attached, sequences with a draft_len verify that many
+        draft tokens (the draft proposes them first, on the device) and `accepted` counts them. Nothing here
+        waits for the GPU; the caller's read of the tokens does."""
         n = sum(s.num_logits for s in seqs)
         if rows is not None and len(rows) != n:
             raise ValueError(f"sampling rows: got {len(rows)}, expected one per logits row ({n})")
         fed = any(s.feed_row >= 0 for s in seqs)
         if fed and feed is None:
             raise ValueError("a sequence's feed_row is set but no previous tokens were given (feed)")
+        spec = [s for s in seqs if s.draft_len > 0]
+        if spec and self.spec is None:
+            raise ValueError("a sequence has a draft_len but no draft is attached")
+        if spec and fed:
+            raise ValueError("draft verification and fed tokens in one step (the overlap scheduler is off with a draft)")
         with dispatch.use(self.kernel_options):
-            logits, tokens = self._run(seqs, rows, feed, fed)
+            if self.spec is None:
+                out = StepOut(*self._run(seqs, rows, feed, _feed_index(seqs, 0) if fed else None), None)
+            else:
+                drafts = self.spec.propose(spec) if spec else None
+                logits, _ = self._run(seqs, None, drafts.reshape(-1) if spec else None,
+                                      _draft_index(seqs, self.spec.k) if spec else None)
+                t = None if rows is None or rows.greedy else rows.to_tensors(self.device)
+                out = StepOut(logits, *accept(logits, seqs, drafts, t, self.spec.k))
         dist.poll_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
-        return logits, tokens
+        return out
 
     def _run(self, seqs: list[StepSeq], rows: SamplingRows | None, feed: torch.Tensor | None,
-             fed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+             feed_src: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """feed_src (with feed): per token of the unpadded step, the row of feed it takes, or -1."""
         n = sum(s.num_logits for s in seqs)
         shape = self._graphable(seqs)
         parts = None if shape is not None else self._graph_parts(seqs)
+        fed = feed_src is not None
         if shape is not None:  # replay the captured graphs of the next shape up (decode, or one prompt chunk)
-            src = _feed_index(seqs, shape[0] * shape[1]) if fed else None
+            src = _pad_src(feed_src, shape[0] * shape[1]) if fed else None
             logits, tokens = self.graphs.replay(self._padded(seqs, shape), rows, n, feed, src)
         elif parts is not None:  # prompt chunks beside decode rows: a few replays instead of one eager step
-            logits, tokens = self._step_parts(seqs, parts, rows, feed)
+            logits, tokens = self._step_parts(seqs, parts, rows, feed, feed_src)
         else:
             batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local)
             inputs = batch.tensors()
             if fed:
-                inputs["feed_src"] = torch.tensor(_feed_index(seqs, batch.num_tokens), dtype=torch.long)
+                inputs["feed_src"] = torch.tensor(feed_src, dtype=torch.long)
             inputs = to_device(inputs, self.device)
             if fed:
                 take_fed_tokens(inputs["input_ids"], inputs.pop("feed_src"), feed)
@@ -187,11 +227,27 @@ class ModelRunner:
 
 
 def _feed_index(seqs: list[StepSeq], num_tokens: int) -> list[int]:
-    """Per token of the step: the row of the previous step's tokens it takes, or -1 (host token)."""
-    src, t = [-1] * num_tokens, 0
+    """Per token of the step (at least num_tokens, padding -1): the row of the previous step's tokens it
+    takes, or -1 (host token)."""
+    src, t = [-1] * max(num_tokens, sum(len(s.tokens) for s in seqs)), 0
     for s in seqs:
         t += len(s.tokens)
         if s.feed_row >= 0:
             src[t - 1] = s.feed_row
     return src
+
+
+def _draft_index(seqs: list[StepSeq], k: int) -> list[int]:
+    """Per token of the step: the entry of the flattened draft tokens [verified sequences, k] it takes, or -1."""
+    src, j = [], 0
+    for s in seqs:
+        src += [-1] * len(s.tokens)
+        if s.draft_len:
+            src[len(src) - s.draft_len:] = range(j * k, j * k + s.draft_len)
+            j += 1
+    return src
+
+
+def _pad_src(src: list[int], num_tokens: int) -> list[int]:
+    return src + [-1] * (num_tokens - len(src))
 

@@ -60,6 +60,7 @@ class Request:
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""
     num_computed: int = 0  # tokens whose KV is in the cache
+    draft_start: int = 0  # with speculative decoding: the first position whose target features the draft has not run
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

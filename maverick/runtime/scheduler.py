@@ -50,7 +50,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req.request_id)
-        req.num_computed, req.status = 0, Status.WAITING
+        req.num_computed, req.draft_start, req.status = 0, 0, Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 

@@ -31,3 +31,8 @@ class StepSeq:
     blocks: SeqBlocks
     num_logits: int = 1  # logits for the last n new tokens (n > 1: verifying draft tokens)
     feed_row: int = -1  # >= 0: the last token is row feed_row of the previous step's samples (on the GPU)
+    # speculative decoding (maverick/runtime/speculative.py): tokens = [last committed] + draft_len placeholders
+    # the draft fills on the device; the draft first runs over draft_tokens at positions draft_start..start-1
+    draft_len: int = 0
+    draft_start: int = 0
+    draft_tokens: list[int] | None = None

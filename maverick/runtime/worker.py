@@ -13,17 +13,20 @@ STOP = "stop"
 
 
 def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: bool = True):
-    from .engine_loader import load_rank_model
+    from .engine_loader import load_draft, load_rank_model
     from .model_runner import ModelRunner
 
     b = cfg.build
     b.check_device(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     model = load_rank_model(engine_dir, cfg, rank, device, progress=rank == 0)
     dist.enable_fused_all_reduce(model, device)
+    draft = load_draft(engine_dir, cfg, device)
     global_blocks, local_blocks = b.kv_pool_blocks(cfg.model)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device, num_global_blocks=global_blocks,
                          num_local_blocks=local_blocks)
+    if draft is not None:
+        runner.attach_draft(draft, cfg.speculative.max_draft_len)
     if device.type == "cuda":
         runner.warmup(b.max_num_tokens)
     if cuda_graphs and device.type == "cuda":
@@ -46,7 +49,7 @@ def serve_steps(runner) -> None:
         if isinstance(msg, str) and msg == STOP:
             return
         plan, rows = msg
-        _, tokens = runner.step(plan, rows, tokens)
+        tokens = runner.step(plan, rows, tokens).tokens
 
 
 def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
