@@ -66,6 +66,40 @@ def test_nvidia_format_loads_into_the_draft(tmp_path):
     assert (ids >= torch.arange(cfg.draft_vocab_size)).all() and (ids < TARGET.vocab_size).all()
 
 
+def test_vocab_parallel_draft_head_proposes_the_whole_heads_argmax(tmp_path, monkeypatch):
+    """lm_head split by vocabulary rows over 3 ranks (the last one padded): each rank's (max, index) pairs,
+    exchanged, give the unsplit head's argmax and its target ids; logits gathered are the whole head's."""
+    from maverick import distributed as dist
+
+    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d"), TARGET, torch.float32)
+    whole = Eagle3Draft(cfg, torch.float32)
+    whole.load_state_dict(weights)
+    assert cfg.draft_vocab_size % 3
+    ranks = []
+    for r in range(3):
+        d = Eagle3Draft(cfg, torch.float32, tp_size=3, tp_rank=r)
+        d.load_state_dict({**weights, "lm_head": d.shard_lm_head(weights["lm_head"])})
+        ranks.append(d)
+    out = torch.randn(40, H, generator=torch.Generator().manual_seed(1))
+    sent = {}
+
+    def gather_of(rank):  # what each rank contributes, then all of them in rank order
+        def gather(x, dim=-1):
+            sent[rank] = x
+            return x if len(sent) < 3 else torch.cat([sent[i] for i in range(3)], dim=dim)
+        return gather
+
+    for r in (1, 2, 0):  # rank 0 last: it sees every rank's pairs
+        monkeypatch.setattr(dist, "all_gather", gather_of(r))
+        got = ranks[r].propose(out)
+    assert torch.equal(got, whole.target_ids(whole.logits(out).argmax(dim=-1)))
+    sent.clear()
+    for r in (1, 2, 0):
+        monkeypatch.setattr(dist, "all_gather", gather_of(r))
+        logits = ranks[r].logits(out)
+    assert torch.allclose(logits, whole.logits(out), atol=1e-5)
+
+
 def test_default_aux_layers_are_nvidias_for_maverick():
     assert Eagle3Config.default_aux_layer_ids(48) == (1, 23, 44)
 

@@ -2,10 +2,11 @@
 
 A round is one draft extend over the accepted positions (at most K+1 tokens), K-1 one-token draft steps and
 one target verify step of K+1 tokens. Each part is timed from its own CUDA graph (CUDA events, median):
-the verify step as the target's (1, K+1) graph, the draft steps as graphs of the draft network (decoder
-layer, norm, lm_head, argmax) at NVIDIA's Maverick draft shapes with random weights, replicated unsharded
-as the engine keeps it today. Tokens/s per user = acceptance length / round time, at the acceptance lengths
-published for Maverick at K=3 (2.37, 2.94, 3.08) or any given with --acceptance.
+the verify step as the engine's verify graph (1, K+1) (every token's logits, the draft's features written), the draft steps as graphs of the draft network (decoder
+layer, norm, lm_head, argmax) at NVIDIA's Maverick draft shapes with random weights, split as the engine
+splits it (the layer replicated, lm_head by vocabulary rows; the ranks' argmax exchange is not run).
+Tokens/s per user = acceptance length / round time, at the acceptance lengths published for Maverick at
+K=3 (2.37, 2.94, 3.08) or any given with --acceptance.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def maverick_draft_config(cfg: ModelConfig, intermediate: int) -> Eagle3Config:
                         rope_theta=cfg.rope_theta)
 
 
-def synthetic_draft(dcfg: Eagle3Config, device: torch.device) -> Eagle3Draft:
+def synthetic_draft(dcfg: Eagle3Config, device: torch.device, tp_size: int = 1) -> Eagle3Draft:
+    """Random weights at dcfg's shapes; lm_head rank 0's 1/tp_size of the vocabulary (the engine's split)."""
     with torch.device("meta"):
-        draft = Eagle3Draft(dcfg, torch.bfloat16)
+        draft = Eagle3Draft(dcfg, torch.bfloat16, tp_size)
     draft = draft.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(5)
     for name, t in draft.state_dict().items():
@@ -53,13 +55,15 @@ def synthetic_draft(dcfg: Eagle3Config, device: torch.device) -> Eagle3Draft:
     return draft.eval()
 
 
-def verify_ms(runner: ModelRunner, k: int, context: int) -> float:
-    """The target's step over K+1 new tokens of one sequence at `context`, from its (1, K+1) graph."""
-    runner.capture_cuda_graphs([], [k + 1])
-    seq = StepSeq(40_000, list(range(1, k + 2)), context, runner.kv.grow(40_000, context + k + 1))
+def verify_ms(runner: ModelRunner, draft: Eagle3Draft, k: int, context: int) -> float:
+    """The target's verify step over K+1 new tokens of one sequence at `context`, from the engine's (1, K+1)
+    verify graph (logits of every token, the draft's fused features written to its cache)."""
+    runner.attach_draft(draft, k)
+    runner.capture_cuda_graphs([1])
+    seq = StepSeq(40_000, list(range(1, k + 2)), context, runner.kv.grow(40_000, context + k + 1), num_logits=k + 1)
     ms = median_ms(runner.stage_graph([seq], (1, k + 1)).replay, iters=30)
     runner.kv.free(40_000)
-    runner.graphs = None
+    runner.graphs = runner.spec = runner.model.feature_sink = None
     return ms
 
 
@@ -76,7 +80,7 @@ def draft_ms(draft: Eagle3Draft, runner: ModelRunner, tokens: int, context: int)
 
     def step():
         out = draft(runner.model.embed(batch.input_ids), h, batch, cache)
-        return draft.target_ids(draft.logits(out[batch.logits_indices]).argmax(dim=-1))
+        return draft.propose(out[batch.logits_indices])
 
     with torch.inference_mode(), dispatch.use(runner.kernel_options):
         for _ in range(2):
@@ -119,18 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=1, block_size=64, device=device,
                          num_global_blocks=g, num_local_blocks=loc)
     plain = decode_step(runner, cfg, build, 1, a.context, bw, a.tp_size)
-    draft = synthetic_draft(maverick_draft_config(cfg, a.draft_intermediate), device)
+    draft = synthetic_draft(maverick_draft_config(cfg, a.draft_intermediate), device, a.tp_size)
     dbytes = sum(t.numel() * t.element_size() for t in draft.state_dict().values())
     one = draft_ms(draft, runner, 1, a.context)
     print(f"plain decode step (batch 1): {plain.step_ms:.3f} ms ({plain.tokens_per_s_per_user:.1f} tok/s/user); "
-          f"draft step (1 token): {one:.3f} ms for {dbytes / 1e9:.2f} GB of replicated draft weights "
-          f"(floor {dbytes / bw * 1e3:.3f} ms)", flush=True)
+          f"draft step (1 token): {one:.3f} ms for {dbytes / 1e9:.2f} GB of draft weights a rank (layer "
+          f"replicated, lm_head 1/{a.tp_size} of the vocabulary; floor {dbytes / bw * 1e3:.3f} ms)", flush=True)
     rows = []
     print("| K | verify ms | draft extend (K+1 tokens) ms | draft chain ms | round ms | "
           + " | ".join(f"tok/s/user at {x}" for x in accs) + " |")
     print("|---|---|---|---|---|" + "---|" * len(accs))
     for k in ks:
-        ver = verify_ms(runner, k, a.context) + 96 * a.allreduce_us / 1e3
+        ver = verify_ms(runner, draft, k, a.context) + 96 * a.allreduce_us / 1e3
         ext = draft_ms(draft, runner, k + 1, a.context)
         chain = (k - 1) * one
         rnd = ver + ext + chain

@@ -4,6 +4,11 @@ Step 1 of a draft chain fuses the target's hidden states at three layers (`fc`: 
 steps feed the draft's own output hidden state instead. Logits come from lm_head(norm(out)) over the draft
 vocabulary; draft id d is target id d + d2t[d]. Parameter names are the checkpoint's (NVIDIA's
 LlamaForCausalLMEagle3), with q|k|v and gate|up fused.
+
+Under tensor parallelism the layer is replicated (one layer: small) but lm_head is split by vocabulary rows:
+NVIDIA's Maverick head keeps the full 202,048-token vocabulary, 2.07 GB in bf16, which a draft step would
+read whole on every rank (0.43 ms of H200 bandwidth, more than the rest of the step). Each rank reads its
+1/tp and the ranks agree on the argmax by exchanging one (max, index) pair per row.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maverick import distributed as dist
 from maverick.config import Eagle3Config
 from maverick.layers.eagle3_layer import Eagle3DecoderLayer, frozen
 from maverick.layers.forward_batch import ForwardBatch
@@ -18,13 +24,14 @@ from maverick.layers.norm import RMSNorm
 
 
 class Eagle3Draft(nn.Module):
-    def __init__(self, cfg: Eagle3Config, dtype: torch.dtype):
+    def __init__(self, cfg: Eagle3Config, dtype: torch.dtype, tp_size: int = 1, tp_rank: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp_size, self.tp_rank = cfg, tp_size, tp_rank
         self.fc = frozen(cfg.hidden_size, 3 * cfg.target_hidden_size, dtype=dtype)
         self.midlayer = Eagle3DecoderLayer(cfg, dtype)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = frozen(cfg.draft_vocab_size, cfg.hidden_size, dtype=dtype)
+        self.vocab_rows = -(-cfg.draft_vocab_size // tp_size)  # this rank's rows; the last rank's padded
+        self.lm_head = frozen(self.vocab_rows, cfg.hidden_size, dtype=dtype)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -41,9 +48,32 @@ class Eagle3Draft(nn.Module):
         the previous draft step's output). Returns [T, H] before the final norm: the next step's h."""
         return self.midlayer(embeds, h, batch, kv_cache)
 
+    def shard_lm_head(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the checkpoint's lm_head [draft_vocab_size, H] (zero rows past the vocabulary)."""
+        rows = full[self.tp_rank * self.vocab_rows:(self.tp_rank + 1) * self.vocab_rows]
+        return F.pad(rows, (0, 0, 0, self.vocab_rows - rows.shape[0]))
+
     def logits(self, out: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, draft_vocab_size] of output rows out [N, H]."""
-        return F.linear(self.norm(out), self.lm_head).float()
+        """fp32 logits [N, draft_vocab_size] of output rows out [N, H] (this rank's columns with tp_size > 1
+        and no process group: one-rank benchmarks)."""
+        local = F.linear(self.norm(out), self.lm_head).float()
+        if self.tp_size == 1:
+            return local
+        return dist.all_gather(local, dim=-1)[:, :self.cfg.draft_vocab_size]
+
+    def propose(self, out: torch.Tensor) -> torch.Tensor:
+        """Target ids [N] of the draft's argmax over output rows out [N, H]: each rank's best of its rows, then
+        the best of the ranks' (value, global index) pairs (the lowest index on ties, like argmax)."""
+        local = F.linear(self.norm(out), self.lm_head).float()
+        if self.tp_size > 1:
+            col = torch.arange(local.shape[1], device=local.device) + self.tp_rank * self.vocab_rows
+            local = local.masked_fill(col >= self.cfg.draft_vocab_size, float("-inf"))
+        best, idx = local.max(dim=-1)
+        if self.tp_size > 1:
+            pairs = dist.all_gather(torch.stack([best, (idx + self.tp_rank * self.vocab_rows).float()], -1), dim=-1)
+            pairs = pairs.view(out.shape[0], -1, 2)  # [N, ranks, (value, index)]; indices < 2**24 are exact
+            idx = pairs[:, :, 1].gather(1, pairs[:, :, 0].argmax(dim=1, keepdim=True))[:, 0].long()
+        return self.target_ids(idx)
 
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft vocabulary ids to the target's."""

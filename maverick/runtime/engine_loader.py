@@ -41,16 +41,21 @@ def load_rank_model(engine_dir: str | Path, cfg: EngineConfig, rank: int, device
     return model.to(device).eval()
 
 
-def load_draft(engine_dir: str | Path, cfg: EngineConfig, device: torch.device) -> Eagle3Draft | None:
-    """The engine's EAGLE-3 draft (the same on every rank), or None without speculative_config."""
+def load_draft(engine_dir: str | Path, cfg: EngineConfig, device: torch.device, rank: int = 0) -> Eagle3Draft | None:
+    """The engine's EAGLE-3 draft for this rank (the layer whole, lm_head's rows of this rank: read as a slice
+    of draft.safetensors), or None without speculative_config."""
     if cfg.speculative is None:
         return None
     path = Path(engine_dir) / DRAFT_FILE
+    dcfg, dtype, tp = cfg.speculative.draft, torch_dtype(cfg.build.dtype), cfg.build.tp_size
     with torch.device("meta"):
-        draft = Eagle3Draft(cfg.speculative.draft, torch_dtype(cfg.build.dtype))
-    expected = {n: (tuple(t.shape), SAFETENSORS_DTYPE[str(t.dtype)]) for n, t in draft.state_dict().items()}
+        whole = Eagle3Draft(dcfg, dtype)
+        draft = Eagle3Draft(dcfg, dtype, tp, rank)
+    expected = {n: (tuple(t.shape), SAFETENSORS_DTYPE[str(t.dtype)]) for n, t in whole.state_dict().items()}
     check_tensors(path, expected)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys() if name != "lm_head"}
+        rows = draft.vocab_rows
+        tensors["lm_head"] = draft.shard_lm_head(f.get_slice("lm_head")[rank * rows:(rank + 1) * rows])
     draft.load_state_dict(tensors, strict=True, assign=True)
     return draft.to(device).eval()

@@ -77,7 +77,7 @@ class Eagle3Proposer:
         """(target ids proposed from each sequence's last row, every row's output feature)."""
         d = self.draft
         out = d(self.runner.model.embed(batch.input_ids), h, batch, self.kv)
-        return d.target_ids(d.logits(out[batch.logits_indices]).argmax(dim=-1)), out
+        return d.propose(out[batch.logits_indices]), out
 
     def _draft_chain(self, seqs: list[StepSeq]) -> torch.Tensor:
         """Draft tokens [n, k] (target ids, on the device; row j holds seqs[j].draft_len of them) for the

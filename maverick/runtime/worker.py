@@ -20,7 +20,7 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     b.check_device(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     model = load_rank_model(engine_dir, cfg, rank, device, progress=rank == 0)
     dist.enable_fused_all_reduce(model, device)
-    draft = load_draft(engine_dir, cfg, device)
+    draft = load_draft(engine_dir, cfg, device, rank)
     global_blocks, local_blocks = b.kv_pool_blocks(cfg.model)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device, num_global_blocks=global_blocks,
