@@ -300,6 +300,23 @@ def test_greedy_speculation_with_a_random_draft_equals_plain_decoding(spec_parts
     assert st.rounds > 30 and st.proposed >= st.rounds and st.accepted < st.proposed
 
 
+def test_draft_tokens_count_against_max_num_tokens(spec_parts):
+    """Every step's tokens, verify windows included, stay within max_num_tokens (TensorRT-LLM counts draft
+    tokens too): rows get shorter drafts, or none, when the budget runs out; the output is unchanged."""
+    ckpt, draft, prompts, base = spec_parts
+    runner = _spec_runner(ckpt, draft, 3)
+    sizes, step = [], runner.step
+
+    def counted(plan, rows, feed=None):
+        sizes.append(sum(len(s.tokens) for s in plan))
+        return step(plan, rows, feed)
+
+    runner.step = counted
+    reqs, engine = _generate(runner, prompts, _greedy_params(), max_num_tokens=6)
+    assert [r.output_token_ids for r in reqs] == base
+    assert max(sizes) == 6 and engine.spec_stats.proposed > engine.spec_stats.rounds
+
+
 def _oracle(prompts, base, wrong_every: int = 3):
     """A proposer that knows the plain continuation of every prompt and makes every third proposal wrong."""
     calls = [0]
@@ -512,3 +529,44 @@ def test_shipped_head_of_the_bundled_model_is_accepted_on_held_out_text():
     runner.attach_draft(draft, 3)
     _, engine = _generate(runner, prompts, _greedy_params(48), max_num_tokens=256)
     assert engine.spec_stats.acceptance_length > 1.6, engine.spec_stats
+
+
+@pytest.mark.gpu
+def test_round_graphs_on_gpu_with_the_trained_head(tmp_path):
+    """The bundled model (fp32) and its head on the GPU, CUDA graphs captured with the draft: steady rounds
+    replay the round graph; greedy output equals plain decoding on the same GPU (same graphs minus the draft)
+    and rounds yield well over one token."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from maverick.builder.from_checkpoint import load_model_from_checkpoint
+    from maverick.checkpoint import open_checkpoint
+    from maverick.models import ModelSpec
+    from maverick.runtime.model_runner import ModelRunner
+
+    data = Path(__file__).resolve().parent.parent / "maverick" / "data"
+    reader = open_checkpoint(data / "shakespeare")
+    cfg, weights = read_eagle3(data / "shakespeare_eagle3", reader.config, torch.float32)
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights)
+    draft = draft.to("cuda")
+    tok = AutoTokenizer.from_pretrained(data / "shakespeare")
+    test = tok((data / "shakespeare" / "test.txt").read_text()[:40000], add_special_tokens=False)["input_ids"]
+    prompts = [test[i * 3000:i * 3000 + 64] for i in range(3)]
+
+    def runner(k=0):
+        model = load_model_from_checkpoint(reader, ModelSpec(dtype=torch.float32)).to("cuda")
+        r = ModelRunner(model, max_seq_len=192, max_batch_size=4, block_size=16, device="cuda")
+        if k:
+            r.attach_draft(draft, k)
+        r.capture_cuda_graphs([1, 2, 4], [16, 32, 64])
+        return r
+
+    base = [q.output_token_ids for q in _generate(runner(), prompts, _greedy_params(96), max_num_tokens=256)[0]]
+    spec = runner(3)
+    used, replay = [], spec.rounds.replay
+    spec.rounds.replay = lambda seqs, rows: used.append(len(seqs)) or replay(seqs, rows)
+    reqs, engine = _generate(spec, prompts, _greedy_params(96), max_num_tokens=256)
+    assert [q.output_token_ids for q in reqs] == base
+    assert engine.spec_stats.acceptance_length > 1.8 and sum(used) > engine.spec_stats.rounds / 2

@@ -229,3 +229,86 @@ def test_speculative_steps_padded_to_verify_graphs_equal_plain_decoding(tiny_ckp
     # every third proposal wrong, three a round: the wrong one sits at the same place most rounds (1.41)
     assert [r.output_token_ids for r in reqs] == base and engine.spec_stats.acceptance_length > 1.3
     assert {(2, 4), (4, 4)} & set(runner.graphs.replays) and (1, 16) in runner.graphs.replays
+
+
+class _EagerRounds:
+    """A CPU stand-in for RoundGraphs' capture: each 'replay' runs the round's body over its static inputs."""
+
+    @staticmethod
+    def install(runner, batch_sizes):
+        from maverick.runtime.speculative import RoundGraphs
+
+        rounds = RoundGraphs(runner, runner.spec)
+        for rows in batch_sizes:
+            staged, body = rounds._prepare(rows)
+            rounds.graphs[rows] = (body, staged)
+        runner.rounds = rounds
+        return rounds
+
+
+def test_steady_rounds_in_one_round_graph_equal_plain_decoding(tiny_ckpt):
+    """Steady rounds (every row drafting max_draft_len, the draft catching up over at most k + 1 positions)
+    replay the round graph: draft extend, chain and verify over static, padded inputs (run eagerly here);
+    the other rounds fall back to the eager draft. Exactly plain greedy decoding, and the round graph ran."""
+    from test_eagle3 import PROMPT_LENGTHS, _generate, _greedy_params, _random_draft
+
+    prompts = [prompt_ids(n, seed=i + 1) for i, n in enumerate(PROMPT_LENGTHS)]
+    base = [r.output_token_ids for r in _generate(runner_for(tiny_ckpt, max_seq_len=128), prompts,
+                                                   _greedy_params())[0]]
+    for k in (1, 3):
+        runner = runner_for(tiny_ckpt, max_seq_len=128)
+        runner.attach_draft(_random_draft(), k)
+        runner.graphs = _EagerGraphs(runner, [1, 2, 4], [16, 32], verify_q=k + 1)
+        rounds = _EagerRounds.install(runner, [1, 2, 4])
+        used = []
+        replay = rounds.replay
+        rounds.replay = lambda seqs, rows: used.append((len(seqs), rows)) or replay(seqs, rows)
+        reqs, engine = _generate(runner, prompts, _greedy_params())
+        assert [r.output_token_ids for r in reqs] == base
+        assert sum(n for n, _ in used) > engine.spec_stats.rounds / 2  # rounds that ran in the graph
+        assert {rows for _, rows in used} <= {1, 2, 4} and all(n <= rows for n, rows in used)
+
+
+def test_round_graph_with_the_trained_head_accepts_and_equals_plain_decoding():
+    """The bundled model and its trained head: accepted runs make the draft catch up over several positions
+    in the round graph's extend (padded to k + 1); still plain greedy decoding, well over a token a round."""
+    from pathlib import Path
+
+    import torch
+    from test_eagle3 import _generate, _greedy_params
+
+    from maverick.builder.from_checkpoint import load_model_from_checkpoint
+    from maverick.checkpoint import open_checkpoint
+    from maverick.checkpoint.eagle3 import read_eagle3
+    from maverick.models import ModelSpec
+    from maverick.models.eagle3 import Eagle3Draft
+    from maverick.runtime.model_runner import ModelRunner
+
+    data = Path(__file__).resolve().parent.parent / "maverick" / "data"
+    reader = open_checkpoint(data / "shakespeare")
+    cfg, weights = read_eagle3(data / "shakespeare_eagle3", reader.config, torch.float32)
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(weights)
+    text = (data / "shakespeare" / "test.txt").read_bytes()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(data / "shakespeare")
+    prompts = [tok.encode(text[i:i + 400].decode("utf-8", "ignore"), add_special_tokens=False)[:48]
+               for i in (1000, 30000)]
+
+    def runner(k=0):
+        r = ModelRunner(load_model_from_checkpoint(reader, ModelSpec(dtype=torch.float32)), max_seq_len=96,
+                        max_batch_size=2, block_size=16)
+        if k:
+            r.attach_draft(draft, k)
+            r.graphs = _EagerGraphs(r, [1, 2], [16, 32, 64], verify_q=k + 1)
+            _EagerRounds.install(r, [1, 2])
+        return r
+
+    base = [q.output_token_ids for q in _generate(runner(), prompts, _greedy_params(32), max_num_tokens=128)[0]]
+    spec = runner(3)
+    used, replay = [], spec.rounds.replay
+    spec.rounds.replay = lambda seqs, rows: used.append(max(len(s.draft_tokens) for s in seqs)) or replay(seqs, rows)
+    reqs, engine = _generate(spec, prompts, _greedy_params(32), max_num_tokens=128)
+    assert [q.output_token_ids for q in reqs] == base and engine.spec_stats.acceptance_length > 1.5
+    assert max(used) > 1  # the graph's extend caught up over an accepted run

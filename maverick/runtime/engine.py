@@ -41,6 +41,7 @@ class EngineCore:
         self.before_step = before_step or (lambda plan, rows: None)
         self.failed: str | None = None  # set once a step failed in a way the engine cannot recover from
         self._touched: list[Request] = []
+        self._draft_budget = 0
         self._collective_started = False
         self._next_id = 0
         self.steps = 0
@@ -139,6 +140,8 @@ class EngineCore:
                     raise RuntimeError("scheduler made no progress: the KV pool cannot hold any waiting request")
                 return []
             self._touched += [s.request for s in sched]
+            # draft tokens count against max_num_tokens like TensorRT-LLM's: what the scheduled tokens leave
+            self._draft_budget = self.scheduler.max_num_tokens - sum(s.num_new for s in sched)
             plan = [self._plan(s) for s in sched]
             self._in_flight = self._launch(sched, plan, [s.request for s in sched if s.completes], pending=0,
                                            counts=[p.num_logits for p in plan if p.num_logits])
@@ -162,18 +165,20 @@ class EngineCore:
 
     def _draft_len(self, s: Scheduled) -> int:
         """Draft tokens a decode row verifies this step: spec_k, fewer at the end of an attention chunk (the
-        verify window stays in one chunk, see speculative.py), of max_tokens and of max_seq_len; 0 if the KV
-        pool cannot hold them (the row then decodes one token as usual)."""
+        verify window stays in one chunk, see speculative.py), of max_tokens, of max_seq_len and of the step's
+        token budget left; 0 if the KV pool cannot hold them (the row then decodes one token as usual)."""
         r = s.request
         if not self.spec_k or not r.output_token_ids or s.num_new != 1 or not s.completes:
             return 0
         start = r.num_computed  # the last committed token's position
         k = min(self.spec_k, self.runner.chunk - 1 - start % self.runner.chunk,
-                r.params.max_tokens - len(r.output_token_ids) - 1, self.max_seq_len - r.num_tokens)
+                r.params.max_tokens - len(r.output_token_ids) - 1, self.max_seq_len - r.num_tokens,
+                self._draft_budget)
         kv = self.runner.kv
         if k <= 0 or not kv.can_grow(r.request_id, r.num_tokens + k):
             return 0
         kv.grow(r.request_id, r.num_tokens + k)
+        self._draft_budget -= k
         return k
 
     def _fail_step(self, e: Exception) -> "StepError":

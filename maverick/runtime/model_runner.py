@@ -58,6 +58,7 @@ class ModelRunner:
         self.graph_blocks = cdiv(max_seq_len, block_size)  # block-table width every graph is captured with
         self.graphs = None
         self.spec = None  # an Eagle3Proposer once a draft is attached
+        self.rounds = None  # RoundGraphs (CUDA, with a draft): a steady speculative round in one graph
 
     def attach_draft(self, draft, max_draft_len: int) -> None:
         """Speculative decoding with this EAGLE-3 draft (before graphs are captured: the target's forward then
@@ -79,6 +80,11 @@ class ModelRunner:
         self.graphs = StepGraphs(self.model, self.kv_caches, shapes, self.device, verify_q)
         with dispatch.use(self.kernel_options):
             self.graphs.capture(lambda shape: self._padded([], shape), progress)
+            if self.spec is not None:
+                from .speculative import RoundGraphs
+
+                self.rounds = RoundGraphs(self, self.spec)
+                self.rounds.capture(batch_sizes)
 
     @torch.inference_mode()
     def warmup(self, max_num_tokens: int) -> None:
@@ -102,7 +108,7 @@ class ModelRunner:
         forever with the graphs alive: TP2 on 2xH100)."""
         import gc
 
-        self.graphs = None
+        self.graphs = self.rounds = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -191,9 +197,13 @@ class ModelRunner:
             if self.spec is None:
                 out = StepOut(*self._run(seqs, rows, feed, _feed_index(seqs, 0) if fed else None), None)
             else:
-                drafts = self.spec.propose(spec) if spec else None
-                logits, _ = self._run(seqs, None, drafts.reshape(-1) if spec else None,
-                                      _draft_index(seqs, self.spec.k) if spec else None)
+                rows_of_graph = self.rounds.fits(seqs) if self.rounds is not None and spec else None
+                if rows_of_graph is not None and self.spec.propose == self.spec._draft_chain:
+                    drafts, logits = self.rounds.replay(seqs, rows_of_graph)
+                else:
+                    drafts = self.spec.propose(spec) if spec else None
+                    logits, _ = self._run(seqs, None, drafts.reshape(-1) if spec else None,
+                                          _draft_index(seqs, self.spec.k) if spec else None)
                 t = None if rows is None or rows.greedy else rows.to_tensors(self.device)
                 out = StepOut(logits, *accept(logits, seqs, drafts, t, self.spec.k))
         dist.poll_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang

@@ -90,14 +90,29 @@ class Eagle3Proposer:
         feats = rows[extend.logits_indices]  # each sequence's last output feature: the chain's input
         for depth in range(1, max(s.draft_len for s in seqs)):
             more = [j for j, s in enumerate(seqs) if s.draft_len > depth]
-            idx = torch.tensor(more, device=dev)
             batch = self._batch([StepSeq(seqs[j].seq_id, [0], seqs[j].start + depth - 1, seqs[j].blocks)
                                  for j in more])
+            if len(more) == len(seqs):  # every row goes on (the usual case): no gather
+                batch.input_ids = out[:, depth - 1]
+                out[:, depth], feats = self._run(batch, feats)
+                continue
+            idx = to_device({"idx": torch.tensor(more)}, dev)["idx"]  # pinned copy: no stream sync
             batch.input_ids = out[idx, depth - 1]
             ids, rows = self._run(batch, feats[idx])
             out[idx, depth] = ids
             feats = feats.index_copy(0, idx, rows)
         return out
+
+    def full_chain(self, extend: ForwardBatch, chain: list[ForwardBatch]) -> torch.Tensor:
+        """Draft tokens [rows, k] when every row drafts k (a round graph's body): the extend batch, then the
+        k - 1 one-token batches (their input ids are filled here, from the previous depth's proposals)."""
+        ids, rows = self._run(extend, self.sink.cache[extend.global_slots])
+        feats, out = rows[extend.logits_indices], [ids]
+        for batch in chain:
+            batch.input_ids.copy_(out[-1])
+            ids, feats = self._run(batch, feats)
+            out.append(ids)
+        return torch.stack(out, dim=1)
 
 
 def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | None, t: SamplingTensors | None,
@@ -141,3 +156,87 @@ def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | Non
     checks = ok[segs.clamp(min=0)] & (segs >= 0)
     accepted = checks.long().cumprod(dim=1).sum(dim=1)  # the leading run of acceptances
     return out, accepted
+
+
+class RoundGraphs:
+    """On CUDA, a steady round as one graph per decode batch size: the draft's extend and chain, the draft
+    tokens written into the verify inputs, the target's verify forward (rows x (k + 1) tokens, every token's
+    logits). Steady: every sequence verifies k = max_draft_len tokens and the draft catches up over at most
+    k + 1 positions (all rounds but the first after a prompt and those a chunk end or max_tokens cuts short,
+    which run the draft eagerly and replay the verify graph). One launch instead of k draft forwards
+    (about 20 kernels each) and the verify graph."""
+
+    def __init__(self, runner, proposer: Eagle3Proposer):
+        self.runner, self.p, self.k = runner, proposer, proposer.k
+        self.graphs: dict[int, tuple] = {}  # rows -> (run: replay -> (drafts, logits), staged inputs)
+        self.pool = None
+
+    def fits(self, seqs: list[StepSeq]) -> int | None:
+        """The graph's batch size for this step, or None."""
+        k = self.k
+        if not all(s.draft_len == k and len(s.draft_tokens) <= k + 1 for s in seqs):
+            return None
+        return next((b for b in sorted(self.graphs) if b >= len(seqs)), None)
+
+    def _batches(self, seqs: list[StepSeq], rows: int) -> dict[str, ForwardBatch]:
+        """The round's inputs padded to `rows` sequences (CPU): draft extend, chain depths 1..k-1, verify."""
+        r, k = self.runner, self.k
+        wide = dict(pad_batch=rows, pad_global_blocks=r.graph_blocks)
+
+        def draft(steps, q):
+            steps = [StepSeq(s.seq_id, toks, start, SeqBlocks(s.blocks.global_blocks, [])) for s, toks, start in steps]
+            b = build_forward_batch(steps, r.block_size, r.chunk, r.scratch_global, r.scratch_local, pad_q=q,
+                                    pad_tokens=rows * q, **wide)
+            return b.pad_logits(rows)
+
+        out = {"extend": draft([(s, s.draft_tokens, s.draft_start) for s in seqs], k + 1)}
+        for d in range(1, k):
+            out[f"chain{d}"] = draft([(s, [0], s.start + d - 1) for s in seqs], 1)
+        out["verify"] = r._padded(seqs, (rows, k + 1))
+        return out
+
+    def _prepare(self, rows: int):
+        """Static inputs of a `rows` graph (staged, one int64 buffer) and the round's body over them."""
+        from .staging import Staged
+
+        r, k = self.runner, self.k
+        protos = self._batches([], rows)
+        staged = Staged({f"{n}.{f}": tuple(t.shape) for n, b in protos.items() for f, t in b.tensors().items()},
+                        torch.int64, r.device)
+        self._write(staged, protos)
+        views = {n: ForwardBatch(**{f: staged.views[f"{n}.{f}"] for f in b.tensors()}) for n, b in protos.items()}
+
+        def body() -> tuple[torch.Tensor, torch.Tensor]:
+            drafts = self.p.full_chain(views["extend"], [views[f"chain{d}"] for d in range(1, k)])
+            views["verify"].input_ids.view(rows, k + 1)[:, 1:].copy_(drafts)
+            return drafts, r.model(views["verify"], r.kv_caches)
+
+        return staged, body
+
+    def capture(self, batch_sizes: list[int]) -> None:
+        r = self.runner
+        for rows in sorted(batch_sizes, reverse=True):  # largest first: the smaller reuse its memory pool
+            staged, body = self._prepare(rows)
+            with torch.inference_mode():
+                for _ in range(2):  # compile the Triton kernels and warm the allocator outside capture
+                    body()
+                torch.cuda.synchronize(r.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = body()
+                self.pool = graph.pool()
+            self.graphs[rows] = (lambda g=graph, o=out: (g.replay(), o)[1], staged)
+
+    @staticmethod
+    def _write(staged, batches: dict[str, ForwardBatch]) -> None:
+        for n, b in batches.items():
+            for f, t in b.tensors().items():
+                staged.write(f"{n}.{f}", t)
+        staged.upload()
+
+    def replay(self, seqs: list[StepSeq], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft tokens [rows, k], logits of the step's rows) on the device, valid until the next replay."""
+        run, staged = self.graphs[rows]
+        self._write(staged, self._batches(seqs, rows))
+        drafts, logits = run()
+        return drafts, logits[:sum(s.num_logits for s in seqs)]
