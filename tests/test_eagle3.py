@@ -69,7 +69,8 @@ def test_nvidia_format_loads_into_the_draft(tmp_path):
 def test_vocab_parallel_draft_head_proposes_the_whole_heads_argmax(tmp_path, monkeypatch):
     """lm_head split by vocabulary rows over 3 ranks (the last one padded): each rank's (max, index) pairs,
     exchanged, give the unsplit head's argmax and its target ids; logits gathered are the whole head's."""
-    from maverick import distributed as dist
+    from maverick.layers import embedding
+    from maverick.models import eagle3
 
     cfg, weights = read_eagle3(write_eagle3(tmp_path / "d"), TARGET, torch.float32)
     whole = Eagle3Draft(cfg, torch.float32)
@@ -90,12 +91,12 @@ def test_vocab_parallel_draft_head_proposes_the_whole_heads_argmax(tmp_path, mon
         return gather
 
     for r in (1, 2, 0):  # rank 0 last: it sees every rank's pairs
-        monkeypatch.setattr(dist, "all_gather", gather_of(r))
+        monkeypatch.setattr(embedding, "all_gather", gather_of(r))
         got = ranks[r].propose(out)
     assert torch.equal(got, whole.target_ids(whole.logits(out).argmax(dim=-1)))
     sent.clear()
     for r in (1, 2, 0):
-        monkeypatch.setattr(dist, "all_gather", gather_of(r))
+        monkeypatch.setattr(eagle3, "all_gather", gather_of(r))
         logits = ranks[r].logits(out)
     assert torch.allclose(logits, whole.logits(out), atol=1e-5)
 
@@ -404,6 +405,33 @@ def test_streaming_with_speculation_delivers_accepted_tokens_as_they_land(tiny_e
         next(stream)
         stream.close()
         assert llm.engine.runner.kv.all_free and not llm.engine.has_unfinished()
+
+
+@pytest.mark.slow
+def test_server_on_an_engine_with_a_draft_streams_plain_decodings_text(tiny_engine_spec):
+    """maverick-serve on an engine with a draft: a streamed completion is the text LLM gives without the
+    server, and /metrics counts the speculative rounds."""
+    import httpx
+    from test_server import MODEL, Server
+
+    from maverick import LLM, SamplingParams
+
+    with LLM(tiny_engine_spec, device="cpu") as llm:
+        want = llm.generate("To be", SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)).outputs[0].text
+    s = Server(tiny_engine_spec)
+    try:
+        body = {"model": MODEL, "prompt": "To be", "max_tokens": 20, "temperature": 0.0, "ignore_eos": True,
+                "stream": True}
+        text = ""
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert text == want
+        m = s.metrics()
+        assert m["maverick_spec_decode_rounds"] > 0 and m["maverick_spec_decode_draft_tokens"] >= 3
+    finally:
+        s.stop()
 
 
 # chi-square critical values at p = 0.001 by degrees of freedom

@@ -222,12 +222,11 @@ def test_speculative_steps_padded_to_verify_graphs_equal_plain_decoding(tiny_ckp
                                                    _greedy_params())[0]]
     runner = runner_for(tiny_ckpt, max_seq_len=128)
     runner.attach_draft(_random_draft(), 3)
-    oracle = _oracle(prompts, base)
+    oracle = _oracle(prompts, base, wrong_every=5)
     runner.spec.propose = lambda seqs: oracle(seqs)[:, :3]
     runner.graphs = _EagerGraphs(runner, [1, 2, 4], [16, 32], verify_q=4)
     reqs, engine = _generate(runner, prompts, _greedy_params())
-    # every third proposal wrong, three a round: the wrong one sits at the same place most rounds (1.41)
-    assert [r.output_token_ids for r in reqs] == base and engine.spec_stats.acceptance_length > 1.3
+    assert [r.output_token_ids for r in reqs] == base and engine.spec_stats.acceptance_length > 1.5
     assert {(2, 4), (4, 4)} & set(runner.graphs.replays) and (1, 16) in runner.graphs.replays
 
 
@@ -236,7 +235,7 @@ class _EagerRounds:
 
     @staticmethod
     def install(runner, batch_sizes):
-        from maverick.runtime.speculative import RoundGraphs
+        from maverick.runtime.cuda_graph import RoundGraphs
 
         rounds = RoundGraphs(runner, runner.spec)
         for rows in batch_sizes:

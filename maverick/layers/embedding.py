@@ -47,3 +47,13 @@ class ParallelLMHead(nn.Module):
         else:
             local = torch.nn.functional.linear(h, self.weight).float()
         return all_gather(local, dim=-1)[:, : self.vocab]
+
+
+def vocab_parallel_argmax(local: torch.Tensor, first: int) -> torch.Tensor:
+    """The argmax [N] over logits split by vocabulary columns across the TP ranks: local [N, cols] holds this
+    rank's columns first..first + cols - 1 (padding columns -inf). Each rank's best (value, global index) pair
+    is gathered, a few bytes a row instead of the logits; the lowest index wins ties, like argmax."""
+    best, idx = local.max(dim=-1)
+    pairs = all_gather(torch.stack([best, (idx + first).float()], dim=-1), dim=-1)  # indices < 2**24: exact
+    pairs = pairs.view(local.shape[0], -1, 2)  # [N, ranks, (value, index)]
+    return pairs[:, :, 1].gather(1, pairs[:, :, 0].argmax(dim=1, keepdim=True))[:, 0].long()

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maverick import distributed as dist
 from maverick.config import Eagle3Config
+from maverick.layers.collectives import all_gather
 from maverick.layers.eagle3_layer import Eagle3DecoderLayer, frozen
+from maverick.layers.embedding import vocab_parallel_argmax
 from maverick.layers.forward_batch import ForwardBatch
 from maverick.layers.norm import RMSNorm
 
@@ -59,21 +60,18 @@ class Eagle3Draft(nn.Module):
         local = F.linear(self.norm(out), self.lm_head).float()
         if self.tp_size == 1:
             return local
-        return dist.all_gather(local, dim=-1)[:, :self.cfg.draft_vocab_size]
+        return all_gather(local, dim=-1)[:, :self.cfg.draft_vocab_size]
 
     def propose(self, out: torch.Tensor) -> torch.Tensor:
         """Target ids [N] of the draft's argmax over output rows out [N, H]: each rank's best of its rows, then
         the best of the ranks' (value, global index) pairs (the lowest index on ties, like argmax)."""
         local = F.linear(self.norm(out), self.lm_head).float()
-        if self.tp_size > 1:
-            col = torch.arange(local.shape[1], device=local.device) + self.tp_rank * self.vocab_rows
-            local = local.masked_fill(col >= self.cfg.draft_vocab_size, float("-inf"))
-        best, idx = local.max(dim=-1)
-        if self.tp_size > 1:
-            pairs = dist.all_gather(torch.stack([best, (idx + self.tp_rank * self.vocab_rows).float()], -1), dim=-1)
-            pairs = pairs.view(out.shape[0], -1, 2)  # [N, ranks, (value, index)]; indices < 2**24 are exact
-            idx = pairs[:, :, 1].gather(1, pairs[:, :, 0].argmax(dim=1, keepdim=True))[:, 0].long()
-        return self.target_ids(idx)
+        if self.tp_size == 1:
+            return self.target_ids(local.argmax(dim=-1))
+        first = self.tp_rank * self.vocab_rows
+        col = torch.arange(local.shape[1], device=local.device) + first
+        local = local.masked_fill(col >= self.cfg.draft_vocab_size, float("-inf"))
+        return self.target_ids(vocab_parallel_argmax(local, first))
 
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft vocabulary ids to the target's."""

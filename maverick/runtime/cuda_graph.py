@@ -23,7 +23,10 @@ from tqdm import tqdm
 from maverick.layers.forward_batch import ForwardBatch
 from maverick.layers.sampler import FLOAT_FIELDS, INT_FIELDS, SamplingRows, SamplingTensors, sample, sample_tokens
 
+from .batch import build_forward_batch
+from .kv_cache import SeqBlocks
 from .staging import Staged, take_fed_tokens
+from .step import StepSeq
 
 
 @dataclass
@@ -180,3 +183,85 @@ class StepGraphs:
             return g.logits[:n_rows], sample_tokens(g.logits[:n_rows], None)
         g.sampler.replay()
         return g.logits[:n_rows], g.tokens[:n_rows]
+
+
+class RoundGraphs:
+    """On CUDA, a steady round as one graph per decode batch size: the draft's extend and chain, the draft
+    tokens written into the verify inputs, the target's verify forward (rows x (k + 1) tokens, every token's
+    logits). Steady: every sequence verifies k = max_draft_len tokens and the draft catches up over at most
+    k + 1 positions (all rounds but the first after a prompt and those a chunk end or max_tokens cuts short,
+    which run the draft eagerly and replay the verify graph). One launch instead of k draft forwards
+    (about 20 kernels each) and the verify graph."""
+
+    def __init__(self, runner, proposer):
+        self.runner, self.p, self.k = runner, proposer, proposer.k
+        self.graphs: dict[int, tuple] = {}  # rows -> (run: replay -> (drafts, logits), staged inputs)
+        self.pool = None
+
+    def fits(self, seqs: list[StepSeq]) -> int | None:
+        """The graph's batch size for this step, or None."""
+        k = self.k
+        if not all(s.draft_len == k and len(s.draft_tokens) <= k + 1 for s in seqs):
+            return None
+        return next((b for b in sorted(self.graphs) if b >= len(seqs)), None)
+
+    def _batches(self, seqs: list[StepSeq], rows: int) -> dict[str, ForwardBatch]:
+        """The round's inputs padded to `rows` sequences (CPU): draft extend, chain depths 1..k-1, verify."""
+        r, k = self.runner, self.k
+        wide = dict(pad_batch=rows, pad_global_blocks=r.graph_blocks)
+
+        def draft(steps, q):
+            steps = [StepSeq(s.seq_id, toks, start, SeqBlocks(s.blocks.global_blocks, [])) for s, toks, start in steps]
+            b = build_forward_batch(steps, r.block_size, r.chunk, r.scratch_global, r.scratch_local, pad_q=q,
+                                    pad_tokens=rows * q, **wide)
+            return b.pad_logits(rows)
+
+        out = {"extend": draft([(s, s.draft_tokens, s.draft_start) for s in seqs], k + 1)}
+        for d in range(1, k):
+            out[f"chain{d}"] = draft([(s, [0], s.start + d - 1) for s in seqs], 1)
+        out["verify"] = r._padded(seqs, (rows, k + 1))
+        return out
+
+    def _prepare(self, rows: int):
+        """Static inputs of a `rows` graph (staged, one int64 buffer) and the round's body over them."""
+        r, k = self.runner, self.k
+        protos = self._batches([], rows)
+        staged = Staged({f"{n}.{f}": tuple(t.shape) for n, b in protos.items() for f, t in b.tensors().items()},
+                        torch.int64, r.device)
+        self._write(staged, protos)
+        views = {n: ForwardBatch(**{f: staged.views[f"{n}.{f}"] for f in b.tensors()}) for n, b in protos.items()}
+
+        def body() -> tuple[torch.Tensor, torch.Tensor]:
+            drafts = self.p.full_chain(views["extend"], [views[f"chain{d}"] for d in range(1, k)])
+            views["verify"].input_ids.view(rows, k + 1)[:, 1:].copy_(drafts)
+            return drafts, r.model(views["verify"], r.kv_caches)
+
+        return staged, body
+
+    def capture(self, batch_sizes: list[int]) -> None:
+        r = self.runner
+        for rows in sorted(batch_sizes, reverse=True):  # largest first: the smaller reuse its memory pool
+            staged, body = self._prepare(rows)
+            with torch.inference_mode():
+                for _ in range(2):  # compile the Triton kernels and warm the allocator outside capture
+                    body()
+                torch.cuda.synchronize(r.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = body()
+                self.pool = graph.pool()
+            self.graphs[rows] = (lambda g=graph, o=out: (g.replay(), o)[1], staged)
+
+    @staticmethod
+    def _write(staged, batches: dict[str, ForwardBatch]) -> None:
+        for n, b in batches.items():
+            for f, t in b.tensors().items():
+                staged.write(f"{n}.{f}", t)
+        staged.upload()
+
+    def replay(self, seqs: list[StepSeq], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft tokens [rows, k], logits of the step's rows) on the device, valid until the next replay."""
+        run, staged = self.graphs[rows]
+        self._write(staged, self._batches(seqs, rows))
+        drafts, logits = run()
+        return drafts, logits[:sum(s.num_logits for s in seqs)]

@@ -81,7 +81,7 @@ class ModelRunner:
         with dispatch.use(self.kernel_options):
             self.graphs.capture(lambda shape: self._padded([], shape), progress)
             if self.spec is not None:
-                from .speculative import RoundGraphs
+                from .cuda_graph import RoundGraphs
 
                 self.rounds = RoundGraphs(self, self.spec)
                 self.rounds.capture(batch_sizes)

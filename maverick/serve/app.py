@@ -189,7 +189,13 @@ def _gauges(engine: AsyncEngine) -> dict:
     llm = engine.llm
     kv, sched = llm.kv_cache, llm.engine.scheduler
     total = kv.global_pool.num_blocks + kv.local_pool.num_blocks
-    return {"maverick_requests_in_flight": ("Requests submitted and not yet ended", lambda: engine.in_flight),
+    spec = llm.engine.spec_stats
+    speculative = {  # with a draft (vLLM's spec_decode counters): acceptance length = 1 + accepted / rounds
+        "maverick_spec_decode_rounds": ("Speculative verify rounds", lambda: spec.rounds),
+        "maverick_spec_decode_draft_tokens": ("Draft tokens proposed", lambda: spec.proposed),
+        "maverick_spec_decode_accepted_tokens": ("Draft tokens accepted", lambda: spec.accepted),
+    } if llm.engine.spec_k else {}
+    return speculative | {"maverick_requests_in_flight": ("Requests submitted and not yet ended", lambda: engine.in_flight),
             "maverick_requests_running": ("Requests the scheduler is running", lambda: len(sched.running)),
             "maverick_requests_waiting": ("Requests waiting to be scheduled", lambda: len(sched.waiting)),
             "maverick_kv_blocks_in_use": ("KV cache blocks in use", lambda: kv.blocks_in_use),
