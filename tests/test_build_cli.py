@@ -129,3 +129,24 @@ def test_kv_cache_max_tokens_sizes_the_pool(tiny_ckpt, tmp_path):
     build_engine(tiny_ckpt, tmp_path / "e", b, progress=False)
     with LLM(tmp_path / "e", device="cpu") as llm:
         assert llm.kv_cache.global_pool.num_blocks == 20
+
+
+def test_memory_plan_counts_the_eagle3_draft_split_by_vocabulary(tiny_ckpt, tmp_path, capsys):
+    """NVIDIA's Maverick head at TP8: the layer whole (fc, attention, MLP: 0.86 GB bf16) and 1/8 of the
+    202,048-row lm_head (0.26 GB instead of 2.07), plus its KV and feature caches; a dry run prints the line."""
+    from test_eagle3 import write_eagle3
+
+    from maverick.bench.spec import maverick_draft_config
+    from maverick.builder.memory_plan import draft_bytes
+
+    cfg = ModelConfig.preset("maverick")
+    fp8 = BuildConfig.from_dict(load_build_yaml(ROOT / "configs/dgx-b200-tp8-min-latency.yaml")).for_model(cfg)
+    dcfg = maverick_draft_config(cfg, 16384)
+    g, _ = fp8.kv_pool_blocks(cfg)
+    caches = (g + 1) * fp8.kv_cache_block_size * (2 * 8 * 128 + 5120) * 2
+    split = draft_bytes(dcfg, fp8, g) - caches
+    assert 1.10e9 < split < 1.14e9 and draft_bytes(dcfg, fp8.replace(tp_size=1), g) - caches > split + 1.8e9
+    assert plan(cfg, fp8, dcfg).total == plan(cfg, fp8).total + draft_bytes(dcfg, fp8, g)
+    assert build_main(["--checkpoint", str(tiny_ckpt), "--dry-run", "--speculative-model",
+                       str(write_eagle3(tmp_path / "d")), "--max-draft-len", "3"]) == 0
+    assert "eagle3 draft" in capsys.readouterr().out

@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    from maverick.checkpoint.eagle3 import draft_config
+
     from .memory_plan import format_plan, plan
     from .yaml_config import build_config_from, speculative_config_from
 
@@ -86,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     build = build.replace(quant=q.build_quant())
             build = build.for_model(cfg)
             build.validate_for(cfg)
-            print(format_plan(cfg, build, plan(cfg, build), a.gpu_memory_gb))
+            draft = None
+            if speculative is not None and speculative.speculative_model_dir:
+                draft = draft_config(speculative.speculative_model_dir, cfg)
+            print(format_plan(cfg, build, plan(cfg, build, draft), a.gpu_memory_gb))
             return 0
         if a.preset:
             raise ConfigError("--preset is for --dry-run; building an engine needs --checkpoint")

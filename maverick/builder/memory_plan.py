@@ -6,7 +6,8 @@ Activations: the peak working set of one step of max_num_tokens tokens (residual
 output, the widest FFN, fp32 logits of max_batch_size rows with the sampler's sort). CUDA graphs:
 the same estimate at each captured batch size, plus the largest prefill graph (the graphs share one
 memory pool, captured largest first). Reserve: CUDA context, NCCL buffers and allocator
-slack, 2 GiB.
+slack, 2 GiB. An EAGLE-3 draft: its rank's weights (lm_head split by vocabulary), its KV cache (one layer in
+the global block tables) and the cache of the target's fused features (one hidden vector per global slot).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick.config import BuildConfig, ModelConfig, torch_dtype
+from maverick.config import BuildConfig, Eagle3Config, ModelConfig, torch_dtype
 from maverick.models import Llama4ForCausalLM
+from maverick.models.eagle3 import Eagle3Draft
 
 from .spec import model_spec
 
@@ -30,10 +32,11 @@ class MemoryPlan:
     activations: int
     cuda_graphs: int
     reserve: int = RESERVE_BYTES
+    draft: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.cuda_graphs + self.reserve
+        return self.weights + self.kv_cache + self.activations + self.cuda_graphs + self.reserve + self.draft
 
 
 def weight_bytes(cfg: ModelConfig, build: BuildConfig, rank: int = 0) -> int:
@@ -61,7 +64,18 @@ def activation_bytes(cfg: ModelConfig, build: BuildConfig, tokens: int, rows: in
     return tokens * per_token + logits
 
 
-def plan(cfg: ModelConfig, build: BuildConfig) -> MemoryPlan:
+def draft_bytes(draft: Eagle3Config, build: BuildConfig, global_blocks: int) -> int:
+    """A rank's EAGLE-3 draft: weights, KV cache and feature cache (both over the global pool + scratch)."""
+    dtype = torch_dtype(build.dtype)
+    with torch.device("meta"):
+        d = Eagle3Draft(draft, dtype, build.tp_size)
+    weights = sum(t.numel() * t.element_size() for t in d.state_dict().values())
+    slots = (global_blocks + 1) * build.kv_cache_block_size
+    per_slot = (2 * draft.num_key_value_heads * draft.head_dim + draft.hidden_size) * dtype.itemsize
+    return weights + slots * per_slot
+
+
+def plan(cfg: ModelConfig, build: BuildConfig, draft: Eagle3Config | None = None) -> MemoryPlan:
     build = build.for_model(cfg)
     g, loc = kv_bytes_per_token(cfg, build)
     global_blocks, local_blocks = build.kv_pool_blocks(cfg)
@@ -70,7 +84,8 @@ def plan(cfg: ModelConfig, build: BuildConfig) -> MemoryPlan:
     graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
                  if b <= build.max_batch_size)
     graphs += max((activation_bytes(cfg, build, t, 1) for t in build.graph_prefill_tokens()), default=0)
-    return MemoryPlan(weight_bytes(cfg, build), kv, act, graphs)
+    return MemoryPlan(weight_bytes(cfg, build), kv, act, graphs,
+                      draft=0 if draft is None else draft_bytes(draft, build, global_blocks))
 
 
 def format_plan(cfg: ModelConfig, build: BuildConfig, p: MemoryPlan, gpu_memory_gb: float | None) -> str:
@@ -91,6 +106,8 @@ def format_plan(cfg: ModelConfig, build: BuildConfig, p: MemoryPlan, gpu_memory_
         f"  cuda graphs   {gb(p.cuda_graphs)}  (batch sizes {list(build.cuda_graph_batch_sizes)}, prefill "
         f"tokens {build.graph_prefill_tokens()})",
         f"  reserve       {gb(p.reserve)}  (CUDA context, NCCL, allocator slack)",
+        *([f"  eagle3 draft  {gb(p.draft)}  (weights, lm_head 1/{build.tp_size}; its KV and feature caches)"]
+          if p.draft else []),
         f"  total         {gb(p.total)}",
     ]
     if gpu_memory_gb is not None:

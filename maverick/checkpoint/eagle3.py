@@ -33,18 +33,23 @@ def _shapes(c: Eagle3Config) -> dict[str, tuple[int, ...]]:
     }
 
 
-def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tuple[Eagle3Config, dict]:
-    """(config, {engine name: tensor in dtype; d2t int64}) of the draft at `path`, for `target`."""
-    path = Path(path)
-    cfg_file = path / "config.json"
+def draft_config(path: str | Path, target: ModelConfig) -> Eagle3Config:
+    """The config of the draft at `path` (its config.json), checked against `target`."""
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an EAGLE-3 draft checkpoint)")
     try:
-        cfg = Eagle3Config.from_hf(json.loads(cfg_file.read_text()), target)
+        return Eagle3Config.from_hf(json.loads(cfg_file.read_text()), target)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tuple[Eagle3Config, dict]:
+    """(config, {engine name: tensor in dtype; d2t int64}) of the draft at `path`, for `target`."""
+    path = Path(path)
+    cfg = draft_config(path, target)
     files = SafetensorsFiles(path)
     names = {n.removeprefix("model."): n for n in files.names()}
     shapes = _shapes(cfg)
