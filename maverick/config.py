@@ -462,6 +462,10 @@ def torch_dtype(name: str):
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 
+# The EAGLE-3 draft's linear layers by engine name (q|k|v and gate|up fused), in the order a step runs them.
+DRAFT_LINEARS = ("fc", "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
 @dataclass(frozen=True)
 class Eagle3Config:
     """An EAGLE-3 draft head (NVIDIA's / the EAGLE authors' checkpoint format): one Llama decoder layer whose
@@ -481,8 +485,14 @@ class Eagle3Config:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
+    # the linears stored in FP8 (ModelOpt's per-tensor format), by engine name: a subset of DRAFT_LINEARS
+    fp8_linears: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        odd = [n for n in self.fp8_linears if n not in DRAFT_LINEARS]
+        if odd:
+            raise ConfigError(f"fp8_linears={list(self.fp8_linears)}: {odd} unknown; expected names from "
+                              f"{list(DRAFT_LINEARS)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}")
@@ -545,6 +555,7 @@ class Eagle3Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["aux_layer_ids"] = list(self.aux_layer_ids)
+        d["fp8_linears"] = list(self.fp8_linears)
         return d
 
     @classmethod
@@ -554,6 +565,7 @@ class Eagle3Config:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["aux_layer_ids"] = tuple(d["aux_layer_ids"])
+        d["fp8_linears"] = tuple(d.get("fp8_linears", ()))
         return cls(**d)
 
 

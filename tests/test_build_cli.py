@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from maverick.builder.cli import main as build_main
+from maverick.builder.engine_format import FORMAT_VERSION
 from maverick.builder.memory_plan import plan
 from maverick.builder.yaml_config import build_config_from, load_build_yaml
 from maverick.config import BuildConfig, ConfigError, ModelConfig
@@ -82,7 +83,7 @@ def test_build_cli_writes_engine(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "build engine" in r.stderr  # the progress bar
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["build"]["tp_size"] == 2 and cfg["format_version"] == 2
+    assert cfg["build"]["tp_size"] == 2 and cfg["format_version"] == FORMAT_VERSION
     assert set(cfg["files"]) >= {"rank0.safetensors", "rank1.safetensors", "tokenizer.json"}
     from safetensors import safe_open
 

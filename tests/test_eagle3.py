@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from maverick_plugins.fp8 import fp8_linear_ref
 from safetensors.torch import save_file
 
 from maverick.checkpoint.eagle3 import read_eagle3
@@ -29,8 +30,11 @@ def eagle3_config(**over) -> dict:
     return cfg
 
 
-def write_eagle3(path, seed: int = 0, drop: str | None = None, reshape: str | None = None, **over):
-    """An EAGLE-3 checkpoint in NVIDIA's layout (HF names, config.json), random weights."""
+def write_eagle3(path, seed: int = 0, drop: str | None = None, reshape: str | None = None,
+                 fp8: tuple[str, ...] = (), quant_config: bool = True, **over):
+    """An EAGLE-3 checkpoint in NVIDIA's layout (HF names, config.json), random weights; the checkpoint linears
+    named in fp8 (e.g. "fc", "midlayer.self_attn.q_proj") quantized as ModelOpt exports them: e4m3 weights,
+    per-tensor weight_scale (amax / 448) and input_scale, hf_quant_config.json (unless not quant_config)."""
     c = eagle3_config(**over)
     g = torch.Generator().manual_seed(seed)
     vd, hid = c["draft_vocab_size"], c["hidden_size"]
@@ -46,14 +50,30 @@ def write_eagle3(path, seed: int = 0, drop: str | None = None, reshape: str | No
          m + "mlp.gate_proj.weight": w(I, hid), m + "mlp.up_proj.weight": w(I, hid),
          m + "mlp.down_proj.weight": w(hid, I), "norm.weight": 1 + w(hid) / 4, "lm_head.weight": w(vd, hid),
          "d2t": torch.randint(0, TARGET.vocab_size - vd, (vd,), generator=g)}
+    for i, name in enumerate(fp8):
+        w8, scale = quantize_per_tensor(t[name + ".weight"])
+        t[name + ".weight"], t[name + ".weight_scale"] = w8, scale
+        t[name + ".input_scale"] = torch.tensor((4 + i % 3) / 448)  # q, k, v calibrated apart: they differ
     if drop:
         t.pop(drop)
     if reshape:
         t[reshape] = t[reshape][:-1].contiguous()
     path.mkdir(parents=True, exist_ok=True)
+    if fp8 and quant_config:
+        (path / "hf_quant_config.json").write_text(json.dumps(
+            {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head"]}}))
     save_file(t, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(c))
     return path
+
+
+# ModelOpt's FP8 export of a draft: every linear but lm_head
+FP8_LINEARS = ("fc", *(f"midlayer.self_attn.{p}_proj" for p in "qkvo"), *(f"midlayer.mlp.{p}_proj" for p in ("gate", "up", "down")))
+
+
+def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.float().abs().max() / 448
+    return (w.float() / scale).to(torch.float8_e4m3fn), scale
 
 
 def test_nvidia_format_loads_into_the_draft(tmp_path):
@@ -61,25 +81,26 @@ def test_nvidia_format_loads_into_the_draft(tmp_path):
     assert cfg.aux_layer_ids == (0, 1, TARGET.num_hidden_layers - 1) and cfg.draft_vocab_size == TARGET.vocab_size // 2
     draft = Eagle3Draft(cfg, torch.float32)
     draft.load_state_dict(weights, strict=True)
-    assert draft.midlayer.qkv_proj.shape == ((NQ + 2 * NKV) * D, 2 * H)
+    assert draft.midlayer.qkv_proj.weight.shape == ((NQ + 2 * NKV) * D, 2 * H)
     ids = draft.target_ids(torch.arange(cfg.draft_vocab_size))
     assert (ids >= torch.arange(cfg.draft_vocab_size)).all() and (ids < TARGET.vocab_size).all()
 
 
-def test_vocab_parallel_draft_head_proposes_the_whole_heads_argmax(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp8", [(), ("lm_head",)])
+def test_vocab_parallel_draft_head_proposes_the_whole_heads_argmax(tmp_path, monkeypatch, fp8):
     """lm_head split by vocabulary rows over 3 ranks (the last one padded): each rank's (max, index) pairs,
     exchanged, give the unsplit head's argmax and its target ids; logits gathered are the whole head's."""
     from maverick.layers import embedding
     from maverick.models import eagle3
 
-    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d"), TARGET, torch.float32)
+    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d", fp8=fp8), TARGET, torch.float32)
     whole = Eagle3Draft(cfg, torch.float32)
     whole.load_state_dict(weights)
     assert cfg.draft_vocab_size % 3
     ranks = []
     for r in range(3):
         d = Eagle3Draft(cfg, torch.float32, tp_size=3, tp_rank=r)
-        d.load_state_dict({**weights, "lm_head": d.shard_lm_head(weights["lm_head"])})
+        d.load_state_dict({**weights, "lm_head.weight": d.shard_lm_head(weights["lm_head.weight"])})
         ranks.append(d)
     out = torch.randn(40, H, generator=torch.Generator().manual_seed(1))
     sent = {}
@@ -121,6 +142,69 @@ def test_malformed_drafts_name_what_is_wrong(tmp_path, case, match):
         read_eagle3(write_eagle3(tmp_path / "d", **case), TARGET, torch.float32)
 
 
+def test_fp8_draft_keeps_each_fused_sources_scale_exactly(tmp_path):
+    """ModelOpt's FP8 export: e4m3 weights stay e4m3; q|k|v and gate|up keep one weight scale per source (row
+    scales, no requantization) and share the largest input scale; lm_head FP8 when the checkpoint says so."""
+    path = write_eagle3(tmp_path / "d", fp8=(*FP8_LINEARS, "lm_head"))
+    cfg, w = read_eagle3(path, TARGET, torch.float32)
+    assert cfg.fp8_linears == ("fc", "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+    from safetensors.torch import load_file
+
+    src = load_file(str(path / "model.safetensors"))
+    qkv = [f"midlayer.self_attn.{p}_proj" for p in "qkv"]
+    deq = torch.cat([src[n + ".weight"].float() * src[n + ".weight_scale"] for n in qkv])
+    fused = w["midlayer.qkv_proj.weight"]
+    assert fused.dtype == torch.float8_e4m3fn and w["midlayer.qkv_proj.weight_scale"].shape == (fused.shape[0],)
+    assert torch.equal(fused.float() * w["midlayer.qkv_proj.weight_scale"][:, None], deq)
+    assert w["midlayer.qkv_proj.input_scale"] == max(src[n + ".input_scale"] for n in qkv) == 6 / 448
+    assert w["fc.weight_scale"].shape == () and w["norm.weight"].dtype == torch.float32
+    draft = Eagle3Draft(cfg, torch.float32)
+    draft.load_state_dict(w, strict=True)
+    assert draft.lm_head.fp8 and draft.midlayer.down_proj.fp8
+
+
+def test_fp8_draft_stays_close_to_the_draft_it_was_quantized_from(tmp_path):
+    """Per-tensor e4m3 weights and static input scales: a few percent from the high-precision draft (a wrong
+    scale or a swapped fused segment would be off by orders of magnitude)."""
+    def run(fp8):
+        cfg, w = read_eagle3(write_eagle3(tmp_path / str(len(fp8)), fp8=fp8), TARGET, torch.float32)
+        draft = Eagle3Draft(cfg, torch.float32)
+        draft.load_state_dict(w)
+        g = torch.Generator().manual_seed(3)
+        T = 12
+        embeds, aux = torch.randn(T, H, generator=g), torch.randn(T, 3 * H, generator=g)
+        b = build_forward_batch([StepSeq(0, [0] * T, 0, SeqBlocks([0, 1], [0, 1]), num_logits=T)], 8, 4096, 16, 16)
+        cache = [torch.zeros(draft.kv_cache_shape(2, 8)) for _ in range(2)]
+        with torch.no_grad():
+            return draft.logits(draft(embeds, draft.fuse(aux), b, cache))
+
+    hi, lo = run(()), run(FP8_LINEARS)
+    assert (lo - hi).norm() / hi.norm() < 0.08
+    assert (lo.argmax(-1) == hi.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("case,match", [
+    ({"fp8": FP8_LINEARS, "quant_config": False}, "stored in FP8 but the checkpoint's quantization config says "
+                                                 "quant_algo=None"),
+    ({"fp8": ("midlayer.self_attn.q_proj",)}, "fused into one qkv_proj but only some are FP8"),
+    ({"fp8": ("fc",), "drop": "fc.input_scale"}, r"missing: \['fc.input_scale'\]"),
+])
+def test_malformed_fp8_drafts_name_what_is_wrong(tmp_path, case, match):
+    with pytest.raises(CheckpointError, match=match):
+        read_eagle3(write_eagle3(tmp_path / "d", **case), TARGET, torch.float32)
+
+
+def test_fp8_scale_that_is_not_a_scalar_is_named(tmp_path):
+    from safetensors.torch import load_file
+
+    path = write_eagle3(tmp_path / "d", fp8=("fc",))
+    t = load_file(str(path / "model.safetensors"))
+    t["fc.weight_scale"] = t["fc.weight_scale"].expand(4).contiguous()
+    save_file(t, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'fc.weight_scale' has shape \\[4\\], expected a scalar"):
+        read_eagle3(path, TARGET, torch.float32)
+
+
 def _reference(draft: Eagle3Draft, embeds, h) -> torch.Tensor:
     """The draft layer over a whole sequence, dense and causal, from transformers' Llama pieces."""
     from transformers import LlamaConfig
@@ -142,9 +226,12 @@ def _reference(draft: Eagle3Draft, embeds, h) -> torch.Tensor:
         n.weight.data.copy_(weight)
         return n(x)
 
+    def lin(x, m):  # the FP8 reference numerics (quantized input, exact e4m3 products) where the draft is FP8
+        return fp8_linear_ref(x, m.weight, m.weight_scale, m.input_scale, x.dtype) if m.fp8 else x @ m.weight.t()
+
     T = h.shape[0]
     x = torch.cat([norm(embeds, L.input_layernorm.weight), norm(h, L.hidden_norm.weight)], -1)
-    q, k, v = (x @ L.qkv_proj.t()).split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+    q, k, v = lin(x, L.qkv_proj).split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                                           c.num_key_value_heads * c.head_dim], -1)
     q = q.view(1, T, -1, c.head_dim).transpose(1, 2)
     k = k.view(1, T, -1, c.head_dim).transpose(1, 2)
@@ -152,16 +239,17 @@ def _reference(draft: Eagle3Draft, embeds, h) -> torch.Tensor:
     cos, sin = LlamaRotaryEmbedding(hf)(v, torch.arange(T)[None])
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    h = h + o.transpose(1, 2).reshape(T, -1) @ L.o_proj.t()
-    gate, up = (norm(h, L.post_attention_layernorm.weight) @ L.gate_up_proj.t()).chunk(2, -1)
-    return h + (torch.nn.functional.silu(gate) * up) @ L.down_proj.t()
+    h = h + lin(o.transpose(1, 2).reshape(T, -1), L.o_proj)
+    gate, up = lin(norm(h, L.post_attention_layernorm.weight), L.gate_up_proj).chunk(2, -1)
+    return h + lin(torch.nn.functional.silu(gate) * up, L.down_proj)
 
 
-@pytest.mark.parametrize("scaling", [False, True])
-def test_draft_layer_matches_dense_reference_at_once_and_token_by_token(tmp_path, scaling):
+@pytest.mark.parametrize("scaling,fp8", [(False, ()), (True, ()), (False, FP8_LINEARS)])
+def test_draft_layer_matches_dense_reference_at_once_and_token_by_token(tmp_path, scaling, fp8):
     over = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 16}} if scaling else {}
-    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d", **over), TARGET, torch.float32)
+    cfg, weights = read_eagle3(write_eagle3(tmp_path / "d", fp8=fp8, **over), TARGET, torch.float32)
+    assert len(cfg.fp8_linears) == (5 if fp8 else 0)
     draft = Eagle3Draft(cfg, torch.float32)
     draft.load_state_dict(weights)
     T, bs = 21, 8
@@ -212,6 +300,30 @@ def test_engine_carries_the_draft_and_loads_it(spec_engine):
         assert torch.equal(t, ref[name].to(t.dtype)), name
 
 
+def test_engine_with_an_fp8_draft_keeps_it_fp8(tiny_ckpt, tmp_path):
+    """build_engine.py with a ModelOpt FP8 draft: the engine's draft config lists the FP8 linears, its file keeps
+    e4m3 weights and their scales, the loaded draft equals the checkpoint, and the memory plan counts fewer bytes."""
+    from maverick.builder.cli import main
+    from maverick.builder.memory_plan import draft_bytes
+    from maverick.runtime.engine_loader import load_draft, open_engine
+
+    src = write_eagle3(tmp_path / "draft", fp8=FP8_LINEARS)
+    assert main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "e"), "--speculative-model", str(src),
+                 "--max-draft-len", "2", "--no-progress"]) == 0
+    cfg = open_engine(tmp_path / "e")
+    assert cfg.speculative.draft.fp8_linears == ("fc", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    draft = load_draft(tmp_path / "e", cfg, torch.device("cpu"))
+    _, ref = read_eagle3(src, TARGET, torch.float32)
+    assert draft.state_dict().keys() == ref.keys()
+    for name, t in draft.state_dict().items():
+        if ref[name].dtype == torch.float8_e4m3fn:
+            assert t.dtype == torch.float8_e4m3fn and torch.equal(t.view(torch.uint8), ref[name].view(torch.uint8)), name
+        else:
+            assert torch.equal(t, ref[name].to(t.dtype)), name
+    hi = read_eagle3(write_eagle3(tmp_path / "hi"), TARGET, torch.float32)[0]
+    assert draft_bytes(cfg.speculative.draft, cfg.build, 8) < draft_bytes(hi, cfg.build, 8)
+
+
 def test_speculative_config_in_yaml_and_its_errors(tiny_ckpt, tmp_path, capsys):
     from maverick.builder.cli import main
     from maverick.runtime.engine_loader import open_engine
@@ -258,12 +370,12 @@ def _greedy_params(n: int = 40):
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def _random_draft(seed: int = 0) -> Eagle3Draft:
+def _random_draft(seed: int = 0, fp8: tuple[str, ...] = ()) -> Eagle3Draft:
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
-        cfg, weights = read_eagle3(write_eagle3(Path(d) / "d", seed=seed), TARGET, torch.float32)
+        cfg, weights = read_eagle3(write_eagle3(Path(d) / "d", seed=seed, fp8=fp8), TARGET, torch.float32)
     draft = Eagle3Draft(cfg, torch.float32)
     draft.load_state_dict(weights)
     return draft
@@ -299,6 +411,16 @@ def test_greedy_speculation_with_a_random_draft_equals_plain_decoding(spec_parts
     assert [r.output_token_ids for r in reqs] == base
     st = engine.spec_stats
     assert st.rounds > 30 and st.proposed >= st.rounds and st.accepted < st.proposed
+
+
+def test_greedy_speculation_with_an_fp8_draft_equals_plain_decoding(spec_parts):
+    """The draft's FP8 linears (ModelOpt's export: all but lm_head) run through the same FP8 ops as the target's."""
+    ckpt, _, prompts, base = spec_parts
+    draft = _random_draft(fp8=FP8_LINEARS)
+    assert draft.midlayer.qkv_proj.fp8 and draft.fc.fp8 and not draft.lm_head.fp8
+    reqs, engine = _generate(_spec_runner(ckpt, draft, 3), prompts, _greedy_params())
+    assert [r.output_token_ids for r in reqs] == base
+    assert engine.spec_stats.rounds > 30
 
 
 def test_draft_tokens_count_against_max_num_tokens(spec_parts):
@@ -500,8 +622,8 @@ def test_greedy_speculation_at_tp2_equals_plain_tp1(tiny_engine, tiny_engine_spe
 @pytest.mark.gpu
 def test_greedy_speculation_equals_plain_decoding_on_gpu_with_cuda_graphs(spec_parts):
     """Through the GPU kernels and CUDA graphs (the target's decode and prefill graphs write the draft's
-    features; the FP32 tiny model): the same tokens as plain greedy decoding on the same GPU, random and
-    oracle drafts."""
+    features; the FP32 tiny model): the same tokens as plain greedy decoding on the same GPU, random (high
+    precision and FP8 through the FP8 kernels) and oracle drafts."""
     import copy
 
     from helpers import load_model_from_checkpoint, open_checkpoint
@@ -521,8 +643,8 @@ def test_greedy_speculation_equals_plain_decoding_on_gpu_with_cuda_graphs(spec_p
 
     base = [r.output_token_ids for r in _generate(runner(), prompts, _greedy_params())[0]]
     gpu_draft = copy.deepcopy(draft).to("cuda")
-    for k in (1, 3):
-        reqs, _ = _generate(runner(k, gpu_draft), prompts, _greedy_params())
+    for k, d in ((1, gpu_draft), (3, gpu_draft), (3, _random_draft(fp8=FP8_LINEARS).to("cuda"))):
+        reqs, _ = _generate(runner(k, d), prompts, _greedy_params())
         assert [r.output_token_ids for r in reqs] == base
     r = runner(3, gpu_draft)
     oracle = _oracle(prompts, base)

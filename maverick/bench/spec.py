@@ -11,6 +11,7 @@ K=3 (2.37, 2.94, 3.08) or any given with --acceptance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -19,8 +20,8 @@ from maverick_plugins import dispatch
 
 from maverick.bench.measure import decode_step, hbm_read_bandwidth, kv_blocks
 from maverick.bench.timing import git_commit, median_ms
-from maverick.builder.synthetic import synthetic_model
-from maverick.config import BuildConfig, Eagle3Config, ModelConfig, QuantConfig
+from maverick.builder.synthetic import fill_synthetic, synthetic_model
+from maverick.config import DRAFT_LINEARS, BuildConfig, Eagle3Config, ModelConfig, QuantConfig
 from maverick.layers.forward_batch import ForwardBatch
 from maverick.layers.rotary import rope_inv_freq
 from maverick.models.eagle3 import Eagle3Draft
@@ -41,16 +42,13 @@ def maverick_draft_config(cfg: ModelConfig, intermediate: int) -> Eagle3Config:
 
 
 def synthetic_draft(dcfg: Eagle3Config, device: torch.device, tp_size: int = 1) -> Eagle3Draft:
-    """Random weights at dcfg's shapes; lm_head rank 0's 1/tp_size of the vocabulary (the engine's split)."""
+    """Random weights at dcfg's shapes (FP8 where dcfg.fp8_linears says); lm_head rank 0's 1/tp_size of the
+    vocabulary (the engine's split)."""
     with torch.device("meta"):
         draft = Eagle3Draft(dcfg, torch.bfloat16, tp_size)
     draft = draft.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(5)
-    for name, t in draft.state_dict().items():
-        if t.is_floating_point():
-            t.normal_(0, 1 / t.shape[-1] ** 0.5 if t.dim() > 1 else 0.1, generator=gen).add_(1 if t.dim() == 1 else 0)
-        else:
-            t.zero_()
+    fill_synthetic(dict(draft.named_parameters()), torch.Generator(device=device).manual_seed(5))
+    draft.d2t.zero_()
     draft.midlayer.inv_freq = rope_inv_freq(dcfg).to(device)  # derived, not a weight: to_empty left it blank
     return draft.eval()
 
@@ -103,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="the draft MLP's width (Maverick's dense intermediate_size_mlp)")
     p.add_argument("--allreduce-us", type=float, default=0.0,
                    help="one all-reduce's latency measured elsewhere: adds 96 to each verify for a TP8 projection")
+    p.add_argument("--draft-fp8", default="",
+                   help="draft linears stored in FP8, comma-separated from " + ",".join(DRAFT_LINEARS)
+                   + ", or 'all' (ModelOpt's export keeps lm_head in bf16; default: none, as NVIDIA's published head)")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    fp8 = DRAFT_LINEARS if a.draft_fp8 == "all" else tuple(n for n in a.draft_fp8.split(",") if n)
     if not torch.cuda.is_available():
         print("error: maverick-bench spec needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -123,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=1, block_size=64, device=device,
                          num_global_blocks=g, num_local_blocks=loc)
     plain = decode_step(runner, cfg, build, 1, a.context, bw, a.tp_size)
-    draft = synthetic_draft(maverick_draft_config(cfg, a.draft_intermediate), device, a.tp_size)
+    dcfg = dataclasses.replace(maverick_draft_config(cfg, a.draft_intermediate), fp8_linears=fp8)
+    draft = synthetic_draft(dcfg, device, a.tp_size)
     dbytes = sum(t.numel() * t.element_size() for t in draft.state_dict().values())
     one = draft_ms(draft, runner, 1, a.context)
     print(f"plain decode step (batch 1): {plain.step_ms:.3f} ms ({plain.tokens_per_s_per_user:.1f} tok/s/user); "
           f"draft step (1 token): {one:.3f} ms for {dbytes / 1e9:.2f} GB of draft weights a rank (layer "
-          f"replicated, lm_head 1/{a.tp_size} of the vocabulary; floor {dbytes / bw * 1e3:.3f} ms)", flush=True)
+          f"replicated, lm_head 1/{a.tp_size} of the vocabulary; FP8: {', '.join(fp8) or 'none'}; floor {dbytes / bw * 1e3:.3f} ms)", flush=True)
     rows = []
     print("| K | verify ms | draft extend (K+1 tokens) ms | draft chain ms | round ms | "
           + " | ".join(f"tok/s/user at {x}" for x in accs) + " |")
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "commit": git_commit(), "bandwidth": bw,
                        "plain_step_ms": plain.step_ms, "draft_step_ms": one, "draft_bytes": dbytes,
+                       "draft_fp8_linears": list(fp8),
                        "rows": rows}, f, indent=1)
     return 0
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from maverick.config import BuildConfig, ConfigError, ModelConfig, SpeculativeConfig
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PRODUCER = "maverick"
 CONFIG_FILE = "config.json"
 HASH_PIECE = 64 << 20

@@ -40,7 +40,14 @@ def synthetic_model(cfg: ModelConfig, build: BuildConfig, rank: int, device: str
     model.rotary_emb.inv_freq.copy_(rope_inv_freq(cfg))  # derived buffer: to_empty left it undefined
     gen = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
     shared = torch.Generator(device=device).manual_seed(seed)  # replicated tensors: equal on every rank
-    params = dict(model.named_parameters())
+    fill_synthetic(dict(model.named_parameters()), gen, shared)
+    return model.eval()
+
+
+def fill_synthetic(params: dict[str, torch.nn.Parameter], gen: torch.Generator,
+                   shared: torch.Generator | None = None) -> None:
+    """Random values by parameter name and dtype (norms 1, FP8 weights with their scales, the rest scaled by
+    fan-in); `shared` draws the router, which every rank must hold alike."""
     with torch.no_grad():
         for name, p in params.items():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -55,7 +62,6 @@ def synthetic_model(cfg: ModelConfig, build: BuildConfig, rank: int, device: str
             elif name == "embed_tokens.weight":
                 _fill_normal(p, 1.0, gen)
             elif ".router." in name:  # replicated: every rank must route a token to the same experts
-                _fill_normal(p, 1.0 / math.sqrt(p.shape[-1]), shared)
+                _fill_normal(p, 1.0 / math.sqrt(p.shape[-1]), shared or gen)
             else:  # high-precision weights [out, in] (lm_head, unquantized linears)
                 _fill_normal(p, 1.0 / math.sqrt(p.shape[-1]), gen)
-    return model.eval()

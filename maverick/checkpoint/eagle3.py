@@ -1,9 +1,11 @@
 """EAGLE-3 draft checkpoints as NVIDIA and the EAGLE authors publish them (LlamaForCausalLMEagle3):
 config.json with `eagle_config.eagle_aux_hidden_state_layer_ids`, and `fc`, `midlayer.*`, `norm`, `lm_head`,
-optional `d2t` tensors. Read, checked against the target model, and mapped to the engine's names (q|k|v
-and gate|up fused); every missing or misshapen tensor is named."""
+optional `d2t` tensors; in ModelOpt's FP8 export, e4m3 weights with per-tensor `weight_scale` and
+`input_scale`. Read, checked against the target model, and mapped to the engine's names (q|k|v and gate|up
+fused); every missing or misshapen tensor is named."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,51 +17,107 @@ from .errors import CheckpointError
 from .safetensors_files import SafetensorsFiles
 
 IGNORED = ("embed_tokens.weight", "t2d")  # the target's embedding is used; t2d is d2t's inverse
+# A ModelOpt FP8 export may carry KV scales; the draft's one-layer KV cache stays in the compute dtype
+IGNORED_SUFFIXES = ("k_proj.k_scale", "v_proj.v_scale")
+M = "midlayer."
+# engine linear -> the checkpoint linears fused into it, in order
+SOURCES = {"fc": ("fc",), "qkv_proj": tuple(f"{M}self_attn.{p}_proj" for p in "qkv"),
+           "o_proj": (M + "self_attn.o_proj",), "gate_up_proj": (M + "mlp.gate_proj", M + "mlp.up_proj"),
+           "down_proj": (M + "mlp.down_proj",), "lm_head": ("lm_head",)}
+NORMS = (M + "input_layernorm.weight", M + "hidden_norm.weight", M + "post_attention_layernorm.weight",
+         "norm.weight")
+FP8 = "F8_E4M3"
 
 
 def _shapes(c: Eagle3Config) -> dict[str, tuple[int, ...]]:
     H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
-    m = "midlayer."
     return {
         "fc.weight": (H, 3 * c.target_hidden_size),
-        m + "input_layernorm.weight": (H,), m + "hidden_norm.weight": (H,),
-        m + "post_attention_layernorm.weight": (H,),
-        m + "self_attn.q_proj.weight": (c.num_attention_heads * D, 2 * H),
-        m + "self_attn.k_proj.weight": (c.num_key_value_heads * D, 2 * H),
-        m + "self_attn.v_proj.weight": (c.num_key_value_heads * D, 2 * H),
-        m + "self_attn.o_proj.weight": (H, c.num_attention_heads * D),
-        m + "mlp.gate_proj.weight": (I, H), m + "mlp.up_proj.weight": (I, H), m + "mlp.down_proj.weight": (H, I),
-        "norm.weight": (H,), "lm_head.weight": (c.draft_vocab_size, H),
+        **{n: (H,) for n in NORMS},
+        M + "self_attn.q_proj.weight": (c.num_attention_heads * D, 2 * H),
+        M + "self_attn.k_proj.weight": (c.num_key_value_heads * D, 2 * H),
+        M + "self_attn.v_proj.weight": (c.num_key_value_heads * D, 2 * H),
+        M + "self_attn.o_proj.weight": (H, c.num_attention_heads * D),
+        M + "mlp.gate_proj.weight": (I, H), M + "mlp.up_proj.weight": (I, H), M + "mlp.down_proj.weight": (H, I),
+        "lm_head.weight": (c.draft_vocab_size, H),
     }
 
 
+def _names(files: SafetensorsFiles) -> dict[str, str]:
+    """Checkpoint names without a `model.` prefix -> the names in the files."""
+    return {n.removeprefix("model."): n for n in files.names()}
+
+
+def _fp8_linears(path: Path, files: SafetensorsFiles, names: dict[str, str]) -> tuple[str, ...]:
+    """The engine linears whose checkpoint weights are FP8 e4m3 (ModelOpt's export keeps lm_head, and whatever
+    else it was told to exclude, in high precision), checked against the checkpoint's quantization config."""
+    fp8 = []
+    for engine, sources in SOURCES.items():
+        dtypes = {s: files.dtype_name(names[s + ".weight"]) for s in sources if s + ".weight" in names}
+        odd = {s: d for s, d in dtypes.items() if d.startswith("F8") and d != FP8}
+        if odd:
+            raise CheckpointError(f"{path}: {odd}: FP8 weights must be e4m3 ({FP8}, ModelOpt's FP8)")
+        stored = {d == FP8 for d in dtypes.values()}
+        if len(stored) == 2:
+            raise CheckpointError(f"{path}: {list(sources)} are fused into one {engine} but only some are FP8 "
+                                  f"({dtypes}); expected all or none")
+        if stored == {True}:
+            fp8.append(engine)
+    algo = _quant_algo(path)
+    if fp8 and algo != "FP8":
+        raise CheckpointError(f"{path}: {fp8} are stored in FP8 but the checkpoint's quantization config says "
+                              f"quant_algo={algo!r}; expected 'FP8' (hf_quant_config.json or config.json's "
+                              "quantization_config, as ModelOpt exports)")
+    if algo is not None and algo != "FP8":
+        raise CheckpointError(f"{path}: quant_algo={algo!r} is not supported for an EAGLE-3 draft; expected 'FP8'")
+    return tuple(fp8)
+
+
+def _quant_algo(path: Path) -> str | None:
+    """quant_algo of ModelOpt's hf_quant_config.json, else of config.json's quantization_config, else None."""
+    hq = path / "hf_quant_config.json"
+    if hq.is_file():
+        q = json.loads(hq.read_text()).get("quantization") or {}
+    else:
+        q = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    return q.get("quant_algo")
+
+
 def draft_config(path: str | Path, target: ModelConfig) -> Eagle3Config:
-    """The config of the draft at `path` (its config.json), checked against `target`."""
-    cfg_file = Path(path) / "config.json"
+    """The config of the draft at `path` (its config.json, and which linears its weights store in FP8), checked
+    against `target`."""
+    path = Path(path)
+    cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an EAGLE-3 draft checkpoint)")
     try:
-        return Eagle3Config.from_hf(json.loads(cfg_file.read_text()), target)
+        cfg = Eagle3Config.from_hf(json.loads(cfg_file.read_text()), target)
+        files = SafetensorsFiles(path)
+        return dataclasses.replace(cfg, fp8_linears=_fp8_linears(path, files, _names(files)))
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: a config file is not valid JSON ({e})") from None
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
 def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tuple[Eagle3Config, dict]:
-    """(config, {engine name: tensor in dtype; d2t int64}) of the draft at `path`, for `target`."""
+    """(config, {engine name: tensor}) of the draft at `path`, for `target`: high-precision weights in dtype,
+    FP8 ones as stored with fp32 `weight_scale` (one per output row where sources are fused: each keeps its own
+    scale, exactly) and `input_scale` (the largest of the fused sources': they read the same activation)."""
     path = Path(path)
     cfg = draft_config(path, target)
     files = SafetensorsFiles(path)
-    names = {n.removeprefix("model."): n for n in files.names()}
+    names = _names(files)
     shapes = _shapes(cfg)
-    missing = sorted(set(shapes) - set(names))
+    scales = {f"{s}.{kind}" for e in cfg.fp8_linears for s in SOURCES[e] for kind in ("weight_scale", "input_scale")}
+    missing = sorted(set(shapes) - set(names)) + sorted(scales - set(names))
     if missing:
         raise CheckpointError(f"{path}: EAGLE-3 tensor(s) missing: {missing}")
-    unknown = sorted(set(names) - set(shapes) - {"d2t", *IGNORED})
+    unknown = sorted(n for n in set(names) - set(shapes) - scales - {"d2t", *IGNORED}
+                     if not n.endswith(IGNORED_SUFFIXES))
     if unknown:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {unknown}; expected {sorted(shapes)} and d2t")
-    got = {}
+        raise CheckpointError(f"{path}: unexpected tensor(s) {unknown}; expected {sorted(shapes)}, d2t"
+                              + (", and weight_scale/input_scale of the FP8 linears" if scales else ""))
     for name, shape in shapes.items():
         have = files.shape(names[name])
         if have != shape:
@@ -67,7 +125,30 @@ def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tu
                                   f"(from config.json: hidden_size {cfg.hidden_size}, heads {cfg.num_attention_heads}"
                                   f"/{cfg.num_key_value_heads} x {cfg.head_dim}, intermediate_size "
                                   f"{cfg.intermediate_size}, draft_vocab_size {cfg.draft_vocab_size})")
-        got[name] = files.get(names[name]).to(dtype)
+    for name in sorted(scales):
+        if files.shape(names[name]) not in ((), (1,)):
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(files.shape(names[name]))}, expected a "
+                                  "scalar (ModelOpt's per-tensor FP8 scale)")
+    weights = {n: files.get(names[n]).to(dtype) for n in NORMS}
+    for engine, sources in SOURCES.items():
+        prefix = engine if engine in ("fc", "lm_head") else M + engine
+        parts = [files.get(names[s + ".weight"]) for s in sources]
+        if engine not in cfg.fp8_linears:
+            weights[prefix + ".weight"] = torch.cat([p.to(dtype) for p in parts])
+            continue
+        weights[prefix + ".weight"] = torch.cat([p.view(torch.uint8) for p in parts]).view(torch.float8_e4m3fn)
+        ws = [files.get(names[s + ".weight_scale"]).float().reshape(()) for s in sources]
+        weights[prefix + ".weight_scale"] = (ws[0] if len(ws) == 1 else
+                                             torch.cat([w.expand(p.shape[0]) for w, p in zip(ws, parts)]))
+        weights[prefix + ".input_scale"] = torch.stack(
+            [files.get(names[s + ".input_scale"]).float().reshape(()) for s in sources]).max()
+    weights["d2t"] = _d2t(path, cfg, files, names)
+    return cfg, weights
+
+
+def _d2t(path: Path, cfg: Eagle3Config, files: SafetensorsFiles, names: dict[str, str]) -> torch.Tensor:
+    """Draft id -> target id offsets, checked to land in the target's vocabulary (zeros without a d2t tensor
+    where the vocabularies are the same)."""
     if "d2t" in names:
         d2t = files.get(names["d2t"])
         if tuple(d2t.shape) != (cfg.draft_vocab_size,) or d2t.is_floating_point():
@@ -79,21 +160,8 @@ def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tu
         if bad.any():
             raise CheckpointError(f"{path}: d2t maps draft id {int(bad.nonzero()[0])} outside the target's "
                                   f"vocabulary of {cfg.vocab_size}")
-    elif cfg.draft_vocab_size != cfg.vocab_size:
+        return d2t
+    if cfg.draft_vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{path}: draft_vocab_size {cfg.draft_vocab_size} < vocab_size {cfg.vocab_size} "
                               "needs a 'd2t' tensor (draft id -> target id offsets)")
-    else:
-        d2t = torch.zeros(cfg.draft_vocab_size, dtype=torch.int64)
-    m = "midlayer."
-    weights = {
-        "fc": got["fc.weight"],
-        m + "input_layernorm.weight": got[m + "input_layernorm.weight"],
-        m + "hidden_norm.weight": got[m + "hidden_norm.weight"],
-        m + "post_attention_layernorm.weight": got[m + "post_attention_layernorm.weight"],
-        m + "qkv_proj": torch.cat([got[m + f"self_attn.{p}_proj.weight"] for p in "qkv"]),
-        m + "o_proj": got[m + "self_attn.o_proj.weight"],
-        m + "gate_up_proj": torch.cat([got[m + "mlp.gate_proj.weight"], got[m + "mlp.up_proj.weight"]]),
-        m + "down_proj": got[m + "mlp.down_proj.weight"],
-        "norm.weight": got["norm.weight"], "lm_head": got["lm_head.weight"], "d2t": d2t,
-    }
-    return cfg, weights
+    return torch.zeros(cfg.draft_vocab_size, dtype=torch.int64)

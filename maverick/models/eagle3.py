@@ -13,12 +13,12 @@ read whole on every rank (0.43 ms of H200 bandwidth, more than the rest of the s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from maverick.config import Eagle3Config
 from maverick.layers.collectives import all_gather
-from maverick.layers.eagle3_layer import Eagle3DecoderLayer, frozen
+from maverick.layers.eagle3_layer import Eagle3DecoderLayer
+from maverick.layers.linear import Linear
 from maverick.layers.embedding import vocab_parallel_argmax
 from maverick.layers.forward_batch import ForwardBatch
 from maverick.layers.norm import RMSNorm
@@ -28,11 +28,12 @@ class Eagle3Draft(nn.Module):
     def __init__(self, cfg: Eagle3Config, dtype: torch.dtype, tp_size: int = 1, tp_rank: int = 0):
         super().__init__()
         self.cfg, self.tp_size, self.tp_rank = cfg, tp_size, tp_rank
-        self.fc = frozen(cfg.hidden_size, 3 * cfg.target_hidden_size, dtype=dtype)
+        self.dtype = dtype  # of activations, features and the draft's KV cache
+        self.fc = Linear(3 * cfg.target_hidden_size, cfg.hidden_size, dtype, "fc" in cfg.fp8_linears)
         self.midlayer = Eagle3DecoderLayer(cfg, dtype)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.vocab_rows = -(-cfg.draft_vocab_size // tp_size)  # this rank's rows; the last rank's padded
-        self.lm_head = frozen(self.vocab_rows, cfg.hidden_size, dtype=dtype)
+        self.lm_head = Linear(cfg.hidden_size, self.vocab_rows, dtype, "lm_head" in cfg.fp8_linears)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -41,7 +42,7 @@ class Eagle3Draft(nn.Module):
 
     def fuse(self, aux: torch.Tensor) -> torch.Tensor:
         """The target's hidden states at the three aux layers, concatenated [T, 3H], to the draft's [T, H]."""
-        return F.linear(aux, self.fc)
+        return self.fc(aux)
 
     def forward(self, embeds: torch.Tensor, h: torch.Tensor, batch: ForwardBatch,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -52,12 +53,14 @@ class Eagle3Draft(nn.Module):
     def shard_lm_head(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the checkpoint's lm_head [draft_vocab_size, H] (zero rows past the vocabulary)."""
         rows = full[self.tp_rank * self.vocab_rows:(self.tp_rank + 1) * self.vocab_rows]
-        return F.pad(rows, (0, 0, 0, self.vocab_rows - rows.shape[0]))
+        out = full.new_zeros(self.vocab_rows, full.shape[1])
+        out[:rows.shape[0]] = rows  # (F.pad has no FP8 kernel)
+        return out
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, draft_vocab_size] of output rows out [N, H] (this rank's columns with tp_size > 1
         and no process group: one-rank benchmarks)."""
-        local = F.linear(self.norm(out), self.lm_head).float()
+        local = self.lm_head(self.norm(out)).float()
         if self.tp_size == 1:
             return local
         return all_gather(local, dim=-1)[:, :self.cfg.draft_vocab_size]
@@ -65,7 +68,7 @@ class Eagle3Draft(nn.Module):
     def propose(self, out: torch.Tensor) -> torch.Tensor:
         """Target ids [N] of the draft's argmax over output rows out [N, H]: each rank's best of its rows, then
         the best of the ranks' (value, global index) pairs (the lowest index on ties, like argmax)."""
-        local = F.linear(self.norm(out), self.lm_head).float()
+        local = self.lm_head(self.norm(out)).float()
         if self.tp_size == 1:
             return self.target_ids(local.argmax(dim=-1))
         first = self.tp_rank * self.vocab_rows

@@ -54,8 +54,8 @@ def load_draft(engine_dir: str | Path, cfg: EngineConfig, device: torch.device, 
     expected = {n: (tuple(t.shape), SAFETENSORS_DTYPE[str(t.dtype)]) for n, t in whole.state_dict().items()}
     check_tensors(path, expected)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys() if name != "lm_head"}
+        tensors = {name: f.get_tensor(name) for name in f.keys() if name != "lm_head.weight"}
         rows = draft.vocab_rows
-        tensors["lm_head"] = draft.shard_lm_head(f.get_slice("lm_head")[rank * rows:(rank + 1) * rows])
+        tensors["lm_head.weight"] = draft.shard_lm_head(f.get_slice("lm_head.weight")[rank * rows:(rank + 1) * rows])
     draft.load_state_dict(tensors, strict=True, assign=True)
     return draft.to(device).eval()

@@ -41,13 +41,13 @@ from .step import StepSeq
 class FeatureSink:
     """What the target writes while it runs: the fused EAGLE-3 features of every token, by global KV slot."""
 
-    def __init__(self, layers: tuple[int, ...], fc: torch.Tensor, rows: int):
-        self.layers, self.fc = layers, fc
-        self.cache = torch.zeros(rows, fc.shape[0], dtype=fc.dtype, device=fc.device)
+    def __init__(self, draft: Eagle3Draft, rows: int, device: torch.device):
+        self.layers, self.fuse = draft.cfg.aux_layer_ids, draft.fuse
+        self.cache = torch.zeros(rows, draft.cfg.hidden_size, dtype=draft.dtype, device=device)
 
     def write(self, aux: torch.Tensor, slots: torch.Tensor) -> None:
         """aux [T, len(layers) * hidden]: the residual stream after each aux layer (padding tokens go to scratch)."""
-        self.cache.index_copy_(0, slots, torch.nn.functional.linear(aux, self.fc))
+        self.cache.index_copy_(0, slots, self.fuse(aux))
 
 
 class Eagle3Proposer:
@@ -61,9 +61,9 @@ class Eagle3Proposer:
         self.runner, self.draft, self.k = runner, draft, max_draft_len
         blocks = runner.kv.global_pool.num_blocks
         shape = draft.kv_cache_shape(blocks, runner.block_size)
-        self.kv = (torch.zeros(shape, dtype=draft.fc.dtype, device=runner.device),
-                   torch.zeros(shape, dtype=draft.fc.dtype, device=runner.device))
-        self.sink = FeatureSink(draft.cfg.aux_layer_ids, draft.fc, (blocks + 1) * runner.block_size)
+        self.kv = (torch.zeros(shape, dtype=draft.dtype, device=runner.device),
+                   torch.zeros(shape, dtype=draft.dtype, device=runner.device))
+        self.sink = FeatureSink(draft, (blocks + 1) * runner.block_size, runner.device)
         runner.model.feature_sink = self.sink
         self.propose = self._draft_chain  # (the step's sequences) -> [n, k] target ids; tests may replace it
 
