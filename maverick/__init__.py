@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "KvCacheConfig", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from maverick.runtime.llm import LLM
 
         return LLM
+    if name == "KvCacheConfig":
+        from maverick.runtime.kv_budget import KvCacheConfig
+
+        return KvCacheConfig
     if name == "SamplingParams":
         from maverick.runtime.sampling_params import SamplingParams
 

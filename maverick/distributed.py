@@ -163,6 +163,15 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's value (a size all ranks must agree on: the KV pool). Collective."""
+    if _STATE.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_STATE.control)  # gloo: a host tensor
+    return int(t)
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable step plan from rank 0 to every rank (control path, not weights)."""
     if _STATE.world_size == 1:

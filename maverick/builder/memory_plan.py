@@ -64,15 +64,27 @@ def activation_bytes(cfg: ModelConfig, build: BuildConfig, tokens: int, rows: in
     return tokens * per_token + logits
 
 
+def draft_slot_bytes(draft: Eagle3Config, build: BuildConfig) -> int:
+    """Bytes an EAGLE-3 draft keeps per global KV slot: its layer's K and V, the target's fused feature."""
+    return (2 * draft.num_key_value_heads * draft.head_dim + draft.hidden_size) * torch_dtype(build.dtype).itemsize
+
+
 def draft_bytes(draft: Eagle3Config, build: BuildConfig, global_blocks: int) -> int:
     """A rank's EAGLE-3 draft: weights, KV cache and feature cache (both over the global pool + scratch)."""
-    dtype = torch_dtype(build.dtype)
     with torch.device("meta"):
-        d = Eagle3Draft(draft, dtype, build.tp_size)
+        d = Eagle3Draft(draft, torch_dtype(build.dtype), build.tp_size)
     weights = sum(t.numel() * t.element_size() for t in d.state_dict().values())
-    slots = (global_blocks + 1) * build.kv_cache_block_size
-    per_slot = (2 * draft.num_key_value_heads * draft.head_dim + draft.hidden_size) * dtype.itemsize
-    return weights + slots * per_slot
+    return weights + (global_blocks + 1) * build.kv_cache_block_size * draft_slot_bytes(draft, build)
+
+
+def workspace_bytes(cfg: ModelConfig, build: BuildConfig) -> tuple[int, int]:
+    """(activations of one step of max_num_tokens, the CUDA graphs' pool): what a rank needs beside weights
+    and KV."""
+    act = activation_bytes(cfg, build, build.max_num_tokens, build.max_batch_size)
+    graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
+                 if b <= build.max_batch_size)
+    graphs += max((activation_bytes(cfg, build, t, 1) for t in build.graph_prefill_tokens()), default=0)
+    return act, graphs
 
 
 def plan(cfg: ModelConfig, build: BuildConfig, draft: Eagle3Config | None = None) -> MemoryPlan:
@@ -80,10 +92,7 @@ def plan(cfg: ModelConfig, build: BuildConfig, draft: Eagle3Config | None = None
     g, loc = kv_bytes_per_token(cfg, build)
     global_blocks, local_blocks = build.kv_pool_blocks(cfg)
     kv = (g * global_blocks + loc * local_blocks) * build.kv_cache_block_size
-    act = activation_bytes(cfg, build, build.max_num_tokens, build.max_batch_size)
-    graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
-                 if b <= build.max_batch_size)
-    graphs += max((activation_bytes(cfg, build, t, 1) for t in build.graph_prefill_tokens()), default=0)
+    act, graphs = workspace_bytes(cfg, build)
     return MemoryPlan(weight_bytes(cfg, build), kv, act, graphs,
                       draft=0 if draft is None else draft_bytes(draft, build, global_blocks))
 

@@ -13,6 +13,7 @@ from maverick import envs
 from .engine import EngineCore
 from .engine_loader import open_engine
 from .errors import RankFailure, StepError
+from .kv_budget import KvCacheConfig
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 from .ranks import RankProcesses, run_in_thread_watching
@@ -112,13 +113,19 @@ class LLM:
     capacity_scheduler_policy : {"MAX_UTILIZATION", "GUARANTEED_NO_EVICT"}
         KV admission (TensorRT-LLM's names): admit whatever prompt fits and preempt the newest request
         when the pool runs dry (default), or admit only what can run to max_tokens without preemption.
+    kv_cache_config : KvCacheConfig or dict, optional
+        TensorRT-LLM's: `free_gpu_memory_fraction` (default 0.9) of the GPU memory free after loading, less
+        the step's activations and CUDA graphs, bounds the KV pool; `max_tokens` caps it. The pool never
+        exceeds the engine's plan (max_batch_size sequences of max_seq_len).
     """
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, tp_size: int | None = None,
                  verify: bool = True, cuda_graphs: bool = True, disable_overlap_scheduler: bool = False,
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
-                 capacity_scheduler_policy: str = "MAX_UTILIZATION"):
+                 capacity_scheduler_policy: str = "MAX_UTILIZATION",
+                 kv_cache_config: KvCacheConfig | dict | None = None):
         self.engine_dir = Path(engine_dir)
+        self.kv_cache_config = KvCacheConfig.of(kv_cache_config)  # before any rank is started
         self.cfg = open_engine(self.engine_dir, tp_size, verify)
         for name, value in (("max_batch_size", max_batch_size), ("max_num_tokens", max_num_tokens)):
             built = getattr(self.cfg.build, name)
@@ -149,7 +156,7 @@ class LLM:
         if kind == "cuda":
             torch.cuda.set_device(device)
         self.tokenizer = self._load_tokenizer()
-        runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs)
+        runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs, self.kv_cache_config)
         self.engine = EngineCore(runner, self.tokenizer, *self._caps,
                                  before_step=self._broadcast if world > 1 else None,
                                  overlap=not disable_overlap_scheduler,
@@ -163,7 +170,7 @@ class LLM:
         init = f"tcp://127.0.0.1:{dist.free_port()}"
         timeout = envs.rank_timeout_s()
         self._ranks = RankProcesses(world, str(self.engine_dir), self.device_kind, self._backend(), init, timeout,
-                                    self.cuda_graphs)
+                                    self.cuda_graphs, self.kv_cache_config.to_dict())
         try:  # a rank that dies at bootstrap is reported now, not after the group's timeout
             run_in_thread_watching(lambda: join_group(0, world, self._backend(), init, timeout), self._ranks,
                                    "tensor-parallel group did not form")
@@ -185,7 +192,7 @@ class LLM:
             return
         device = torch.device(f"cuda:{rank % max(1, torch.cuda.device_count())}") \
             if self.device_kind == "cuda" else torch.device("cpu")
-        runner = build_runner(self.engine_dir, self.cfg, rank, device, self.cuda_graphs)
+        runner = build_runner(self.engine_dir, self.cfg, rank, device, self.cuda_graphs, self.kv_cache_config)
         serve_steps(runner)
         runner.release_graphs()
         dist.shutdown()

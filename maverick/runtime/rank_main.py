@@ -18,11 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", required=True)
     p.add_argument("--timeout", type=float, required=True)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--kv-cache-config", default="{}", help="KvCacheConfig's fields as JSON")
     a = p.parse_args(argv)
     try:
+        import json
+
+        from .kv_budget import KvCacheConfig
         from .worker import worker_main
 
-        worker_main(a.rank, a.world, a.engine, a.device, a.backend, a.init, a.timeout, not a.no_cuda_graphs)
+        worker_main(a.rank, a.world, a.engine, a.device, a.backend, a.init, a.timeout, not a.no_cuda_graphs,
+                    KvCacheConfig.of(json.loads(a.kv_cache_config)))
     except BaseException as e:
         traceback.print_exc()
         print(f"rank {a.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ names its error; a rank dies with its parent (PR_SET_PDEATHSIG), so none is ever
 """
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -29,13 +30,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 class RankProcesses:
     def __init__(self, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
-                 timeout_s: float, cuda_graphs: bool):
+                 timeout_s: float, cuda_graphs: bool, kv_cache_config: dict | None = None):
         self.logs = [Path(tempfile.mkstemp(prefix=f"maverick-rank{r}-", suffix=".log")[1]) for r in range(1, world)]
         self.procs: list[subprocess.Popen] = []
         for r, log in zip(range(1, world), self.logs):
             cmd = [sys.executable, "-m", "maverick.runtime.rank_main", "--rank", str(r), "--world", str(world),
                    "--engine", engine_dir, "--device", device_kind, "--backend", backend, "--init", init_method,
-                   "--timeout", str(timeout_s)] + ([] if cuda_graphs else ["--no-cuda-graphs"])
+                   "--timeout", str(timeout_s), "--kv-cache-config", json.dumps(kv_cache_config or {})]
+            cmd += [] if cuda_graphs else ["--no-cuda-graphs"]
             with open(log, "wb") as f:
                 self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                                    preexec_fn=_die_with_parent))

@@ -9,10 +9,13 @@ import torch
 
 from maverick import distributed as dist
 
+from .kv_budget import KvCacheConfig, pool_blocks
+
 STOP = "stop"
 
 
-def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: bool = True):
+def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: bool = True,
+                 kv_cache_config: KvCacheConfig | None = None):
     from .engine_loader import load_draft, load_rank_model
     from .model_runner import ModelRunner
 
@@ -21,7 +24,11 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     model = load_rank_model(engine_dir, cfg, rank, device, progress=rank == 0)
     dist.enable_fused_all_reduce(model, device)
     draft = load_draft(engine_dir, cfg, device, rank)
-    global_blocks, local_blocks = b.kv_pool_blocks(cfg.model)
+    free = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the loader's freed staging copies would otherwise count as used
+        free = torch.cuda.mem_get_info(device)[0]
+    global_blocks, local_blocks = pool_blocks(cfg, KvCacheConfig.of(kv_cache_config), free)
     runner = ModelRunner(model, max_seq_len=b.max_seq_len, max_batch_size=b.max_batch_size,
                          block_size=b.kv_cache_block_size, device=device, num_global_blocks=global_blocks,
                          num_local_blocks=local_blocks)
@@ -53,7 +60,7 @@ def serve_steps(runner) -> None:
 
 
 def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backend: str, init_method: str,
-                timeout_s: float, cuda_graphs: bool = True) -> None:
+                timeout_s: float, cuda_graphs: bool = True, kv_cache_config: KvCacheConfig | None = None) -> None:
     """A rank started by LLM (maverick.runtime.rank_main): join, load, follow rank 0 until STOP."""
     from maverick import envs
 
@@ -69,7 +76,7 @@ def worker_main(rank: int, world: int, engine_dir: str, device_kind: str, backen
             torch.cuda.set_device(device)
         join_group(rank, world, backend, init_method, timeout_s)
         cfg = open_engine(engine_dir, verify=False)  # rank 0 verified every file's hash
-        runner = build_runner(engine_dir, cfg, rank, device, cuda_graphs)
+        runner = build_runner(engine_dir, cfg, rank, device, cuda_graphs, kv_cache_config)
         serve_steps(runner)
         runner.release_graphs()  # before the group's teardown in `finally`
     finally:

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
 # the LLM API options --extra_llm_api_options may set (TensorRT-LLM's names)
 LLM_OPTIONS = {"max_batch_size", "max_num_tokens", "disable_overlap_scheduler", "cuda_graphs", "tp_size",
-               "capacity_scheduler_policy"}
+               "capacity_scheduler_policy", "kv_cache_config"}
 
 
 def llm_options(a) -> dict:
