@@ -129,3 +129,68 @@ def test_pareto_png_with_end_to_end_points(tmp_path):
     src.write_text(json.dumps({"header": "card=X command=y", "e2e": e2e}))
     assert main([str(src), str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _meta_model(preset: str, **build):
+    import torch
+
+    from maverick.builder.spec import model_spec
+    from maverick.config import BuildConfig, ModelConfig
+    from maverick.models import Llama4ForCausalLM
+
+    cfg = ModelConfig.preset(preset)
+    b = BuildConfig(**build).for_model(cfg)
+    with torch.device("meta"):
+        return Llama4ForCausalLM(cfg, model_spec(b, 0)), cfg, b
+
+
+def test_step_floors_scale_as_the_work_does():
+    """FLOPs grow with every token (top_k experts each, lm_head per logits row); bytes read the routed experts
+    only as far as the tokens select them, so they saturate; FP8 halves the linears' bytes, not their FLOPs."""
+    from maverick.bench.floors import step_work
+    from maverick.config import QuantConfig
+
+    model, cfg, b = _meta_model("maverick", tp_size=8, quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64)
+    one, eight = step_work(model, cfg, b, 1, 1, 1024), step_work(model, cfg, b, 8, 1, 1024)
+    assert abs(eight.flops - 8 * one.flops) < 1e-9 * eight.flops  # decode: linear in the batch
+    huge = step_work(model, cfg, b, 4096, 1, 0)
+    experts = sum(t.numel() for n, t in model.state_dict().items() if ".experts." in n and not n.endswith("scale"))
+    dense = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+                if ".experts." not in n and n != "embed_tokens.weight")
+    # batch 1: one expert of 128 per MoE layer; batch 4096: all of them (FP8: one byte a weight)
+    assert one.bytes < dense + experts / 100 + 1024 * 2e6 and huge.bytes > dense + 0.999 * experts
+    # the one-rank TP8 step at 1K context reads about 2.4 GB (its in-run floor: 0.503 ms at 4.8 TB/s)
+    assert 2.0e9 < one.bytes < 2.8e9
+    by, fl = one.floor_ms(4.8e12, 1.3e15)
+    assert by > 10 * fl  # batch 1 is bandwidth-bound
+    by, fl = huge.floor_ms(4.8e12, 1.3e15)
+    assert fl > by  # batch 4096 is compute-bound
+    bf16, _, bb = _meta_model("maverick", tp_size=8, kv_cache_block_size=64)
+    hi = step_work(bf16, cfg, bb, 1, 1, 1024)
+    assert abs(hi.flops - one.flops) < 1e-6 * one.flops and hi.bytes > 1.7 * (one.bytes - 1024 * 2e5)
+
+
+def test_prefill_floor_computes_logits_once_and_attention_causally():
+    from maverick.bench.floors import step_work
+
+    model, cfg, b = _meta_model("tiny")
+    lm = next(t.numel() for n, t in model.state_dict().items() if n == "lm_head.weight")
+    pre = step_work(model, cfg, b, 1, 16, 0)
+    every = step_work(model, cfg, b, 1, 16, 0, logits_rows=16)
+    assert every.flops - pre.flops == 2 * lm * 15
+    pair = 4 * cfg.local_heads(1) * cfg.head_dim
+    longer = step_work(model, cfg, b, 1, 16, 8)  # 8 more keys for every query, in the global and local layers
+    keys = min(8 + 8.5, cfg.attention_chunk_size) - min(8.5, cfg.attention_chunk_size)
+    assert longer.flops - pre.flops == 16 * pair * (len(cfg.nope_layer_ids) * 8 + len(cfg.rope_layer_ids) * keys)
+
+
+def test_e2e_run_floor_is_its_prefill_and_decode_floors():
+    from maverick.bench.e2e import E2EPoint, run_floor_s
+    from maverick.bench.floors import StepWork
+
+    pre, dec = StepWork(bytes=1e9, flops=3e12), StepWork(bytes=2e9, flops=1e12)  # 3 ms FLOP-, 2 ms bytes-bound
+    floor = run_floor_s(pre, dec, osl=11, bandwidth=1e12, peak_flops=1e15)
+    assert floor == pytest.approx((3 + 10 * 2) / 1e3)
+    pt = E2EPoint(128, 11, 1, wall_s=2 * floor, mean_ttft_ms=5, mean_latency_s=2 * floor, steps=12, tp_size=1,
+                  floor_s=floor)
+    assert "| 12 | 3.833 | 1.917 | 50% |" in pt.row()

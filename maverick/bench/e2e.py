@@ -24,6 +24,7 @@ class E2EPoint:
     mean_latency_s: float
     steps: int
     tp_size: int
+    floor_s: float = 0.0  # the run's work at the larger of its floors (bench/floors.py), 0 where not computed
 
     @property
     def tokens_per_s_per_user(self) -> float:
@@ -34,12 +35,23 @@ class E2EPoint:
         return self.concurrency * self.osl / self.wall_s / self.tp_size
 
     def row(self) -> str:
+        step = self.wall_s / self.steps * 1e3
+        floor = self.floor_s / self.steps * 1e3
         return (f"| {self.isl}/{self.osl} | {self.concurrency} | {self.mean_ttft_ms:.1f} | {self.mean_latency_s:.2f} | "
-                f"{self.steps} | {self.tokens_per_s_per_user:.1f} | {self.tokens_per_s_per_gpu:.1f} |")
+                f"{self.steps} | {step:.3f} | {floor:.3f} | {floor / step:.0%} | {self.tokens_per_s_per_user:.1f} | "
+                f"{self.tokens_per_s_per_gpu:.1f} |")
 
 
-HEADER = ("| ISL/OSL | concurrency | mean TTFT ms | mean request s | engine steps | tok/s/user | tok/s/GPU |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = ("| ISL/OSL | concurrency | mean TTFT ms | mean request s | engine steps | mean step ms | its floor ms | "
+          "floor/step | tok/s/user | tok/s/GPU |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def run_floor_s(work_prefill, work_decode, osl: int, bandwidth: float, peak_flops: float | None) -> float:
+    """A run's floor: its prompts' prefill (StepWork of all of them, weights read once: a lower bound) and
+    OSL - 1 decode steps at the mean context, each at the larger of its bytes and FLOP floors."""
+    pre = max(work_prefill.floor_ms(bandwidth, peak_flops))
+    dec = max(work_decode.floor_ms(bandwidth, peak_flops))
+    return (pre + (osl - 1) * dec) / 1e3
 
 
 def inflight_run(runner, isl: int, osl: int, concurrency: int, max_num_tokens: int, tp_size: int,

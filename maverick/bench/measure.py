@@ -1,5 +1,5 @@
-"""What maverick-bench measures, one function each: CUDA-event medians, HBM read bandwidth, the bytes a
-decode step must read, a decode step replayed from its CUDA graph, a prefill step, the all-reduce as the
+"""What maverick-bench measures, one function each: CUDA-event medians, HBM read bandwidth, a decode step
+(with its floors, bench/floors.py) replayed from its CUDA graph, a prefill step, the all-reduce as the
 layers run it, and the KV pool a set of runs needs. All timing: CUDA events, median, after warm-up.
 """
 from __future__ import annotations
@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick.builder.memory_plan import kv_bytes_per_token
-from maverick.config import BuildConfig, ModelConfig
+from maverick.config import ModelConfig
 from maverick.runtime.step import StepSeq
 from maverick.runtime.model_runner import ModelRunner
 
+from .floors import step_work
 from .timing import median_ms
 
 
@@ -38,37 +38,21 @@ class StepResult:
     batch: int
     context: int
     step_ms: float
-    floor_ms: float
+    floor_ms: float  # the larger of the two floors (plus all-reduces where they run)
     bytes_per_step: float
     tokens_per_s_per_user: float
     tokens_per_s_per_gpu: float
+    flops_per_step: float = 0.0
+    bytes_floor_ms: float = 0.0
+    flop_floor_ms: float = 0.0  # 0 where no FP8 peak was measured
 
     @property
     def ratio(self) -> float:
         return self.floor_ms / self.step_ms
 
 
-def step_bytes(model, cfg: ModelConfig, build: BuildConfig, batch: int, context: int) -> float:
-    """Bytes one rank must read for a decode step: every weight once, but routed experts only as many
-    as the batch can select (expected distinct experts under uniform routing), plus the KV read."""
-    total = 0
-    for name, t in model.state_dict().items():
-        n = t.numel() * t.element_size()
-        if ".experts." in name:
-            e_local = t.shape[0] if t.dim() >= 2 else 1
-            picks = batch * cfg.num_experts_per_tok
-            e_all = cfg.num_local_experts
-            used = e_all * (1 - (1 - 1 / e_all) ** picks) * e_local / e_all  # expected distinct local experts
-            n = n * used / e_local
-        elif name == "embed_tokens.weight":
-            n = batch * t.shape[1] * t.element_size()
-        total += n
-    g, loc = kv_bytes_per_token(cfg, build)  # summed over layers of each kind
-    return total + batch * (g * context + loc * min(context, cfg.attention_chunk_size))
-
-
 def decode_step(runner: ModelRunner, cfg, build, batch: int, context: int, bandwidth: float,
-                tp_size: int) -> StepResult:
+                tp_size: int, peak_flops: float | None = None) -> StepResult:
     kv = runner.kv
     seqs = []
     for i in range(batch):
@@ -82,9 +66,10 @@ def decode_step(runner: ModelRunner, cfg, build, batch: int, context: int, bandw
     for s in seqs:
         kv.free(s.seq_id)
     runner.graphs = None
-    nbytes = step_bytes(runner.model, cfg, build, batch, context)
-    floor = nbytes / bandwidth * 1e3
-    return StepResult(batch, context, ms, floor, nbytes, 1e3 / ms, batch * 1e3 / ms / tp_size)
+    work = step_work(runner.model, cfg, build, batch, 1, context)
+    by, fl = work.floor_ms(bandwidth, peak_flops)
+    return StepResult(batch, context, ms, max(by, fl), work.bytes, 1e3 / ms, batch * 1e3 / ms / tp_size,
+                      work.flops, by, fl)
 
 
 def prefill_step_ms(runner: ModelRunner, prompts: int, prompt_len: int) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from maverick.bench.floors import fp8_peak_flops, step_work
 from maverick.bench.timing import git_commit
 from maverick.bench.measure import (allreduce_us, decode_step, hbm_read_bandwidth, kv_blocks, prefill_graph_ms,
                                     prefill_step_ms, time_to_first_token)
@@ -36,11 +37,13 @@ GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_num_tokens: int, tp_size: int,
-            rank: int, world: int, say, overlap: bool = True, prefill_tokens: list[int] = ()) -> list:
+            rank: int, world: int, say, overlap: bool = True, prefill_tokens: list[int] = (),
+            floors: tuple | None = None) -> list:
     """Every rank captures the decode graphs; rank 0 runs the engine loop and sends each step's plan to
-    the other ranks, which follow (the LLM's own arrangement)."""
+    the other ranks, which follow (the LLM's own arrangement). floors: (model, build, bandwidth, FP8 peak)
+    to give each point its floor."""
     from maverick import distributed
-    from maverick.bench.e2e import inflight_run
+    from maverick.bench.e2e import inflight_run, run_floor_s
     from maverick.runtime.worker import STOP, serve_steps
 
     runner.warmup(max_num_tokens)  # compile the prefill kernels now, not in the first request's TTFT
@@ -50,8 +53,12 @@ def run_e2e(runner: ModelRunner, cfg: ModelConfig, workloads, concurrency, max_n
         send = (lambda plan, rows: distributed.broadcast_object((plan, rows))) if world > 1 else None
         for isl, osl in workloads:
             for c in concurrency:
-                points.append(inflight_run(runner, isl, osl, c, max_num_tokens, tp_size, cfg.vocab_size, send,
-                                           overlap))
+                pt = inflight_run(runner, isl, osl, c, max_num_tokens, tp_size, cfg.vocab_size, send, overlap)
+                if floors is not None:
+                    model, build, bw, peak = floors
+                    pt.floor_s = run_floor_s(step_work(model, cfg, build, c, isl, 0),
+                                             step_work(model, cfg, build, c, 1, isl + osl // 2), osl, bw, peak)
+                points.append(pt)
                 say("  e2e " + points[-1].row(), flush=True)
         if world > 1:
             distributed.broadcast_object(STOP)
@@ -173,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     say(head, flush=True)
     bw = hbm_read_bandwidth()
     say(f"HBM read bandwidth (4 GiB reduction, graph replay, median): {bw / 1e12:.2f} TB/s", flush=True)
+    peak = fp8_peak_flops()
+    say(f"FP8 dense peak (8192^3 e4m3 GEMM, torch._scaled_mm, graph replay, median): {peak / 1e12:.0f} TFLOP/s",
+        flush=True)
     if not plans:  # the peer baseline alone
         from maverick.bench.peer import peer_baseline
 
@@ -198,23 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ctx in contexts:
         for b in batches:
-            r = decode_step(runner, cfg, build, b, ctx, bw, a.tp_size)
+            r = decode_step(runner, cfg, build, b, ctx, bw, a.tp_size, peak)
             distributed.check_peer_all_reduce()
             if ar_us and world > 1:  # the step ran its all-reduces: they belong in its floor
                 r.floor_ms += n_ar * ar_us / 1e3
             rows.append(("kernels", r))
-            say(f"  decode b={b} ctx={ctx}: {r.step_ms:.3f} ms/step, floor {r.floor_ms:.3f} ms "
-                f"({r.bytes_per_step / 1e9:.3f} GB), {r.ratio:.0%} of roofline", flush=True)
+            say(f"  decode b={b} ctx={ctx}: {r.step_ms:.3f} ms/step, floor {r.floor_ms:.3f} ms (bytes "
+                f"{r.bytes_floor_ms:.3f} ms for {r.bytes_per_step / 1e9:.3f} GB, FLOPs {r.flop_floor_ms:.3f} ms for "
+                f"{r.flops_per_step / 1e12:.2f} TFLOP), {r.ratio:.0%} of the floor", flush=True)
     ttft = {}
     for n in ttfts:
         shape = graph_shape([n], [1], [], build.graph_prefill_tokens())
         graph_tokens = n if shape is None else shape[1]  # past the largest size: a graph of exactly n
-        ttft[n] = (time_to_first_token(runner, n), prefill_graph_ms(runner, n, graph_tokens), graph_tokens)
+        by, fl = step_work(model, cfg, build, 1, n, 0).floor_ms(bw, peak)
+        ttft[n] = (time_to_first_token(runner, n), prefill_graph_ms(runner, n, graph_tokens), graph_tokens, by, fl)
         say(f"  time to first token, {n}-token prompt: eager prefill {ttft[n][0]:.1f} ms, prefill CUDA graph of "
-            f"{graph_tokens} tokens {ttft[n][1]:.1f} ms", flush=True)
+            f"{graph_tokens} tokens {ttft[n][1]:.1f} ms; floor {max(by, fl):.2f} ms (bytes {by:.2f}, FLOPs {fl:.2f}), "
+            f"{max(by, fl) / min(ttft[n][:2]):.0%} of it", flush=True)
     if a.reference:
         runner.kernel_options = dataclasses.replace(kernels, enabled=False)
-        r = decode_step(runner, cfg, build, 1, contexts[0], bw, a.tp_size)
+        r = decode_step(runner, cfg, build, 1, contexts[0], bw, a.tp_size, peak)
         runner.kernel_options = kernels
         rows.append(("reference", r))
     sweep = []
@@ -225,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.append(SweepPoint(isl, osl, c, pre, step, a.tp_size))
             say("  sweep " + sweep[-1].row(), flush=True)
     e2e = run_e2e(runner, cfg, e2e_workloads, concurrency, a.max_num_tokens, a.tp_size, rank, world, say,
-                  a.overlap, build.graph_prefill_tokens() if a.prefill_graphs else []) \
+                  a.overlap, build.graph_prefill_tokens() if a.prefill_graphs else [], (model, build, bw, peak)) \
         if e2e_workloads else []
     peer = []
     if a.peer_baseline:
@@ -234,15 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         from maverick.bench.peer import peer_baseline
 
         peer = peer_baseline(bw)
-    say("\n| path | batch | context | step ms | floor ms | floor/step | tok/s/user | tok/s/GPU (TP) |")
-    say("|---|---|---|---|---|---|---|---|")
+    say("\n| path | batch | context | step ms | bytes floor ms | FLOP floor ms | floor/step | tok/s/user | "
+        "tok/s/GPU (TP) |")
+    say("|---|---|---|---|---|---|---|---|---|")
     for path, r in rows:
-        say(f"| {path} | {r.batch} | {r.context} | {r.step_ms:.3f} | {r.floor_ms:.3f} | {r.ratio:.0%} | "
-            f"{r.tokens_per_s_per_user:.0f} | {r.tokens_per_s_per_gpu:.0f} |")
+        say(f"| {path} | {r.batch} | {r.context} | {r.step_ms:.3f} | {r.bytes_floor_ms:.3f} | {r.flop_floor_ms:.3f} | "
+            f"{r.ratio:.0%} | {r.tokens_per_s_per_user:.0f} | {r.tokens_per_s_per_gpu:.0f} |")
     if ttft:
-        say("\n| prompt tokens | eager prefill ms | graph tokens | prefill graph replay ms |\n|---|---|---|---|")
-        for n, (eager, graph, tokens) in ttft.items():
-            say(f"| {n} | {eager:.1f} | {tokens} | {graph:.1f} |")
+        say("\n| prompt tokens | eager prefill ms | graph tokens | prefill graph replay ms | bytes floor ms | "
+            "FLOP floor ms | floor/best |\n|---|---|---|---|---|---|---|")
+        for n, (eager, graph, tokens, by, fl) in ttft.items():
+            say(f"| {n} | {eager:.1f} | {tokens} | {graph:.1f} | {by:.2f} | {fl:.2f} | {max(by, fl) / min(eager, graph):.0%} |")
     if sweep:
         say("\nconcurrency sweep (MODEL over measured parts: c prompts prefilled, then OSL steps at batch c timed "
             "at context ISL + OSL/2; maverick/bench/sweep.py)")
@@ -269,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{one.bytes_per_step * a.tp_size / 8 / b200_bw * 1e3:.3f} ms/step at 8 TB/s{ar_note}")
     if a.json and rank == 0:
         Path(a.json).write_text(json.dumps({
-            "header": head, "bandwidth_Bps": bw, "allreduce_us": ar_us,
-            "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": {n: dict(eager=e, graph=g, graph_tokens=t) for n, (e, g, t) in ttft.items()},
+            "header": head, "bandwidth_Bps": bw, "fp8_peak_flops": peak, "allreduce_us": ar_us,
+            "rows": [dict(path=p_, **asdict(r)) for p_, r in rows], "ttft_ms": {n: dict(eager=e, graph=g, graph_tokens=t, bytes_floor=by, flop_floor=fl)
+                                                                             for n, (e, g, t, by, fl) in ttft.items()},
             "sweep": [_point(pt) for pt in sweep], "e2e": [_point(pt) for pt in e2e],
             "peer": [{"engine": n, "ms_per_token": ms} for n, ms in peer]}, indent=1))
     if world > 1:

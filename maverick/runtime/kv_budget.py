@@ -3,8 +3,9 @@
 The engine plans room for max_batch_size sequences of max_seq_len (capped at its kv_cache_max_tokens). At
 load the pool is that plan, capped again at `max_tokens`, and on a GPU shrunk to `free_gpu_memory_fraction`
 of the memory left free once the weights (and a draft's) are in, less the step's activations and the CUDA
-graphs' pool that come after it. A pool too small for one sequence of max_seq_len is refused with the numbers,
-not left to fail at the first long prompt. Every rank takes the smallest pool any rank can hold: rank 0's
+graphs' pool that come after it. A pool that memory leaves too small for one sequence of max_seq_len (or for
+the whole plan, where an engine's kv_cache_max_tokens planned less on purpose) is refused with the numbers, not
+left to fail at the first long prompt. Every rank takes the smallest pool any rank can hold: rank 0's
 scheduler plans for all of them.
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ def pool_blocks(cfg: EngineConfig, kv: KvCacheConfig, free_bytes: int | None) ->
     block = b.kv_cache_block_size
     if kv.max_tokens is not None:
         glob, loc = min(glob, kv.max_tokens // block), min(loc, kv.max_tokens // block)
+    planned = glob, loc
     if free_bytes is not None:
         g_tok, l_tok = kv_bytes_per_token(model, b)
         draft = cfg.speculative.draft if cfg.speculative is not None else None
@@ -69,13 +71,14 @@ def pool_blocks(cfg: EngineConfig, kv: KvCacheConfig, free_bytes: int | None) ->
             share = max(budget, 0) / want
             glob, loc = int(glob * share), int(loc * share)
     glob, loc = dist.min_over_ranks(glob), dist.min_over_ranks(loc)
-    one_glob = -(-b.max_seq_len // block)
-    one_loc = -(-min(b.max_seq_len, model.attention_chunk_size) // block)
-    if (model.nope_layer_ids and glob < one_glob) or (model.rope_layer_ids and loc < one_loc):
+    # one sequence of max_seq_len, or the whole plan where an engine or max_tokens planned less on purpose
+    need_g = min(planned[0], -(-b.max_seq_len // block)) if model.nope_layer_ids else 0
+    need_l = min(planned[1], -(-min(b.max_seq_len, model.attention_chunk_size) // block)) if model.rope_layer_ids else 0
+    if glob < max(need_g, 1 if model.nope_layer_ids else 0) or loc < max(need_l, 1 if model.rope_layer_ids else 0):
         free = "" if free_bytes is None else (f" ({kv.free_gpu_memory_fraction:g} of the {free_bytes / 1e9:.2f} GB "
                                               "free after loading, less the step's activations and CUDA graphs)")
         raise MemoryError(f"KV cache: room for {glob * block} tokens in the global layers and {loc * block} in the "
                           f"local ones{free}, but one sequence of max_seq_len={b.max_seq_len} needs "
-                          f"{one_glob * block} and {one_loc * block}; raise kv_cache_config.free_gpu_memory_fraction "
+                          f"{need_g * block} and {need_l * block}; raise kv_cache_config.free_gpu_memory_fraction "
                           "or max_tokens, or rebuild with a smaller max_seq_len or max_num_tokens")
     return glob, loc
