@@ -17,6 +17,7 @@ BENCH = {
     "peer": ("step", "transformers against maverick on a reduced Maverick (4 layers, 16 experts)"),
     "spec": ("spec", "the EAGLE-3 round (draft extend, chain, verify K+1) and tokens/s per user at given acceptance"),
     "spec-e2e": ("spec_e2e", "speculative decoding end to end on the bundled model and its head: speedup, acceptance"),
+    "compiles": ("compiles", "Triton compilations and graph captures left after load, while serving every shape"),
     "kernels": ("kernels", "each min-latency kernel against cuBLAS / torch and a plain read of its bytes"),
     "chain": ("chain", "48 layers of FP8 GEMMs in one graph against the HBM bandwidth"),
     "allreduce": ("allreduce", "all-reduce (+ add + RMSNorm) latency on every GPU of this host (torchrun)"),

@@ -1,0 +1,133 @@
+"""maverick-bench compiles: what serving still compiles or captures after the engine has loaded.
+
+Full Maverick shapes, one rank of TP8 (random FP8 weights), the runtime's own load sequence (warm-up, decode
+and prefill CUDA graphs), then requests of every batch size up to max_batch_size and prompts of every size
+class up to max_num_tokens through the engine loop. Every Triton JIT specialization made in that window (the
+kernel and its signature: each one a compile, or a disk-cache load at best) and every CUDA graph capture is
+counted and listed, with the time of the load and of the first token after it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from maverick.bench.timing import git_commit
+
+
+@dataclass
+class CompileLog:
+    compiles: list[str] = field(default_factory=list)
+    captures: int = 0
+
+
+@contextlib.contextmanager
+def watch():
+    """Count Triton JIT specializations (knobs.runtime.jit_cache_hook: called before each one) and CUDA graph
+    captures inside the block."""
+    from triton import knobs
+
+    log = CompileLog()
+    before = knobs.runtime.jit_cache_hook
+
+    def hook(*, repr: str, **kw):
+        log.compiles.append(repr)
+        return before(repr=repr, **kw) if before else False
+
+    begin = torch.cuda.CUDAGraph.capture_begin
+
+    def capture_begin(self, *a, **k):
+        log.captures += 1
+        return begin(self, *a, **k)
+
+    knobs.runtime.jit_cache_hook = hook
+    torch.cuda.CUDAGraph.capture_begin = capture_begin
+    try:
+        yield log
+    finally:
+        knobs.runtime.jit_cache_hook = before
+        torch.cuda.CUDAGraph.capture_begin = begin
+
+
+def prompt_sizes(max_num_tokens: int) -> list[int]:
+    """1..17 (the GEMV and split-K GEMM ranges, each alignment), then around every power of two and at the
+    largest chunk: Triton specializes integer arguments on == 1 and divisibility by 16."""
+    sizes = set(range(1, 18))
+    p = 32
+    while p <= max_num_tokens:
+        sizes |= {p - 1, p, p + 1}
+        p *= 2
+    sizes |= {max_num_tokens - 1, max_num_tokens}
+    return sorted(s for s in sizes if 1 <= s <= max_num_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="maverick-bench compiles", description=__doc__.split("\n")[0])
+    p.add_argument("--tp-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-num-tokens", type=int, default=2048)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: maverick-bench compiles needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from maverick.builder.synthetic import synthetic_model
+    from maverick.config import BuildConfig, ModelConfig, QuantConfig
+    from maverick.runtime.engine import EngineCore
+    from maverick.runtime.model_runner import ModelRunner
+    from maverick.runtime.sampling_params import SamplingParams
+
+    cfg = ModelConfig.preset("maverick")
+    build = BuildConfig(tp_size=a.tp_size, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
+                        max_num_tokens=a.max_num_tokens, quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64)
+    print(f"card={torch.cuda.get_device_name()} gpus=1 mode=one-rank tp_size={a.tp_size} "
+          f"max_batch_size={a.max_batch_size} max_num_tokens={a.max_num_tokens} commit={git_commit()} "
+          f"command={' '.join(sys.argv)}", flush=True)
+    device = torch.device("cuda")
+    model = synthetic_model(cfg, build, 0, device)
+    torch.cuda.synchronize()
+    with watch() as at_load:
+        t0 = time.perf_counter()
+        g, loc = build.kv_pool_blocks(cfg)
+        runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
+                             block_size=64, device=device, num_global_blocks=g, num_local_blocks=loc)
+        runner.warmup(build.max_num_tokens)
+        runner.capture_cuda_graphs([b for b in build.cuda_graph_batch_sizes if b <= build.max_batch_size],
+                                   build.graph_prefill_tokens())
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - t0
+    print(f"load (warm-up and graphs, weights excluded): {load_s:.1f} s, {len(at_load.compiles)} Triton "
+          f"specializations, {at_load.captures} graph captures", flush=True)
+    engine = EngineCore(runner, None, max_batch_size=build.max_batch_size, max_num_tokens=build.max_num_tokens)
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def serve(prompts: list[int]) -> float:
+        t = time.perf_counter()
+        for n in prompts:
+            engine.add_request(torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist(), params)
+        while engine.has_unfinished():
+            engine.step()
+        return time.perf_counter() - t
+
+    with watch() as serving:
+        first = serve([128])
+        sizes = prompt_sizes(build.max_num_tokens)
+        for n in sizes:
+            serve([n])
+        for b in range(1, build.max_batch_size + 1):
+            serve([16] * b)
+    print(f"first request after load (128-token prompt, 4 tokens): {first * 1e3:.1f} ms")
+    print(f"serving: prompts of {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}), batches 1..{build.max_batch_size}: "
+          f"{len(serving.compiles)} Triton specializations, {serving.captures} graph captures")
+    for name in sorted(set(serving.compiles)):
+        print(f"  compiled while serving: {serving.compiles.count(name)} x {name[:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
