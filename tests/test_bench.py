@@ -117,6 +117,7 @@ def test_inflight_run_through_the_engine_loop():
     assert 0 < pt.mean_ttft_ms / 1e3 <= pt.mean_latency_s <= pt.wall_s
     assert pt.tokens_per_s_per_gpu == pytest.approx(3 * 5 / pt.wall_s)
     assert pt.tokens_per_s_per_user == pytest.approx(5 / pt.mean_latency_s)
+    assert 0 < pt.itl_p50_ms <= pt.itl_p99_ms <= 1e3 * pt.wall_s
     assert runner.kv.global_pool.num_free == runner.kv.global_pool.num_blocks  # every block back
 
 
@@ -194,3 +195,11 @@ def test_e2e_run_floor_is_its_prefill_and_decode_floors():
     pt = E2EPoint(128, 11, 1, wall_s=2 * floor, mean_ttft_ms=5, mean_latency_s=2 * floor, steps=12, tp_size=1,
                   floor_s=floor)
     assert "| 12 | 3.833 | 1.917 | 50% |" in pt.row()
+
+
+def test_percentile_is_nearest_rank():
+    from maverick.bench.e2e import percentile
+
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile(values, 1.0) == 100
+    assert percentile([3.0], 0.99) == 3 and percentile([], 0.5) == 0
