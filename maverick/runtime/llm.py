@@ -156,7 +156,18 @@ class LLM:
         if kind == "cuda":
             torch.cuda.set_device(device)
         self.tokenizer = self._load_tokenizer()
-        runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs, self.kv_cache_config)
+        try:
+            runner = build_runner(self.engine_dir, self.cfg, 0, device, cuda_graphs, self.kv_cache_config)
+        except Exception:
+            # loading meets the other ranks in a collective (the KV pool size): one that died while loading
+            # breaks it here, and its own error is the one to report
+            failure = self.rank_failure(wait_s=2.0)
+            if failure is None:
+                raise
+            self._ranks.stop()
+            self._ranks = None
+            dist.shutdown()
+            raise RankFailure(f"loading the engine: {failure}") from None
         self.engine = EngineCore(runner, self.tokenizer, *self._caps,
                                  before_step=self._broadcast if world > 1 else None,
                                  overlap=not disable_overlap_scheduler,
