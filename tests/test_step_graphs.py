@@ -311,3 +311,38 @@ def test_round_graph_with_the_trained_head_accepts_and_equals_plain_decoding():
     reqs, engine = _generate(spec, prompts, _greedy_params(32), max_num_tokens=128)
     assert [q.output_token_ids for q in reqs] == base and engine.spec_stats.acceptance_length > 1.5
     assert max(used) > 1  # the graph's extend caught up over an accepted run
+
+
+def test_round_chain_steps_are_the_verify_batchs_tokens(tiny_ckpt):
+    """A round graph's chain step d reads its inputs from the verify batch on the device (no host build a
+    depth): field for field what build_forward_batch makes of that one-token step, padded rows included."""
+    import torch
+    from test_eagle3 import _random_draft
+
+    from maverick.runtime.batch import build_forward_batch
+    from maverick.runtime.cuda_graph import RoundGraphs
+    from maverick.runtime.kv_cache import SeqBlocks
+
+    k, rows = 3, 4
+    runner = runner_for(tiny_ckpt, max_seq_len=128)
+    runner.attach_draft(_random_draft(), k)
+    runner.graphs = _EagerGraphs(runner, [1, 2, 4], [16], verify_q=k + 1)
+    rounds = RoundGraphs(runner, runner.spec)
+    seqs = []
+    for i, start in enumerate((13, 31)):  # the second crosses a block (8) as its chain goes on
+        blocks = runner.kv.grow(i, start + k + 1)
+        seqs.append(StepSeq(i, [5] * (k + 1), start, blocks, num_logits=k + 1, draft_len=k, draft_start=start - 2,
+                            draft_tokens=[4, 5, 6]))
+    verify = rounds._batches(seqs, rows)["verify"]
+    const = {"rows": torch.arange(rows), "local_table": torch.zeros(rows, 1, dtype=torch.long),
+             "local_slots": torch.full((rows,), runner.scratch_local)}
+    for d in range(1, k):
+        got = rounds._chain(verify, d, torch.zeros(rows, dtype=torch.long), const)
+        steps = [StepSeq(s.seq_id, [0], s.start + d - 1, SeqBlocks(s.blocks.global_blocks, [])) for s in seqs]
+        want = build_forward_batch(steps, runner.block_size, runner.chunk, runner.scratch_global, runner.scratch_local,
+                                   pad_batch=rows, pad_q=1, pad_tokens=rows,
+                                   pad_global_blocks=runner.graph_blocks).pad_logits(rows)
+        for name, t in want.tensors().items():
+            assert torch.equal(getattr(got, name), t), (d, name)
+    for s in seqs:
+        runner.kv.free(s.seq_id)
