@@ -26,6 +26,8 @@ The draft's own KV lives in the same block tables (the global ones).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from maverick.layers.forward_batch import ForwardBatch
@@ -115,29 +117,35 @@ class Eagle3Proposer:
         return torch.stack(out, dim=1)
 
 
-def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | None, t: SamplingTensors | None,
-           k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4 above for a step's logits rows: the output tokens [rows] (row i of a verified sequence: its i-th
-    output token, valid up to its accepted count) and the accepted draft tokens of each sequence with logits
-    [sequences], on the device. drafts [verified sequences, k] (their draft_len first of each row); t: the
-    sampling parameters of each row (None: every row greedy)."""
-    dev = logits.device
-    src, segs = [], []  # per logits row: the draft token it checks (index into drafts) or -1; per sequence: its rows
-    j = 0
-    for s in seqs:
-        if s.num_logits == 0:
+@functools.lru_cache(maxsize=256)
+def _acceptance_layout(rows: tuple[tuple[int, int], ...], k: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per logits row: the draft token it checks, an index into the flattened drafts, or -1; per sequence with
+    logits: its k rows, -1 past its draft_len) for a step's (num_logits, draft_len) of each sequence, on the
+    device. Steady rounds repeat the same layout step after step: built and copied once, then reused."""
+    src, segs, j = [], [], 0
+    for num_logits, draft_len in rows:
+        if num_logits == 0:
             continue
-        if s.draft_len:
-            segs.append([len(src) + i for i in range(s.draft_len)] + [-1] * (k - s.draft_len))
-            src += [j * k + i for i in range(s.draft_len)] + [-1]
+        if draft_len:
+            segs.append([len(src) + i for i in range(draft_len)] + [-1] * (k - draft_len))
+            src += [j * k + i for i in range(draft_len)] + [-1]
             j += 1
         else:
             segs.append([-1] * k)
             src.append(-1)
     host = to_device({"src": torch.tensor(src, dtype=torch.long),
                       "segs": torch.tensor(segs, dtype=torch.long).reshape(len(segs), k)}, dev)
-    src, segs = host["src"], host["segs"]
-    flat = drafts.reshape(-1) if drafts is not None else torch.zeros(1, dtype=torch.long, device=dev)
+    return host["src"], host["segs"]
+
+
+def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | None, t: SamplingTensors | None,
+           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 above for a step's logits rows: the output tokens [rows] (row i of a verified sequence: its i-th
+    output token, valid up to its accepted count) and the accepted draft tokens of each sequence with logits
+    [sequences], on the device. drafts [verified sequences, k] (their draft_len first of each row); t: the
+    sampling parameters of each row (None: every row greedy)."""
+    src, segs = _acceptance_layout(tuple((s.num_logits, s.draft_len) for s in seqs), k, logits.device)
+    flat = drafts.reshape(-1) if drafts is not None else torch.zeros(1, dtype=torch.long, device=logits.device)
     dtok = torch.where(src >= 0, flat[src.clamp(min=0)], -1)
     greedy = logits.argmax(dim=-1)
     if t is None:
