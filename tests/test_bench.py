@@ -203,3 +203,10 @@ def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile(values, 1.0) == 100
     assert percentile([3.0], 0.99) == 3 and percentile([], 0.5) == 0
+
+
+def test_round_inputs_host_time_runs_without_a_gpu():
+    """maverick-bench host-batch stages a steady round's inputs as the round graph does, on the CPU."""
+    from maverick.bench.host_batch import round_inputs_ms
+
+    assert 0 < round_inputs_ms(3, 2, 3) < 1e3
