@@ -3,9 +3,10 @@ batching, decode steps replayed from CUDA graphs, sampling), not a model of it.
 
 `concurrency` requests of ISL random token ids arrive at once, each asks for exactly OSL tokens
 (greedy, EOS ignored); the engine runs until all are done. Per request: time to first token and
-total time from arrival; over all requests the inter-token latency (the gaps between a request's consecutive
-deliveries, p50 and p99: a decode row stalled behind a prompt chunk shows in the p99); tokens/s per user = OSL / its total time (mean over requests); tokens/s per
-GPU = all generated tokens / wall time / tp_size. In one-rank mode the all-reduces are not run.
+total time from arrival; over all requests the inter-token latency (the gaps between a request's
+consecutive deliveries, p50 and p99: a decode row stalled behind a prompt chunk shows in the p99);
+tokens/s per user = OSL / its total time (mean over requests); tokens/s per GPU = all generated tokens /
+wall time / tp_size. In one-rank mode the all-reduces are not run.
 """
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ class RoundGraphs:
         """The round's inputs built on the host, padded to `rows` sequences (CPU): the draft's extend and the
         verify. The chain steps' inputs are views of the verify's (_chain), so the host builds and uploads two
         batches a round whatever k is: at k = 3, batch 1, 128K tables, 0.42-0.57 ms of host time where k + 1
-        batches took 0.75-1.4 (2-core CPU, alternated runs)."""
+        batches took 0.75-1.4 (2-core CPU, alternated runs; maverick-bench host-batch measures it)."""
         r, k = self.runner, self.k
         steps = [StepSeq(s.seq_id, s.draft_tokens, s.draft_start, SeqBlocks(s.blocks.global_blocks, [])) for s in seqs]
         extend = build_forward_batch(steps, r.block_size, r.chunk, r.scratch_global, r.scratch_local, pad_batch=rows,
