@@ -6,8 +6,9 @@ one target verify step of K+1 tokens; the engine replays it as one CUDA graph (R
 the verify step as the engine's verify graph (1, K+1) (every token's logits, the draft's features
 written), the draft steps as graphs of the draft network (decoder layer, norm, lm_head, argmax) at NVIDIA's
 Maverick draft shapes with random weights, split as the engine splits it (the layer replicated, lm_head
-by vocabulary rows; the ranks' argmax exchange is not run). Tokens/s per user = acceptance length / round time, at the acceptance lengths published for Maverick at
-K=3 (2.37, 2.94, 3.08) or any given with --acceptance.
+by vocabulary rows; the ranks' argmax exchange is not run). Tokens/s per user = acceptance length / round
+time, at the acceptance lengths published for Maverick at K=3 (2.37, 2.94, 3.08) or any given with
+--acceptance.
 """
 from __future__ import annotations
 
