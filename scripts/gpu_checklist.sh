@@ -4,9 +4,9 @@
 # first token (eager prefill vs its CUDA graph), the end-to-end engine run. Each part has its own time
 # limit; full logs go to $OUT (default ./gpu-logs), a summary is printed last.
 # Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
-# Parts: tests tune kernels tp chain step ttft e2e engine (default: all). One device call runs at most 10
-# minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain step" (<= 440 s), then on 2-4
-# GPUs "tp e2e" (<= 550 s).
+# Parts: tests tune kernels tp chain step ttft e2e engine spec compiles (default: all but spec and compiles).
+# One device call runs at most 10 minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain
+# step" (<= 440 s), "spec" (<= 560 s), "compiles step" (<= 400 s), then on 2-4 GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -43,7 +43,12 @@ for part in $PARTS; do
     e2e) run e2e 200 python3 -m maverick.bench step --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --json "$OUT/e2e.json"
          run e2e_sync 200 python3 -m maverick.bench step --batches "" --contexts "" --e2e 128/2048 --concurrency 1,16,64 --no-overlap --json "$OUT/e2e_sync.json" ;;
     engine) run engine 150 python3 -m maverick.bench profile-engine --concurrency 1,16,64 --no-profile ;;
-    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine)" >&2; exit 2 ;;
+    spec) run spec_tests 170 python3 -m pytest -q -o addopts="" -m gpu tests/test_eagle3.py tests/test_step_graphs.py -p no:cacheprovider
+          run spec 150 python3 -m maverick.bench spec --draft-lens 1,2,3,4 --json "$OUT/spec.json"
+          run spec_fp8 90 python3 -m maverick.bench spec --draft-lens 2,3 --draft-fp8 all --json "$OUT/spec_fp8.json"
+          run spec_e2e 150 python3 -m maverick.bench spec-e2e --concurrency 1,4 --draft-lens 1,2,3 --json "$OUT/spec_e2e.json" ;;
+    compiles) run compiles 150 python3 -m maverick.bench compiles --max-batch-size 16 --max-num-tokens 1024 --max-seq-len 2048 ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
