@@ -14,6 +14,7 @@ import torch
 from maverick.config import ConfigError, Eagle3Config, ModelConfig
 
 from .errors import CheckpointError
+from .quant_formats import quantization_section
 from .safetensors_files import SafetensorsFiles
 
 IGNORED = ("embed_tokens.weight", "t2d")  # the target's embedding is used; t2d is d2t's inverse
@@ -74,13 +75,8 @@ def _fp8_linears(path: Path, files: SafetensorsFiles, names: dict[str, str]) -> 
 
 
 def _quant_algo(path: Path) -> str | None:
-    """quant_algo of ModelOpt's hf_quant_config.json, else of config.json's quantization_config, else None."""
-    hq = path / "hf_quant_config.json"
-    if hq.is_file():
-        q = json.loads(hq.read_text()).get("quantization") or {}
-    else:
-        q = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    return q.get("quant_algo")
+    found = quantization_section(path)
+    return None if found is None else found[0].get("quant_algo")
 
 
 def draft_config(path: str | Path, target: ModelConfig) -> Eagle3Config:

@@ -78,22 +78,32 @@ def _load_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
 
 
-def detect_quant_format(path: Path) -> QuantFormat:
-    hf = _load_json(path / "config.json")
-    qc = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config")
+def quantization_section(path: Path) -> tuple[dict, str] | None:
+    """A checkpoint's quantization settings and where they were read (ModelOpt's hf_quant_config.json, whose
+    'quantization' section wins, else config.json's quantization_config), or None for a plain checkpoint."""
     hq_file = path / "hf_quant_config.json"
     if hq_file.exists():
         q = _load_json(hq_file).get("quantization")
         if not isinstance(q, dict):
             raise CheckpointError(f"{hq_file}: missing the 'quantization' section")
-        return _modelopt(q, str(hq_file))
-    if not qc:
+        return q, str(hq_file)
+    hf = _load_json(path / "config.json")
+    qc = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config")
+    return (qc, f"{path / 'config.json'}: quantization_config") if qc else None
+
+
+def detect_quant_format(path: Path) -> QuantFormat:
+    found = quantization_section(path)
+    if found is None:
         return QuantFormat()
+    qc, where = found
+    if where.endswith("hf_quant_config.json"):
+        return _modelopt(qc, where)
     method = qc.get("quant_method")
     if method == "modelopt":
-        return _modelopt(qc, f"{path / 'config.json'}: quantization_config")
+        return _modelopt(qc, where)
     if method == "compressed-tensors":
-        return _compressed_tensors(qc, f"{path / 'config.json'}: quantization_config")
+        return _compressed_tensors(qc, where)
     raise CheckpointError(f"{path / 'config.json'}: quantization_config.quant_method={method!r} is not supported; "
                           "expected 'modelopt' (FP8) or 'compressed-tensors' (Meta FP8)")
 
