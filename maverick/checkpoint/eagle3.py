@@ -82,14 +82,19 @@ def _quant_algo(path: Path) -> str | None:
 def draft_config(path: str | Path, target: ModelConfig) -> Eagle3Config:
     """The config of the draft at `path` (its config.json, and which linears its weights store in FP8), checked
     against `target`."""
-    path = Path(path)
+    return _open(Path(path), target)[0]
+
+
+def _open(path: Path, target: ModelConfig) -> tuple[Eagle3Config, SafetensorsFiles, dict[str, str]]:
+    """The draft's config, its open weight files and their names without the `model.` prefix."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an EAGLE-3 draft checkpoint)")
     try:
         cfg = Eagle3Config.from_hf(json.loads(cfg_file.read_text()), target)
         files = SafetensorsFiles(path)
-        return dataclasses.replace(cfg, fp8_linears=_fp8_linears(path, files, _names(files)))
+        names = _names(files)
+        return dataclasses.replace(cfg, fp8_linears=_fp8_linears(path, files, names)), files, names
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: a config file is not valid JSON ({e})") from None
     except ConfigError as e:
@@ -101,9 +106,7 @@ def read_eagle3(path: str | Path, target: ModelConfig, dtype: torch.dtype) -> tu
     FP8 ones as stored with fp32 `weight_scale` (one per output row where sources are fused: each keeps its own
     scale, exactly) and `input_scale` (the largest of the fused sources': they read the same activation)."""
     path = Path(path)
-    cfg = draft_config(path, target)
-    files = SafetensorsFiles(path)
-    names = _names(files)
+    cfg, files, names = _open(path, target)
     shapes = _shapes(cfg)
     scales = {f"{s}.{kind}" for e in cfg.fp8_linears for s in SOURCES[e] for kind in ("weight_scale", "input_scale")}
     missing = sorted(set(shapes) - set(names)) + sorted(scales - set(names))
