@@ -268,7 +268,10 @@ class RoundGraphs:
                 with torch.cuda.graph(graph, pool=self.pool):
                     out = body()
                 self.pool = graph.pool()
-            self.graphs[rows] = (lambda g=graph, o=out: (g.replay(), o)[1], staged)
+            # body holds the graph's device inputs that live outside `staged` (the chain's constants and ids):
+            # dropped, their memory went back to the allocator while the graph still read it (garbage token
+            # ids and rows, out-of-bounds gathers in about half the runs on H100)
+            self.graphs[rows] = (lambda g=graph, o=out, keep=body: (g.replay(), o)[1], staged)
 
     @staticmethod
     def _write(staged, batches: dict[str, ForwardBatch]) -> None:
