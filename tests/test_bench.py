@@ -210,3 +210,18 @@ def test_round_inputs_host_time_runs_without_a_gpu():
     from maverick.bench.host_batch import round_inputs_ms
 
     assert 0 < round_inputs_ms(3, 2, 3) < 1e3
+
+
+def test_compiles_names_what_the_warm_up_missed():
+    """maverick-bench compiles lists, for a kernel compiled while serving, the argument specializations and
+    constexprs its load-time specializations never had (from Triton's own specialization string)."""
+    from maverick.bench.compiles import new_specializations, prompt_sizes
+
+    load = ["_decode_kernel[num_warps=4](q_ptr: ('*bf16', 'D'), Q: ('i32', ''), NUM_SPLITS: ('constexpr', 8))"]
+    serving = ["_decode_kernel[num_warps=4](q_ptr: ('*bf16', 'D'), Q: ('i32', 'D'), NUM_SPLITS: ('constexpr', 8))",
+               "_decode_kernel[num_warps=4](q_ptr: ('*bf16', 'D'), Q: ('i32', 'D'), NUM_SPLITS: ('constexpr', 3))",
+               "_merge_kernel[num_warps=4](m_buf: ('*fp32', 'D'))"]
+    assert new_specializations(load, serving) == [
+        "_decode_kernel: Q=('i32', 'D')", "_decode_kernel: Q=('i32', 'D'), NUM_SPLITS=('constexpr', 3)",
+        "_merge_kernel: m_buf=('*fp32', 'D')"]
+    assert prompt_sizes(64) == [*range(1, 18), 31, 32, 33, 63, 64]

@@ -9,6 +9,7 @@ counted and listed, with the time of the load and of the first token after it.
 from __future__ import annotations
 
 import argparse
+import re
 import contextlib
 import sys
 import time
@@ -124,9 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first request after load (128-token prompt, 4 tokens): {first * 1e3:.1f} ms")
     print(f"serving: prompts of {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}), batches 1..{build.max_batch_size}: "
           f"{len(serving.compiles)} Triton specializations, {serving.captures} graph captures")
-    for name in sorted(set(serving.compiles)):
-        print(f"  compiled while serving: {serving.compiles.count(name)} x {name[:300]}")
+    for line in new_specializations(at_load.compiles, serving.compiles):
+        print(f"  compiled while serving: {line}")
     return 0
+
+
+_ARG = re.compile(r"(\w+): (\([^)]*\))")
+
+
+def new_specializations(before: list[str], after: list[str]) -> list[str]:
+    """Each specialization in `after` as its kernel's name and the arguments (scalar specializations and
+    constexpr values) that no specialization of that kernel in `before` had: what the warm-up missed."""
+    seen: dict[str, set[str]] = {}
+    for r in before:
+        seen.setdefault(r.split("[")[0], set()).update(f"{a}={v}" for a, v in _ARG.findall(r))
+    out = []
+    for r in after:
+        name = r.split("[")[0]
+        new = [f"{a}={v}" for a, v in _ARG.findall(r) if f"{a}={v}" not in seen.get(name, set())]
+        out.append(f"{name}: {', '.join(new) or '(a new combination of known values)'}")
+    return out
 
 
 if __name__ == "__main__":
