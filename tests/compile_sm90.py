@@ -71,23 +71,24 @@ def kernels():
     }, {"WORLD": 4, "SPARE": 64, "BLOCK": 8192}, 8
     decode_sig = {
         **_ATTN_COMMON, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "m_buf": "*fp32",
-        "l_buf": "*fp32", "acc_buf": "*fp32", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "sm_scale": "fp32",
+        "l_buf": "*fp32", "acc_buf": "*fp32", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "NUM_SPLITS": _I32,
+        "sm_scale": "fp32",
         **{s: _I32 for s in _STRIDES}, "eps": "fp32", "floor_scale": "fp32", "attn_scale": "fp32"}
     decode_meta = {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_R": 16, "ROWS": 8, "BLOCK_KV": 64, "BLOCK_Q": 16,
                    "BF16_DOT": True}
     for local, fp8 in ((True, True), (False, False)):
         yield f"decode_attention local={local} fp8={fp8}", decode_attention._decode_kernel, decode_sig, {
-            **decode_meta, "NUM_SPLITS": 64, "LOCAL": local, "FP8": fp8, "USE_ROPE": local, "QK_NORM": local,
+            **decode_meta, "LOCAL": local, "FP8": fp8, "USE_ROPE": local, "QK_NORM": local,
             "TEMPERATURE": not local, "CACHE": local, "PDL": local}, 4
         yield f"decode_attention merge local={local}", decode_attention._merge_kernel, {
             "m_buf": "*fp32", "l_buf": "*fp32", "acc_buf": "*fp32", "out_ptr": "*bf16", "qidx_ptr": "*i64",
-            "qpos_ptr": "*i64", "ctx_ptr": "*i64", "Q": _I32, "NBT": _I32, "CHUNK": _I32,
+            "qpos_ptr": "*i64", "ctx_ptr": "*i64", "Q": _I32, "NBT": _I32, "CHUNK": _I32, "NUM_SPLITS": _I32,
             "stride_ot": _I32, "stride_oh": _I32,
-        }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_D": 32, "ROWS": 8, "BLOCK_KV": 64, "NUM_SPLITS": 64,
+        }, {"GROUP": 5, "HEAD_DIM": 128, "BLOCK_D": 32, "ROWS": 8, "BLOCK_KV": 64,
             "MERGE_PARTS": 32, "LOCAL": local, "PDL": local}, 4
         if local:  # one (sequence, kv head), as batch 1 at TP8 launches it: 8 warps, 5 pipeline stages
             yield "decode_attention alone", decode_attention._decode_kernel, decode_sig, {
-                **decode_meta, "NUM_SPLITS": H200.attention.alone_splits, "LOCAL": False, "FP8": True,
+                **decode_meta, "LOCAL": False, "FP8": True,
                 "USE_ROPE": False, "QK_NORM": False, "TEMPERATURE": True, "CACHE": True, "PDL": True}, \
                 {"num_warps": H200.attention.alone_warps, "num_stages": H200.attention.alone_stages}
         yield f"prefill_attention local={local} fp8={fp8}", prefill_attention._prefill_kernel, {

@@ -33,9 +33,15 @@ from .qk_rows import load_qk_rows, temperature
 
 MERGE_TILE = 8192  # fp32 elements of partial output one merge step loads (64 registers a thread at 4 warps)
 MERGE_BLOCK_D = 32  # head_dim columns a merge program takes (4 programs per kv head at head_dim 128)
+# Runtime sizes, not specialized: an eager step's table width (its longest sequence's blocks) and split count
+# (from that width and the batch) take any of 1..max_splits values, and as constexprs or specialized integers
+# each new one would compile a kernel in the middle of serving (decode and merge kernels were 8 of the 11
+# compiles while serving in `maverick-bench compiles` on H100 at 72da23b).
+SIZE_ARGS = ["NBT", "NUM_SPLITS"]
+
 
 @triton.jit
-def _splits(ctx, NBT, CHUNK, NUM_SPLITS: tl.constexpr, BLOCK_KV: tl.constexpr, LOCAL: tl.constexpr):
+def _splits(ctx, NBT, CHUNK, NUM_SPLITS, BLOCK_KV: tl.constexpr, LOCAL: tl.constexpr):
     """(slots to read, split length, splits holding context) for a sequence with ctx cached tokens."""
     if LOCAL:  # this step's queries sit at positions >= ctx: of the ring only the current chunk's
         span = ctx % CHUNK  # slots 0 .. ctx % C - 1 can be visible (the rest hold the previous chunk)
@@ -46,18 +52,18 @@ def _splits(ctx, NBT, CHUNK, NUM_SPLITS: tl.constexpr, BLOCK_KV: tl.constexpr, L
     return span, split_len, tl.cdiv(span, split_len)  # the new keys' partial goes after the active splits
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _decode_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_ptr, qidx_ptr, qpos_ptr, k_scale_ptr, v_scale_ptr,
     cos_ptr, sin_ptr, slot_ptr, m_buf, l_buf, acc_buf,
     # sizes, strides, qkv_post's scalars
-    Q, NBT, CHUNK, sm_scale,
+    Q, NBT, CHUNK, NUM_SPLITS, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
     eps, floor_scale, attn_scale,
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_KV: tl.constexpr,
-    BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_Q: tl.constexpr, LOCAL: tl.constexpr, FP8: tl.constexpr,
     BF16_DOT: tl.constexpr, USE_ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMPERATURE: tl.constexpr,
     CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -129,10 +135,11 @@ def _decode_kernel(
         tl.store(acc_buf + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
 
 
-@triton.jit
-def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q, NBT, CHUNK, stride_ot, stride_oh,
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def _merge_kernel(m_buf, l_buf, acc_buf, out_ptr, qidx_ptr, qpos_ptr, ctx_ptr, Q, NBT, CHUNK, NUM_SPLITS,
+                  stride_ot, stride_oh,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_KV: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
+                  BLOCK_KV: tl.constexpr, MERGE_PARTS: tl.constexpr, LOCAL: tl.constexpr,
                   PDL: tl.constexpr):
     """Grid (sequence, kv head, head_dim / BLOCK_D): softmax-merge the partials of (sequence b, kv head h),
     head_dim columns d, MERGE_PARTS parts at a time as one [parts, rows, BLOCK_D] tile (independent loads
@@ -219,10 +226,10 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     _decode_kernel[(B, kvh, parts)](
         q, k, v, kc, vc, block_table, ctx_lens, q_index, q_positions,
         k_scale if fp8 else dummy, v_scale if fp8 else dummy, cos, sin, dummy if slots is None else slots, m, l, acc,
-        Q, nbt, chunk_size or 1, scale,
+        Q, nbt, chunk_size or 1, num_splits, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
         float(eps), float(floor_scale), float(attn_scale),
-        GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q, NUM_SPLITS=num_splits,
+        GROUP=group, HEAD_DIM=D, BLOCK_R=block_r, ROWS=rows, BLOCK_KV=bs, BLOCK_Q=block_q,
         LOCAL=chunk_size is not None, FP8=fp8, BF16_DOT=q.dtype == torch.bfloat16, USE_ROPE=use_rope,
         QK_NORM=qk_norm, TEMPERATURE=temp is not None, CACHE=slots is not None, **pdl_launch(q.device),
         num_warps=tuning.alone_warps if alone else tuning.split_warps,
@@ -230,8 +237,8 @@ def decode_attention(q, k, v, k_cache, v_cache, block_table, ctx_lens, q_index, 
     widest = max(8, D * B * kvh // tuning.merge_min_programs)
     block_d = min(D, MERGE_BLOCK_D, 1 << (widest.bit_length() - 1))  # a power of two (batch 3: 24 -> 16)
     _merge_kernel[(B, kvh, D // block_d)](
-        m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, BLOCK_KV=bs, NUM_SPLITS=num_splits,
+        m, l, acc, out, q_index, q_positions, ctx_lens, Q, nbt, chunk_size or 1, num_splits, out.stride(0),
+        out.stride(1), GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, BLOCK_KV=bs,
         MERGE_PARTS=max(1, MERGE_TILE // (rows * block_d)), LOCAL=chunk_size is not None, **pdl_launch(q.device),
         num_warps=4)
     return out

@@ -19,7 +19,7 @@ import triton.language as tl
 from .attention_tiles import cache_tile, new_tile, online_softmax_tile, visible
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Q", "NBT"])  # any chunk length and table width: one compile, not one per class
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_ptr, qidx_ptr, qpos_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
     Q, NBT, CHUNK, sm_scale,
