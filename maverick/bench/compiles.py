@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
         return time.perf_counter() - t
 
+    pick = torch.Generator().manual_seed(1)
+
+    def draw(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=pick))
+
     with watch() as serving:
         first = serve([128])
         sizes = prompt_sizes(build.max_num_tokens)
@@ -122,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             serve([n])
         for b in range(1, build.max_batch_size + 1):
             serve([16] * b)
+        # and shapes no list above chose: random prompt sizes, batches of random prompts
+        for _ in range(16):
+            serve([draw(1, build.max_num_tokens)])
+        for _ in range(16):
+            b = draw(2, build.max_batch_size)
+            serve([draw(1, max(1, build.max_num_tokens // b)) for _ in range(b)])
     print(f"first request after load (128-token prompt, 4 tokens): {first * 1e3:.1f} ms")
-    print(f"serving: prompts of {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}), batches 1..{build.max_batch_size}: "
-          f"{len(serving.compiles)} Triton specializations, {serving.captures} graph captures")
+    print(f"serving: prompts of {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}), batches 1..{build.max_batch_size} of "
+          f"16-token prompts, 16 random prompts, 16 random batches: {len(serving.compiles)} Triton "
+          f"specializations, {serving.captures} graph captures")
     for line in new_specializations(at_load.compiles, serving.compiles):
         print(f"  compiled while serving: {line}")
     return 0
