@@ -48,6 +48,14 @@ def test_prefill_graph_sizes_within_the_build_limits():
     assert BuildConfig.from_dict(b.to_dict()) == b
 
 
+def test_decode_graphs_reach_max_batch_size():
+    """Every decode batch up to max_batch_size has a graph to pad up to (an eager decode step is host-bound)."""
+    assert BuildConfig(max_batch_size=8).graph_batch_sizes() == [1, 2, 4, 8]
+    assert BuildConfig(max_batch_size=48).graph_batch_sizes() == [1, 2, 4, 8, 16, 32, 48]
+    assert BuildConfig(max_batch_size=1024).graph_batch_sizes()[-4:] == [128, 256, 512, 1024]
+    assert BuildConfig(max_batch_size=12, cuda_graph_batch_sizes=(1, 4)).graph_batch_sizes() == [1, 4, 12]
+
+
 def _state(runner):
     return [(k[:-1].clone(), v[:-1].clone()) for k, v in runner.kv_caches]  # the scratch block aside
 

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
                              block_size=64, device=device, num_global_blocks=g, num_local_blocks=loc)
         runner.warmup(build.max_num_tokens)
-        runner.capture_cuda_graphs([b for b in build.cuda_graph_batch_sizes if b <= build.max_batch_size],
+        runner.capture_cuda_graphs(build.graph_batch_sizes(),
                                    build.graph_prefill_tokens())
         torch.cuda.synchronize()
         load_s = time.perf_counter() - t0

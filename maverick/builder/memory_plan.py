@@ -81,8 +81,7 @@ def workspace_bytes(cfg: ModelConfig, build: BuildConfig) -> tuple[int, int]:
     """(activations of one step of max_num_tokens, the CUDA graphs' pool): what a rank needs beside weights
     and KV."""
     act = activation_bytes(cfg, build, build.max_num_tokens, build.max_batch_size)
-    graphs = sum(activation_bytes(cfg, build, b, b) for b in build.cuda_graph_batch_sizes
-                 if b <= build.max_batch_size)
+    graphs = sum(activation_bytes(cfg, build, b, b) for b in build.graph_batch_sizes())
     graphs += max((activation_bytes(cfg, build, t, 1) for t in build.graph_prefill_tokens()), default=0)
     return act, graphs
 
@@ -112,7 +111,7 @@ def format_plan(cfg: ModelConfig, build: BuildConfig, p: MemoryPlan, gpu_memory_
         f"  weights       {gb(p.weights)}",
         f"  kv cache      {gb(p.kv_cache)}  (global layers x max_seq_len, local layers x min(max_seq_len, chunk))",
         f"  activations   {gb(p.activations)}  (one step of max_num_tokens)",
-        f"  cuda graphs   {gb(p.cuda_graphs)}  (batch sizes {list(build.cuda_graph_batch_sizes)}, prefill "
+        f"  cuda graphs   {gb(p.cuda_graphs)}  (batch sizes {build.graph_batch_sizes()}, prefill "
         f"tokens {build.graph_prefill_tokens()})",
         f"  reserve       {gb(p.reserve)}  (CUDA context, NCCL, allocator slack)",
         *([f"  eagle3 draft  {gb(p.draft)}  (weights, lm_head 1/{build.tp_size}; its KV and feature caches)"]

@@ -37,7 +37,7 @@ def build_runner(engine_dir, cfg, rank: int, device: torch.device, cuda_graphs: 
     if device.type == "cuda":
         runner.warmup(b.max_num_tokens)
     if cuda_graphs and device.type == "cuda":
-        runner.capture_cuda_graphs([s for s in b.cuda_graph_batch_sizes if s <= b.max_batch_size],
+        runner.capture_cuda_graphs(b.graph_batch_sizes(),
                                    b.graph_prefill_tokens(), progress=rank == 0)
     return runner
 
