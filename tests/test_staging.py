@@ -71,3 +71,29 @@ def test_warmup_leaves_the_cache_as_it_was(tmp_path):
     after = runner.forward([StepSeq(0, ids, 0, runner.kv.grow(0, len(ids)))])
     runner.kv.free(0)
     assert torch.equal(before, after)
+
+
+def test_batch_built_in_place_in_the_staging_buffer_equals_the_copied_one():
+    """build_forward_batch filling a graph's staging arrays (host_arrays) gives the batch it builds alone,
+    padding included (logits rows padded with zeros); the later write copies nothing; a buffer of another
+    shape is refused with the field's name."""
+    from maverick.layers.forward_batch import ForwardBatch
+    from maverick.runtime.batch import build_forward_batch
+    from maverick.runtime.kv_cache import SeqBlocks
+
+    seqs = [StepSeq(0, [7, 8, 9], 21, SeqBlocks([3, 1, 4, 0], [2, 5]), num_logits=3),
+            StepSeq(1, [6], 5, SeqBlocks([6], [7]))]
+    pad = dict(pad_batch=4, pad_q=3, pad_tokens=12, pad_global_blocks=6, pad_local_blocks=2)
+    want = build_forward_batch(seqs, 8, 16, 999, 888, **pad).pad_logits(12)
+    staged = Staged({k: tuple(t.shape) for k, t in want.tensors().items()}, torch.int64, "cpu")
+    for _ in range(2):  # the second build overwrites the first in place
+        got = build_forward_batch(seqs, 8, 16, 999, 888, out=staged.host_arrays(), **pad)
+    for k, t in want.tensors().items():
+        assert torch.equal(getattr(got, k), t), k
+        staged.write(k, getattr(got, k))  # the same memory: nothing to copy
+    staged.upload()
+    assert all(torch.equal(staged.views[k], t) for k, t in want.tensors().items())
+    small = Staged({**{k: tuple(t.shape) for k, t in want.tensors().items()}, "q_index": (4, 2)}, torch.int64, "cpu")
+    with pytest.raises(ValueError, match=r"q_index: the step needs shape \(4, 3\), the buffer has \(4, 2\)"):
+        build_forward_batch(seqs, 8, 16, 999, 888, out=small.host_arrays(), **pad)
+    assert set(ForwardBatch.__dataclass_fields__) == set(want.tensors())

@@ -101,6 +101,9 @@ class _EagerGraphs:
     def parts_for(self, token_counts, num_logits):
         return graph_parts(token_counts, num_logits, self.batch_sizes, self.prefill_tokens, self.verify_q)
 
+    def host_arrays(self, shape):
+        return None  # builds its own batch (the real graphs fill their staging buffer in place)
+
     def replay(self, batch, rows, n_rows, feed=None, feed_src=None):
         from maverick.layers.sampler import sample
         from maverick.runtime.staging import take_fed_tokens

@@ -62,10 +62,10 @@ def round_inputs_ms(k: int, rows: int, reps: int) -> float:
     staged, _ = rounds._prepare(rows)
     seqs = [StepSeq(i, [5] * (k + 1), 1024, runner.kv.grow(i, 1024 + k + 1), num_logits=k + 1, draft_len=k,
                     draft_start=1024 - k, draft_tokens=[5] * (k + 1)) for i in range(rows)]
-    rounds._write(staged, rounds._batches(seqs, rows))
+    rounds.stage(staged, seqs, rows)
     t = time.perf_counter()
     for _ in range(reps):
-        rounds._write(staged, rounds._batches(seqs, rows))
+        rounds.stage(staged, seqs, rows)
     return (time.perf_counter() - t) / reps * 1e3
 
 

@@ -13,11 +13,14 @@ from .step import StepSeq
 
 def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, scratch_global: int,
                         scratch_local: int, pad_batch: int = 0, pad_q: int = 0, pad_global_blocks: int = 0,
-                        pad_tokens: int = 0, pad_local_blocks: int = 0) -> ForwardBatch:
+                        pad_tokens: int = 0, pad_local_blocks: int = 0,
+                        out: dict[str, np.ndarray] | None = None) -> ForwardBatch:
     """Flatten seqs into a ForwardBatch (CPU tensors).
 
     scratch_*: the flat slot that padded or overwritten tokens write to (first slot of the
     scratch block). pad_*: minimum sizes, so CUDA-graph replays see fixed shapes.
+    out: int64 arrays by field name to fill in place (a graph's pinned staging buffer: no copy into it
+    afterwards), each of exactly the padded shape; logits_indices padded with zeros to its length.
     """
     B = max(len(seqs), pad_batch)
     Q = max([len(s.tokens) for s in seqs] + [pad_q, 1])
@@ -26,16 +29,25 @@ def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, s
     T = max(sum(len(s.tokens) for s in seqs), pad_tokens)
     # numpy, filled a sequence at a time: nested Python lists of a 128K-context block table (2048 columns) at
     # batch 64 took 7 ms a step to turn into tensors, and a per-token loop 1.2 ms for one 2048-token chunk
-    ids = np.zeros(T, np.int64)
-    pos = np.zeros(T, np.int64)
-    t2p = np.zeros(T, np.int64)
-    gslots = np.full(T, scratch_global, np.int64)  # padded tokens write to scratch, are never read
-    lslots = np.full(T, scratch_local, np.int64)
-    q_index = np.zeros((B, Q), np.int64)
-    q_pos = np.full((B, Q), -1, np.int64)
-    ctx = np.zeros(B, np.int64)
-    gtab = np.zeros((B, nbg), np.int64)
-    ltab = np.zeros((B, nbl), np.int64)
+    def buf(name: str, shape: tuple[int, ...], fill: int = 0) -> np.ndarray:
+        if out is None or name not in out:
+            return np.full(shape, fill, np.int64) if fill else np.zeros(shape, np.int64)
+        a = out[name]
+        if a.shape != shape:
+            raise ValueError(f"{name}: the step needs shape {shape}, the buffer has {a.shape}")
+        a.fill(fill)
+        return a
+
+    ids = buf("input_ids", (T,))
+    pos = buf("positions", (T,))
+    t2p = buf("token_to_padded", (T,))
+    gslots = buf("global_slots", (T,), scratch_global)  # padded tokens write to scratch, are never read
+    lslots = buf("local_slots", (T,), scratch_local)
+    q_index = buf("q_index", (B, Q))
+    q_pos = buf("q_positions", (B, Q), -1)
+    ctx = buf("ctx_lens", (B,))
+    gtab = buf("global_block_table", (B, nbg))
+    ltab = buf("local_block_table", (B, nbl))
     logits: list[int] = []
     t0 = 0
     for b, s in enumerate(seqs):
@@ -71,6 +83,14 @@ def build_forward_batch(seqs: list[StepSeq], block_size: int, chunk_size: int, s
                 lslots[rows] = np.where(keep, ring * block_size + r % block_size, scratch_local)
         logits += range(t0 + n - s.num_logits, t0 + n)
         t0 += n
+
+    if out is not None and "logits_indices" in out:
+        a = out["logits_indices"]
+        if len(logits) > a.shape[0]:
+            raise ValueError(f"logits_indices: the step has {len(logits)} rows, the buffer {a.shape[0]}")
+        a[:len(logits)] = logits
+        a[len(logits):] = 0
+        logits = a
 
     def lt(x):
         return torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x, dtype=torch.long)

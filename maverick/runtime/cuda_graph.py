@@ -15,7 +15,7 @@ buffers (int64, fp32) filled by one host -> device copy each (maverick/runtime/s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm import tqdm
@@ -157,6 +157,12 @@ class StepGraphs:
             floats.upload()
         ints.upload()
 
+    def host_arrays(self, shape: Shape) -> dict:
+        """The ForwardBatch fields of the graph of `shape` in its pinned staging buffer, as numpy arrays that
+        build_forward_batch fills in place (then replay copies nothing into it)."""
+        arrays = self.graphs[tuple(shape)].ints.host_arrays()
+        return {f.name: arrays[f.name] for f in fields(ForwardBatch)}
+
     def stage(self, batch: ForwardBatch) -> torch.cuda.CUDAGraph:
         """Write a padded batch (CPU) into its graph's static inputs; returns the forward graph, whose
         replays then recompute that batch's logits (benchmarks time exactly these replays)."""
@@ -208,16 +214,29 @@ class RoundGraphs:
             return None
         return next((b for b in sorted(self.graphs) if b >= len(seqs)), None)
 
-    def _batches(self, seqs: list[StepSeq], rows: int) -> dict[str, ForwardBatch]:
+    def _batches(self, seqs: list[StepSeq], rows: int, out: dict | None = None) -> dict[str, ForwardBatch]:
         """The round's inputs built on the host, padded to `rows` sequences (CPU): the draft's extend and the
         verify. The chain steps' inputs are views of the verify's (_chain), so the host builds and uploads two
         batches a round whatever k is: at k = 3, batch 1, 128K tables, 0.42-0.57 ms of host time where k + 1
-        batches took 0.75-1.4 (2-core CPU, alternated runs; maverick-bench host-batch measures it)."""
+        batches took 0.75-1.4 (2-core CPU, alternated runs; maverick-bench host-batch measures it).
+        out: {"extend": arrays, "verify": arrays} by field, the staging buffer's, filled in place."""
         r, k = self.runner, self.k
+        out = out or {}
         steps = [StepSeq(s.seq_id, s.draft_tokens, s.draft_start, SeqBlocks(s.blocks.global_blocks, [])) for s in seqs]
         extend = build_forward_batch(steps, r.block_size, r.chunk, r.scratch_global, r.scratch_local, pad_batch=rows,
-                                     pad_q=k + 1, pad_tokens=rows * (k + 1), pad_global_blocks=r.graph_blocks)
-        return {"extend": extend.pad_logits(rows), "verify": r._padded(seqs, (rows, k + 1))}
+                                     pad_q=k + 1, pad_tokens=rows * (k + 1), pad_global_blocks=r.graph_blocks,
+                                     out=out.get("extend"))
+        return {"extend": extend.pad_logits(rows), "verify": r._padded(seqs, (rows, k + 1), out.get("verify"))}
+
+    def stage(self, staged: Staged, seqs: list[StepSeq], rows: int) -> None:
+        """Build the round's inputs straight into the graph's pinned staging buffer and upload it (no copy
+        of each field into it: 21 fields a round)."""
+        out: dict[str, dict] = {"extend": {}, "verify": {}}
+        for key, a in staged.host_arrays().items():
+            n, f = key.split(".", 1)
+            out[n][f] = a
+        self._batches(seqs, rows, out)
+        staged.upload()
 
     def _chain(self, verify: ForwardBatch, depth: int, ids: torch.Tensor, const: dict) -> ForwardBatch:
         """Chain step `depth`'s one-token batch, on the device: each row's token sits where its verify token
@@ -284,6 +303,6 @@ class RoundGraphs:
     def replay(self, seqs: list[StepSeq], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft tokens [rows, k], logits of the step's rows) on the device, valid until the next replay."""
         run, staged = self.graphs[rows]
-        self._write(staged, self._batches(seqs, rows))
+        self.stage(staged, seqs, rows)
         drafts, logits = run()
         return drafts, logits[:sum(s.num_logits for s in seqs)]

@@ -144,14 +144,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _padded(self, seqs: list[StepSeq], shape: tuple[int, int]):
+    def _padded(self, seqs: list[StepSeq], shape: tuple[int, int], out: dict | None = None):
         """seqs as a batch of a graph's shape (rows sequences x q new tokens, rows * q tokens, full-width
-        block tables, the graph's logits rows)."""
+        block tables, the graph's logits rows); out: arrays to fill in place (build_forward_batch)."""
         rows, q = shape
         batch = build_forward_batch(seqs, self.block_size, self.chunk, self.scratch_global, self.scratch_local,
                                     pad_batch=rows, pad_q=q, pad_global_blocks=self.graph_blocks,
                                     pad_local_blocks=ring_blocks(self.max_seq_len, self.chunk, self.block_size),
-                                    pad_tokens=rows * q)
+                                    pad_tokens=rows * q, out=out)
         return batch.pad_logits(rows if self.graphs is None else self.graphs.logits_rows(shape))
 
     def stage_graph(self, seqs: list[StepSeq], shape: tuple[int, int] | int):
@@ -249,7 +249,8 @@ class ModelRunner:
         fed = feed_src is not None
         if shape is not None:  # replay the captured graphs of the next shape up (decode, or one prompt chunk)
             src = _pad_src(feed_src, shape[0] * shape[1]) if fed else None
-            logits, tokens = self.graphs.replay(self._padded(seqs, shape), rows, n, feed, src)
+            batch = self._padded(seqs, shape, self.graphs.host_arrays(shape))
+            logits, tokens = self.graphs.replay(batch, rows, n, feed, src)
         elif parts is not None:  # prompt chunks beside decode rows: a few replays instead of one eager step
             logits, tokens = self._step_parts(seqs, parts, rows, feed, feed_src)
         else:

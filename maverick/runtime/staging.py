@@ -30,19 +30,29 @@ class Staged:
             self.views[name] = self.dev[at:at + n].view(shape)
             self._host_views[name] = self.host[at:at + n].view(shape)
             at += n
+        self._arrays = {name: v.numpy() for name, v in self._host_views.items()}
         self._copied = torch.cuda.Event() if pin else None
         self._in_flight = False
 
-    def write(self, name: str, values: torch.Tensor | list) -> None:
-        """Fill the host side of one view (a tensor or list of its exact shape)."""
+    def _wait(self) -> None:
         if self._in_flight:  # wait until the last upload has left the pinned buffer before overwriting it
             self._copied.synchronize()
             self._in_flight = False
+
+    def host_arrays(self) -> dict:
+        """The host side's views as numpy arrays, to fill in place before upload() (saves a copy a view)."""
+        self._wait()
+        return self._arrays
+
+    def write(self, name: str, values: torch.Tensor | list) -> None:
+        """Fill the host side of one view (a tensor or list of its exact shape)."""
+        self._wait()
         dst = self._host_views[name]
         src = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dst.dtype)
         if src.shape != dst.shape:
             raise ValueError(f"{name}: got shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-        dst.copy_(src)
+        if src.data_ptr() != dst.data_ptr():  # else filled in place (host_arrays)
+            dst.copy_(src)
 
     def upload(self) -> None:
         """One copy host -> device on the current stream (asynchronous on CUDA)."""
