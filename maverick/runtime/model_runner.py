@@ -87,51 +87,20 @@ class ModelRunner:
                 self.rounds.capture(batch_sizes)
 
     @torch.inference_mode()
-    def warmup(self, max_num_tokens: int) -> list[tuple[int, int]]:
-        """Run throwaway eager steps of every shape class the kernels compile apart (maverick/runtime/warmup.py)
-        so their Triton kernels compile now, at load, not while serving: a compile in a first request's prefill
-        was 3.2 s of a 3.3 s TTFT on H100. Before graph capture; collective under TP: every rank runs the
-        same steps. A step the KV pools cannot hold is left out. Returns the (sequences, new tokens) it ran."""
-        from .warmup import warmup_shapes
-
-        t = dispatch.table(self.device)
-        shapes = warmup_shapes(max_num_tokens, self.max_batch_size, self.max_seq_len,
-                               max(t.gemv_max_tokens, t.gemm_max_tokens, t.moe_max_tokens, t.router_max_tokens),
-                               t.attention_max_new_tokens)
-        ran = []
-        for b, q in shapes:
-            ids = [-1 - i for i in range(b)]
-            if not self.kv.can_grow_all({i: q for i in ids}):
-                continue
+    def warmup(self, max_num_tokens: int) -> None:
+        """Run two throwaway prefills (the largest chunk a step may hold, and one token fewer) so the
+        Triton kernels compile now, not in the first request's time to first token (3.2 s of a 3.3 s
+        TTFT on H100). Triton specializes integer arguments on divisibility by
+        16, hence two lengths. Collective under TP: every rank calls it."""
+        n = max(2, min(max_num_tokens, self.max_seq_len - 1))
+        for length in (n, n - 1):
+            if not self.kv.can_grow(-1, length):
+                return
+            seq = StepSeq(-1, [0] * length, 0, self.kv.grow(-1, length))
             try:
-                self.forward([StepSeq(i, [0] * q, 0, self.kv.grow(i, q)) for i in ids])
+                self.forward([seq])
             finally:
-                for i in ids:
-                    self.kv.free(i)
-            ran.append((b, q))
-        if self.spec is not None:
-            ran += self._warmup_rounds(shapes)
-        return ran
-
-    def _warmup_rounds(self, shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Eager speculative rounds (the draft's extend over 1..k + 1 tokens and its chain, the verify of k + 1
-        tokens a sequence) at every batch class of the target's warm-up: the rounds the round graphs do not
-        take (after a prompt, a chunk end, max_tokens) run these shapes. Returns (sequences, draft extend)."""
-        k, ran = self.spec.k, []
-        for b in sorted(b for b, q in shapes if q == 1):  # the decode batch classes
-            ids = [-1 - i for i in range(b)]
-            for extend in range(1, k + 2):
-                if not self.kv.can_grow_all({i: 2 * k + 2 for i in ids}):
-                    return ran
-                try:
-                    seqs = [StepSeq(i, [0] * (k + 1), k + 1, self.kv.grow(i, 2 * k + 2), num_logits=k + 1,
-                                    draft_len=k, draft_start=k + 2 - extend, draft_tokens=[0] * extend) for i in ids]
-                    self.step(seqs, None)
-                finally:
-                    for i in ids:
-                        self.kv.free(i)
-                ran.append((b, extend))
-        return ran
+                self.kv.free(-1)
 
     def release_graphs(self) -> None:
         """Free the captured graphs (before the TP group is torn down: NCCL keeps a communicator whose
