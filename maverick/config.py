@@ -449,6 +449,8 @@ class BuildConfig:
             q = dict(q)
             q["exclude_modules"] = tuple(q.get("exclude_modules", ()))
             d["quant"] = QuantConfig(**q)
+        if isinstance(d.get("target_arch"), str):  # TensorRT-LLM's and nvcc's spelling: sm_90
+            d["target_arch"] = d["target_arch"].replace("sm_", "sm")
         for key in ("cuda_graph_batch_sizes", "cuda_graph_prefill_tokens"):
             if key in d:
                 if not isinstance(d[key], (list, tuple)):

@@ -117,6 +117,15 @@ def test_target_arch_is_checked_at_load(tmp_path):
     BuildConfig(target_arch="sm90").check_device(None)  # CPU
     with pytest.raises(ConfigError, match="built for target_arch=sm100, but the GPU is sm90"):
         BuildConfig(target_arch="sm100").check_device((9, 0))
+    assert BuildConfig.from_dict({"target_arch": "sm_100"}).target_arch == "sm100"  # nvcc's spelling too
+
+
+def test_target_arch_flag_is_recorded_in_the_engine(tiny_ckpt, tmp_path):
+    from maverick.runtime.engine_loader import open_engine
+
+    assert build_main(["--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "e"), "--no-progress",
+                       "--target-arch", "sm_90"]) == 0
+    assert open_engine(tmp_path / "e").build.target_arch == "sm90"
 
 
 def test_kv_cache_max_tokens_sizes_the_pool(tiny_ckpt, tmp_path):

@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                    help="draft tokens a step (speculative_config.max_draft_len)")
     p.add_argument("--decoding-type", "--decoding_type", dest="decoding_type", choices=["Eagle"],
                    help="speculative_config.decoding_type (Eagle: EAGLE-3, draft and target in one step)")
+    p.add_argument("--target-arch", "--target_arch", dest="target_arch",
+                   choices=["any", "sm90", "sm_90", "sm100", "sm_100"],
+                   help="the GPU architecture the engine is for; loading it on another is refused (default: any)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan; read no weights")
     p.add_argument("--gpu-memory-gb", type=float, help="with --dry-run: say whether the plan fits this GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine at --output")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                          kv_cache_block_size=a.kv_cache_block_size, kv_cache_max_tokens=a.kv_cache_max_tokens,
                          algo=a.algo,
                          kv_cache_algo="FP8" if a.kv_cache_dtype == "fp8" else None,
-                         lm_head_quant_algo=a.lm_head_quant_algo)
+                         lm_head_quant_algo=a.lm_head_quant_algo, target_arch=a.target_arch)
         if overrides["tp_size"] is None and a.checkpoint:  # quantize.py --tp_size records it with the checkpoint
             overrides["tp_size"] = recorded_tp_size(Path(a.checkpoint), a.config)
         build = build_config_from(a.config, overrides)
