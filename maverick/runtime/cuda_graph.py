@@ -267,11 +267,16 @@ class RoundGraphs:
                  "local_slots": torch.full((rows,), r.scratch_local, dtype=torch.int64, device=r.device)}
         chain_ids = torch.zeros(max(k - 1, 1), rows, dtype=torch.int64, device=r.device)
 
-        def body() -> tuple[torch.Tensor, torch.Tensor]:
+        def body() -> tuple[torch.Tensor, ...]:
             chain = [self._chain(views["verify"], d, chain_ids[d - 1], const) for d in range(1, k)]
             drafts = self.p.full_chain(views["extend"], chain)
             views["verify"].input_ids.view(rows, k + 1)[:, 1:].copy_(drafts)
-            return drafts, r.model(views["verify"], r.kv_caches)
+            logits = r.model(views["verify"], r.kv_caches)
+            # greedy acceptance in the graph too (as accept() does it for greedy rows): five launches fewer a
+            # round outside it
+            greedy = logits.argmax(dim=-1)
+            accepted = (drafts == greedy.view(rows, k + 1)[:, :k]).long().cumprod(dim=1).sum(dim=1)
+            return drafts, logits, greedy, accepted
 
         return staged, body
 
@@ -300,9 +305,11 @@ class RoundGraphs:
                     staged.write(f"{n}.{f}", t)
         staged.upload()
 
-    def replay(self, seqs: list[StepSeq], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(draft tokens [rows, k], logits of the step's rows) on the device, valid until the next replay."""
+    def replay(self, seqs: list[StepSeq], rows: int) -> tuple[torch.Tensor, ...]:
+        """On the device, valid until the next replay: draft tokens [rows, k], the logits of the step's rows,
+        their argmax, and each sequence's accepted draft tokens by greedy acceptance."""
         run, staged = self.graphs[rows]
         self.stage(staged, seqs, rows)
-        drafts, logits = run()
-        return drafts, logits[:sum(s.num_logits for s in seqs)]
+        drafts, logits, greedy, accepted = run()
+        n = sum(s.num_logits for s in seqs)
+        return drafts, logits[:n], greedy[:n], accepted[:len(seqs)]

@@ -198,14 +198,17 @@ class ModelRunner:
                 out = StepOut(*self._run(seqs, rows, feed, _feed_index(seqs, 0) if fed else None), None)
             else:
                 rows_of_graph = self.rounds.fits(seqs) if self.rounds is not None and spec else None
+                t = None if rows is None or rows.greedy else rows.to_tensors(self.device)
                 if rows_of_graph is not None and self.spec.propose == self.spec._draft_chain:
-                    drafts, logits = self.rounds.replay(seqs, rows_of_graph)
+                    drafts, logits, tokens, accepted = self.rounds.replay(seqs, rows_of_graph)
+                    # greedy rows were accepted in the graph; sampled ones take the rejection rule here
+                    out = StepOut(logits, tokens, accepted) if t is None else \
+                        StepOut(logits, *accept(logits, seqs, drafts, t, self.spec.k))
                 else:
                     drafts = self.spec.propose(spec) if spec else None
                     logits, _ = self._run(seqs, None, drafts.reshape(-1) if spec else None,
                                           _draft_index(seqs, self.spec.k) if spec else None)
-                t = None if rows is None or rows.greedy else rows.to_tensors(self.device)
-                out = StepOut(logits, *accept(logits, seqs, drafts, t, self.spec.k))
+                    out = StepOut(logits, *accept(logits, seqs, drafts, t, self.spec.k))
         dist.poll_peer_all_reduce()  # a fused all-reduce that timed out becomes an error, never a hang
         return out
 
