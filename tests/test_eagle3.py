@@ -722,3 +722,24 @@ def test_round_graphs_on_gpu_with_the_trained_head(tmp_path):
     reqs, engine = _generate(spec, prompts, _greedy_params(96), max_num_tokens=256)
     assert [q.output_token_ids for q in reqs] == base
     assert engine.spec_stats.acceptance_length > 1.8 and sum(used) > engine.spec_stats.rounds / 2
+
+
+def test_steady_greedy_acceptance_equals_accept():
+    """The round graph's acceptance (every row greedy, verifying k drafts; fixed shapes) is accept()'s for that
+    layout: the same output tokens and accepted counts, drafts right, wrong and mixed."""
+    from maverick.runtime.kv_cache import SeqBlocks
+    from maverick.runtime.speculative import accept, accept_steady_greedy
+    from maverick.runtime.step import StepSeq
+
+    g = torch.Generator().manual_seed(0)
+    rows, k, vocab = 5, 3, 11
+    logits = torch.randn(rows * (k + 1), vocab, generator=g)
+    drafts = logits.argmax(dim=-1).view(rows, k + 1)[:, :k].clone()
+    drafts[1, 0] = (drafts[1, 0] + 1) % vocab  # rejected at once
+    drafts[2, 2] = (drafts[2, 2] + 1) % vocab  # two accepted
+    drafts[4] = torch.randint(0, vocab, (k,), generator=g)
+    seqs = [StepSeq(i, [0] * (k + 1), 10, SeqBlocks([i], []), num_logits=k + 1, draft_len=k) for i in range(rows)]
+    tokens, accepted = accept(logits, seqs, drafts, None, k)
+    got_tokens, got_accepted = accept_steady_greedy(logits, drafts)
+    assert torch.equal(got_tokens, tokens) and torch.equal(got_accepted, accepted)
+    assert accepted[:3].tolist() == [3, 0, 2]

@@ -25,6 +25,7 @@ from maverick.layers.sampler import FLOAT_FIELDS, INT_FIELDS, SamplingRows, Samp
 
 from .batch import build_forward_batch
 from .kv_cache import SeqBlocks
+from .speculative import accept_steady_greedy
 from .staging import Staged, take_fed_tokens
 from .step import StepSeq
 
@@ -272,11 +273,8 @@ class RoundGraphs:
             drafts = self.p.full_chain(views["extend"], chain)
             views["verify"].input_ids.view(rows, k + 1)[:, 1:].copy_(drafts)
             logits = r.model(views["verify"], r.kv_caches)
-            # greedy acceptance in the graph too (as accept() does it for greedy rows): five launches fewer a
-            # round outside it
-            greedy = logits.argmax(dim=-1)
-            accepted = (drafts == greedy.view(rows, k + 1)[:, :k]).long().cumprod(dim=1).sum(dim=1)
-            return drafts, logits, greedy, accepted
+            # greedy rows' acceptance inside the graph: no acceptance launches after a steady greedy round
+            return drafts, logits, *accept_steady_greedy(logits, drafts)
 
         return staged, body
 

@@ -138,6 +138,15 @@ def _acceptance_layout(rows: tuple[tuple[int, int], ...], k: int, dev: torch.dev
     return host["src"], host["segs"]
 
 
+def accept_steady_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """accept() for a steady round of greedy rows, every one verifying its k drafts (logits [rows * (k + 1),
+    vocab], drafts [rows, k]): fixed shapes and no host layout, so a round graph runs it inside."""
+    rows, k = drafts.shape
+    greedy = logits.argmax(dim=-1)
+    ok = drafts == greedy.view(rows, k + 1)[:, :k]
+    return greedy, ok.long().cumprod(dim=1).sum(dim=1)  # the leading run of acceptances
+
+
 def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | None, t: SamplingTensors | None,
            k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4 above for a step's logits rows: the output tokens [rows] (row i of a verified sequence: its i-th
