@@ -9,8 +9,8 @@ counted and listed, with the time of the load and of the first token after it.
 from __future__ import annotations
 
 import argparse
-import re
 import contextlib
+import re
 import sys
 import time
 from dataclasses import dataclass, field

@@ -292,7 +292,7 @@ class RoundGraphs:
                 self.pool = graph.pool()
             # body holds the graph's device inputs that live outside `staged` (the chain's constants and ids):
             # dropped, their memory went back to the allocator while the graph still read it (garbage token
-            # ids and rows, out-of-bounds gathers in about half the runs on H100)
+            # ids and rows, out-of-bounds gathers in 3 of 4 runs on H100)
             self.graphs[rows] = (lambda g=graph, o=out, keep=body: (g.replay(), o)[1], staged)
 
     @staticmethod

@@ -36,7 +36,7 @@ class ModelRunner:
         self.kernel_options = kernel_options or KernelOptions(pdl=envs.pdl())
         cfg = model.cfg
         self.block_size, self.chunk = block_size, cfg.attention_chunk_size
-        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.max_seq_len = max_seq_len
         if num_global_blocks is None:
             num_global_blocks = max_batch_size * cdiv(max_seq_len, block_size)
         if num_local_blocks is None:
