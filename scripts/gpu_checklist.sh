@@ -6,7 +6,7 @@
 # Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
 # Parts: tests tune kernels tp chain step ttft e2e engine spec compiles (default: all but spec and compiles).
 # One device call runs at most 10 minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain
-# step" (<= 440 s), "spec" (<= 560 s), "compiles step" (<= 400 s), then on 2-4 GPUs "tp e2e" (<= 550 s).
+# step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 330 s), then on 2-4 GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -47,7 +47,8 @@ for part in $PARTS; do
           run spec 150 python3 -m maverick.bench spec --draft-lens 1,2,3,4 --json "$OUT/spec.json"
           run spec_fp8 90 python3 -m maverick.bench spec --draft-lens 2,3 --draft-fp8 all --json "$OUT/spec_fp8.json"
           run spec_e2e 150 python3 -m maverick.bench spec-e2e --concurrency 1,4 --draft-lens 1,2,3 --json "$OUT/spec_e2e.json" ;;
-    compiles) run compiles 150 python3 -m maverick.bench compiles --max-batch-size 16 --max-num-tokens 1024 --max-seq-len 2048 ;;
+    compiles) run compiles 150 python3 -m maverick.bench compiles --max-batch-size 16 --max-num-tokens 1024 --max-seq-len 2048
+              run compiles_spec 180 python3 -m maverick.bench compiles --max-batch-size 8 --max-num-tokens 1024 --max-seq-len 2048 --max-draft-len 3 ;;
     *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles)" >&2; exit 2 ;;
   esac
 done

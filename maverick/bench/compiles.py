@@ -4,7 +4,9 @@ Full Maverick shapes, one rank of TP8 (random FP8 weights), the runtime's own lo
 and prefill CUDA graphs), then requests of every batch size up to max_batch_size and prompts of every size
 class up to max_num_tokens through the engine loop. Every Triton JIT specialization made in that window (the
 kernel and its signature: each one a compile, or a disk-cache load at best) and every CUDA graph capture is
-counted and listed, with the time of the load and of the first token after it.
+counted and listed, with the time of the load and of the first token after it. With --max-draft-len K, an
+EAGLE-3 draft at NVIDIA's Maverick head shapes (random weights) is attached too, and requests run long enough
+for steady rounds: its eager rounds, round graphs and verify graphs are counted with the rest.
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-num-tokens", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--max-draft-len", type=int, default=0,
+                   help="with an EAGLE-3 draft at NVIDIA's Maverick head shapes (random weights) verifying this many")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: maverick-bench compiles needs a CUDA GPU", file=sys.stderr)
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     build = BuildConfig(tp_size=a.tp_size, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
                         max_num_tokens=a.max_num_tokens, quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64)
     print(f"card={torch.cuda.get_device_name()} gpus=1 mode=one-rank tp_size={a.tp_size} "
-          f"max_batch_size={a.max_batch_size} max_num_tokens={a.max_num_tokens} commit={git_commit()} "
+          f"max_batch_size={a.max_batch_size} max_num_tokens={a.max_num_tokens} max_draft_len={a.max_draft_len} "
+          f"commit={git_commit()} "
           f"command={' '.join(sys.argv)}", flush=True)
     device = torch.device("cuda")
     model = synthetic_model(cfg, build, 0, device)
@@ -96,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         g, loc = build.kv_pool_blocks(cfg)
         runner = ModelRunner(model, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
                              block_size=64, device=device, num_global_blocks=g, num_local_blocks=loc)
+        if a.max_draft_len:
+            from maverick.bench.spec import maverick_draft_config, synthetic_draft
+
+            dcfg = maverick_draft_config(cfg, 16384)
+            runner.attach_draft(synthetic_draft(dcfg, device, a.tp_size), a.max_draft_len)
         runner.warmup(build.max_num_tokens)
         runner.capture_cuda_graphs(build.graph_batch_sizes(),
                                    build.graph_prefill_tokens())
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
           f"specializations, {at_load.captures} graph captures", flush=True)
     engine = EngineCore(runner, None, max_batch_size=build.max_batch_size, max_num_tokens=build.max_num_tokens)
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4 + 2 * a.max_draft_len, temperature=0.0, ignore_eos=True)
 
     def serve(prompts: list[int]) -> float:
         t = time.perf_counter()
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(16):
             b = draw(2, build.max_batch_size)
             serve([draw(1, max(1, build.max_num_tokens // b)) for _ in range(b)])
-    print(f"first request after load (128-token prompt, 4 tokens): {first * 1e3:.1f} ms")
+    print(f"first request after load (128-token prompt, {params.max_tokens} tokens): {first * 1e3:.1f} ms")
     print(f"serving: prompts of {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}), batches 1..{build.max_batch_size} of "
           f"16-token prompts, 16 random prompts, 16 random batches: {len(serving.compiles)} Triton "
           f"specializations, {serving.captures} graph captures")
