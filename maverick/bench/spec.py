@@ -78,7 +78,7 @@ def round_ms(runner: ModelRunner, draft: Eagle3Draft, k: int, context: int) -> f
     rounds = runner.rounds
     assert rounds.fits([seq]) == 1
     run, staged = rounds.graphs[1]
-    rounds._write(staged, rounds._batches([seq], 1))
+    rounds.stage(staged, [seq], 1)
     ms = median_ms(run, iters=30)
     runner.kv.free(40_000)
     runner.graphs = runner.rounds = runner.spec = runner.model.feature_sink = None

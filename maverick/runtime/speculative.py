@@ -143,8 +143,12 @@ def accept_steady_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[to
     vocab], drafts [rows, k]): fixed shapes and no host layout, so a round graph runs it inside."""
     rows, k = drafts.shape
     greedy = logits.argmax(dim=-1)
-    ok = drafts == greedy.view(rows, k + 1)[:, :k]
-    return greedy, ok.long().cumprod(dim=1).sum(dim=1)  # the leading run of acceptances
+    return greedy, _leading_run(drafts == greedy.view(rows, k + 1)[:, :k])
+
+
+def _leading_run(checks: torch.Tensor) -> torch.Tensor:
+    """Per row of checks [rows, k] (bool): how many lead before the first False (the accepted drafts)."""
+    return checks.long().cumprod(dim=1).sum(dim=1)
 
 
 def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | None, t: SamplingTensors | None,
@@ -170,7 +174,5 @@ def accept(logits: torch.Tensor, seqs: list[StepSeq], drafts: torch.Tensor | Non
         is_greedy = (t.temperature == 0) | (t.top_k == 1)
         ok = torch.where(is_greedy, dtok == greedy, ok_sampled)
         out = torch.where(is_greedy, greedy, torch.where(ok_sampled, dtok, resampled))
-    checks = ok[segs.clamp(min=0)] & (segs >= 0)
-    accepted = checks.long().cumprod(dim=1).sum(dim=1)  # the leading run of acceptances
-    return out, accepted
+    return out, _leading_run(ok[segs.clamp(min=0)] & (segs >= 0))
 
