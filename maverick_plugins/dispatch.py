@@ -164,8 +164,11 @@ H200 = DeviceTable(
         (4096, 5120): (64, 256, 4, 4, 4, True), (5120, 2048): (64, 512, 1, 4, 3, True),
         (2048, 5120): (64, 128, 8, 4, 4, True), (5120, 1024): (64, 256, 1, 4, 4, True),
     },
-    # one or two tokens: pass 1 split 8 ways over H on wgmma, pass 2 on CUDA cores; more: wgmma in both
-    moe={2: ((64, 256, 4, 3, 2, 8), (8, 1024, 8, 3, 0)), 16: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))},
+    # one or two tokens: pass 1 split 8 ways over H on wgmma, pass 2 on CUDA cores; three (an EAGLE-3 verify at
+    # K=2): split 2 ways, four (K=3): mma.sync, pass 2 on CUDA cores in both (27.0 and 31.2 us the pair); more:
+    # wgmma in both
+    moe={2: ((64, 256, 4, 3, 2, 8), (8, 1024, 8, 3, 0)), 3: ((64, 256, 4, 3, 2, 2), (8, 512, 2, 3, 0)),
+         4: ((32, 512, 2, 3, 1), (8, 256, 2, 3, 0)), 16: ((64, 256, 4, 3, 2), (64, 256, 4, 2, 2))},
 )
 # H100 SXM: the same sm90 chip family and 132 SMs as H200 with less bandwidth (3.35 against 4.8 TB/s);
 # B200 (sm100, 148 SMs): no tuning run yet. Both borrow H200's entries; the SM count comes from the device.

@@ -576,7 +576,7 @@ def _moe_rank_weights(E, offset, dynamic, H=5120, I=1024):
     return args, shared
 
 
-@pytest.mark.parametrize("T,offset,dynamic", [(1, 0, False), (8, 0, False), (5, 8, False), (3, 0, True)])
+@pytest.mark.parametrize("T,offset,dynamic", [(1, 0, False), (8, 0, False), (5, 8, False), (3, 0, True), (4, 0, False)])
 def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
     """The min-latency MoE FFN (selected experts + shared expert in two launches, default configs) at one TP8
     rank's sizes (H 5120, I 1024) against moe_ffn_ref, in a CUDA graph with the routing changed between

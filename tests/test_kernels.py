@@ -156,7 +156,8 @@ def test_device_tables_cover_h100_h200_b200_and_pick_by_name(monkeypatch):
     dispatch._table.cache_clear()
     assert dispatch.table(torch.device("cpu")) is dispatch.DEFAULT
     t = dispatch.H200
-    assert t.moe_config(1) == t.moe_config(2) == t.moe[2] and t.moe_config(3) == t.moe_config(16) == t.moe[16]
+    assert t.moe_config(1) == t.moe_config(2) == t.moe[2] and t.moe_config(3) == t.moe[3]
+    assert t.moe_config(5) == t.moe_config(16) == t.moe[16]
     assert t.moe_config(64) == t.moe[16]  # beyond the table: its largest entry
     assert t.attention.splits(1, 1, 1024, 132) == 256 and t.attention.splits(8, 1, 1024, 132) == 66
     assert t.attention.splits(1, 1, 16, 132) == 16  # never more splits than table blocks

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=1,
+                   help="tokens each sequence runs, every one with its logits: K+1 is an EAGLE-3 verify step's shape")
     p.add_argument("--tp-size", type=int, default=8)
     p.add_argument("--reference", action="store_true", help="kernels off")
     p.add_argument("--ncu", action="store_true",
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     build = BuildConfig(tp_size=a.tp_size, max_batch_size=a.batch, max_seq_len=a.context + 64,
                         quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64)
     runner = ModelRunner(synthetic_model(cfg, build, 0, "cuda"), build.max_seq_len, a.batch, 64, device="cuda")
-    seqs = [StepSeq(i, [i + 1], a.context, runner.kv.grow(i, a.context + 1)) for i in range(a.batch)]
+    q = a.new_tokens
+    seqs = [StepSeq(i, [i + 1] * q, a.context, runner.kv.grow(i, a.context + q), num_logits=q) for i in range(a.batch)]
     runner.kernel_options = KernelOptions(enabled=not a.reference)
     for _ in range(3):
         runner.forward(seqs)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             per_name[e.name] += e.device_time_total / steps
             count[e.name] += 1
     total = sum(per_name.values())
-    print(f"card={torch.cuda.get_device_name()} batch={a.batch} context={a.context} tp_size={a.tp_size} "
+    print(f"card={torch.cuda.get_device_name()} batch={a.batch} new_tokens={q} context={a.context} tp_size={a.tp_size} "
           f"kernels={'off' if a.reference else 'on'}: GPU time per step {total / 1e3:.3f} ms in "
           f"{sum(count.values()) // steps} kernels")
     print("| kernel | us per step | launches per step | share |")
