@@ -5,6 +5,11 @@ Copied one tensor at a time they cost about 5 us of host time each, and `torch.t
 device=cuda)` even waits for the GPU (profiled on H200, `maverick-bench profile-engine`: 7 stream syncs per
 step, 1.1 ms of a 4.1 ms batch-1 step outside the graph). Here every tensor of one dtype is a view of
 one flat buffer: the host fills a pinned copy, one asynchronous copy moves it.
+
+Each view starts on a 16-byte boundary: Triton specializes a kernel on whether each pointer argument is
+16-byte aligned, so views packed end to end (an int64 view at an odd offset is only 8-byte aligned) made
+the alignment of the attention kernels' inputs depend on the batch's shape, and each new combination compiled
+the kernel again while serving (H200: 11 prefill-attention compiles after load, 28 with a draft).
 """
 from __future__ import annotations
 
@@ -18,18 +23,16 @@ class Staged:
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device):
         self.device = torch.device(device)
-        total = sum(math.prod(s) for s in shapes.values())
-        self.dev = torch.zeros(max(total, 1), dtype=dtype, device=self.device)
+        offsets, total = _layout([math.prod(s) for s in shapes.values()], dtype)
+        self.dev = torch.zeros(total, dtype=dtype, device=self.device)
         pin = self.device.type == "cuda"
-        self.host = torch.zeros(max(total, 1), dtype=dtype, pin_memory=pin)
+        self.host = torch.zeros(total, dtype=dtype, pin_memory=pin)
         self.views: dict[str, torch.Tensor] = {}
         self._host_views: dict[str, torch.Tensor] = {}
-        at = 0
-        for name, shape in shapes.items():
+        for (name, shape), at in zip(shapes.items(), offsets):
             n = math.prod(shape)
             self.views[name] = self.dev[at:at + n].view(shape)
             self._host_views[name] = self.host[at:at + n].view(shape)
-            at += n
         self._arrays = {name: v.numpy() for name, v in self._host_views.items()}
         self._copied = torch.cuda.Event() if pin else None
         self._in_flight = False
@@ -67,13 +70,29 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
     device = torch.device(device)
     if device.type == "cpu":
         return dict(tensors)
-    flat = torch.cat([t.reshape(-1) for t in tensors.values()]).pin_memory()
+    if not tensors:
+        return {}
+    dtype = next(iter(tensors.values())).dtype
+    offsets, total = _layout([t.numel() for t in tensors.values()], dtype)
+    flat = torch.empty(total, dtype=dtype, pin_memory=True)
+    for t, at in zip(tensors.values(), offsets):
+        flat[at:at + t.numel()] = t.reshape(-1)
     dev = flat.to(device, non_blocking=True)  # the caching host allocator keeps `flat` until the copy ran
-    out, at = {}, 0
-    for name, t in tensors.items():
-        out[name] = dev[at:at + t.numel()].view(t.shape)
-        at += t.numel()
-    return out
+    return {name: dev[at:at + t.numel()].view(t.shape) for (name, t), at in zip(tensors.items(), offsets)}
+
+
+ALIGN_BYTES = 16  # Triton's pointer specialization: 16-byte aligned or not
+
+
+def _layout(sizes: list[int], dtype: torch.dtype) -> tuple[list[int], int]:
+    """Element offsets of views of these sizes in one flat buffer, each on an ALIGN_BYTES boundary, and the
+    buffer's size (at least 1)."""
+    step = max(1, ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size())
+    offsets, at = [], 0
+    for n in sizes:
+        offsets.append(at)
+        at += -(-n // step) * step
+    return offsets, max(at, 1)
 
 
 def take_fed_tokens(input_ids: torch.Tensor, src: torch.Tensor, feed: torch.Tensor) -> None:
