@@ -224,4 +224,8 @@ def test_compiles_names_what_the_warm_up_missed():
     assert new_specializations(load, serving) == [
         "_decode_kernel: Q=('i32', 'D')", "_decode_kernel: Q=('i32', 'D'), NUM_SPLITS=('constexpr', 3)",
         "_merge_kernel: m_buf=('*fp32', 'D')"]
+    # every value seen, not together: the arguments that differ from the closest specialization
+    load = ["_k[](a: ('*i64', 'D'), b: ('*i64', ''))", "_k[](a: ('*i64', ''), b: ('*i64', 'D'))"]
+    assert new_specializations(load, ["_k[](a: ('*i64', ''), b: ('*i64', ''))"]) == [
+        "_k: a new combination: a=('*i64', '') (was ('*i64', 'D'))"]
     assert prompt_sizes(64) == [*range(1, 18), 31, 32, 33, 63, 64]

@@ -157,17 +157,23 @@ _ARG = re.compile(r"(\w+): (\([^)]*\))")
 
 def new_specializations(before: list[str], after: list[str]) -> list[str]:
     """Each specialization in `after` as its kernel's name and the arguments (scalar specializations and
-    constexpr values) that no specialization of that kernel in `before` had: what the warm-up missed."""
-    seen: dict[str, set[str]] = {}
+    constexpr values) that no specialization of that kernel in `before` had: what the warm-up missed. Where
+    every value was seen but not together, the arguments that differ from the closest earlier one."""
+    seen: dict[str, list[dict[str, str]]] = {}
     for r in before:
-        seen.setdefault(r.split("[")[0], set()).update(f"{a}={v}" for a, v in _ARG.findall(r))
+        seen.setdefault(r.split("[")[0], []).append(dict(_ARG.findall(r)))
     out = []
     for r in after:
-        name = r.split("[")[0]
-        new = [f"{a}={v}" for a, v in _ARG.findall(r) if f"{a}={v}" not in seen.get(name, set())]
-        out.append(f"{name}: {', '.join(new) or '(a new combination of known values)'}")
+        name, args = r.split("[")[0], dict(_ARG.findall(r))
+        known = seen.get(name, [])
+        new = [f"{a}={v}" for a, v in args.items() if all(k.get(a) != v for k in known)]
+        if not new and known:
+            closest = min(known, key=lambda k: sum(k.get(a) != v for a, v in args.items()))
+            new = [f"{a}={v} (was {closest.get(a)})" for a, v in args.items() if closest.get(a) != v]
+            out.append(f"{name}: a new combination: {', '.join(new)}")
+            continue
+        out.append(f"{name}: {', '.join(new) or '(the same as before)'}")
     return out
-
 
 if __name__ == "__main__":
     sys.exit(main())
