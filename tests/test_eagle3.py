@@ -423,6 +423,27 @@ def test_greedy_speculation_with_an_fp8_draft_equals_plain_decoding(spec_parts):
     assert engine.spec_stats.rounds > 30
 
 
+@pytest.mark.parametrize("max_num_tokens", [8192, 29])
+def test_warmup_with_a_draft_runs_a_round_and_leaves_the_cache_as_it_was(spec_parts, monkeypatch, max_num_tokens):
+    """The load's warm-up runs a speculative round after each prefill (the draft's catch-up over the prompt,
+    its chain, the verify), returns every KV block and changes no later result, with k cut as the engine cuts
+    it: 8192 is clipped to 127 of max_seq_len 128, the last position of a chunk of 32 (no round), then 126 (room
+    for one draft token); 29 leaves 2 in its chunk, 28 all 3."""
+    ckpt, draft, prompts, base = spec_parts
+    runner = _spec_runner(ckpt, draft, 3)
+    rounds = []
+    real = runner.step
+    monkeypatch.setattr(runner, "step", lambda seqs, rows, feed=None: (
+        rounds.append([(s.start, s.draft_len, len(s.draft_tokens or [])) for s in seqs]), real(seqs, rows, feed))[1])
+    runner.warmup(max_num_tokens)
+    spec_rounds = [r for r in rounds if r[0][1]]
+    assert spec_rounds == ([[(126, 1, 126)]] if max_num_tokens > 128 else [[(29, 2, 29)], [(28, 3, 28)]])
+    assert runner.kv.all_free
+    monkeypatch.undo()
+    reqs, _ = _generate(runner, prompts, _greedy_params())
+    assert [r.output_token_ids for r in reqs] == base
+
+
 def test_draft_tokens_count_against_max_num_tokens(spec_parts):
     """Every step's tokens, verify windows included, stay within max_num_tokens (TensorRT-LLM counts draft
     tokens too): rows get shorter drafts, or none, when the budget runs out; the output is unchanged."""
