@@ -228,4 +228,28 @@ def test_compiles_names_what_the_warm_up_missed():
     load = ["_k[](a: ('*i64', 'D'), b: ('*i64', ''))", "_k[](a: ('*i64', ''), b: ('*i64', 'D'))"]
     assert new_specializations(load, ["_k[](a: ('*i64', ''), b: ('*i64', ''))"]) == [
         "_k: a new combination: a=('*i64', '') (was ('*i64', 'D'))"]
+    # launch options count as arguments: the same signature at another num_warps is a compile too
+    load = ["_k[num_warps=4, num_stages=3](a: ('*i64', 'D'))", "_k[num_warps=8, num_stages=2](a: ('*i64', 'D'))"]
+    assert new_specializations(load, ["_k[num_warps=8, num_stages=3](a: ('*i64', 'D'))"]) == [
+        "_k: a new combination: [num_warps]=8 (was 4)"]
     assert prompt_sizes(64) == [*range(1, 18), 31, 32, 33, 63, 64]
+
+
+def test_compiles_describes_a_specialization_from_the_compile_arguments():
+    from maverick.bench.compiles import describe, new_specializations
+
+    # shaped like Triton's jit_cache_hook compile argument: parameter 2 specialized to a constexpr,
+    # parameter 0 known 16-divisible, the launch options at the end of the cache key
+    def compile(warps, div=True, block=64):
+        return {"signature": {"x": "*bf16", "n": "i32", "BLOCK": "constexpr"},
+                "constants": {(2,): block}, "configs": [{(0,): [["tt.divisibility", 16]]} if div else {}],
+                "num_warps": warps, "num_stages": 3,
+                "key": f"[('*bf16', 'D'), ('i32', ''), ('constexpr', {block})]{{'num_warps': {warps}, 'launch_pdl': True}}"}
+
+    d = describe("_k", ["x", "n", "BLOCK"], compile(4))
+    assert d == "_k[launch_pdl=True, num_warps=4](x: (*bf16, tt.divisibility=16), n: (i32, -), BLOCK: (constexpr, 64))"
+    load = [d, describe("_k", ["x", "n", "BLOCK"], compile(8, div=False))]
+    assert new_specializations(load, [describe("_k", ["x", "n", "BLOCK"], compile(8))]) == [
+        "_k: a new combination: [num_warps]=8 (was 4)"]
+    assert new_specializations(load, [describe("_k", ["x", "n", "BLOCK"], compile(4, block=32))]) == [
+        "_k: BLOCK=(constexpr, 32)"]

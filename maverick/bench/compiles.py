@@ -11,6 +11,7 @@ for steady rounds: its eager rounds, round graphs and verify graphs are counted 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import re
 import sys
@@ -37,9 +38,9 @@ def watch():
     log = CompileLog()
     before = knobs.runtime.jit_cache_hook
 
-    def hook(*, repr: str, **kw):
-        log.compiles.append(repr)
-        return before(repr=repr, **kw) if before else False
+    def hook(*, fn, compile, **kw):
+        log.compiles.append(describe(fn.name, [q.name for q in fn.jit_function.params], compile))
+        return before(fn=fn, compile=compile, **kw) if before else False
 
     begin = torch.cuda.CUDAGraph.capture_begin
 
@@ -152,7 +153,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def describe(name: str, params: list[str], compile: dict) -> str:
+    """One specialization as "kernel[options](param: (type, value or attributes), ...)", from the compile
+    arguments Triton's jit_cache_hook receives. Its own `repr` is not used: Triton 3.7 builds its argument
+    list from one character of the cache key, so two different specializations can read the same."""
+    constants, attrs = compile["constants"], compile["configs"][0]
+    args = []
+    for i, q in enumerate(params):
+        if (i,) in constants:
+            args.append(f"{q}: (constexpr, {constants[(i,)]})")
+        else:
+            flags = ", ".join(f"{k}={v}" for k, v in attrs.get((i,), []))
+            args.append(f"{q}: ({compile['signature'][q]}, {flags or '-'})")
+    # the launch options as the cache key holds them (str(specialization) + str(options)): every option a
+    # launch passed (num_warps, num_stages, launch_pdl, ...), not only those the compile arguments name
+    key = str(compile.get("key", ""))
+    try:
+        launch = ast.literal_eval(key[key.rindex("]{") + 1:])
+    except (ValueError, SyntaxError):
+        launch = {k: compile[k] for k in ("num_warps", "num_stages", "num_ctas") if k in compile}
+    options = ", ".join(f"{k}={v}" for k, v in sorted(launch.items()))
+    return f"{name}[{options}]({', '.join(args)})"
+
+
 _ARG = re.compile(r"(\w+): (\([^)]*\))")
+_OPTION = re.compile(r"(\w+)=([^,\]]+)")  # launch options in Triton's string: num_warps=4, num_stages=3, ...
+
+
+def _args(r: str) -> dict[str, str]:
+    """A specialization string's arguments and launch options (the options keyed "[name]")."""
+    options = r[r.index("[") + 1:r.index("]")] if "[" in r else ""
+    return {**{f"[{k}]": v for k, v in _OPTION.findall(options)}, **dict(_ARG.findall(r))}
 
 
 def new_specializations(before: list[str], after: list[str]) -> list[str]:
@@ -161,16 +192,18 @@ def new_specializations(before: list[str], after: list[str]) -> list[str]:
     every value was seen but not together, the arguments that differ from the closest earlier one."""
     seen: dict[str, list[dict[str, str]]] = {}
     for r in before:
-        seen.setdefault(r.split("[")[0], []).append(dict(_ARG.findall(r)))
+        seen.setdefault(r.split("[")[0], []).append(_args(r))
     out = []
     for r in after:
-        name, args = r.split("[")[0], dict(_ARG.findall(r))
+        name, args = r.split("[")[0], _args(r)
         known = seen.get(name, [])
-        new = [f"{a}={v}" for a, v in args.items() if all(k.get(a) != v for k in known)]
+        new = [f"{a}={v}" for a, v in args.items() if all(k.get(a) != v for k in known) and (known or a[0] != "[")]
         if not new and known:
             closest = min(known, key=lambda k: sum(k.get(a) != v for a, v in args.items()))
             new = [f"{a}={v} (was {closest.get(a)})" for a, v in args.items() if closest.get(a) != v]
-            out.append(f"{name}: a new combination: {', '.join(new)}")
+            out.append(f"{name}: a new combination: "
+                       + (", ".join(new) or "(arguments and options as shown all seen together: an option Triton's "
+                                             "string omits differs)"))
             continue
         out.append(f"{name}: {', '.join(new) or '(the same as before)'}")
     return out
