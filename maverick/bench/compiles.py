@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving: prompts of {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}), batches 1..{build.max_batch_size} of "
           f"16-token prompts, 16 random prompts, 16 random batches: {len(serving.compiles)} Triton "
           f"specializations, {serving.captures} graph captures")
-    for line in new_specializations(at_load.compiles, serving.compiles):
-        print(f"  compiled while serving: {line}")
+    for line, full in zip(new_specializations(at_load.compiles, serving.compiles), serving.compiles):
+        print(f"  compiled while serving: {line}\n    {full}")
     return 0
 
 
