@@ -253,3 +253,20 @@ def test_compiles_describes_a_specialization_from_the_compile_arguments():
         "_k: a new combination: [num_warps]=8 (was 4)"]
     assert new_specializations(load, [describe("_k", ["x", "n", "BLOCK"], compile(4, block=32))]) == [
         "_k: BLOCK=(constexpr, 32)"]
+
+
+def test_spec_acceptance_at_other_draft_lengths_follows_the_chain_model(capsys):
+    from maverick.bench.spec import acceptance_at, chain_rate, main
+
+    a = chain_rate(2.94, 3)
+    assert abs(1 + a + a * a + a ** 3 - 2.94) < 1e-9
+    assert acceptance_at(2.94, 3, 3) == pytest.approx(2.94)
+    # a shorter chain accepts fewer tokens than the K=3 figure (not the K=3 figure capped at K+1)
+    assert acceptance_at(2.94, 3, 2) == pytest.approx(1 + a + a * a) and acceptance_at(2.94, 3, 2) < 2.5
+    assert acceptance_at(2.94, 3, 1) == pytest.approx(1 + a)
+    assert acceptance_at(4.0, 3, 5) == pytest.approx(6.0)  # every draft accepted stays so
+    assert acceptance_at(1.0, 3, 5) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"K=3 lies in \[1, 4\], got 4.5"):
+        chain_rate(4.5, 3)
+    assert main(["--acceptance", "2.9,4.5"]) == 2
+    assert "error: --acceptance: an acceptance length at K=3 lies in [1, 4], got 4.5" in capsys.readouterr().err

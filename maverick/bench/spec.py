@@ -8,7 +8,9 @@ written), the draft steps as graphs of the draft network (decoder layer, norm, l
 Maverick draft shapes with random weights, split as the engine splits it (the layer replicated, lm_head
 by vocabulary rows; the ranks' argmax exchange is not run). Tokens/s per user = acceptance length / round
 time, at the acceptance lengths published for Maverick at K=3 (2.37, 2.94, 3.08) or any given with
---acceptance.
+--acceptance (measured at --acceptance-k). At another K the length follows the chain model: each draft
+token is accepted with one probability a given its predecessors were, L(K) = 1 + a + ... + a^K, with a
+fitted to the given length at the measured K (2.94 at K=3: a = 0.80, L(2) = 2.43, L(4) = 3.34).
 """
 from __future__ import annotations
 
@@ -110,6 +112,23 @@ def draft_ms(draft: Eagle3Draft, runner: ModelRunner, tokens: int, context: int)
     return median_ms(g.replay, iters=30)
 
 
+def chain_rate(length: float, k: int) -> float:
+    """The per-token acceptance probability a with 1 + a + ... + a^k = length (bisection: the sum rises in a)."""
+    if not 1.0 <= length <= k + 1:
+        raise ValueError(f"an acceptance length at K={k} lies in [1, {k + 1}], got {length}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** i for i in range(k + 1)) < length else (lo, mid)
+    return (lo + hi) / 2
+
+
+def acceptance_at(length: float, measured_k: int, k: int) -> float:
+    """The acceptance length at draft length k implied by `length` measured at `measured_k` (chain model)."""
+    a = chain_rate(length, measured_k)
+    return sum(a ** i for i in range(k + 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="maverick-bench spec", description=__doc__.split("\n")[0])
     p.add_argument("--tp-size", type=int, default=8, help="per-rank shapes of this TP size (one rank)")
@@ -117,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-lens", default="1,2,3,4,5")
     p.add_argument("--acceptance", default="2.37,2.94,3.08",
                    help="acceptance lengths (tokens a round) to turn round times into tokens/s per user")
+    p.add_argument("--acceptance-k", type=int, default=3,
+                   help="the draft length the acceptance lengths were measured at (other K: the chain model)")
     p.add_argument("--draft-intermediate", type=int, default=16384,
                    help="the draft MLP's width (Maverick's dense intermediate_size_mlp)")
     p.add_argument("--allreduce-us", type=float, default=0.0,
@@ -127,13 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     a = p.parse_args(argv)
     fp8 = DRAFT_LINEARS if a.draft_fp8 == "all" else tuple(n for n in a.draft_fp8.split(",") if n)
+    accs = [float(x) for x in a.acceptance.split(",")]
+    try:  # a length outside [1, K+1] is an error before any GPU work
+        for x in accs:
+            chain_rate(x, a.acceptance_k)
+    except ValueError as e:
+        print(f"error: --acceptance: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: maverick-bench spec needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     cfg = ModelConfig.preset("maverick")
     ks = [int(k) for k in a.draft_lens.split(",")]
-    accs = [float(x) for x in a.acceptance.split(",")]
     build = BuildConfig(tp_size=a.tp_size, max_batch_size=1, max_seq_len=a.context + 64,
                         quant=QuantConfig("FP8", "FP8"), kv_cache_block_size=64)
     print(f"card={torch.cuda.get_device_name()} gpus=1 mode=one-rank tp_size={a.tp_size} context={a.context} "
@@ -155,18 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     ar_ms = 96 * a.allreduce_us / 1e3
     print("| K | verify ms | draft extend (K+1 tokens) ms | draft chain ms | sum of parts ms | round graph ms | "
-          + " | ".join(f"tok/s/user at {x}" for x in accs) + " |")
+          + " | ".join(f"tok/s/user at {x} (K={a.acceptance_k})" for x in accs) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(accs))
     for k in ks:
         ver = verify_ms(runner, draft, k, a.context) + ar_ms
         ext = draft_ms(draft, runner, k + 1, a.context)
         chain = (k - 1) * one
         rnd = round_ms(runner, draft, k, a.context) + ar_ms  # the engine's one launch a round
-        tps = [min(x, k + 1) / rnd * 1e3 for x in accs]
+        lens = [acceptance_at(x, a.acceptance_k, k) for x in accs]
+        tps = [n / rnd * 1e3 for n in lens]
         rows.append({"k": k, "verify_ms": ver, "extend_ms": ext, "chain_ms": chain, "parts_ms": ver + ext + chain,
-                     "round_ms": rnd, "tokens_per_s_per_user": dict(zip(map(str, accs), tps))})
+                     "round_ms": rnd, "acceptance_length": dict(zip(map(str, accs), lens)),
+                     "tokens_per_s_per_user": dict(zip(map(str, accs), tps))})
         print(f"| {k} | {ver:.3f} | {ext:.3f} | {chain:.3f} | {ver + ext + chain:.3f} | {rnd:.3f} | "
-              + " | ".join(f"{t:.0f}" for t in tps) + " |", flush=True)
+              + " | ".join(f"{t:.0f} (L={n:.2f})" for t, n in zip(tps, lens)) + " |", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "commit": git_commit(), "bandwidth": bw,
