@@ -104,6 +104,7 @@ class DeviceTable:
     gemv_max_tokens: int  # the register-resident FP8 GEMV
     moe_max_tokens: int  # the selected-experts MoE kernels
     router_max_tokens: int  # the one-launch router (GEMV + top-k)
+    moe_block_max_tokens: int  # router logits in one launch, both MoE passes picking top-1 from them
     attention_max_new_tokens: int  # split-KV decode attention, per sequence
     allreduce_max_tokens: int  # the fused one-shot all-reduce + add + RMSNorm
     gemv: dict  # (N, K) -> (BLOCK_N, num_warps), one token
@@ -151,7 +152,8 @@ H200 = DeviceTable(
     name="NVIDIA H200", tuned=True,
     # one token: the GEMV beats the split-K GEMM at every shape (qkv 3.02 against 5.71 us); two tokens only
     # at the shapes of gemv_2; the router's one launch wins at one token only (8 tokens: 22.4 us against 6.9)
-    gemm_max_tokens=16, gemv_max_tokens=2, moe_max_tokens=16, router_max_tokens=1, attention_max_new_tokens=8,
+    gemm_max_tokens=16, gemv_max_tokens=2, moe_max_tokens=16, router_max_tokens=1, moe_block_max_tokens=1,
+    attention_max_new_tokens=8,
     allreduce_max_tokens=16,
     gemv={
         (896, 5120): (4, 8), (5120, 640): (32, 4), (4096, 5120): (4, 2), (5120, 2048): (16, 2),  # TP8 qkv, o, fc13, fc2
@@ -247,11 +249,11 @@ def router(x: torch.Tensor) -> str:
 
 
 def moe_block_fused(x: torch.Tensor, top_k: int, fp8: bool) -> bool:
-    """Router logits + both MoE passes picking the expert themselves: FP8 experts, top-1, one token."""
+    """Router logits + both MoE passes picking the expert themselves: FP8 experts, top-1, a few tokens."""
     if not (active(x) and fp8 and top_k == 1):
         return False
     t = table(x.device)
-    return x.shape[0] <= min(t.router_max_tokens, t.moe_max_tokens)
+    return x.shape[0] <= min(t.moe_block_max_tokens, t.moe_max_tokens)
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> str:

@@ -607,23 +607,31 @@ def test_fused_moe_ffn_at_rank_shapes_equals_reference(T, offset, dynamic):
         assert ((out.float() - unfused).norm() / unfused.norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_moe_block_one_token_picks_in_pass_1(dynamic):
-    """Router + MoE FFN at one TP8 rank's sizes (E 128, H 5120, I 1024), one token: the router writes logits
-    only, pass 1 picks; in a graph replayed with new inputs, the same output as the router's own pick
-    followed by moe_ffn (bit for bit), and as moe_block_ref within FP8's rounding."""
-    import maverick_plugins as ops
+@pytest.mark.parametrize("T,dynamic", [(1, False), (1, True), (3, False), (4, True)])
+def test_moe_block_picks_in_pass_1(T, dynamic, monkeypatch):
+    """Router + MoE FFN at one TP8 rank's sizes (E 128, H 5120, I 1024), 1-4 tokens (the fused path forced
+    on up to 4 whatever the table says): the router writes logits only, both passes pick; in a graph
+    replayed with new inputs, the same output as the router's own pick followed by moe_ffn (bit for bit),
+    and as moe_block_ref within FP8's rounding."""
+    import dataclasses
 
+    import maverick_plugins as ops
+    from maverick_plugins import dispatch
+    from maverick_plugins.kernels.small_ops import router_triton
+
+    table = dispatch.table
+    monkeypatch.setattr(dispatch, "table", lambda d: dataclasses.replace(table(d), moe_block_max_tokens=4))
     torch.manual_seed(4)
     H, E = 5120, 128
-    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     router = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 72
+    assert dispatch.moe_block_fused(x, 1, fp8=True)
     args, shared = _moe_rank_weights(E, 0, dynamic)
     g, out = _captured(lambda: ops.moe_block(x, router, 1, *args, *shared))
     for seed in range(3):
-        x.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(seed)).to(x))
+        x.copy_(torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(x))
         g.replay()
-        ids, sc = ops.moe_router(x, router, 1)
+        ids, sc = router_triton(x, router, 1)  # the same logits kernel, picking itself
         assert torch.equal(out, ops.moe_ffn(x, ids, sc, *args, *shared)), seed
         ref = ops.moe_block_ref(x, router, 1, *args, *shared).float()
         assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2  # as test_fused_moe_ffn_at_rank_shapes

@@ -123,9 +123,12 @@ def bench_router(h, e, m):
     ws = [torch.randn(e, h, device="cuda").to(torch.bfloat16) for _ in range(copies(nbytes))]
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     ours = graph_us([lambda w=w: router_triton(x, w, 1) for w in ws])
+    logits = graph_us([lambda w=w: router_triton(x, w, 1, pick=False) for w in ws])
     two = graph_us([lambda w=w: router_topk_triton(x @ w.t(), 1) for w in ws])
-    return ("router + top-1 (one launch; cuBLAS column: GEMM + top-k kernel)", m, nbytes / 1e6, ours, two,
-            graph_us(plain_read(nbytes)))
+    read = graph_us(plain_read(nbytes))
+    return [("router + top-1 (one launch; cuBLAS column: GEMM + top-k kernel)", m, nbytes / 1e6, ours, two, read),
+            ("router logits only, as moe_block's (cuBLAS column: the GEMM)", m, nbytes / 1e6, logits,
+             graph_us([lambda w=w: x @ w.t() for w in ws]), read)]
 
 
 def bench_step_start(rows, h, m, half=64):
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tp-size", type=int, default=8)
     p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run")
+    p.add_argument("--tokens", default="1,8", help="comma-separated token counts of the GEMM, MoE, router rows")
     a = p.parse_args(argv)
     families = a.ops.split(",")
     tp = a.tp_size
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
               ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
               ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
               ("lm_head (static x scale)", 202048 // tp, H, False)]
-    for m in (1, 8):
+    for m in (int(t) for t in a.tokens.split(",")):
         for name, n, k, r in shapes if "gemm" in families else ():
             rows.append(bench_gemm(name, n, k, m, r))
         if "gemm" in families:
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if "moe" in families:
             rows.extend(bench_moe(H, I // tp, E, m))
         if "router" in families:
-            rows.append(bench_router(H, E, m))
+            rows.extend(bench_router(H, E, m))
         if "step_start" in families:
             rows.extend(bench_step_start(202048 // tp, H, m))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
