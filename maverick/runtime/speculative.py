@@ -72,7 +72,11 @@ class Eagle3Proposer:
     def _batch(self, seqs: list[StepSeq]) -> ForwardBatch:
         r = self.runner
         seqs = [StepSeq(s.seq_id, s.tokens, s.start, SeqBlocks(s.blocks.global_blocks, [])) for s in seqs]
-        b = build_forward_batch(seqs, r.block_size, r.chunk, r.scratch_global, r.scratch_local)
+        # block tables as wide as the graphs' (max_seq_len): the attention kernels specialize on the width
+        # and on the split count that follows from it (== 1, divisible by 16), so a table as wide as the
+        # longest sequence made a compile of new shapes while serving
+        b = build_forward_batch(seqs, r.block_size, r.chunk, r.scratch_global, r.scratch_local,
+                                pad_global_blocks=r.graph_blocks)
         return ForwardBatch(**to_device(b.tensors(), r.device))
 
     def _run(self, batch: ForwardBatch, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
