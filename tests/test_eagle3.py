@@ -431,13 +431,17 @@ def test_warmup_with_a_draft_runs_a_round_and_leaves_the_cache_as_it_was(spec_pa
     for one draft token); 29 leaves 2 in its chunk, 28 all 3."""
     ckpt, draft, prompts, base = spec_parts
     runner = _spec_runner(ckpt, draft, 3)
-    rounds = []
-    real = runner.step
+    rounds, extends = [], []
+    real, propose = runner.step, runner.spec.propose
     monkeypatch.setattr(runner, "step", lambda seqs, rows, feed=None: (
         rounds.append([(s.start, s.draft_len, len(s.draft_tokens or [])) for s in seqs]), real(seqs, rows, feed))[1])
+    monkeypatch.setattr(runner.spec, "propose", lambda seqs: (
+        extends.append([len(s.draft_tokens) for s in seqs]), propose(seqs))[1])
     runner.warmup(max_num_tokens)
     spec_rounds = [r for r in rounds if r[0][1]]
     assert spec_rounds == ([[(126, 1, 126)]] if max_num_tokens > 128 else [[(29, 2, 29)], [(28, 3, 28)]])
+    # then the draft alone at every extend size 1..k+1 and each prefill tile's sizes (outside any round)
+    assert extends[-10:] == [[1], [2], [3], [4], [9], [16], [17], [32], [33], [64]]
     assert runner.kv.all_free
     monkeypatch.undo()
     reqs, _ = _generate(runner, prompts, _greedy_params())

@@ -105,6 +105,23 @@ class ModelRunner:
                     self._warm_round(length)
             finally:
                 self.kv.free(-1)
+        if self.spec is not None:
+            self._warm_draft_extends()
+
+    def _warm_draft_extends(self) -> None:
+        """The draft's eager extends at each size class its attention kernels specialize on (outside the
+        round graphs: rounds that max_tokens or a chunk end cuts short, a prompt's first): 1..k+1 positions
+        (the decode kernel's row tile: 2 and 3 were still compiled while serving on H100 with k = 3), then
+        prompt lengths at each prefill tile (16, 32, 64 rows), one a multiple of 16 and one not."""
+        sizes = [*range(1, self.spec.k + 2), 9, 16, 17, 32, 33, 64]
+        for q in sorted(set(sizes)):
+            if q >= self.max_seq_len or not self.kv.can_grow(-1, q + 1):
+                continue
+            try:
+                seq = StepSeq(-1, [0], q, self.kv.grow(-1, q + 1), draft_len=1, draft_start=0, draft_tokens=[0] * q)
+                self.spec.propose([seq])
+            finally:
+                self.kv.free(-1)
 
     def _warm_round(self, prompt: int) -> None:
         """The first speculative round after a `prompt`-token prefill (one sampled token, then k drafts,
