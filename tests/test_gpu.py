@@ -757,3 +757,34 @@ def test_step_start_kernels_at_model_shapes():
         assert (sin - ref_sin).abs().max().item() <= 1e-6, (sin - ref_sin).abs().max().item()
         if new_ids[0] == 5:  # another rank's id: zeros; the last row this rank holds
             assert not rows[0].any() and rows[1].equal(weight[25255])
+
+
+@pytest.mark.parametrize("block_n,programs", [(4, None), (8, 7)])
+def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(block_n, programs):
+    """Eight FP8 GEMV stages (5120 -> 2048 -> 5120, ...) as one persistent launch, captured in a CUDA graph and
+    replayed with new inputs: within the sums' order of the chain of fp8_gemv launches and of the reference,
+    with few programs too (7: every program runs many tiles, and waits for stages other programs run), and
+    the counters back at zero after each replay."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import GemvChain, gemv_chain_ref
+
+    torch.manual_seed(5)
+    stages = []
+    for j in range(8):
+        n, k = (2048, 5120) if j % 2 == 0 else (5120, 2048)
+        w8 = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
+        stages.append((w8, torch.rand(n, device="cuda") * 1e-3 + 5e-4, torch.tensor(8 / 448, device="cuda")))
+    chain = GemvChain(stages, block_n=block_n, programs=programs)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    g, out = _captured(lambda: chain(x))
+    for seed in range(3):
+        x.copy_(torch.randn(1, 5120, generator=torch.Generator().manual_seed(seed)))
+        g.replay()
+        torch.cuda.synchronize()
+        want = x
+        for w8, ws, xs in stages:
+            want = fp8_gemv(want, w8, ws, xs, torch.bfloat16)
+        r = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+        assert r(out, want.reshape(-1)) < 2e-2, seed
+        assert r(out, gemv_chain_ref(x, stages)) < 5e-2, seed
+        assert int(chain.counters.abs().sum()) == 0, seed

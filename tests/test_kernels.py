@@ -578,3 +578,38 @@ def test_rope_cos_sin_kernel(T):
     ref_cos, ref_sin = ops.rope_cos_sin_ref(pos, inv)
     assert cos.shape == ref_cos.shape == (T, 64) and cos.dtype == torch.float32
     assert (cos - ref_cos).abs().max().item() < 1e-6 and (sin - ref_sin).abs().max().item() < 1e-6
+
+
+def test_gemv_chain_in_one_persistent_launch():
+    """A chain of FP8 GEMVs as one launch of a few programs taking tiles from a queue, each waiting on its
+    input stage's counter: the same bits as the chain of fp8_gemv launches (the same arithmetic: every
+    stage's K not a power of two or a partial last tile somewhere), the first stage as fp8_linear_ref,
+    called twice (the counters come back to zero), and shapes that do not chain refused."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import GemvChain, gemv_chain_ref
+
+    torch.manual_seed(7)
+    dims = [96, 40, 72, 33, 64]
+    stages = []
+    for k, n in zip(dims, dims[1:]):
+        w8, ws = _fp8_weight(n, k, rows=True)
+        stages.append((w8, ws, torch.tensor(2.0 ** -3, device=DEV)))
+    chain = GemvChain(stages, block_n=4, programs=3)
+    for call in range(2):
+        x = act(1, dims[0]).to(torch.bfloat16)
+        got = chain(x).clone()
+        want = x
+        for w8, ws, xs in stages:
+            want = fp8_gemv(want, w8, ws, xs, torch.bfloat16, config=(4, 4))
+        if GPU:  # the sums' order may differ between the two kernels' layouts
+            assert rel(got, want.reshape(-1)) < 1e-2, call
+        else:
+            assert torch.equal(got, want.reshape(-1)), call
+        assert rel(got, gemv_chain_ref(x, stages)) < (2e-2 if GPU else 0.2), call
+        assert int(chain.counters.abs().sum()) == 0, call
+    one = GemvChain(stages[:1], block_n=8, programs=2)(x).float()
+    assert rel(one, ops.fp8_linear_ref(x, *stages[0], torch.bfloat16).reshape(-1)) < 1e-2
+    with pytest.raises(ValueError, match="stage 1: K=40 but stage 0 gives N=33"):
+        GemvChain([stages[2], stages[1]])
+    with pytest.raises(ValueError, match="input has 96 elements"):
+        chain(torch.zeros(95, device=DEV))

@@ -131,6 +131,32 @@ def bench_router(h, e, m):
              graph_us([lambda w=w: x @ w.t() for w in ws]), read)]
 
 
+def bench_chain(h, i, layers, block_n=4, programs=None):
+    """A chain of 2 x `layers` FP8 GEMVs (h -> i -> h, one token: the dense MLP's fc2-like shapes without
+    SwiGLU) as one persistent launch (kernels/persistent_chain.py) against one fp8_gemv launch a stage
+    with PDL, as a step runs them today (the cuBLAS column). Over 1 GB of weights: every read from HBM."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+
+    stages = []
+    for j in range(2 * layers):
+        n, k = (i, h) if j % 2 == 0 else (h, i)
+        stages.append((fp8_weight(n, k), torch.full((n,), 1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")))
+    chain = GemvChain(stages, block_n=block_n, programs=programs)
+    x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+
+    def separate():
+        y = x
+        for w, ws, xs in stages:
+            y = fp8_gemv(y, w, ws, xs, torch.bfloat16)
+        return y
+
+    nbytes = 2 * layers * h * i
+    return (f"GEMV chain {h}->{i}->{h} x{layers}, one persistent launch of {chain.programs} programs "
+            f"(cuBLAS column: a launch a stage)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
+            graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
+
+
 def bench_step_start(rows, h, m, half=64):
     """The step's first two kernels (embedding rows of this rank, RoPE cos / sin) against the torch ops they
     replaced (the cuBLAS column); launch-bound at decode sizes, so the bytes are small."""
@@ -171,7 +197,7 @@ def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tp-size", type=int, default=8)
-    p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run")
+    p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run (also: chain, the persistent GEMV chain)")
     p.add_argument("--tokens", default="1,8", help="comma-separated token counts of the GEMM, MoE, router rows")
     a = p.parse_args(argv)
     families = a.ops.split(",")
@@ -195,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(bench_router(H, E, m))
         if "step_start" in families:
             rows.extend(bench_step_start(202048 // tp, H, m))
+    if "chain" in families:
+        for bn, progs in ((4, None), (8, None), (4, 132)):
+            rows.append(bench_chain(H, 2048, 48, bn, progs))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
