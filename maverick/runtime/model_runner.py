@@ -111,8 +111,9 @@ class ModelRunner:
     def _warm_draft_extends(self) -> None:
         """The draft's eager extends at each size class its attention kernels specialize on (outside the
         round graphs: rounds that max_tokens or a chunk end cuts short, a prompt's first): 1..k+1 positions
-        (the decode kernel's row tile: 2 and 3 were still compiled while serving on H100 with k = 3), then
-        prompt lengths at each prefill tile (16, 32, 64 rows), one a multiple of 16 and one not."""
+        (the decode kernel's row tile follows them; the graphs hold only 1 and k+1), then prompt lengths at
+        each prefill tile (16, 32, 64 rows), one a multiple of 16 and one not. With k = 3 on H100, serving
+        still compiled the decode, merge and prefill attention kernels (4 specializations) before this."""
         sizes = [*range(1, self.spec.k + 2), 9, 16, 17, 32, 33, 64]
         for q in sorted(set(sizes)):
             if q >= self.max_seq_len or not self.kv.can_grow(-1, q + 1):
