@@ -53,8 +53,7 @@ def _chain_kernel(w_ptr, ws_ptr, xs_ptr, act_ptr, desc_ptr, ctr_ptr, S, TOTAL, N
         ws = tl.load(ws_ptr + sc_off + offs_n, mask=n_mask, other=0.0)
         x_scale = tl.load(xs_ptr + s)
         if s > 0:  # every tile of the stage before: its output is this stage's input
-            prev = desc_ptr + (s - 1) * 6
-            need = tl.load(desc_ptr + s * 6 + 5) - tl.load(prev + 5)
+            need = first - tl.load(desc_ptr + (s - 1) * 6 + 5)
             while tl.atomic_add(ctr_ptr + 2 + s - 1, 0, sem="acquire", scope="gpu") < need:
                 pass
         # .cg: other programs wrote the input, past this SM's L1
