@@ -759,8 +759,8 @@ def test_step_start_kernels_at_model_shapes():
             assert not rows[0].any() and rows[1].equal(weight[25255])
 
 
-@pytest.mark.parametrize("block_n,programs", [(4, None), (8, 7)])
-def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(block_n, programs):
+@pytest.mark.parametrize("rows,programs", [(4, None), (8, 7)])
+def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(rows, programs):
     """Eight FP8 GEMV stages (5120 -> 2048 -> 5120, ...) as one persistent launch, captured in a CUDA graph and
     replayed with new inputs: within the sums' order of the chain of fp8_gemv launches and of the reference,
     with few programs too (7: every program runs many tiles, and waits for stages other programs run), and
@@ -774,7 +774,7 @@ def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(block_n, programs):
         n, k = (2048, 5120) if j % 2 == 0 else (5120, 2048)
         w8 = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
         stages.append((w8, torch.rand(n, device="cuda") * 1e-3 + 5e-4, torch.tensor(8 / 448, device="cuda")))
-    chain = GemvChain(stages, block_n=block_n, programs=programs)
+    chain = GemvChain(stages, rows=rows, programs=programs)
     x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
     g, out = _captured(lambda: chain(x))
     for seed in range(3):
@@ -787,4 +787,44 @@ def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(block_n, programs):
         r = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
         assert r(out, want.reshape(-1)) < 2e-2, seed
         assert r(out, gemv_chain_ref(x, stages)) < 5e-2, seed
+        assert int(chain.counters.abs().sum()) == 0, seed
+
+
+@pytest.mark.parametrize("rows,programs", [(4, None), (8, 7)])
+def test_persistent_dense_mlp_blocks_at_rank_shapes_in_a_graph(rows, programs):
+    """Four dense MLP blocks of one TP8 rank (RMSNorm, fc13 + SwiGLU 5120 -> 2 x 2048, fc2 2048 -> 5120,
+    residual add) as one persistent launch in a CUDA graph, replayed with new inputs: within the sums' order
+    of the launches a layer runs today (rms_norm, fp8_gemv with SwiGLU, fp8_gemv, add_rms_norm) and of
+    gemv_chain_ref, counters back at zero."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain, gemv_chain_ref
+
+    torch.manual_seed(6)
+    H, I, eps = 5120, 2048, 1e-5
+    xs = torch.tensor(8 / 448, device="cuda")
+    blocks, stages = [], []
+    for b in range(4):
+        w13 = (torch.randn(2 * I, H, device="cuda") * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        w2 = (torch.randn(H, I, device="cuda") * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s13 = torch.full((2 * I,), 1 / (64 * H ** 0.5), device="cuda")
+        s2 = torch.full((H,), 1 / (64 * I ** 0.5), device="cuda")
+        g = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
+        blocks.append((w13, s13, w2, s2, g))
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b)]
+    chain = GemvChain(stages, rows=rows, programs=programs, eps=eps)
+    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
+    graph, out = _captured(lambda: chain(x))
+    r = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    for seed in range(3):
+        x.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, normed = x, ops.rms_norm(x, blocks[0][4], eps)
+        for b, (w13, s13, w2, s2, _) in enumerate(blocks):
+            a = fp8_gemv(normed, w13, s13, xs, torch.bfloat16, swiglu=True)
+            want, normed = ops.add_rms_norm(want, fp8_gemv(a, w2, s2, xs, torch.bfloat16), blocks[(b + 1) % 4][4], eps)
+        assert r(out, want.reshape(-1)) < 1e-2, seed
+        assert r(out.float() - x.float().reshape(-1), (want - x).float().reshape(-1)) < 3e-2, seed
+        assert r(out, gemv_chain_ref(x, stages, eps)) < 2e-2, seed
         assert int(chain.counters.abs().sum()) == 0, seed

@@ -131,7 +131,7 @@ def bench_router(h, e, m):
              graph_us([lambda w=w: x @ w.t() for w in ws]), read)]
 
 
-def bench_chain(h, i, layers, block_n=4, programs=None):
+def bench_chain(h, i, layers, rows=4, programs=None):
     """A chain of 2 x `layers` FP8 GEMVs (h -> i -> h, one token: the dense MLP's fc2-like shapes without
     SwiGLU) as one persistent launch (kernels/persistent_chain.py) against one fp8_gemv launch a stage
     with PDL, as a step runs them today (the cuBLAS column). Over 1 GB of weights: every read from HBM."""
@@ -142,7 +142,7 @@ def bench_chain(h, i, layers, block_n=4, programs=None):
     for j in range(2 * layers):
         n, k = (i, h) if j % 2 == 0 else (h, i)
         stages.append((fp8_weight(n, k), torch.full((n,), 1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")))
-    chain = GemvChain(stages, block_n=block_n, programs=programs)
+    chain = GemvChain(stages, rows=rows, programs=programs)
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
 
     def separate():
@@ -152,9 +152,43 @@ def bench_chain(h, i, layers, block_n=4, programs=None):
         return y
 
     nbytes = 2 * layers * h * i
-    return (f"GEMV chain {h}->{i}->{h} x{layers}, one persistent launch of {chain.programs} programs "
+    return (f"GEMV chain {h}->{i}->{h} x{layers}, rows {rows}, one persistent launch of {chain.programs} programs "
             f"(cuBLAS column: a launch a stage)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
             graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
+
+
+def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
+    """`layers` dense MLP blocks of one rank (RMSNorm, fc13 + SwiGLU h -> 2 x i, fc2 i -> h, residual add) as
+    one persistent launch, against the launches a step runs for them today (the cuBLAS column: fp8_gemv with
+    SwiGLU, fp8_gemv, add_rms_norm: three a block, with PDL). 24 blocks at TP8 are the 24 dense layers' MLPs,
+    755 MB."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain
+
+    xs = torch.tensor(8 / 448, device="cuda")
+    blocks, stages = [], []
+    for b in range(layers):
+        w13, w2 = fp8_weight(2 * i, h), fp8_weight(h, i)
+        s13, s2 = torch.full((2 * i,), 1e-3, device="cuda"), torch.full((h,), 1e-3, device="cuda")
+        g = torch.ones(h, device="cuda", dtype=torch.bfloat16)
+        blocks.append((w13, s13, w2, s2, g))
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b)]
+    chain = GemvChain(stages, rows=rows, programs=programs)
+    x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+
+    def separate():
+        res, normed = x, ops.rms_norm(x, blocks[0][4], 1e-5)
+        for w13, s13, w2, s2, g in blocks:
+            a = fp8_gemv(normed, w13, s13, xs, torch.bfloat16, swiglu=True)
+            res, normed = ops.add_rms_norm(res, fp8_gemv(a, w2, s2, xs, torch.bfloat16), g, 1e-5)
+        return res
+
+    nbytes = 3 * layers * h * i
+    return (f"dense MLP blocks {h}->2x{i}->{h} x{layers}, rows {rows}, one persistent launch of {chain.programs} "
+            f"programs (cuBLAS column: 3 launches a block)", 1, nbytes / 1e6,
+            graph_us([lambda: chain(x)], reps=2, iters=20), graph_us([separate], reps=2, iters=20),
+            graph_us(plain_read(nbytes), reps=2, iters=20))
 
 
 def bench_step_start(rows, h, m, half=64):
@@ -197,7 +231,7 @@ def bench_attention(ctx, batch, kvh=1, group=5, d=128, bs=64, splits=None):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tp-size", type=int, default=8)
-    p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run (also: chain, the persistent GEMV chain)")
+    p.add_argument("--ops", default="gemm,moe,router,attention,step_start", help="comma-separated families to run (also: chain, the persistent GEMV chain and dense MLP blocks)")
     p.add_argument("--tokens", default="1,8", help="comma-separated token counts of the GEMM, MoE, router rows")
     a = p.parse_args(argv)
     families = a.ops.split(",")
@@ -222,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if "step_start" in families:
             rows.extend(bench_step_start(202048 // tp, H, m))
     if "chain" in families:
-        for bn, progs in ((4, None), (8, None), (4, 132)):
-            rows.append(bench_chain(H, 2048, 48, bn, progs))
+        for r, progs in ((4, None), (8, None), (4, 132)):
+            rows.append(bench_chain(H, M_ // tp, 48, r, progs))
+        for r in (4, 8):
+            rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
