@@ -606,11 +606,11 @@ def test_gemv_chain_in_one_persistent_launch():
             assert rel(got, want.reshape(-1)) < 1e-2, call
         else:
             assert torch.equal(got, want.reshape(-1)), call
-        assert rel(got, gemv_chain_ref(x, stages)) < (2e-2 if GPU else 0.2), call
+        assert rel(got, gemv_chain_ref(x, stages)[-1]) < (2e-2 if GPU else 0.2), call
         assert int(chain.counters.abs().sum()) == 0, call
     one = GemvChain(stages[:1], rows=8, programs=2)(x).float()
     assert rel(one, ops.fp8_linear_ref(x, *stages[0], torch.bfloat16).reshape(-1)) < 1e-2
-    with pytest.raises(ValueError, match="stage 1: K=40 but stage 0 gives N=33"):
+    with pytest.raises(ValueError, match=r"stage 1: K=40 but its input \(stage 0\) has 33 elements"):
         GemvChain([stages[2], stages[1]])
     with pytest.raises(ValueError, match="input has 96 elements"):
         chain(torch.zeros(95, device=DEV))
@@ -637,12 +637,12 @@ def test_dense_mlp_blocks_in_one_persistent_launch():
     xs = torch.tensor(2.0 ** -6, device=DEV)
     stages = []
     for b, (w13, s13, w2, s2, g) in enumerate(blocks):
-        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b)]
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
     chain = GemvChain(stages, rows=4, programs=3, eps=eps)
     for call in range(3):
         h = act(1, H).to(torch.bfloat16)
         got = chain(h).clone().float()
-        ref = gemv_chain_ref(h, stages, eps).float()
+        ref = gemv_chain_ref(h, stages, eps)[-1].float()
         assert rel(got, ref) < (1e-2 if GPU else 0.1), call
         assert rel(got - h.float(), ref - h.float()) < (3e-2 if GPU else 0.5), call
         assert int(chain.counters.abs().sum()) == 0, call
@@ -660,5 +660,75 @@ def test_dense_mlp_blocks_in_one_persistent_launch():
         GemvChain([ChainStage(w13, s13, xs, swiglu=True, norm_weight=g[:63])])
     with pytest.raises(ValueError, match="stage 0: a SwiGLU weight stacks gate and up rows, got an odd 95"):
         GemvChain([ChainStage(w13[:95], s13[:95], xs, swiglu=True)])
-    with pytest.raises(ValueError, match="stage 1: residual from stage 0 has 64 elements, the output 48"):
-        GemvChain([ChainStage(w13, s13, xs, swiglu=True), ChainStage(w2[:I], s2[:I], xs, residual_from=0)])
+    with pytest.raises(ValueError, match="stage 1: residual from stage -1 has 64 elements, the output 48"):
+        GemvChain([ChainStage(w13, s13, xs, swiglu=True), ChainStage(w2[:I], s2[:I], xs, residual_from=-1)])
+
+
+def _moe_stages(H, Is, Ir, E, xs, dev, first=0):
+    """Stages of one MoE block of a Llama 4 decoder layer from stage `first` on (its input: stage first - 1's
+    output): router, shared fc13, routed fc13 (the pick's expert, input times its score), shared fc2 with
+    the residual, routed fc2 added to that. Weights of unit-variance outputs."""
+    from maverick_plugins.kernels.persistent_chain import ChainStage
+
+    def fp8(*shape):
+        w = torch.randn(*shape, device=dev)
+        s = w.abs().amax(-1) / 448
+        return (w / s[..., None]).to(torch.float8_e4m3fn), (s / shape[-1] ** 0.5).float()
+
+    g = (1 + 0.1 * torch.randn(H, device=dev)).to(torch.bfloat16)
+    router = (torch.randn(E, H, device=dev) / H ** 0.5).to(torch.bfloat16)
+    (s13, s13s), (r13, r13s) = fp8(2 * Is, H), fp8(E, 2 * Ir, H)
+    (s2, s2s), (r2, r2s) = fp8(H, Is), fp8(E, H, Ir)
+    f = first
+    return [ChainStage(router, None, None, norm_weight=g, router=True),
+            ChainStage(s13, s13s, xs, swiglu=True, norm_weight=g, input_from=f - 1),
+            ChainStage(r13, r13s, xs, swiglu=True, norm_weight=g, input_from=f - 1, experts_from=f, scored=True),
+            ChainStage(s2, s2s, xs, input_from=f + 1, residual_from=f - 1),
+            ChainStage(r2, r2s, xs, input_from=f + 2, residual_from=f + 3, experts_from=f)]
+
+
+def test_moe_block_in_one_persistent_launch():
+    """A MoE block (router, shared and routed fc13 + SwiGLU, both fc2s, the residual) then a dense MLP block
+    as one launch: the tiles pick the expert from the router stage's logits in the kernel, so inputs routed to
+    different experts give each expert's output. Each stage close to gemv_chain_ref's, the same pick where the
+    top two logits are 0.05 apart, the counters back at zero, and MoE stages that cannot be built refused."""
+    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain, gemv_chain_ref
+
+    torch.manual_seed(11)
+    H, Is, Ir, E, I, eps = 64, 16, 32, 4, 48, 1e-5
+    xs = torch.tensor(2.0 ** -6, device=DEV)
+    stages = _moe_stages(H, Is, Ir, E, xs, DEV)
+    w13, s13 = _fp8_weight(2 * I, H, rows=True)
+    w2, s2 = _fp8_weight(H, I, rows=True)
+    g = (1 + 0.1 * torch.randn(H, device=DEV)).to(torch.bfloat16)
+    stages += [ChainStage(w13, s13 / H ** 0.5, xs, swiglu=True, norm_weight=g),
+               ChainStage(w2, s2 / I ** 0.5, xs, residual_from=4)]
+    chain = GemvChain(stages, rows=4, programs=3, eps=eps)
+    picks = set()
+    for call in range(6):
+        h = act(1, H).to(torch.bfloat16)
+        got = chain(h).clone().float()
+        ref = gemv_chain_ref(h, stages, eps)
+        logits = chain.output(0).float()
+        assert rel(logits, ref[0]) < (1e-2 if GPU else 5e-2), call  # CPU: the interpreter rounds the norm down
+        pick = int(ref[0].float().argmax())
+        if sorted(ref[0].float())[-2] < ref[0].float().max() - 0.05:  # no near tie: both must pick it
+            assert int(logits.argmax()) == pick, call
+            picks.add(pick)
+            # the routed SwiGLU: on CPU within 0.28 of the reference in these calls, 1.1-1.7 off another
+            # expert's (the interpreter's e4m3 rounding); the residual stages within 0.04
+            assert rel(chain.output(2), ref[2]) < (5e-2 if GPU else 0.6), call
+            for i in (3, 4, 6):
+                assert rel(chain.output(i), ref[i]) < (2e-2 if GPU else 0.1), (call, i)
+        assert rel(got, ref[-1].float()) < (1e-2 if GPU else 0.1), call
+        assert int(chain.counters.abs().sum()) == 0, call
+    assert len(picks) >= 2, picks  # the tiles followed the pick, not one expert
+    router, r13 = stages[0], stages[2]
+    with pytest.raises(ValueError, match="stage 1: experts_from=0: expected an earlier router stage with 4 logits"):
+        GemvChain([stages[1]._replace(input_from=-1), r13._replace(experts_from=0, input_from=-1)])
+    with pytest.raises(ValueError, match=r"stage 0: expected an e4m3 weight \[E, N, K\] with \[E, N\] row scales"):
+        GemvChain([router, r13._replace(row_scales=r13.row_scales[0], input_from=-1, experts_from=0)][1:])
+    with pytest.raises(ValueError, match="stage 0: a router takes a bf16 weight"):
+        GemvChain([router._replace(weight=router.weight.float())])
+    with pytest.raises(ValueError, match="stage 1: scored needs experts_from"):
+        GemvChain([router, stages[1]._replace(scored=True)])

@@ -173,7 +173,7 @@ def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
         s13, s2 = torch.full((2 * i,), 1e-3, device="cuda"), torch.full((h,), 1e-3, device="cuda")
         g = torch.ones(h, device="cuda", dtype=torch.bfloat16)
         blocks.append((w13, s13, w2, s2, g))
-        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b)]
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
     chain = GemvChain(stages, rows=rows, programs=programs)
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
 
@@ -189,6 +189,56 @@ def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
             f"programs (cuBLAS column: 3 launches a block)", 1, nbytes / 1e6,
             graph_us([lambda: chain(x)], reps=2, iters=20), graph_us([separate], reps=2, iters=20),
             graph_us(plain_read(nbytes), reps=2, iters=20))
+
+
+def bench_ffn_chain(h, i_dense, i_moe, experts, layers, rows=4, programs=None):
+    """The FFN half of `layers` decoder-layer pairs of one rank at batch 1 (Maverick alternates dense and MoE
+    layers): a dense MLP block then a MoE block (router, shared and routed fc13 + SwiGLU, both fc2s), each with
+    its norm and residual, as one persistent launch; against the launches a step runs for them today (the
+    cuBLAS column: fp8_gemv with SwiGLU, fp8_gemv, add_rms_norm; moe_block's router logits and MoE pair,
+    add_rms_norm). `experts` a MoE layer (fewer than 128 keeps the weights small; a token reads one either
+    way): the bytes a token reads, 24 pairs at TP8 1.54 GB, come from HBM."""
+    import maverick_plugins as ops
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain
+
+    xs, s = torch.tensor(8 / 448, device="cuda"), torch.tensor(1e-3, device="cuda")
+    ones = lambda n: torch.ones(n, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    dense, moe, stages = [], [], []
+    for b in range(layers):
+        w13, w2, g = fp8_weight(2 * i_dense, h), fp8_weight(h, i_dense), ones(h)
+        dense.append((w13, w2, g))
+        f = len(stages)
+        stages += [ChainStage(w13, s.expand(2 * i_dense), xs, swiglu=True, norm_weight=g),
+                   ChainStage(w2, s.expand(h), xs, residual_from=f - 1)]
+        router = torch.randn(experts, h, device="cuda", dtype=torch.bfloat16) / 72
+        gu = torch.stack([fp8_weight(2 * i_moe, h) for _ in range(experts)])
+        dn = torch.stack([fp8_weight(h, i_moe) for _ in range(experts)])
+        sgu, sdn = fp8_weight(2 * i_moe, h), fp8_weight(h, i_moe)
+        moe.append((router, (gu, dn, 0, s, xs, s, xs), (sgu, s, xs, sdn, s, xs), g))
+        f = len(stages)
+        stages += [ChainStage(router, None, None, norm_weight=g, router=True),
+                   ChainStage(sgu, s.expand(2 * i_moe), xs, swiglu=True, norm_weight=g, input_from=f - 1),
+                   ChainStage(gu, s.expand(experts, 2 * i_moe), xs, swiglu=True, norm_weight=g, input_from=f - 1,
+                              experts_from=f, scored=True),
+                   ChainStage(sdn, s.expand(h), xs, input_from=f + 1, residual_from=f - 1),
+                   ChainStage(dn, s.expand(experts, h), xs, input_from=f + 2, residual_from=f + 3, experts_from=f)]
+    chain = GemvChain(stages, rows=rows, programs=programs)
+    x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+
+    def separate():
+        res, normed = x, ops.rms_norm(x, dense[0][2], 1e-5)
+        for (w13, w2, g), (router, args, shared, g2) in zip(dense, moe):
+            a = fp8_gemv(normed, w13, s, xs, torch.bfloat16, swiglu=True)  # a scalar scale: the same products
+            res, normed = ops.add_rms_norm(res, fp8_gemv(a, w2, s, xs, torch.bfloat16), g2, 1e-5)
+            res, normed = ops.add_rms_norm(res, ops.moe_block(normed, router, 1, *args, *shared), g, 1e-5)
+        return res
+
+    nbytes = layers * (3 * h * i_dense + 6 * h * i_moe + 2 * experts * h)
+    return (f"FFN half of {layers} layer pairs (dense {h}->2x{i_dense}->{h}; MoE {experts} experts + shared, "
+            f"{h}->2x{i_moe}->{h}), rows {rows}, one persistent launch of {chain.programs} programs (cuBLAS "
+            f"column: 5 launches a pair)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
+            graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
 
 
 def bench_step_start(rows, h, m, half=64):
@@ -260,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_chain(H, M_ // tp, 48, r, progs))
         for r in (4, 8):
             rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
+            rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, r))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))

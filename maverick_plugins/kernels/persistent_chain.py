@@ -4,8 +4,8 @@ The first piece of a persistent decode kernel. A decode step at batch 1 is a cha
 streams, and each launch pays a fixed ramp that PDL hides only in part: the 48-layer GEMV chain reached
 44% of bandwidth at one H200 rank. Here the whole chain is one grid of about two programs an SM. A program
 takes the next tile (ROWS weight rows of one stage) from a queue counter. It loads that tile's weights
-first, since weights depend on nothing. Then it waits until every tile of the stage before has signalled,
-reads that stage's output, and signals its own stage. So the next stage's weights stream in while the
+first, since weights depend on nothing. Then it waits until every tile of the stages it reads has
+signalled, reads their output, and signals its own stage. So the next stage's weights stream in while the
 current stage finishes, with no launch between them.
 
 A stage may also do what the launches around a GEMV do in a decoder layer, so a dense MLP block (RMSNorm,
@@ -14,17 +14,30 @@ fc13 + SwiGLU, fc2, residual add) is two stages and no other launch:
   hidden 5120, from L2) instead of waiting on a norm stage: no stage of one tile in the chain.
 - swiglu: the weight is [gate; up] (2N rows) and the stage gives silu(gate x) * (up x). A tile's rows
   interleave gate and up rows, so every stage's tiles load the same ROWS rows of weights.
-- residual: the output is an earlier stage's input plus the product (the residual stream).
+- residual: the output is an earlier stage's output (or the chain's input) plus the product (the residual
+  stream).
+- router: bf16 weight [E, K], no quantization: the output is the E router logits (rounded to bf16, as the
+  router kernel writes them).
+- experts: the weight is [E, N, K] and each tile takes expert e's rows, e the top-1 of a router stage's
+  logits (ties: the lowest id), picked in the tile itself; scored: the input times sigmoid(logit of e), the
+  score Llama 4 puts on the expert's input. So the router's pick feeds the expert tiles with no host
+  round trip and no pick step. Such a tile waits before it loads its weights (it needs e); the shared
+  expert's tiles, queued before, stream theirs meanwhile.
+A stage reads its input from any earlier stage (by default the one before) and waits for exactly the
+stages it reads: its input, its residual and its router.
 
 Tiles are queued in stage order. A tile waits only on tiles that were taken before it, by programs that
 are already running and never wait on later tiles, so the chain cannot deadlock whatever the grid size or
 residency. The Triton interpreter (CPU) runs programs one after another and still completes: the first
-program takes every tile in order. A residual stage reads a stage further back: that stage finished
-before the stage it waits on started (each stage's tiles saw the one before complete).
+program takes every tile in order. Every stage writes its own part of the workspace, so no tile
+overwrites what a later one still reads.
 
 The arithmetic is that of the launches it replaces: add_rms_norm's norm (fp32 sums, bf16 rounding, times
 the weight), fp8_gemv's products (x quantized with the stage's static scale, exact e4m3 products, fp32 sums,
-row scales, one token, SwiGLU in fp32) and the bf16 residual add. The specification is gemv_chain_ref.
+row scales, one token, SwiGLU in fp32), the router kernel's fp32 sums, moe_gemv's score rounding, and the
+bf16 residual add. The MoE's two down projections are two residual stages here (h + shared, then + routed),
+where moe_ffn adds shared and routed first: one bf16 rounding apart. Expert-parallel ranks (experts of
+other ranks) are not covered: each expert stage holds every expert. The specification is gemv_chain_ref.
 """
 from typing import NamedTuple
 
@@ -36,9 +49,12 @@ from .counters import last_to_arrive
 from .e4m3 import to_e4m3
 from .fp8_gemv import k_pieces
 from .pdl import pdl_enter, pdl_launch
+from .router_pick import argmax_lowest, sigmoid_score
 
-COLS = 10  # desc columns, see _chain_kernel
-SWIGLU, RESIDUAL, NORM = 1, 2, 4  # stage flags
+SWIGLU, RESIDUAL, NORM, ROUTER, EXPERTS, SCORED = 1, 2, 4, 8, 16, 32  # stage flags
+# desc columns of a stage
+W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF, E_WSTRIDE, \
+    E_SSTRIDE, COLS = range(17)
 
 
 @triton.jit
@@ -48,69 +64,122 @@ def _times_weight(y, w):
 
 
 @triton.jit
-def _chain_kernel(w_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, S, TOTAL, NPROG, eps,
-                  ROWS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr):
-    """desc: a row of COLS int64 a stage (weight offset, N out, K, input offset in act, row-scale offset,
-    first tile, flags, output offset, residual offset, norm-weight offset). ctr: [0] the tile queue, [1]
-    programs done, [2 + s] tiles of stage s done; the last program out sets them back to 0 (the next call
-    and graph replay start from zero)."""
+def _wait(desc_ptr, ctr_ptr, d):
+    """Until every tile of stage d (if d >= 0, an earlier stage) has signalled."""
+    if d >= 0:
+        need = tl.load(desc_ptr + (d + 1) * COLS + FIRST) - tl.load(desc_ptr + d * COLS + FIRST)
+        while tl.atomic_add(ctr_ptr + 2 + d, 0, sem="acquire", scope="gpu") < need:
+            pass
+
+
+@triton.jit
+def _wait_inputs(desc_ptr, ctr_ptr, st):
+    _wait(desc_ptr, ctr_ptr, tl.load(st + DEP0))
+    _wait(desc_ptr, ctr_ptr, tl.load(st + DEP1))
+    _wait(desc_ptr, ctr_ptr, tl.load(st + DEP2))
+
+
+@triton.jit
+def _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB: tl.constexpr):
+    """The stage's input in two pieces (KA, KB; the second = the first when KB is 0), RMSNormed with the
+    stage's norm weight if it has one (add_rms_norm_row's arithmetic over both pieces). .cg: other programs
+    wrote it, past this SM's L1."""
+    dt = act_ptr.dtype.element_ty
+    xa = tl.load(act_ptr + x_off + ka, mask=ka < k, other=0.0, cache_modifier=".cg")
+    xb = xa
+    if KB > 0:
+        xb = tl.load(act_ptr + x_off + kb, mask=kb < k, other=0.0, cache_modifier=".cg")
+    if flags & NORM:
+        fa = xa.to(tl.float32)
+        ss = tl.sum(fa * fa, axis=0)
+        fb = fa
+        if KB > 0:
+            fb = xb.to(tl.float32)
+            ss += tl.sum(fb * fb, axis=0)
+        inv = tl.rsqrt(ss / k.to(tl.float32) + eps)
+        g_off = tl.load(st + G_OFF)
+        xa = _times_weight((fa * inv).to(dt), tl.load(g_ptr + g_off + ka, mask=ka < k, other=0.0))
+        if KB > 0:
+            xb = _times_weight((fb * inv).to(dt), tl.load(g_ptr + g_off + kb, mask=kb < k, other=0.0))
+    return xa, xb
+
+
+@triton.jit
+def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, S, TOTAL, NPROG, E, eps,
+                  ROWS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, E_POW2: tl.constexpr,
+                  PDL: tl.constexpr):
+    """desc: a row of COLS int64 a stage (the column names above; DEPn: stages to wait for, -1 none). ctr:
+    [0] the tile queue, [1] programs done, [2 + s] tiles of stage s done; the last program out sets them
+    back to 0 (the next call and graph replay start from zero). rw: the router stages' bf16 weights."""
     pdl_enter(PDL)  # the first stage's input may be the previous kernel's output
+    dt = act_ptr.dtype.element_ty
     ka = tl.arange(0, KA)
+    kb = ka  # unused without a second piece
+    if KB > 0:
+        kb = KA + tl.arange(0, KB)
     r = tl.arange(0, ROWS)
     t = tl.atomic_add(ctr_ptr, 1)
     while t < TOTAL:
         s = 0
         for i in range(1, S):  # this tile's stage: how many stages start at or before it
-            s += (tl.load(desc_ptr + i * COLS + 5) <= t).to(tl.int32)
-        d = desc_ptr + s * COLS
-        w_off, n, k = tl.load(d + 0), tl.load(d + 1), tl.load(d + 2)
-        x_off, sc_off, first = tl.load(d + 3), tl.load(d + 4), tl.load(d + 5)
-        flags, out_off = tl.load(d + 6), tl.load(d + 7)
+            s += (tl.load(desc_ptr + i * COLS + FIRST) <= t).to(tl.int32)
+        st = desc_ptr + s * COLS
+        n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
+        x_off = tl.load(st + X_OFF)
         sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
         j = (t - first) * (ROWS >> sw) + (r >> sw)  # the output each weight row feeds
         valid = j < n
-        rows = w_off + ((r & sw) * n + j).to(tl.int64) * k
-        # the tile's weights before the wait: nothing writes them
-        wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < k)[None, :], other=0.0)
-        if KB > 0:
-            kb = KA + tl.arange(0, KB)
-            wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < k)[None, :], other=0.0)
-        ws = tl.load(ws_ptr + sc_off + (r & sw) * n + j, mask=valid, other=0.0)
-        x_scale = tl.load(xs_ptr + s)
-        if s > 0:  # every tile of the stage before: its output is this stage's input
-            need = first - tl.load(desc_ptr + (s - 1) * COLS + 5)
-            while tl.atomic_add(ctr_ptr + 2 + s - 1, 0, sem="acquire", scope="gpu") < need:
-                pass
-        # .cg: other programs wrote the input, past this SM's L1
-        xa = tl.load(act_ptr + x_off + ka, mask=ka < k, other=0.0, cache_modifier=".cg")
-        if KB > 0:
-            xb = tl.load(act_ptr + x_off + kb, mask=kb < k, other=0.0, cache_modifier=".cg")
-        if flags & NORM:  # add_rms_norm_row's arithmetic over both pieces
-            fa = xa.to(tl.float32)
-            ss = tl.sum(fa * fa, axis=0)
+        wrow = (r & sw) * n + j
+        w_base = tl.load(st + W_OFF)
+        s_base = tl.load(st + SC_OFF)
+        score = (t * 0 + 1).to(tl.float32)  # a tensor: the pick below may set it
+        if flags & EXPERTS:  # the pick first: it chooses the weights
+            _wait_inputs(desc_ptr, ctr_ptr, st)
+            offs_e = tl.arange(0, E_POW2)  # .cg: the router's tiles wrote the logits, past this SM's L1
+            lg = tl.load(act_ptr + tl.load(st + LOGITS_OFF) + offs_e, mask=offs_e < E, other=float("-inf"),
+                         cache_modifier=".cg").to(tl.float32)
+            pick, best = argmax_lowest(lg, offs_e, E_POW2)
+            if flags & SCORED:
+                score = sigmoid_score(best, dt).to(tl.float32)
+            w_base += pick.to(tl.int64) * tl.load(st + E_WSTRIDE)
+            s_base += pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
+        rows = w_base + wrow.to(tl.int64) * k
+        a_mask = valid[:, None] & (ka < k)[None, :]
+        b_mask = valid[:, None] & (kb < k)[None, :]
+        if flags & ROUTER:  # bf16 weights, the router kernel's fp32 sums of unquantized products
+            ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
             if KB > 0:
-                fb = xb.to(tl.float32)
-                ss += tl.sum(fb * fb, axis=0)
-            inv = tl.rsqrt(ss / k.to(tl.float32) + eps)
-            g_off = tl.load(d + 9)
-            xa = _times_weight((fa * inv).to(act_ptr.dtype.element_ty), tl.load(g_ptr + g_off + ka, mask=ka < k))
+                rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+            _wait_inputs(desc_ptr, ctr_ptr, st)
+            xa, xb = _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB)
+            y = tl.sum(ra.to(tl.float32) * xa.to(tl.float32)[None, :], axis=1)
             if KB > 0:
-                xb = _times_weight((fb * inv).to(act_ptr.dtype.element_ty),
-                                   tl.load(g_ptr + g_off + kb, mask=kb < k, other=0.0))
-        acc = tl.sum(wa.to(tl.float32) * to_e4m3(xa, x_scale).to(tl.float32)[None, :], axis=1)
-        if KB > 0:
-            acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
-        y = acc * (x_scale * ws)
+                y += tl.sum(rb.to(tl.float32) * xb.to(tl.float32)[None, :], axis=1)
+        else:  # the tile's weights before the wait (but after an expert tile's pick): nothing writes them
+            wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
+            if KB > 0:
+                wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+            ws = tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
+            if (flags & EXPERTS) == 0:
+                _wait_inputs(desc_ptr, ctr_ptr, st)
+            xa, xb = _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB)
+            x_scale = tl.load(xs_ptr + s)
+            xa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
+            acc = tl.sum(wa.to(tl.float32) * to_e4m3(xa, x_scale).to(tl.float32)[None, :], axis=1)
+            if KB > 0:
+                xb = (xb.to(tl.float32) * score).to(dt)
+                acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
+            y = acc * (x_scale * ws)
+        out_off = tl.load(st + OUT_OFF)
         if sw:
             gate, up = tl.split(tl.reshape(y, (ROWS // 2, 2)))
             jo = (t - first) * (ROWS // 2) + tl.arange(0, ROWS // 2)
-            tl.store(act_ptr + out_off + jo, (gate / (1.0 + tl.exp(-gate)) * up).to(act_ptr.dtype.element_ty),
-                     mask=jo < n)
+            tl.store(act_ptr + out_off + jo, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=jo < n)
         else:
-            y = y.to(act_ptr.dtype.element_ty)
+            y = y.to(dt)
             if flags & RESIDUAL:  # the bf16 add of the reference: both operands rounded, then the sum
-                res = tl.load(act_ptr + tl.load(d + 8) + j, mask=valid, other=0.0, cache_modifier=".cg")
-                y = (res.to(tl.float32) + y.to(tl.float32)).to(act_ptr.dtype.element_ty)
+                res = tl.load(act_ptr + tl.load(st + RES_OFF) + j, mask=valid, other=0.0, cache_modifier=".cg")
+                y = (res.to(tl.float32) + y.to(tl.float32)).to(dt)
             tl.store(act_ptr + out_off + j, y, mask=valid)
         tl.debug_barrier()  # every thread's store before the release
         tl.atomic_add(ctr_ptr + 2 + s, 1, sem="release", scope="gpu")
@@ -123,52 +192,93 @@ def _chain_kernel(w_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, S, T
 
 
 class ChainStage(NamedTuple):
-    """One GEMV of the chain. weight [N, K] e4m3 (with swiglu [2N, K]: gate rows, then up rows), row_scales
-    [N] (or [2N]) fp32, input_scale: the static input scale (one element). norm_weight [K]: RMSNorm the input
-    with it first. residual_from: add the input of that earlier stage to the output (not with swiglu)."""
+    """One GEMV of the chain.
+    weight: [N, K] e4m3 (swiglu: [2N, K], gate rows then up rows; experts_from: [E, N or 2N, K]; router:
+    [E, K] bf16). row_scales: [N] (or [2N]; [E, N or 2N] with experts) fp32; input_scale: the static input
+    scale (one element; unused by a router). norm_weight [K]: RMSNorm the input with it first.
+    input_from / residual_from: the stage whose output is the input / is added to the output (-1: the
+    chain's input); input_from None: the stage before. experts_from: the router stage whose top-1 picks the
+    expert; scored: the input times that pick's sigmoid score."""
     weight: torch.Tensor
-    row_scales: torch.Tensor
-    input_scale: torch.Tensor
+    row_scales: torch.Tensor | None
+    input_scale: torch.Tensor | None
     swiglu: bool = False
     norm_weight: torch.Tensor | None = None
     residual_from: int | None = None
+    input_from: int | None = None
+    router: bool = False
+    experts_from: int | None = None
+    scored: bool = False
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[-2]
 
     @property
     def n_out(self) -> int:
-        return self.weight.shape[0] // (2 if self.swiglu else 1)
+        return self.rows // (2 if self.swiglu else 1)
 
 
 def _checked(stages) -> list[ChainStage]:
     if not stages:
         raise ValueError("a chain needs at least one stage")
-    out = []
+    out, k_in = [], ChainStage(*stages[0]).k
+
+    def size(i, src):  # elements of stage src's output (-1: the chain's input)
+        return k_in if src == -1 else out[src].n_out
+
     for i, st in enumerate(stages):
         st = ChainStage(*st)
+        if st.input_from is None:
+            st = st._replace(input_from=i - 1)
         w, ws, xs = st.weight, st.row_scales, st.input_scale
-        if w.dtype != torch.float8_e4m3fn or w.dim() != 2 or ws.numel() != w.shape[0] or xs.numel() != 1:
-            raise ValueError(f"stage {i}: expected e4m3 weight [N, K], [N] row scales and one input scale, got "
-                             f"{w.dtype} {list(w.shape)}, {ws.numel()} scales, {xs.numel()} input scales")
-        if st.swiglu and w.shape[0] % 2:
-            raise ValueError(f"stage {i}: a SwiGLU weight stacks gate and up rows, got an odd {w.shape[0]} rows")
-        if i and w.shape[1] != out[-1].n_out:
-            raise ValueError(f"stage {i}: K={w.shape[1]} but stage {i - 1} gives N={out[-1].n_out}")
-        if st.norm_weight is not None and st.norm_weight.numel() != w.shape[1]:
-            raise ValueError(f"stage {i}: norm weight of {st.norm_weight.numel()} elements for K={w.shape[1]}")
+        experts = st.experts_from is not None
+        if st.router:
+            if w.dtype != torch.bfloat16 or w.dim() != 2 or st.swiglu or experts or st.residual_from is not None:
+                raise ValueError(f"stage {i}: a router takes a bf16 weight [E, K] and nothing else but a norm, got "
+                                 f"{w.dtype} {list(w.shape)}")
+        elif (w.dtype != torch.float8_e4m3fn or w.dim() != (3 if experts else 2) or ws is None
+              or ws.shape != w.shape[:-1] or xs is None or xs.numel() != 1):
+            want = "[E, N, K] with [E, N]" if experts else "[N, K] with [N]"
+            raise ValueError(f"stage {i}: expected an e4m3 weight {want} row scales and one input scale, got "
+                             f"{w.dtype} {list(w.shape)}, row scales {None if ws is None else list(ws.shape)}, "
+                             f"{None if xs is None else xs.numel()} input scales")
+        if st.swiglu and st.rows % 2:
+            raise ValueError(f"stage {i}: a SwiGLU weight stacks gate and up rows, got an odd {st.rows} rows")
+        if not -1 <= st.input_from < i or (i == 0 and st.input_from != -1):
+            raise ValueError(f"stage {i}: input_from={st.input_from}: expected an earlier stage or -1")
+        if i and st.k != size(i, st.input_from):
+            raise ValueError(f"stage {i}: K={st.k} but its input (stage {st.input_from}) has "
+                             f"{size(i, st.input_from)} elements")
+        if st.norm_weight is not None and st.norm_weight.numel() != st.k:
+            raise ValueError(f"stage {i}: norm weight of {st.norm_weight.numel()} elements for K={st.k}")
         if st.residual_from is not None:
             rf = st.residual_from
-            if st.swiglu or not 0 <= rf < i:
-                raise ValueError(f"stage {i}: residual_from={rf}: expected an earlier stage (0..{i - 1}), "
+            if st.swiglu or not -1 <= rf < i:
+                raise ValueError(f"stage {i}: residual_from={rf}: expected an earlier stage or -1, "
                                  f"and no SwiGLU in the same stage")
-            if stages[rf][0].shape[1] != st.n_out:
-                raise ValueError(f"stage {i}: residual from stage {rf} has {stages[rf][0].shape[1]} elements, "
+            if size(i, rf) != st.n_out:
+                raise ValueError(f"stage {i}: residual from stage {rf} has {size(i, rf)} elements, "
                                  f"the output {st.n_out}")
+        if experts:
+            ef = st.experts_from
+            if not 0 <= ef < i or not out[ef].router or out[ef].rows != w.shape[0]:
+                raise ValueError(f"stage {i}: experts_from={ef}: expected an earlier router stage with "
+                                 f"{w.shape[0]} logits")
+        if st.scored and not experts:
+            raise ValueError(f"stage {i}: scored needs experts_from (the score is the pick's)")
         out.append(st)
     return out
 
 
 class GemvChain:
     """x -> stage 1 -> ... -> stage S, one token, as one persistent launch (stages: ChainStage, or tuples of
-    its fields). The weights are packed once, here, into one buffer (the engine would store them packed)."""
+    its fields); the output is the last stage's. The weights are packed once, here, into one buffer (the
+    engine would store them packed)."""
 
     def __init__(self, stages, rows: int = 4, programs: int | None = None, num_warps: int = 4,
                  eps: float = 1e-5):
@@ -176,29 +286,58 @@ class GemvChain:
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
         dev = stages[0].weight.device
-        self.k_in, self.n_out = stages[0].weight.shape[1], stages[-1].n_out
+        self.k_in, self.n_out = stages[0].k, stages[-1].n_out
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
-        desc, inputs, w_off, x_off, sc_off, g_off, first = [], [], 0, 0, 0, 0, 0
+        offs, end = [], self.k_in  # each stage's output in act, after the chain's input at 0
         for st in stages:
-            k = st.weight.shape[1]
+            offs.append(end)
+            end += st.n_out
+        at = lambda src: 0 if src == -1 else offs[src]  # noqa: E731
+        desc, first, w_off, rw_off, sc_off, g_off = [], 0, 0, 0, 0, 0
+        e_max = 2
+        for i, st in enumerate(stages):
             flags = (SWIGLU * st.swiglu) | (NORM * (st.norm_weight is not None)) | \
-                (RESIDUAL * (st.residual_from is not None))
-            res = inputs[st.residual_from] if st.residual_from is not None else 0
-            desc.append([w_off, st.n_out, k, x_off, sc_off, first, flags, x_off + k, res, g_off])
-            inputs.append(x_off)
-            w_off, sc_off, x_off = w_off + st.weight.numel(), sc_off + st.weight.shape[0], x_off + k
-            g_off += k if st.norm_weight is not None else 0
+                (RESIDUAL * (st.residual_from is not None)) | (ROUTER * st.router) | \
+                (EXPERTS * (st.experts_from is not None)) | (SCORED * st.scored)
+            deps = sorted({d for d in (st.input_from, st.residual_from, st.experts_from) if d is not None and d >= 0})
+            deps += [-1] * (3 - len(deps))
+            experts = st.experts_from is not None
+            row = [0] * COLS
+            row[W_OFF] = rw_off if st.router else w_off
+            row[N], row[K], row[X_OFF], row[SC_OFF], row[FIRST], row[FLAGS] = \
+                st.n_out, st.k, at(st.input_from), sc_off, first, flags
+            row[OUT_OFF], row[G_OFF] = offs[i], g_off
+            row[RES_OFF] = at(-1 if st.residual_from is None else st.residual_from)
+            row[DEP0], row[DEP1], row[DEP2] = deps
+            if experts:
+                row[LOGITS_OFF], row[E_WSTRIDE], row[E_SSTRIDE] = offs[st.experts_from], st.rows * st.k, st.rows
+            if st.router:
+                rw_off += st.weight.numel()
+                e_max = max(e_max, st.rows)
+            else:
+                w_off += st.weight.numel()
+                sc_off += st.row_scales.numel()
+            g_off += st.k if st.norm_weight is not None else 0
             first += triton.cdiv(st.n_out, rows >> st.swiglu)
-        self.tiles = first
-        self.weights = torch.cat([st.weight.reshape(-1) for st in stages])
-        self.row_scales = torch.cat([st.row_scales.float().reshape(-1) for st in stages])
-        self.input_scales = torch.cat([st.input_scale.float().reshape(1) for st in stages])
+            desc.append(row)
+        desc.append([0] * FIRST + [first] + [0] * (COLS - FIRST - 1))  # a last row: the end of the last stage's tiles
+        self.tiles, self.e = first, e_max
+        none8 = torch.zeros(1, dtype=torch.float8_e4m3fn, device=dev)
+        fp8 = [st.weight.reshape(-1) for st in stages if not st.router]
+        self.weights = torch.cat(fp8) if fp8 else none8
+        bf = [st.weight.reshape(-1) for st in stages if st.router]
+        self.router_weights = torch.cat(bf) if bf else torch.zeros(1, dtype=torch.bfloat16, device=dev)
+        sc = [st.row_scales.float().reshape(-1) for st in stages if not st.router]
+        self.row_scales = torch.cat(sc) if sc else torch.zeros(1, device=dev)
+        self.input_scales = torch.stack([torch.ones((), device=dev) if st.router else st.input_scale.float().reshape(())
+                                         for st in stages])
         norms = [st.norm_weight.reshape(-1).to(torch.bfloat16) for st in stages if st.norm_weight is not None]
         self.norm_weights = torch.cat(norms) if norms else torch.zeros(1, dtype=torch.bfloat16, device=dev)
         self.desc = torch.tensor(desc, dtype=torch.int64, device=dev)
-        self.act = torch.zeros(x_off + self.n_out, dtype=torch.bfloat16, device=dev)  # every stage's input, then y
+        self.act = torch.zeros(end, dtype=torch.bfloat16, device=dev)  # the input, then every stage's output
         self.counters = torch.zeros(2 + len(stages), dtype=torch.int32, device=dev)
-        self.ka, self.kb = k_pieces(max(st.weight.shape[1] for st in stages))
+        ka, kb = k_pieces(max(st.k for st in stages))
+        self.ka, self.kb = ka, kb
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         self.programs = programs or min(self.tiles, 2 * sms)
 
@@ -208,30 +347,49 @@ class GemvChain:
             raise ValueError(f"the chain's input has {self.k_in} elements, got {list(x.shape)}")
         self.act[:self.k_in].copy_(x.reshape(-1))
         _chain_kernel[(self.programs,)](
-            self.weights, self.row_scales, self.input_scales, self.norm_weights, self.act, self.desc, self.counters,
-            self.desc.shape[0], self.tiles, self.programs, self.eps, ROWS=self.rows, KA=self.ka, KB=self.kb,
+            self.weights, self.router_weights, self.row_scales, self.input_scales, self.norm_weights, self.act,
+            self.desc, self.counters, len(self.desc) - 1, self.tiles, self.programs, self.e, self.eps,
+            ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e),
             **pdl_launch(x.device), num_warps=self.num_warps)
         return self.act[-self.n_out:]
 
+    def output(self, stage: int) -> torch.Tensor:
+        """Stage `stage`'s output in the workspace (after a call)."""
+        start = int(self.desc[stage, OUT_OFF])
+        return self.act[start:start + int(self.desc[stage, N])]
 
-def gemv_chain_ref(x: torch.Tensor, stages, eps: float = 1e-5) -> torch.Tensor:
+
+def gemv_chain_ref(x: torch.Tensor, stages, eps: float = 1e-5) -> list[torch.Tensor]:
     """Specification: the reference ops a decoder layer runs, one after the other, in bf16: rms_norm_ref,
-    fp8_linear_ref (SwiGLU in fp32 on its output), the residual add."""
+    fp8_linear_ref (SwiGLU in fp32 on its output), moe_router_ref's logits, pick and score, the residual
+    add. Every stage's output, the last one's last."""
     import torch.nn.functional as F
 
     from ..fp8 import fp8_linear_ref
     from ..norm import rms_norm_ref
 
-    y, inputs = x.reshape(1, -1).to(torch.bfloat16), []
+    x = x.reshape(1, -1).to(torch.bfloat16)
+    outs = []
     for st in _checked(stages):
-        inputs.append(y)
+        y = x if st.input_from == -1 else outs[st.input_from]
         if st.norm_weight is not None:
             y = rms_norm_ref(y, st.norm_weight.to(torch.bfloat16), eps)
+        if st.router:
+            outs.append(y @ st.weight.t())
+            continue
+        w, ws = st.weight, st.row_scales
+        if st.experts_from is not None:
+            logits = outs[st.experts_from]
+            e = int(torch.argmax(logits.float()))  # the first of equal maxima: the lowest id
+            w, ws = w[e], ws[e]
+            if st.scored:
+                y = (y * torch.sigmoid(logits[0, e].float()).to(torch.bfloat16))
         if st.swiglu:
-            g, u = fp8_linear_ref(y, st.weight, st.row_scales, st.input_scale, torch.float32).chunk(2, dim=-1)
+            g, u = fp8_linear_ref(y, w, ws, st.input_scale, torch.float32).chunk(2, dim=-1)
             y = (F.silu(g) * u).to(torch.bfloat16)
         else:
-            y = fp8_linear_ref(y, st.weight, st.row_scales, st.input_scale, torch.bfloat16)
+            y = fp8_linear_ref(y, w, ws, st.input_scale, torch.bfloat16)
         if st.residual_from is not None:
-            y = inputs[st.residual_from] + y
-    return y.reshape(-1)
+            y = (x if st.residual_from == -1 else outs[st.residual_from]) + y
+        outs.append(y)
+    return [o.reshape(-1) for o in outs]
