@@ -51,10 +51,12 @@ from .fp8_gemv import k_pieces
 from .pdl import pdl_enter, pdl_launch
 from .router_pick import argmax_lowest, sigmoid_score
 
-SWIGLU, RESIDUAL, NORM, ROUTER, EXPERTS, SCORED = 1, 2, 4, 8, 16, 32  # stage flags
-# desc columns of a stage
+# stage flags, and the desc columns of a stage (constexpr: the kernel reads them; the host takes .value)
+SWIGLU, RESIDUAL, NORM, ROUTER, EXPERTS, SCORED = (tl.constexpr(1 << i) for i in range(6))
 W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF, E_WSTRIDE, \
-    E_SSTRIDE, COLS = range(17)
+    E_SSTRIDE, COLS = (tl.constexpr(i) for i in range(17))
+_COLUMNS = (W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF,
+            E_WSTRIDE, E_SSTRIDE)
 
 
 @triton.jit
@@ -296,21 +298,17 @@ class GemvChain:
         desc, first, w_off, rw_off, sc_off, g_off = [], 0, 0, 0, 0, 0
         e_max = 2
         for i, st in enumerate(stages):
-            flags = (SWIGLU * st.swiglu) | (NORM * (st.norm_weight is not None)) | \
-                (RESIDUAL * (st.residual_from is not None)) | (ROUTER * st.router) | \
-                (EXPERTS * (st.experts_from is not None)) | (SCORED * st.scored)
+            flags = sum(f.value for f, on in ((SWIGLU, st.swiglu), (NORM, st.norm_weight is not None),
+                                              (RESIDUAL, st.residual_from is not None), (ROUTER, st.router),
+                                              (EXPERTS, st.experts_from is not None), (SCORED, st.scored)) if on)
             deps = sorted({d for d in (st.input_from, st.residual_from, st.experts_from) if d is not None and d >= 0})
             deps += [-1] * (3 - len(deps))
-            experts = st.experts_from is not None
-            row = [0] * COLS
-            row[W_OFF] = rw_off if st.router else w_off
-            row[N], row[K], row[X_OFF], row[SC_OFF], row[FIRST], row[FLAGS] = \
-                st.n_out, st.k, at(st.input_from), sc_off, first, flags
-            row[OUT_OFF], row[G_OFF] = offs[i], g_off
-            row[RES_OFF] = at(-1 if st.residual_from is None else st.residual_from)
-            row[DEP0], row[DEP1], row[DEP2] = deps
-            if experts:
-                row[LOGITS_OFF], row[E_WSTRIDE], row[E_SSTRIDE] = offs[st.experts_from], st.rows * st.k, st.rows
+            row = {W_OFF: rw_off if st.router else w_off, N: st.n_out, K: st.k, X_OFF: at(st.input_from),
+                   SC_OFF: sc_off, FIRST: first, FLAGS: flags, OUT_OFF: offs[i], G_OFF: g_off,
+                   RES_OFF: at(-1 if st.residual_from is None else st.residual_from),
+                   DEP0: deps[0], DEP1: deps[1], DEP2: deps[2]}
+            if st.experts_from is not None:
+                row.update({LOGITS_OFF: offs[st.experts_from], E_WSTRIDE: st.rows * st.k, E_SSTRIDE: st.rows})
             if st.router:
                 rw_off += st.weight.numel()
                 e_max = max(e_max, st.rows)
@@ -319,8 +317,8 @@ class GemvChain:
                 sc_off += st.row_scales.numel()
             g_off += st.k if st.norm_weight is not None else 0
             first += triton.cdiv(st.n_out, rows >> st.swiglu)
-            desc.append(row)
-        desc.append([0] * FIRST + [first] + [0] * (COLS - FIRST - 1))  # a last row: the end of the last stage's tiles
+            desc.append([row.get(c, 0) for c in _COLUMNS])
+        desc.append([first if c is FIRST else 0 for c in _COLUMNS])  # the end of the last stage's tiles
         self.tiles, self.e = first, e_max
         none8 = torch.zeros(1, dtype=torch.float8_e4m3fn, device=dev)
         fp8 = [st.weight.reshape(-1) for st in stages if not st.router]
@@ -355,8 +353,8 @@ class GemvChain:
 
     def output(self, stage: int) -> torch.Tensor:
         """Stage `stage`'s output in the workspace (after a call)."""
-        start = int(self.desc[stage, OUT_OFF])
-        return self.act[start:start + int(self.desc[stage, N])]
+        start = int(self.desc[stage, OUT_OFF.value])
+        return self.act[start:start + int(self.desc[stage, N.value])]
 
 
 def gemv_chain_ref(x: torch.Tensor, stages, eps: float = 1e-5) -> list[torch.Tensor]:
