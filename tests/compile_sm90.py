@@ -133,6 +133,17 @@ def kernels():
             "FP8": fp8, "PDL": False}, 1
 
 
+def chain_kernels():
+    from maverick_plugins.kernels import persistent_chain
+
+    sig = {"w_ptr": "*fp8e4nv", "rw_ptr": "*bf16", "ws_ptr": "*fp32", "xs_ptr": "*fp32", "g_ptr": "*bf16",
+           "act_ptr": "*bf16", "desc_ptr": "*i64", "ctr_ptr": "*i32", "S": _I32, "TOTAL": _I32, "NPROG": _I32,
+           "E": _I32, "eps": "fp32"}
+    for rows, warps in ((4, 4), (4, 8), (8, 8)):  # one TP8 rank: K up to 5120 = 4096 + 1024, 128 experts
+        yield f"persistent_chain rows={rows} warps={warps}", persistent_chain._chain_kernel, sig, {
+            "ROWS": rows, "KA": 4096, "KB": 1024, "E_POW2": 128, "PDL": True}, warps
+
+
 def _resources(cubin: bytes) -> str:
     """'regs=R stack=S' of the kernel, from the cuobjdump that ships with Triton."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -145,7 +156,7 @@ def _resources(cubin: bytes) -> str:
 
 
 def main(names: list[str]) -> int:
-    for name, fn, sig, consts, warps in kernels():
+    for name, fn, sig, consts, warps in (*kernels(), *chain_kernels()):
         if names and not any(name.startswith(n) for n in names):
             continue
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)  # by the kernel's order
@@ -157,6 +168,7 @@ def main(names: list[str]) -> int:
         ptx = k.asm["ptx"]
         print(f"{name}: {_resources(k.asm['cubin'])} prefetch={ptx.count('cp.async.bulk.prefetch.L2')} "
               f"acq_rel_add={ptx.count('atom.global.gpu.acq_rel.add')} "
+              f"acquire_add={ptx.count('atom.global.gpu.acquire.add')} release_add={ptx.count('atom.global.gpu.release.add')} "
               f"release_sys_cas={ptx.count('atom.global.release.sys.cas')} "
               f"acquire_sys_cas={ptx.count('atom.global.acquire.sys.cas')} griddepcontrol={ptx.count('griddepcontrol')} mma={ptx.count('mma.sync') + ptx.count('wgmma')} "
               f"byte_loads={ptx.count('ld.global.b8') + ptx.count('ld.global.u8')} "

@@ -55,6 +55,7 @@ from .router_pick import argmax_lowest, sigmoid_score
 SWIGLU, RESIDUAL, NORM, ROUTER, EXPERTS, SCORED = (tl.constexpr(1 << i) for i in range(6))
 W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF, E_WSTRIDE, \
     E_SSTRIDE, COLS = (tl.constexpr(i) for i in range(17))
+ALIGN = tl.constexpr(16)  # elements: every weight row, workspace part and norm weight starts on a multiple
 _COLUMNS = (W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF,
             E_WSTRIDE, E_SSTRIDE)
 
@@ -99,7 +100,7 @@ def _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB: tl.constexpr):
             fb = xb.to(tl.float32)
             ss += tl.sum(fb * fb, axis=0)
         inv = tl.rsqrt(ss / k.to(tl.float32) + eps)
-        g_off = tl.load(st + G_OFF)
+        g_off = tl.multiple_of(tl.load(st + G_OFF), ALIGN)
         xa = _times_weight((fa * inv).to(dt), tl.load(g_ptr + g_off + ka, mask=ka < k, other=0.0))
         if KB > 0:
             xb = _times_weight((fb * inv).to(dt), tl.load(g_ptr + g_off + kb, mask=kb < k, other=0.0))
@@ -127,14 +128,13 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_p
             s += (tl.load(desc_ptr + i * COLS + FIRST) <= t).to(tl.int32)
         st = desc_ptr + s * COLS
         n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
-        x_off = tl.load(st + X_OFF)
+        x_off = tl.multiple_of(tl.load(st + X_OFF), ALIGN)
         sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
         j = (t - first) * (ROWS >> sw) + (r >> sw)  # the output each weight row feeds
         valid = j < n
         wrow = (r & sw) * n + j
-        w_base = tl.load(st + W_OFF)
-        s_base = tl.load(st + SC_OFF)
-        score = (t * 0 + 1).to(tl.float32)  # a tensor: the pick below may set it
+        pick = t * 0  # tensors: an expert stage's pick sets them
+        score = (t * 0 + 1).to(tl.float32)
         if flags & EXPERTS:  # the pick first: it chooses the weights
             _wait_inputs(desc_ptr, ctr_ptr, st)
             offs_e = tl.arange(0, E_POW2)  # .cg: the router's tiles wrote the logits, past this SM's L1
@@ -143,11 +143,14 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_p
             pick, best = argmax_lowest(lg, offs_e, E_POW2)
             if flags & SCORED:
                 score = sigmoid_score(best, dt).to(tl.float32)
-            w_base += pick.to(tl.int64) * tl.load(st + E_WSTRIDE)
-            s_base += pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
-        rows = w_base + wrow.to(tl.int64) * k
-        a_mask = valid[:, None] & (ka < k)[None, :]
-        b_mask = valid[:, None] & (kb < k)[None, :]
+        # rows start ALIGN elements apart (packed so): 16-byte loads of the FP8 weights
+        stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+        # the hint on a plain op (one on the if's result above would be lost)
+        w_base = tl.multiple_of(tl.load(st + W_OFF) + pick.to(tl.int64) * tl.load(st + E_WSTRIDE), ALIGN)
+        s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
+        rows = w_base + wrow.to(tl.int64) * stride
+        a_mask = valid[:, None] & (ka < stride)[None, :]  # padding columns hold zeros: whole 16-byte loads
+        b_mask = valid[:, None] & (kb < stride)[None, :]
         if flags & ROUTER:  # bf16 weights, the router kernel's fp32 sums of unquantized products
             ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
             if KB > 0:
@@ -172,17 +175,17 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_p
                 xb = (xb.to(tl.float32) * score).to(dt)
                 acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
             y = acc * (x_scale * ws)
-        out_off = tl.load(st + OUT_OFF)
+        out_off = tl.multiple_of(tl.load(st + OUT_OFF), ALIGN)
         if sw:
             gate, up = tl.split(tl.reshape(y, (ROWS // 2, 2)))
             jo = (t - first) * (ROWS // 2) + tl.arange(0, ROWS // 2)
             tl.store(act_ptr + out_off + jo, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=jo < n)
         else:
-            y = y.to(dt)
+            yo = y.to(dt)
             if flags & RESIDUAL:  # the bf16 add of the reference: both operands rounded, then the sum
                 res = tl.load(act_ptr + tl.load(st + RES_OFF) + j, mask=valid, other=0.0, cache_modifier=".cg")
-                y = (res.to(tl.float32) + y.to(tl.float32)).to(dt)
-            tl.store(act_ptr + out_off + j, y, mask=valid)
+                yo = (res.to(tl.float32) + yo.to(tl.float32)).to(dt)
+            tl.store(act_ptr + out_off + j, yo, mask=valid)
         tl.debug_barrier()  # every thread's store before the release
         tl.atomic_add(ctr_ptr + 2 + s, 1, sem="release", scope="gpu")
         t = tl.atomic_add(ctr_ptr, 1)
@@ -277,12 +280,26 @@ def _checked(stages) -> list[ChainStage]:
     return out
 
 
+def _packed(weights: list[torch.Tensor], dtype: torch.dtype, dev) -> torch.Tensor:
+    """The weights' rows one after the other, each padded with zeros to a multiple of ALIGN elements."""
+    a = ALIGN.value
+    parts = []
+    for w in weights:
+        rows = w.to(dtype).reshape(-1, w.shape[-1])
+        k = rows.shape[1]
+        pad = torch.zeros(rows.shape[0], -(-k // a) * a, dtype=dtype, device=dev)
+        pad.view(torch.uint8 if dtype.itemsize == 1 else torch.int16)[:, :k].copy_(
+            rows.view(torch.uint8 if dtype.itemsize == 1 else torch.int16))
+        parts.append(pad.reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(a, dtype=dtype, device=dev)
+
+
 class GemvChain:
     """x -> stage 1 -> ... -> stage S, one token, as one persistent launch (stages: ChainStage, or tuples of
     its fields); the output is the last stage's. The weights are packed once, here, into one buffer (the
     engine would store them packed)."""
 
-    def __init__(self, stages, rows: int = 4, programs: int | None = None, num_warps: int = 4,
+    def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
                  eps: float = 1e-5):
         stages = _checked(stages)
         if rows < 2 or rows & (rows - 1):
@@ -290,10 +307,12 @@ class GemvChain:
         dev = stages[0].weight.device
         self.k_in, self.n_out = stages[0].k, stages[-1].n_out
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
-        offs, end = [], self.k_in  # each stage's output in act, after the chain's input at 0
+        a = ALIGN.value
+        up = lambda v: -(-v // a) * a  # noqa: E731
+        offs, end = [], up(self.k_in)  # each stage's output in act, after the chain's input at 0
         for st in stages:
             offs.append(end)
-            end += st.n_out
+            end += up(st.n_out)
         at = lambda src: 0 if src == -1 else offs[src]  # noqa: E731
         desc, first, w_off, rw_off, sc_off, g_off = [], 0, 0, 0, 0, 0
         e_max = 2
@@ -308,35 +327,35 @@ class GemvChain:
                    RES_OFF: at(-1 if st.residual_from is None else st.residual_from),
                    DEP0: deps[0], DEP1: deps[1], DEP2: deps[2]}
             if st.experts_from is not None:
-                row.update({LOGITS_OFF: offs[st.experts_from], E_WSTRIDE: st.rows * st.k, E_SSTRIDE: st.rows})
+                row.update({LOGITS_OFF: offs[st.experts_from], E_WSTRIDE: st.rows * up(st.k), E_SSTRIDE: st.rows})
+            size = st.weight[..., :1].numel() * up(st.k)  # rows padded to a multiple of ALIGN
             if st.router:
-                rw_off += st.weight.numel()
+                rw_off += size
                 e_max = max(e_max, st.rows)
             else:
-                w_off += st.weight.numel()
+                w_off += size
                 sc_off += st.row_scales.numel()
-            g_off += st.k if st.norm_weight is not None else 0
+            g_off += up(st.k) if st.norm_weight is not None else 0
             first += triton.cdiv(st.n_out, rows >> st.swiglu)
             desc.append([row.get(c, 0) for c in _COLUMNS])
         desc.append([first if c is FIRST else 0 for c in _COLUMNS])  # the end of the last stage's tiles
         self.tiles, self.e = first, e_max
-        none8 = torch.zeros(1, dtype=torch.float8_e4m3fn, device=dev)
-        fp8 = [st.weight.reshape(-1) for st in stages if not st.router]
-        self.weights = torch.cat(fp8) if fp8 else none8
-        bf = [st.weight.reshape(-1) for st in stages if st.router]
-        self.router_weights = torch.cat(bf) if bf else torch.zeros(1, dtype=torch.bfloat16, device=dev)
+        self.weights = _packed([st.weight for st in stages if not st.router], torch.float8_e4m3fn, dev)
+        self.router_weights = _packed([st.weight for st in stages if st.router], torch.bfloat16, dev)
         sc = [st.row_scales.float().reshape(-1) for st in stages if not st.router]
         self.row_scales = torch.cat(sc) if sc else torch.zeros(1, device=dev)
         self.input_scales = torch.stack([torch.ones((), device=dev) if st.router else st.input_scale.float().reshape(())
                                          for st in stages])
-        norms = [st.norm_weight.reshape(-1).to(torch.bfloat16) for st in stages if st.norm_weight is not None]
-        self.norm_weights = torch.cat(norms) if norms else torch.zeros(1, dtype=torch.bfloat16, device=dev)
+        self.norm_weights = _packed([st.norm_weight.reshape(1, -1) for st in stages if st.norm_weight is not None],
+                                    torch.bfloat16, dev)
         self.desc = torch.tensor(desc, dtype=torch.int64, device=dev)
         self.act = torch.zeros(end, dtype=torch.bfloat16, device=dev)  # the input, then every stage's output
         self.counters = torch.zeros(2 + len(stages), dtype=torch.int32, device=dev)
         ka, kb = k_pieces(max(st.k for st in stages))
         self.ka, self.kb = ka, kb
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
+        # about 230 registers a thread at 8 warps: one program an SM is resident, a second one waits for it
+        # (and takes no tile before it runs, so it cannot hold up the queue)
         self.programs = programs or min(self.tiles, 2 * sms)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,7 +368,7 @@ class GemvChain:
             self.desc, self.counters, len(self.desc) - 1, self.tiles, self.programs, self.e, self.eps,
             ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e),
             **pdl_launch(x.device), num_warps=self.num_warps)
-        return self.act[-self.n_out:]
+        return self.output(len(self.desc) - 2)
 
     def output(self, stage: int) -> torch.Tensor:
         """Stage `stage`'s output in the workspace (after a call)."""
