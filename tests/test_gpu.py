@@ -766,7 +766,8 @@ def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(rows, programs):
     with few programs too (7: every program runs many tiles, and waits for stages other programs run), and
     the counters back at zero after each replay."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
-    from maverick_plugins.kernels.persistent_chain import GemvChain, gemv_chain_ref
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import gemv_chain_ref
 
     torch.manual_seed(5)
     stages = []
@@ -798,7 +799,8 @@ def test_persistent_dense_mlp_blocks_at_rank_shapes_in_a_graph(rows, programs):
     gemv_chain_ref, counters back at zero."""
     import maverick_plugins as ops
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
-    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain, gemv_chain_ref
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage, gemv_chain_ref
 
     torch.manual_seed(6)
     H, I, eps = 5120, 2048, 1e-5
@@ -838,7 +840,8 @@ def test_persistent_moe_block_at_rank_shapes_in_a_graph(rows, programs):
     add), which sum shared and routed before the residual (one bf16 rounding apart), and of gemv_chain_ref;
     the expert the chain used is the router's."""
     import maverick_plugins as ops
-    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain, gemv_chain_ref
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage, gemv_chain_ref
 
     torch.manual_seed(8)
     H, I, E, eps = 5120, 1024, 128, 1e-5

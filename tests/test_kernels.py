@@ -587,7 +587,8 @@ def test_gemv_chain_in_one_persistent_launch():
     stage's K not a power of two or a partial last tile somewhere), the first stage as fp8_linear_ref,
     called twice (the counters come back to zero), and shapes that do not chain refused."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
-    from maverick_plugins.kernels.persistent_chain import GemvChain, gemv_chain_ref
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import gemv_chain_ref
 
     torch.manual_seed(7)
     dims = [96, 40, 72, 33, 64]
@@ -624,7 +625,8 @@ def test_dense_mlp_blocks_in_one_persistent_launch():
     swapped is off by 1.7 in the MLPs' part). Stages that cannot be built are refused, naming stage and
     field."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
-    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain, gemv_chain_ref
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage, gemv_chain_ref
 
     torch.manual_seed(3)
     H, I, eps = 64, 48, 1e-5
@@ -668,7 +670,7 @@ def _moe_stages(H, Is, Ir, E, xs, dev, first=0):
     """Stages of one MoE block of a Llama 4 decoder layer from stage `first` on (its input: stage first - 1's
     output): router, shared fc13, routed fc13 (the pick's expert, input times its score), shared fc2 with
     the residual, routed fc2 added to that. Weights of unit-variance outputs."""
-    from maverick_plugins.kernels.persistent_chain import ChainStage
+    from maverick_plugins.persistent import ChainStage
 
     def fp8(*shape):
         w = torch.randn(*shape, device=dev)
@@ -692,7 +694,8 @@ def test_moe_block_in_one_persistent_launch():
     as one launch: the tiles pick the expert from the router stage's logits in the kernel, so inputs routed to
     different experts give each expert's output. Each stage close to gemv_chain_ref's, the same pick where the
     top two logits are 0.05 apart, the counters back at zero, and MoE stages that cannot be built refused."""
-    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain, gemv_chain_ref
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage, gemv_chain_ref
 
     torch.manual_seed(11)
     H, Is, Ir, E, I, eps = 64, 16, 32, 4, 48, 1e-5

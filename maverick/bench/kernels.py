@@ -164,7 +164,8 @@ def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
     755 MB."""
     import maverick_plugins as ops
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
-    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage
 
     xs = torch.tensor(8 / 448, device="cuda")
     blocks, stages = [], []
@@ -200,7 +201,8 @@ def bench_ffn_chain(h, i_dense, i_moe, experts, layers, rows=4, programs=None):
     way): the bytes a token reads, 24 pairs at TP8 1.54 GB, come from HBM."""
     import maverick_plugins as ops
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
-    from maverick_plugins.kernels.persistent_chain import ChainStage, GemvChain
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage
 
     xs, s = torch.tensor(8 / 448, device="cuda"), torch.tensor(1e-3, device="cuda")
     ones = lambda n: torch.ones(n, device="cuda", dtype=torch.bfloat16)  # noqa: E731
