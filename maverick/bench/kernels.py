@@ -290,7 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     tp = a.tp_size
     H, I, M_, E = 5120, 8192, 16384, 128
     print(f"card={torch.cuda.get_device_name()} tp_size={tp} (per-rank Maverick shapes)")
-    rows = []
+    print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    class Rows(list):  # each row printed as it is measured: a run cut short still reports what it did
+        def append(self, row):
+            name, m, mb, ours, cub, read = row
+            print(f"| {name} | {m} | {mb:.2f} | {ours:.1f} | {cub:.1f} | {read:.1f} | {mb * 1e3 / ours:.0f} | "
+                  f"{read / ours:.0%} |", flush=True)
+
+        def extend(self, more):
+            for row in more:
+                self.append(row)
+
+    rows = Rows()
     shapes = [("qkv", (40 + 16) * 128 // tp, H, True), ("o_proj", H, 40 * 128 // tp, False),
               ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
               ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
@@ -308,19 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         if "step_start" in families:
             rows.extend(bench_step_start(202048 // tp, H, m))
     if "chain" in families:
-        for r, progs in ((4, None), (8, None), (4, 132)):
-            rows.append(bench_chain(H, M_ // tp, 48, r, progs))
-        for r in (4, 8):
-            rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
+        for r in (8, 4):
             rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, r))
+            rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
+        for r, progs in ((8, None), (4, None), (8, 132)):
+            rows.append(bench_chain(H, M_ // tp, 48, r, progs))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))
-    print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, m, mb, ours, cub, read in rows:
-        print(f"| {name} | {m} | {mb:.2f} | {ours:.1f} | {cub:.1f} | {read:.1f} | {mb * 1e3 / ours:.0f} | "
-              f"{read / ours:.0%} |")
 
 
 if __name__ == "__main__":
