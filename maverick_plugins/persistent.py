@@ -15,8 +15,8 @@ class ChainStage(NamedTuple):
     weight: [N, K] e4m3 (swiglu: [2N, K], gate rows then up rows; experts_from: [E, N or 2N, K]; router:
     [E, K] bf16). row_scales: [N] (or [2N]; [E, N or 2N] with experts) fp32; input_scale: the static input
     scale (one element; unused by a router). norm_weight [K]: RMSNorm the input with it first.
-    input_from / residual_from: the stage whose output is the input / is added to the output (-1: the
-    chain's input); input_from None: the stage before. experts_from: the router stage whose top-1 picks the
+    input_from / residual_from: the stage whose output is the input / is added to the output (-1 - i: the
+    chain's input i); input_from None: the stage before (the first stage: input 0). experts_from: the router stage whose top-1 picks the
     expert; scored: the input times that pick's sigmoid score."""
     weight: torch.Tensor
     row_scales: torch.Tensor | None
@@ -42,20 +42,20 @@ class ChainStage(NamedTuple):
         return self.rows // (2 if self.swiglu else 1)
 
 
-def checked_stages(stages) -> list[ChainStage]:
+def checked_stages(stages, inputs: tuple[int, ...] | None = None) -> list[ChainStage]:
     """The stages as ChainStage, input_from filled in; a clear error naming the stage and field where one
-    cannot be built."""
+    cannot be built. inputs: the sizes of the chain's inputs (by default one, the first stage's K)."""
     if not stages:
         raise ValueError("a chain needs at least one stage")
-    out, k_in = [], ChainStage(*stages[0]).k
+    out, inputs = [], inputs or (ChainStage(*stages[0]).k,)
 
-    def size(i, src):  # elements of stage src's output (-1: the chain's input)
-        return k_in if src == -1 else out[src].n_out
+    def size(i, src):  # elements of stage src's output (-1 - j: the chain's input j)
+        return inputs[-1 - src] if src < 0 else out[src].n_out
 
     for i, st in enumerate(stages):
         st = ChainStage(*st)
         if st.input_from is None:
-            st = st._replace(input_from=i - 1)
+            st = st._replace(input_from=i - 1)  # the first stage: input 0 (-1)
         w, ws, xs = st.weight, st.row_scales, st.input_scale
         experts = st.experts_from is not None
         if st.router:
@@ -70,18 +70,19 @@ def checked_stages(stages) -> list[ChainStage]:
                              f"{None if xs is None else xs.numel()} input scales")
         if st.swiglu and st.rows % 2:
             raise ValueError(f"stage {i}: a SwiGLU weight stacks gate and up rows, got an odd {st.rows} rows")
-        if not -1 <= st.input_from < i or (i == 0 and st.input_from != -1):
-            raise ValueError(f"stage {i}: input_from={st.input_from}: expected an earlier stage or -1")
-        if i and st.k != size(i, st.input_from):
+        if not -len(inputs) <= st.input_from < i:
+            raise ValueError(f"stage {i}: input_from={st.input_from}: expected an earlier stage or one of the "
+                             f"{len(inputs)} inputs (-1 ... {-len(inputs)})")
+        if st.k != size(i, st.input_from):
             raise ValueError(f"stage {i}: K={st.k} but its input (stage {st.input_from}) has "
                              f"{size(i, st.input_from)} elements")
         if st.norm_weight is not None and st.norm_weight.numel() != st.k:
             raise ValueError(f"stage {i}: norm weight of {st.norm_weight.numel()} elements for K={st.k}")
         if st.residual_from is not None:
             rf = st.residual_from
-            if st.swiglu or not -1 <= rf < i:
-                raise ValueError(f"stage {i}: residual_from={rf}: expected an earlier stage or -1, "
-                                 f"and no SwiGLU in the same stage")
+            if st.swiglu or not -len(inputs) <= rf < i:
+                raise ValueError(f"stage {i}: residual_from={rf}: expected an earlier stage or an input "
+                                 f"(-1 ... {-len(inputs)}), and no SwiGLU in the same stage")
             if size(i, rf) != st.n_out:
                 raise ValueError(f"stage {i}: residual from stage {rf} has {size(i, rf)} elements, "
                                  f"the output {st.n_out}")
@@ -96,14 +97,15 @@ def checked_stages(stages) -> list[ChainStage]:
     return out
 
 
-def gemv_chain_ref(x: torch.Tensor, stages, eps: float = 1e-5) -> list[torch.Tensor]:
+def gemv_chain_ref(x, stages, eps: float = 1e-5) -> list[torch.Tensor]:
     """Specification: the reference ops a decoder layer runs, one after the other, in bf16: rms_norm_ref,
     fp8_linear_ref (SwiGLU in fp32 on its output), moe_router_ref's logits, pick and score, the residual
-    add. Every stage's output, the last one's last."""
-    x = x.reshape(1, -1).to(torch.bfloat16)
+    add. x: the chain's input, or a sequence of its inputs. Every stage's output, the last one's last."""
+    xs = [t.reshape(1, -1).to(torch.bfloat16) for t in ([x] if isinstance(x, torch.Tensor) else x)]
     outs = []
-    for st in checked_stages(stages):
-        y = x if st.input_from == -1 else outs[st.input_from]
+    at = lambda src: xs[-1 - src] if src < 0 else outs[src]  # noqa: E731
+    for st in checked_stages(stages, tuple(t.shape[1] for t in xs)):
+        y = at(st.input_from)
         if st.norm_weight is not None:
             y = rms_norm_ref(y, st.norm_weight.to(torch.bfloat16), eps)
         if st.router:
@@ -122,6 +124,6 @@ def gemv_chain_ref(x: torch.Tensor, stages, eps: float = 1e-5) -> list[torch.Ten
         else:
             y = fp8_linear_ref(y, w, ws, st.input_scale, torch.bfloat16)
         if st.residual_from is not None:
-            y = (x if st.residual_from == -1 else outs[st.residual_from]) + y
+            y = at(st.residual_from) + y
         outs.append(y)
     return [o.reshape(-1) for o in outs]

@@ -613,7 +613,7 @@ def test_gemv_chain_in_one_persistent_launch():
     assert rel(one, ops.fp8_linear_ref(x, *stages[0], torch.bfloat16).reshape(-1)) < 1e-2
     with pytest.raises(ValueError, match=r"stage 1: K=40 but its input \(stage 0\) has 33 elements"):
         GemvChain([stages[2], stages[1]])
-    with pytest.raises(ValueError, match="input has 96 elements"):
+    with pytest.raises(ValueError, match=r"inputs have \[96\] elements"):
         chain(torch.zeros(95, device=DEV))
 
 
@@ -735,3 +735,41 @@ def test_moe_block_in_one_persistent_launch():
         GemvChain([router._replace(weight=router.weight.float())])
     with pytest.raises(ValueError, match="stage 1: scored needs experts_from"):
         GemvChain([router, stages[1]._replace(scored=True)])
+
+
+def test_decoder_layer_tail_with_two_inputs_in_one_persistent_launch():
+    """A decoder layer after its attention kernel as one launch with two inputs, the attention output and
+    the residual stream: o_proj plus the residual, the dense MLP block, then the next layer's qkv from the
+    normed stream (what a layer would launch after attention). Close to gemv_chain_ref, which takes both
+    inputs; inputs of the wrong size or count refused."""
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage, gemv_chain_ref
+
+    torch.manual_seed(5)
+    H, A, I, Q, eps = 64, 32, 48, 80, 1e-5
+    xs = torch.tensor(2.0 ** -6, device=DEV)
+    w = {name: _fp8_weight(n, k, rows=True) for name, n, k in
+         (("o", H, A), ("fc13", 2 * I, H), ("fc2", H, I), ("qkv", Q, H))}
+    w = {name: (w8, s / w8.shape[1] ** 0.5) for name, (w8, s) in w.items()}
+    # the MLP moves the stream: the qkv of h instead of h + mlp is 0.25-0.7 off
+    w["fc2"] = (w["fc2"][0], w["fc2"][1] * 8)
+    g1, g2 = ((1 + 0.1 * torch.randn(H, device=DEV)).to(torch.bfloat16) for _ in range(2))
+    stages = [ChainStage(*w["o"], xs, input_from=-1, residual_from=-2),
+              ChainStage(*w["fc13"], xs, swiglu=True, norm_weight=g1),
+              ChainStage(*w["fc2"], xs, residual_from=0),
+              ChainStage(*w["qkv"], xs, norm_weight=g2)]
+    chain = GemvChain(stages, rows=4, programs=3, eps=eps, inputs=(A, H))
+    for call in range(2):
+        o, x = act(1, A).to(torch.bfloat16), act(1, H).to(torch.bfloat16)
+        got = chain(o, x).clone()
+        ref = gemv_chain_ref((o, x), stages, eps)
+        assert rel(chain.output(0), ref[0]) < (1e-2 if GPU else 0.05), call
+        assert rel(chain.output(2), ref[2]) < (1e-2 if GPU else 0.1), call
+        assert rel(got, ref[3]) < (2e-2 if GPU else 0.15), call
+        assert int(chain.counters.abs().sum()) == 0, call
+    with pytest.raises(ValueError, match=r"inputs have \[32, 64\] elements, got \[\[1, 32\]\]"):
+        chain(o)
+    with pytest.raises(ValueError, match=r"stage 0: input_from=-3: expected an earlier stage or one of the 2"):
+        GemvChain([stages[0]._replace(input_from=-3)], inputs=(A, H))
+    with pytest.raises(ValueError, match=r"stage 0: K=32 but its input \(stage -2\) has 64 elements"):
+        GemvChain([stages[0]._replace(input_from=-2)], inputs=(A, H))

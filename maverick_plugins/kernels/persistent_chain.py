@@ -211,24 +211,29 @@ def _packed(weights: list[torch.Tensor], dtype: torch.dtype, dev) -> torch.Tenso
 
 class GemvChain:
     """x -> stage 1 -> ... -> stage S, one token, as one persistent launch (stages: ChainStage, or tuples of
-    its fields); the output is the last stage's. The weights are packed once, here, into one buffer (the
-    engine would store them packed)."""
+    its fields); the output is the last stage's. inputs: the sizes of the chain's inputs, when there are
+    several (a decoder layer's attention output and residual stream, say); by default one, the first
+    stage's K. The weights are packed once, here, into one buffer (the engine would store them packed)."""
 
     def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
-                 eps: float = 1e-5):
-        stages = checked_stages(stages)
+                 eps: float = 1e-5, inputs: tuple[int, ...] | None = None):
+        stages = checked_stages(stages, inputs)
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
         dev = stages[0].weight.device
-        self.k_in, self.n_out = stages[0].k, stages[-1].n_out
+        self.inputs, self.n_out = tuple(inputs or (stages[0].k,)), stages[-1].n_out
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
         a = ALIGN.value
         up = lambda v: -(-v // a) * a  # noqa: E731
-        offs, end = [], up(self.k_in)  # each stage's output in act, after the chain's input at 0
+        self.input_offs, end = [], 0  # the inputs at the start of act, then each stage's output
+        for k in self.inputs:
+            self.input_offs.append(end)
+            end += up(k)
+        offs = []
         for st in stages:
             offs.append(end)
             end += up(st.n_out)
-        at = lambda src: 0 if src == -1 else offs[src]  # noqa: E731
+        at = lambda src: self.input_offs[-1 - src] if src < 0 else offs[src]  # noqa: E731
         desc, first, w_off, rw_off, sc_off, g_off = [], 0, 0, 0, 0, 0
         e_max = 2
         for i, st in enumerate(stages):
@@ -273,16 +278,19 @@ class GemvChain:
         # (and takes no tile before it runs, so it cannot hold up the queue)
         self.programs = programs or min(self.tiles, 2 * sms)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [K] or [1, K] -> y [N] bf16 (a view of the chain's workspace: the next call overwrites it)."""
-        if x.numel() != self.k_in:
-            raise ValueError(f"the chain's input has {self.k_in} elements, got {list(x.shape)}")
-        self.act[:self.k_in].copy_(x.reshape(-1))
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        """The inputs ([K] or [1, K] each) -> the last stage's output [N] bf16 (a view of the chain's
+        workspace: the next call overwrites it)."""
+        if len(xs) != len(self.inputs) or any(x.numel() != k for x, k in zip(xs, self.inputs)):
+            raise ValueError(f"the chain's inputs have {list(self.inputs)} elements, got "
+                             f"{[list(x.shape) for x in xs]}")
+        for x, start in zip(xs, self.input_offs):
+            self.act[start:start + x.numel()].copy_(x.reshape(-1))
         _chain_kernel[(self.programs,)](
             self.weights, self.router_weights, self.row_scales, self.input_scales, self.norm_weights, self.act,
             self.desc, self.counters, len(self.desc) - 1, self.tiles, self.programs, self.e, self.eps,
             ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e),
-            **pdl_launch(x.device), num_warps=self.num_warps)
+            **pdl_launch(xs[0].device), num_warps=self.num_warps)
         return self.output(len(self.desc) - 2)
 
     def output(self, stage: int) -> torch.Tensor:
