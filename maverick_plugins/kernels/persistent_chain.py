@@ -23,7 +23,8 @@ fc13 + SwiGLU, fc2, residual add) is two stages and no other launch:
   score Llama 4 puts on the expert's input. So the router's pick feeds the expert tiles with no host
   round trip and no pick step. Such a tile waits before it loads its weights (it needs e); the shared
   expert's tiles, queued before, stream theirs meanwhile.
-A stage reads its input from any earlier stage (by default the one before) and waits for exactly the
+A stage reads its input from any earlier stage (by default the one before) or from one of the chain's
+inputs (a layer's attention output and residual stream, say), and waits for exactly the
 stages it reads: its input, its residual and its router.
 
 Tiles are queued in stage order. A tile waits only on tiles that were taken before it, by programs that
