@@ -1,0 +1,82 @@
+"""A decoder layer's tail after attention as persistent-chain stages (maverick/models/persistent_tail.py),
+taken from a built model: the stages' reference equals the layer's own ops, and the chain kernel (the
+Triton interpreter on CPU) follows the reference."""
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from maverick.builder.synthetic import synthetic_model
+    from maverick.config import BuildConfig, ModelConfig, QuantConfig
+
+    cfg = ModelConfig.preset("tiny")  # dense layers 0 and 2, MoE layers 1 and 3
+    build = BuildConfig(max_seq_len=64, max_batch_size=2, kv_cache_block_size=16, quant=QuantConfig("FP8", None),
+                        dtype="bfloat16")
+    model = synthetic_model(cfg, build, 0, DEV, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # norm weights other than 1, so a stage with the wrong norm shows
+        for layer in model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("layer_id", [0, 1, 3])
+def test_layer_tail_stages_are_the_layers_ops(model, layer_id):
+    """o_proj + residual, the FFN (dense, or MoE: router, shared and routed experts) with its norm and
+    residual, the next layer's qkv of its normed input (the last layer: the residual stream): the stages'
+    reference against the layer's modules (o_proj + residual bit-exact; the FFN within bf16 roundings: the
+    stages take SwiGLU in fp32 as the GPU kernels do, where the CPU modules take it on bf16 outputs, and add
+    the shared and routed experts' outputs to the stream one after the other), the same expert picked, and
+    the chain kernel against the reference."""
+    import maverick_plugins as ops
+    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import gemv_chain_ref
+
+    layer = model.layers[layer_id]
+    nxt = model.layers[layer_id + 1] if layer_id + 1 < len(model.layers) else None
+    stages = layer_tail_stages(layer, nxt)
+    q, H = layer.self_attn.o_proj.weight.shape[1], model.cfg.hidden_size
+    chain = GemvChain(stages, rows=4, programs=3, eps=model.cfg.rms_norm_eps, inputs=(q, H))
+    gen = torch.Generator().manual_seed(layer_id)
+    for call in range(2):
+        o = torch.randn(1, q, generator=gen).to(DEV, torch.bfloat16)
+        x = (4 * torch.randn(1, H, generator=gen)).to(DEV, torch.bfloat16)
+        with torch.no_grad():
+            h = x + layer.self_attn.o_proj(o)
+            h2 = h + layer.feed_forward(layer.post_attention_layernorm(h))
+            want = nxt.self_attn.qkv_proj(nxt.input_layernorm(h2)) if nxt is not None else h2
+        ref = gemv_chain_ref((o, x), stages, model.cfg.rms_norm_eps)
+        ffn_out = len(stages) - (2 if nxt is not None else 1)
+        assert torch.equal(ref[0], h.reshape(-1)), call
+        # the qkv after it within 0.03 (0.35-0.6 with the wrong layer's norm weight)
+        assert rel(ref[ffn_out], h2) < 1e-2 and rel(ref[-1], want) < 0.06, call
+        if layer.is_moe:
+            assert int(ref[1].argmax()) == int(ops.moe_router(layer.post_attention_layernorm(h),
+                                                              layer.feed_forward.router.weight, 1)[0]), call
+        got = chain(o, x).clone()
+        # CPU: loose, the interpreter rounds to e4m3 its own way (a SwiGLU output alone: up to 0.28)
+        assert rel(chain.output(ffn_out), ref[ffn_out]) < (1e-2 if GPU else 0.15), call
+        assert rel(got, ref[-1]) < (2e-2 if GPU else 0.3), call
+
+
+def test_layer_tail_refuses_what_it_cannot_run(model):
+    from maverick.models.persistent_tail import layer_tail_stages
+
+    layer = model.layers[1]
+    top_k = layer.feed_forward.top_k
+    layer.feed_forward.top_k = 2
+    try:
+        with pytest.raises(ValueError, match="layer 1: the persistent tail takes top-1 FP8 experts"):
+            layer_tail_stages(layer)
+    finally:
+        layer.feed_forward.top_k = top_k
