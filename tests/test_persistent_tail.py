@@ -80,3 +80,30 @@ def test_layer_tail_refuses_what_it_cannot_run(model):
             layer_tail_stages(layer)
     finally:
         layer.feed_forward.top_k = top_k
+
+
+def test_layer_tail_shares_the_modules_weights(model):
+    """share_weights: the layer's weights become views of the chain's packed buffer (one copy in memory),
+    the layer's own ops still give the same output, and a weight whose K needs padding is refused."""
+    import copy
+
+    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick_plugins.kernels.persistent_chain import GemvChain
+    from maverick_plugins.persistent import ChainStage
+
+    layer = copy.deepcopy(model.layers[1])
+    q, H = layer.self_attn.o_proj.weight.shape[1], model.cfg.hidden_size
+    n2 = torch.randn(1, H, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    with torch.no_grad():
+        before = layer.feed_forward(n2)
+    chain = GemvChain(layer_tail_stages(layer), inputs=(q, H), share_weights=True)
+    base, end = chain.weights.data_ptr(), chain.weights.data_ptr() + chain.weights.numel()
+    for w in (layer.self_attn.o_proj.weight, layer.feed_forward.experts.gate_up_proj,
+              layer.feed_forward.shared_expert.down_proj.weight):
+        assert base <= w.data_ptr() < end, w.shape
+    assert chain.router_weights.data_ptr() == layer.feed_forward.router.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(layer.feed_forward(n2), before)
+    w8 = torch.zeros(8, 24, dtype=torch.float8_e4m3fn, device=DEV)
+    with pytest.raises(ValueError, match=r"share_weights needs K a multiple of 16, got a weight \[8, 24\]"):
+        GemvChain([ChainStage(w8, torch.ones(8, device=DEV), torch.ones((), device=DEV))], share_weights=True)

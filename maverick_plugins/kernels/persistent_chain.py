@@ -210,14 +210,27 @@ def _packed(weights: list[torch.Tensor], dtype: torch.dtype, dev) -> torch.Tenso
     return torch.cat(parts) if parts else torch.zeros(a, dtype=dtype, device=dev)
 
 
+def _share(weights: list[torch.Tensor], packed: torch.Tensor) -> None:
+    """Point each weight at its rows in the packed buffer (`.data`, so a module's Parameter follows), so
+    the chain and the launches read one copy. Rows without padding only (K a multiple of ALIGN), where
+    the packed rows are the weight's own layout."""
+    off = 0
+    for w in weights:
+        if w.shape[-1] % ALIGN.value:
+            raise ValueError(f"share_weights needs K a multiple of {ALIGN.value}, got a weight {list(w.shape)}")
+        w.data = packed[off:off + w.numel()].view(w.shape)
+        off += w.numel()
+
+
 class GemvChain:
     """x -> stage 1 -> ... -> stage S, one token, as one persistent launch (stages: ChainStage, or tuples of
     its fields); the output is the last stage's. inputs: the sizes of the chain's inputs, when there are
     several (a decoder layer's attention output and residual stream, say); by default one, the first
-    stage's K. The weights are packed once, here, into one buffer (the engine would store them packed)."""
+    stage's K. The weights are packed once, here, into one buffer; share_weights: the stages' weight
+    tensors then become views of it (the model's modules keep working, on one copy)."""
 
     def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
-                 eps: float = 1e-5, inputs: tuple[int, ...] | None = None):
+                 eps: float = 1e-5, inputs: tuple[int, ...] | None = None, share_weights: bool = False):
         stages = checked_stages(stages, inputs)
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
@@ -263,6 +276,9 @@ class GemvChain:
         self.tiles, self.e = first, e_max
         self.weights = _packed([st.weight for st in stages if not st.router], torch.float8_e4m3fn, dev)
         self.router_weights = _packed([st.weight for st in stages if st.router], torch.bfloat16, dev)
+        if share_weights:
+            _share([st.weight for st in stages if not st.router], self.weights)
+            _share([st.weight for st in stages if st.router], self.router_weights)
         sc = [st.row_scales.float().reshape(-1) for st in stages if not st.router]
         self.row_scales = torch.cat(sc) if sc else torch.zeros(1, device=dev)
         self.input_scales = torch.stack([torch.ones((), device=dev) if st.router else st.input_scale.float().reshape(())
