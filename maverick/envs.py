@@ -55,3 +55,13 @@ def hang_dump_s() -> float:
     """MAVERICK_HANG_DUMP_S=N: every rank prints all its threads' Python stacks every N seconds (to find
     where a multi-GPU run hangs; off by default)."""
     return float(os.environ.get("MAVERICK_HANG_DUMP_S", "0"))
+
+
+def persistent() -> bool:
+    """MAVERICK_PERSISTENT=1: one-token steps run each decoder layer as its attention kernel and one persistent
+    launch for the rest (o_proj, FFN, the next qkv; maverick/models/persistent_tail.py), on one rank. Off by
+    default until measured in the step; 0 or unset: off."""
+    value = os.environ.get("MAVERICK_PERSISTENT", "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"MAVERICK_PERSISTENT={value!r}: expected 0 or 1")
+    return value == "1"

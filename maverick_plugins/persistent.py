@@ -16,8 +16,8 @@ class ChainStage(NamedTuple):
     [E, K] bf16). row_scales: [N] (or [2N]; [E, N or 2N] with experts) fp32; input_scale: the static input
     scale (one element; unused by a router). norm_weight [K]: RMSNorm the input with it first.
     input_from / residual_from: the stage whose output is the input / is added to the output (-1 - i: the
-    chain's input i); input_from None: the stage before (the first stage: input 0). experts_from: the router stage whose top-1 picks the
-    expert; scored: the input times that pick's sigmoid score."""
+    chain's input i); input_from None: the stage before (the first stage: input 0). experts_from: the router
+    stage whose top-1 picks the expert; scored: the input times that pick's sigmoid score."""
     weight: torch.Tensor
     row_scales: torch.Tensor | None
     input_scale: torch.Tensor | None
@@ -127,3 +127,32 @@ def gemv_chain_ref(x, stages, eps: float = 1e-5) -> list[torch.Tensor]:
             y = at(st.residual_from) + y
         outs.append(y)
     return [o.reshape(-1) for o in outs]
+
+
+class ReferenceChain:
+    """GemvChain's interface over gemv_chain_ref (CPU, or wherever the kernel does not run)."""
+
+    def __init__(self, stages, eps: float = 1e-5, inputs: tuple[int, ...] | None = None):
+        self.stages, self.eps = checked_stages(stages, inputs), eps
+        self.inputs = tuple(inputs or (self.stages[0].k,))
+        self.outs: list[torch.Tensor] = []
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        if len(xs) != len(self.inputs) or any(x.numel() != k for x, k in zip(xs, self.inputs)):
+            raise ValueError(f"the chain's inputs have {list(self.inputs)} elements, got "
+                             f"{[list(x.shape) for x in xs]}")
+        self.outs = gemv_chain_ref(xs, self.stages, self.eps)
+        return self.outs[-1]
+
+    def output(self, stage: int) -> torch.Tensor:
+        return self.outs[stage]
+
+
+def persistent_chain(stages, eps: float, inputs: tuple[int, ...], share_weights: bool = False):
+    """The chain as one persistent launch on CUDA (kernels/persistent_chain.py; share_weights: the stages'
+    weights become views of its packed buffer), else its reference."""
+    if stages and ChainStage(*stages[0]).weight.is_cuda:
+        from .kernels.persistent_chain import GemvChain
+
+        return GemvChain(stages, eps=eps, inputs=inputs, share_weights=share_weights)
+    return ReferenceChain(stages, eps, inputs)

@@ -37,7 +37,12 @@ class Llama4Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Returns this rank's partial o_proj output; the decoder layer all-reduces it."""
-        T = x.shape[0]
+        return self.o_proj(self.attend(self.qkv_proj(x), batch, rope, kv_cache))
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
+               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The attention output [T, heads * head_dim] of this step's qkv projection (o_proj's input)."""
+        T = qkv.shape[0]
         temperature = (self.cfg.floor_scale, self.cfg.attn_scale) if self.temperature_tuning else None
         k_cache, v_cache = kv_cache
         if self.use_rope:
@@ -46,8 +51,8 @@ class Llama4Attention(nn.Module):
             table, slots = batch.global_block_table, batch.global_slots
         # RoPE + QK-norm (RoPE layers) or the temperature scale of q (NoPE layers), attention over the paged
         # cache, this step's k and v into it: at decode one kernel (maverick_plugins/qkv_attention.py)
-        o = ops.qkv_attention(self.qkv_proj(x), rope[0], rope[1], batch.positions, self.heads, self.kv_heads,
+        o = ops.qkv_attention(qkv, rope[0], rope[1], batch.positions, self.heads, self.kv_heads,
                               self.head_dim, self.use_rope, self.use_qk_norm, self.cfg.rms_norm_eps, temperature,
                               k_cache, v_cache, slots, self.k_scale, self.v_scale, table, batch.ctx_lens,
                               batch.q_index, batch.q_positions, batch.token_to_padded, self.scale, self.chunk_size)
-        return self.o_proj(o.reshape(T, self.heads * self.head_dim))
+        return o.reshape(T, self.heads * self.head_dim)

@@ -69,10 +69,28 @@ class Llama4ForCausalLM(nn.Module):
                                       spec.lm_head_fp8)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.feature_sink = None  # an EAGLE-3 draft's (maverick/runtime/speculative.py): fed every forward
+        self.tails = None  # use_persistent(): each layer's tail after attention as one launch, for one-token steps
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Per-layer K (and V) pool shape; one extra scratch block at the end."""
         return (num_blocks + 1, block_size, self.layers[0].self_attn.kv_heads, self.cfg.head_dim)
+
+    def use_persistent(self) -> None:
+        """One-token steps as two launches a layer: attention, then one persistent launch for o_proj, the
+        FFN and the next layer's qkv (maverick/models/persistent_tail.py). The chains share the layers' weights
+        (no second copy). One rank only: the tail has no all-reduce yet."""
+        from maverick import distributed
+        from maverick_plugins.persistent import persistent_chain
+
+        from .persistent_tail import layer_tail_stages
+
+        if distributed.world_size() > 1:
+            raise ValueError(f"MAVERICK_PERSISTENT=1 runs on one rank (one-rank mode or TP 1); this run has "
+                             f"{distributed.world_size()} ranks")
+        q, H = self.layers[0].self_attn.o_proj.weight.shape[1], self.cfg.hidden_size
+        nexts = list(self.layers[1:]) + [None]
+        self.tails = [persistent_chain(layer_tail_stages(layer, nxt), self.cfg.rms_norm_eps, (q, H), share_weights=True)
+                      for layer, nxt in zip(self.layers, nexts)]
 
     def forward(self, batch: ForwardBatch, kv_caches: list, aux_layers: tuple[int, ...] = ()):
         """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached). With
@@ -84,18 +102,35 @@ class Llama4ForCausalLM(nn.Module):
         x = self.embed_tokens(batch.input_ids)
         rope = self.rotary_emb(batch.positions)
         normed = self.layers[0].input_layernorm(x)
-        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         aux = {}
-        for layer, kv, next_norm in zip(self.layers, kv_caches, norms):
-            x, normed = layer(x, normed, batch, rope, kv, next_norm)
-            if layer.layer_id in wanted:
-                aux[layer.layer_id] = x
+        if self.tails is not None and x.shape[0] == 1:  # a shape, fixed per graph: no data-dependent branch
+            x, normed = self._layers_persistent(x, normed, batch, rope, kv_caches, wanted, aux)
+        else:
+            norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+            for layer, kv, next_norm in zip(self.layers, kv_caches, norms):
+                x, normed = layer(x, normed, batch, rope, kv, next_norm)
+                if layer.layer_id in wanted:
+                    aux[layer.layer_id] = x
         if sink is not None:
             sink.write(torch.cat([aux[i] for i in sink.layers], dim=-1), batch.global_slots)
         logits = self.lm_head(normed[batch.logits_indices])
         if not aux_layers:
             return logits
         return logits, torch.cat([aux[i] for i in aux_layers], dim=-1)
+
+    def _layers_persistent(self, x, normed, batch, rope, kv_caches, wanted, aux):
+        """The layers of a one-token step as attention + tail chain each (use_persistent)."""
+        qkv = self.layers[0].self_attn.qkv_proj(normed)
+        last = len(self.layers) - 1
+        for layer, kv, tail in zip(self.layers, kv_caches, self.tails):
+            o = layer.self_attn.attend(qkv, batch, rope, kv)
+            out = tail(o, x)
+            # the tail's residual stream after the FFN: its last stage, or the one before the next qkv
+            x = (out if layer.layer_id == last else tail.output(-2)).reshape(1, -1)
+            qkv = out.reshape(1, -1)
+            if layer.layer_id in wanted:
+                aux[layer.layer_id] = x.clone()  # the tail's workspace: the next step overwrites it
+        return x, self.norm(x)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embedding (an EAGLE-3 draft reads the target's)."""

@@ -59,6 +59,8 @@ class ModelRunner:
         self.graphs = None
         self.spec = None  # an Eagle3Proposer once a draft is attached
         self.rounds = None  # RoundGraphs (CUDA, with a draft): a steady speculative round in one graph
+        if envs.persistent() and model.tails is None:  # before any capture: the graphs hold the chains
+            model.use_persistent()
 
     def attach_draft(self, draft, max_draft_len: int) -> None:
         """Speculative decoding with this EAGLE-3 draft (before graphs are captured: the target's forward then

@@ -274,6 +274,7 @@ class GemvChain:
             desc.append([row.get(c, 0) for c in _COLUMNS])
         desc.append([first if c is FIRST else 0 for c in _COLUMNS])  # the end of the last stage's tiles
         self.tiles, self.e = first, e_max
+        self.spans = [(offs[i], st.n_out) for i, st in enumerate(stages)]  # each stage's output in act
         self.weights = _packed([st.weight for st in stages if not st.router], torch.float8_e4m3fn, dev)
         self.router_weights = _packed([st.weight for st in stages if st.router], torch.bfloat16, dev)
         if share_weights:
@@ -308,9 +309,10 @@ class GemvChain:
             self.desc, self.counters, len(self.desc) - 1, self.tiles, self.programs, self.e, self.eps,
             ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e),
             **pdl_launch(xs[0].device), num_warps=self.num_warps)
-        return self.output(len(self.desc) - 2)
+        return self.output(-1)
 
     def output(self, stage: int) -> torch.Tensor:
-        """Stage `stage`'s output in the workspace (after a call)."""
-        start = int(self.desc[stage, OUT_OFF.value])
-        return self.act[start:start + int(self.desc[stage, N.value])]
+        """Stage `stage`'s output in the workspace (after a call; -1 the last stage's): a view, no copy and no
+        device read (so in a CUDA graph too)."""
+        start, n = self.spans[stage]
+        return self.act[start:start + n]
