@@ -875,3 +875,36 @@ def test_persistent_moe_block_at_rank_shapes_in_a_graph(rows, programs):
         assert r(out, gemv_chain_ref(x, stages, eps)[-1]) < 2e-2, seed
         assert int(chain.counters.abs().sum()) == 0, seed
     assert len(picks) >= 2, picks
+
+
+def test_persistent_layers_match_the_layer_by_layer_step(monkeypatch):
+    """MAVERICK_PERSISTENT=1 on the tiny preset with random FP8 weights: a decode step runs each layer as
+    attention + one persistent chain (o_proj, FFN, next qkv; weights shared with the layers): its logits
+    within the chains' roundings of the layer-by-layer step (same top token), and a captured CUDA graph of
+    the step replays to the eager step's logits bit for bit."""
+    from maverick.builder.synthetic import synthetic_model
+    from maverick.config import BuildConfig, ModelConfig, QuantConfig
+    from maverick.runtime.model_runner import ModelRunner
+    from maverick.runtime.step import StepSeq
+
+    cfg = ModelConfig.preset("tiny")
+    build = BuildConfig(max_seq_len=256, max_batch_size=2, kv_cache_block_size=16, quant=QuantConfig("FP8", None),
+                        dtype="bfloat16")
+    ids = prompt_ids(40, seed=4, vocab=500)
+
+    def decode_logits(runner):
+        blocks = runner.kv.grow(0, len(ids))
+        runner.forward([StepSeq(0, ids[:-1], 0, blocks)])
+        out = runner.forward([StepSeq(0, ids[-1:], len(ids) - 1, blocks)])
+        runner.kv.free(0)
+        return out
+
+    want = decode_logits(ModelRunner(synthetic_model(cfg, build, 0, "cuda", seed=2), 256, 2, 16, device="cuda"))
+    monkeypatch.setenv("MAVERICK_PERSISTENT", "1")
+    runner = ModelRunner(synthetic_model(cfg, build, 0, "cuda", seed=2), 256, 2, 16, device="cuda")
+    assert runner.model.tails is not None
+    eager = decode_logits(runner)
+    r = ((eager - want).norm() / want.norm()).item()
+    assert r < 0.1 and int(eager[-1].argmax()) == int(want[-1].argmax()), r
+    runner.capture_cuda_graphs([1])
+    assert torch.equal(decode_logits(runner), eager)
