@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-dtype", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--lm-head-fp8", action="store_true", help="lm_head_quant_algo FP8_PER_CHANNEL_PER_TOKEN")
     p.add_argument("--reference", action="store_true", help="also time batch 1 with the kernels off")
+    p.add_argument("--persistent", action="store_true",
+                   help="also time batch 1 at each context with MAVERICK_PERSISTENT's path (each layer as attention "
+                        "+ one persistent launch), in the same run on the same weights (one rank only)")
     p.add_argument("--ttft", default="", help="prompt lengths for time to first token, e.g. 1024,8192")
     p.add_argument("--sweep", default="", help="ISL/OSL workloads for the concurrency sweep, e.g. 128/2048,1024/2048")
     p.add_argument("--concurrency", default="1,4,16,64,256", help="concurrency levels of the sweep")
@@ -216,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  decode b={b} ctx={ctx}: {r.step_ms:.3f} ms/step, floor {r.floor_ms:.3f} ms (bytes "
                 f"{r.bytes_floor_ms:.3f} ms for {r.bytes_per_step / 1e9:.3f} GB, FLOPs {r.flop_floor_ms:.3f} ms for "
                 f"{r.flops_per_step / 1e12:.2f} TFLOP), {r.ratio:.0%} of the floor", flush=True)
+    if a.persistent:  # after the plain rows, on the same weights (the chains share them): an in-run A/B
+        model.use_persistent()
+        for ctx in contexts:
+            r = decode_step(runner, cfg, build, 1, ctx, bw, a.tp_size, peak)
+            rows.append(("persistent", r))
+            say(f"  decode b=1 ctx={ctx}, persistent tails: {r.step_ms:.3f} ms/step, {r.ratio:.0%} of the floor",
+                flush=True)
+        model.tails = None  # the rest of the run as without the flag
     ttft = {}
     for n in ttfts:
         shape = graph_shape([n], [1], [], build.graph_prefill_tokens())
