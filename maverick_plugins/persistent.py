@@ -148,11 +148,25 @@ class ReferenceChain:
         return self.outs[stage]
 
 
-def persistent_chain(stages, eps: float, inputs: tuple[int, ...], share_weights: bool = False):
-    """The chain as one persistent launch on CUDA (kernels/persistent_chain.py; share_weights: the stages'
-    weights become views of its packed buffer), else its reference."""
-    if stages and ChainStage(*stages[0]).weight.is_cuda:
-        from .kernels.persistent_chain import GemvChain
+def persistent_chains(stage_lists, eps: float, inputs: tuple[int, ...], carry: tuple[int, int] | None = None,
+                      share_weights: bool = False) -> list:
+    """One chain per stage list, as persistent launches on CUDA (kernels/persistent_chain.py), else their
+    reference. On CUDA the chains share one workspace, and with carry = (i, s) chain j's input i is chain
+    j - 1's stage s output, read where it lies (a decoder layer's residual stream: no copy between layers).
+    share_weights: the stages' weights become views of the chains' packed buffers."""
+    if not stage_lists[0] or not ChainStage(*stage_lists[0][0]).weight.is_cuda:
+        return [ReferenceChain(stages, eps, inputs) for stages in stage_lists]
+    from .kernels.persistent_chain import GemvChain, footprint
 
-        return GemvChain(stages, eps=eps, inputs=inputs, share_weights=share_weights)
-    return ReferenceChain(stages, eps, inputs)
+    dev = ChainStage(*stage_lists[0][0]).weight.device
+    workspace = torch.zeros(sum(footprint(st, inputs) for st in stage_lists), dtype=torch.bfloat16, device=dev)
+    chains, start = [], 0
+    for stages in stage_lists:
+        input_at = ()
+        if carry is not None and chains:
+            i, s = carry
+            input_at = tuple(chains[-1].spans[s][0] if j == i else None for j in range(len(inputs)))
+        chains.append(GemvChain(stages, eps=eps, inputs=inputs, share_weights=share_weights, workspace=workspace,
+                                start=start, input_at=input_at))
+        start = chains[-1].end
+    return chains

@@ -140,3 +140,30 @@ def test_one_token_steps_through_the_tails_match_the_layers(model, monkeypatch):
     monkeypatch.setenv("MAVERICK_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="MAVERICK_PERSISTENT='yes': expected 0 or 1"):
         ModelRunner(model, 64, 2, 16, device=DEV)
+
+
+def test_layer_tails_share_one_workspace_and_carry_the_stream_in_place(model):
+    """Two layers' tail chains in one workspace, the second reading the first's residual stream where it
+    lies (no copy): the same output as the second chain alone with that stream copied in; a workspace too
+    small, and an input placed off the alignment, refused."""
+    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick_plugins.kernels.persistent_chain import GemvChain, footprint
+
+    q, H = model.layers[0].self_attn.o_proj.weight.shape[1], model.cfg.hidden_size
+    s0, s1 = layer_tail_stages(model.layers[0], model.layers[1]), layer_tail_stages(model.layers[1], model.layers[2])
+    ws = torch.zeros(footprint(s0, (q, H)) + footprint(s1, (q, H)), dtype=torch.bfloat16, device=DEV)
+    a = GemvChain(s0, rows=4, programs=2, inputs=(q, H), workspace=ws)
+    b = GemvChain(s1, rows=4, programs=2, inputs=(q, H), workspace=ws, start=a.end, input_at=(None, a.spans[-2][0]))
+    alone = GemvChain(s1, rows=4, programs=2, inputs=(q, H))
+    gen = torch.Generator().manual_seed(2)
+    o0, o1 = (torch.randn(1, q, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+    x = (4 * torch.randn(1, H, generator=gen)).to(DEV, torch.bfloat16)
+    a(o0, x)
+    stream = a.output(-2)
+    assert stream.data_ptr() == b.act[b.input_offs[1]:].data_ptr()  # b's input 1 is a's output
+    got = b(o1, stream).clone()
+    assert torch.equal(got, alone(o1, stream.clone()))
+    with pytest.raises(ValueError, match="workspace: expected bf16 with at least"):
+        GemvChain(s1, inputs=(q, H), workspace=ws[:10])
+    with pytest.raises(ValueError, match="input 1 at element 5: expected a multiple of 16"):
+        GemvChain(s1, inputs=(q, H), input_at=(None, 5))

@@ -80,7 +80,7 @@ class Llama4ForCausalLM(nn.Module):
         FFN and the next layer's qkv (maverick/models/persistent_tail.py). The chains share the layers' weights
         (no second copy). One rank only: the tail has no all-reduce yet."""
         from maverick import distributed
-        from maverick_plugins.persistent import persistent_chain
+        from maverick_plugins.persistent import persistent_chains
 
         from .persistent_tail import layer_tail_stages
 
@@ -88,9 +88,10 @@ class Llama4ForCausalLM(nn.Module):
             raise ValueError(f"MAVERICK_PERSISTENT=1 runs on one rank (one-rank mode or TP 1); this run has "
                              f"{distributed.world_size()} ranks")
         q, H = self.layers[0].self_attn.o_proj.weight.shape[1], self.cfg.hidden_size
-        nexts = list(self.layers[1:]) + [None]
-        self.tails = [persistent_chain(layer_tail_stages(layer, nxt), self.cfg.rms_norm_eps, (q, H), share_weights=True)
-                      for layer, nxt in zip(self.layers, nexts)]
+        stages = [layer_tail_stages(layer, nxt) for layer, nxt in zip(self.layers, list(self.layers[1:]) + [None])]
+        # each tail's input 1 (the residual stream) is the previous tail's stream after its FFN (the stage
+        # before its qkv), read in place
+        self.tails = persistent_chains(stages, self.cfg.rms_norm_eps, (q, H), carry=(1, -2), share_weights=True)
 
     def forward(self, batch: ForwardBatch, kv_caches: list, aux_layers: tuple[int, ...] = ()):
         """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached). With

@@ -227,10 +227,13 @@ class GemvChain:
     its fields); the output is the last stage's. inputs: the sizes of the chain's inputs, when there are
     several (a decoder layer's attention output and residual stream, say); by default one, the first
     stage's K. The weights are packed once, here, into one buffer; share_weights: the stages' weight
-    tensors then become views of it (the model's modules keep working, on one copy)."""
+    tensors then become views of it (the model's modules keep working, on one copy). workspace / start /
+    input_at: the chain's parts from element `start` of a shared bf16 workspace, and inputs that already sit
+    in it (another chain's output) read there without a copy; `end` is where the next chain may start."""
 
     def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
-                 eps: float = 1e-5, inputs: tuple[int, ...] | None = None, share_weights: bool = False):
+                 eps: float = 1e-5, inputs: tuple[int, ...] | None = None, share_weights: bool = False,
+                 workspace: torch.Tensor | None = None, start: int = 0, input_at: tuple[int | None, ...] = ()):
         stages = checked_stages(stages, inputs)
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
@@ -239,10 +242,16 @@ class GemvChain:
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
         a = ALIGN.value
         up = lambda v: -(-v // a) * a  # noqa: E731
-        self.input_offs, end = [], 0  # the inputs at the start of act, then each stage's output
-        for k in self.inputs:
-            self.input_offs.append(end)
-            end += up(k)
+        self.input_offs, end = [], start  # the inputs, then each stage's output, from `start` in act
+        for i, k in enumerate(self.inputs):
+            placed = input_at[i] if i < len(input_at) else None
+            if placed is not None:  # already in the workspace (another chain's output): read in place
+                if placed % a:
+                    raise ValueError(f"input {i} at element {placed}: expected a multiple of {a}")
+                self.input_offs.append(placed)
+            else:
+                self.input_offs.append(end)
+                end += up(k)
         offs = []
         for st in stages:
             offs.append(end)
@@ -287,7 +296,13 @@ class GemvChain:
         self.norm_weights = _packed([st.norm_weight.reshape(1, -1) for st in stages if st.norm_weight is not None],
                                     torch.bfloat16, dev)
         self.desc = torch.tensor(desc, dtype=torch.int64, device=dev)
-        self.act = torch.zeros(end, dtype=torch.bfloat16, device=dev)  # the input, then every stage's output
+        self.end = end  # the first element of the workspace after this chain's parts
+        if workspace is None:
+            workspace = torch.zeros(end, dtype=torch.bfloat16, device=dev)
+        elif workspace.dtype != torch.bfloat16 or workspace.numel() < end or start % a:
+            raise ValueError(f"workspace: expected bf16 with at least {end} elements and start a multiple of {a}, "
+                             f"got {workspace.dtype} of {workspace.numel()}, start {start}")
+        self.act = workspace  # the chain's inputs and every stage's output (several chains may share one)
         self.counters = torch.zeros(2 + len(stages), dtype=torch.int32, device=dev)
         ka, kb = k_pieces(max(st.k for st in stages))
         self.ka, self.kb = ka, kb
@@ -303,7 +318,9 @@ class GemvChain:
             raise ValueError(f"the chain's inputs have {list(self.inputs)} elements, got "
                              f"{[list(x.shape) for x in xs]}")
         for x, start in zip(xs, self.input_offs):
-            self.act[start:start + x.numel()].copy_(x.reshape(-1))
+            slot = self.act[start:start + x.numel()]
+            if x.data_ptr() != slot.data_ptr():  # an input placed in the workspace needs no copy
+                slot.copy_(x.reshape(-1))
         _chain_kernel[(self.programs,)](
             self.weights, self.router_weights, self.row_scales, self.input_scales, self.norm_weights, self.act,
             self.desc, self.counters, len(self.desc) - 1, self.tiles, self.programs, self.e, self.eps,
@@ -316,3 +333,10 @@ class GemvChain:
         device read (so in a CUDA graph too)."""
         start, n = self.spans[stage]
         return self.act[start:start + n]
+
+
+def footprint(stages, inputs: tuple[int, ...] | None = None) -> int:
+    """Workspace elements a chain needs at most (every input copied in)."""
+    stages = checked_stages(stages, inputs)
+    a = ALIGN.value
+    return sum(-(-k // a) * a for k in (inputs or (stages[0].k,))) + sum(-(-st.n_out // a) * a for st in stages)
