@@ -38,7 +38,8 @@ the weight), fp8_gemv's products (x quantized with the stage's static scale, exa
 row scales, one token, SwiGLU in fp32), the router kernel's fp32 sums, moe_gemv's score rounding, and the
 bf16 residual add. The MoE's two down projections are two residual stages here (h + shared, then + routed),
 where moe_ffn adds shared and routed first: one bf16 rounding apart. Expert-parallel ranks (experts of
-other ranks) are not covered: each expert stage holds every expert. The specification is gemv_chain_ref (maverick_plugins/persistent.py).
+other ranks) are not covered: each expert stage holds every expert. The specification is gemv_chain_ref
+(maverick_plugins/persistent.py).
 """
 import torch
 import triton
