@@ -80,3 +80,12 @@ def greedy(runner: ModelRunner, ids: list[int], new_tokens: int, step: int = 0, 
         out.append(tok)
     runner.kv.free(seq_id)
     return out
+
+
+def one_token_step_logits(runner: ModelRunner, ids: list[int], seq_id: int = 0) -> torch.Tensor:
+    """Prefill all but the last token, then the last one as a one-token step: that step's logits."""
+    blocks = runner.kv.grow(seq_id, len(ids))
+    runner.forward([StepSeq(seq_id, ids[:-1], 0, blocks)])
+    out = runner.forward([StepSeq(seq_id, ids[-1:], len(ids) - 1, blocks)])
+    runner.kv.free(seq_id)
+    return out

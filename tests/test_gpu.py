@@ -31,7 +31,7 @@ def test_cuda_greedy_equals_cpu(tiny_engine):
     assert got == ref
 
 
-def _decode_logits(runner, prompts, tokens, kernels, eager_rows=None):
+def _last_token_logits(runner, prompts, tokens, kernels, eager_rows=None):
     """Prefill (reference path), then teacher-forced decode steps feeding `tokens` [steps][seq]."""
     from maverick_plugins import dispatch
 
@@ -80,10 +80,10 @@ def test_kernels_and_cuda_graphs(kv, seqs):
     tokens = torch.randint(4, 500, (12, seqs), generator=torch.Generator().manual_seed(0)).tolist()
     graphed = ModelRunner(model, 256, 4, 16, device="cuda")
     graphed.capture_cuda_graphs([1, 2, 4])
-    g = _decode_logits(graphed, prompts, tokens, kernels=True)
-    e = _decode_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=True,
+    g = _last_token_logits(graphed, prompts, tokens, kernels=True)
+    e = _last_token_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=True,
                        eager_rows=4 if seqs > 1 else 1)
-    r = _decode_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=False)
+    r = _last_token_logits(ModelRunner(model, 256, 4, 16, device="cuda"), prompts, tokens, kernels=False)
     assert torch.equal(g, e)
     rel = ((e - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
     assert rel < 0.05, rel
@@ -884,27 +884,21 @@ def test_persistent_layers_match_the_layer_by_layer_step(monkeypatch):
     the step replays to the eager step's logits bit for bit."""
     from maverick.builder.synthetic import synthetic_model
     from maverick.config import BuildConfig, ModelConfig, QuantConfig
+    from helpers import one_token_step_logits
+
     from maverick.runtime.model_runner import ModelRunner
-    from maverick.runtime.step import StepSeq
 
     cfg = ModelConfig.preset("tiny")
     build = BuildConfig(max_seq_len=256, max_batch_size=2, kv_cache_block_size=16, quant=QuantConfig("FP8", None),
                         dtype="bfloat16")
     ids = prompt_ids(40, seed=4, vocab=500)
-
-    def decode_logits(runner):
-        blocks = runner.kv.grow(0, len(ids))
-        runner.forward([StepSeq(0, ids[:-1], 0, blocks)])
-        out = runner.forward([StepSeq(0, ids[-1:], len(ids) - 1, blocks)])
-        runner.kv.free(0)
-        return out
-
-    want = decode_logits(ModelRunner(synthetic_model(cfg, build, 0, "cuda", seed=2), 256, 2, 16, device="cuda"))
+    plain = ModelRunner(synthetic_model(cfg, build, 0, "cuda", seed=2), 256, 2, 16, device="cuda")
+    want = one_token_step_logits(plain, ids)
     monkeypatch.setenv("MAVERICK_PERSISTENT", "1")
     runner = ModelRunner(synthetic_model(cfg, build, 0, "cuda", seed=2), 256, 2, 16, device="cuda")
     assert runner.model.tails is not None
-    eager = decode_logits(runner)
+    eager = one_token_step_logits(runner, ids)
     r = ((eager - want).norm() / want.norm()).item()
     assert r < 0.1 and int(eager[-1].argmax()) == int(want[-1].argmax()), r
     runner.capture_cuda_graphs([1])
-    assert torch.equal(decode_logits(runner), eager)
+    assert torch.equal(one_token_step_logits(runner, ids), eager)

@@ -113,26 +113,18 @@ def test_one_token_steps_through_the_tails_match_the_layers(model, monkeypatch):
     """MAVERICK_PERSISTENT=1: a runner's one-token steps run each layer as attention + its tail (here the
     tails' reference); the logits of a decode step match the layer-by-layer forward within the tails'
     roundings, the same top token, and prefill (many tokens) keeps the layers. A bad value is refused."""
-    from helpers import prompt_ids
+    from helpers import one_token_step_logits, prompt_ids
 
     from maverick.runtime.model_runner import ModelRunner
-    from maverick.runtime.step import StepSeq
 
     ids = prompt_ids(12, seed=3, vocab=500)
 
-    def decode_logits(runner):
-        blocks = runner.kv.grow(0, len(ids))
-        runner.forward([StepSeq(0, ids[:-1], 0, blocks)])
-        out = runner.forward([StepSeq(0, ids[-1:], len(ids) - 1, blocks)])
-        runner.kv.free(0)
-        return out
-
-    want = decode_logits(ModelRunner(model, 64, 2, 16, device=DEV))
+    want = one_token_step_logits(ModelRunner(model, 64, 2, 16, device=DEV), ids)
     monkeypatch.setenv("MAVERICK_PERSISTENT", "1")
     try:
         runner = ModelRunner(model, 64, 2, 16, device=DEV)
         assert model.tails is not None and len(model.tails) == len(model.layers)
-        got = decode_logits(runner)
+        got = one_token_step_logits(runner, ids)
     finally:
         model.tails = None
     # 0.045 here over 4 layers (the stream after the tail's qkv stage instead: 1.3)
