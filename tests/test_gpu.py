@@ -813,7 +813,8 @@ def test_persistent_dense_mlp_blocks_at_rank_shapes_in_a_graph(rows, programs):
         s2 = torch.full((H,), 1 / (64 * I ** 0.5), device="cuda")
         g = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
         blocks.append((w13, s13, w2, s2, g))
-        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g),
+                   ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
     chain = GemvChain(stages, rows=rows, programs=programs, eps=eps)
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
     graph, out = _captured(lambda: chain(x))

@@ -639,7 +639,8 @@ def test_dense_mlp_blocks_in_one_persistent_launch():
     xs = torch.tensor(2.0 ** -6, device=DEV)
     stages = []
     for b, (w13, s13, w2, s2, g) in enumerate(blocks):
-        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g),
+                   ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
     chain = GemvChain(stages, rows=4, programs=3, eps=eps)
     for call in range(3):
         h = act(1, H).to(torch.bfloat16)
