@@ -174,7 +174,8 @@ def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
         s13, s2 = torch.full((2 * i,), 1e-3, device="cuda"), torch.full((h,), 1e-3, device="cuda")
         g = torch.ones(h, device="cuda", dtype=torch.bfloat16)
         blocks.append((w13, s13, w2, s2, g))
-        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g), ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
+        stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g),
+                   ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
     chain = GemvChain(stages, rows=rows, programs=programs)
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
 
