@@ -1,4 +1,4 @@
-"""A decoder layer's tail after attention as persistent-chain stages (maverick/models/persistent_tail.py),
+"""A decoder layer's tail after attention as persistent-chain stages (maverick/layers/persistent_tail.py),
 taken from a built model: the stages' reference equals the layer's own ops, and the chain kernel (the
 Triton interpreter on CPU) follows the reference."""
 import pytest
@@ -38,7 +38,7 @@ def test_layer_tail_stages_are_the_layers_ops(model, layer_id):
     the shared and routed experts' outputs to the stream one after the other), the same expert picked, and
     the chain kernel against the reference."""
     import maverick_plugins as ops
-    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick.layers.persistent_tail import layer_tail_stages
     from maverick_plugins.kernels.persistent_chain import GemvChain
     from maverick_plugins.persistent import gemv_chain_ref
 
@@ -70,7 +70,7 @@ def test_layer_tail_stages_are_the_layers_ops(model, layer_id):
 
 
 def test_layer_tail_refuses_what_it_cannot_run(model):
-    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick.layers.persistent_tail import layer_tail_stages
 
     layer = model.layers[1]
     top_k = layer.feed_forward.top_k
@@ -87,7 +87,7 @@ def test_layer_tail_shares_the_modules_weights(model):
     the layer's own ops still give the same output, and a weight whose K needs padding is refused."""
     import copy
 
-    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick.layers.persistent_tail import layer_tail_stages
     from maverick_plugins.kernels.persistent_chain import GemvChain
     from maverick_plugins.persistent import ChainStage
 
@@ -138,7 +138,7 @@ def test_layer_tails_share_one_workspace_and_carry_the_stream_in_place(model):
     """Two layers' tail chains in one workspace, the second reading the first's residual stream where it
     lies (no copy): the same output as the second chain alone with that stream copied in; a workspace too
     small, and an input placed off the alignment, refused."""
-    from maverick.models.persistent_tail import layer_tail_stages
+    from maverick.layers.persistent_tail import layer_tail_stages
     from maverick_plugins.kernels.persistent_chain import GemvChain, footprint
 
     q, H = model.layers[0].self_attn.o_proj.weight.shape[1], model.cfg.hidden_size

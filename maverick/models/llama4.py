@@ -13,7 +13,7 @@ from torch import nn
 
 from maverick.config import ModelConfig
 from maverick.layers import (ForwardBatch, Llama4Attention, Llama4MLP, Llama4MoE, ParallelLMHead,
-                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, all_reduce_add_rms_norm)
+                             RMSNorm, RotaryEmbedding, VocabParallelEmbedding, all_reduce_add_rms_norm, layer_tails)
 
 
 @dataclass(frozen=True)
@@ -77,21 +77,9 @@ class Llama4ForCausalLM(nn.Module):
 
     def use_persistent(self) -> None:
         """One-token steps as two launches a layer: attention, then one persistent launch for o_proj, the
-        FFN and the next layer's qkv (maverick/models/persistent_tail.py). The chains share the layers' weights
-        (no second copy). One rank only: the tail has no all-reduce yet."""
-        from maverick import distributed
-        from maverick_plugins.persistent import persistent_chains
-
-        from .persistent_tail import layer_tail_stages
-
-        if distributed.world_size() > 1:
-            raise ValueError(f"MAVERICK_PERSISTENT=1 runs on one rank (one-rank mode or TP 1); this run has "
-                             f"{distributed.world_size()} ranks")
-        q, H = self.layers[0].self_attn.o_proj.weight.shape[1], self.cfg.hidden_size
-        stages = [layer_tail_stages(layer, nxt) for layer, nxt in zip(self.layers, list(self.layers[1:]) + [None])]
-        # each tail's input 1 (the residual stream) is the previous tail's stream after its FFN (the stage
-        # before its qkv), read in place
-        self.tails = persistent_chains(stages, self.cfg.rms_norm_eps, (q, H), carry=(1, -2), share_weights=True)
+        FFN and the next layer's qkv (maverick/layers/persistent_tail.py). The chains share the layers'
+        weights (no second copy) and one workspace. One rank only: the tail has no all-reduce yet."""
+        self.tails = layer_tails(self.layers, self.cfg.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch, kv_caches: list, aux_layers: tuple[int, ...] = ()):
         """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached). With

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from maverick_plugins.persistent import ChainStage
+from maverick.distributed import world_size
+from maverick_plugins.persistent import ChainStage, persistent_chains
 
 
 def _rows(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -55,3 +56,16 @@ def layer_tail_stages(layer, next_layer=None) -> list[ChainStage]:
         stages.append(_linear(next_layer.self_attn.qkv_proj, norm_weight=next_layer.input_layernorm.weight,
                               input_from=len(stages) - 1))
     return stages
+
+
+def layer_tails(layers, eps: float) -> list:
+    """Every layer's tail as a chain (the last without a next qkv), built for one-token steps: the chains
+    share the layers' weights (no second copy) and one workspace, each reading the residual stream where
+    the previous layer's chain wrote it (its stage before the qkv). One rank only: the tail has no
+    all-reduce yet."""
+    if world_size() > 1:
+        raise ValueError(f"MAVERICK_PERSISTENT=1 runs on one rank (one-rank mode or TP 1); this run has "
+                         f"{world_size()} ranks")
+    q, H = layers[0].self_attn.o_proj.weight.shape[1], layers[0].post_attention_layernorm.weight.numel()
+    stages = [layer_tail_stages(layer, nxt) for layer, nxt in zip(layers, list(layers[1:]) + [None])]
+    return persistent_chains(stages, eps, (q, H), carry=(1, -2), share_weights=True)
