@@ -118,7 +118,7 @@ class Llama4ForCausalLM(nn.Module):
             x = (out if layer.layer_id == last else tail.output(-2)).reshape(1, -1)
             qkv = out.reshape(1, -1)
             if layer.layer_id in wanted:
-                aux[layer.layer_id] = x.clone()  # the tail's workspace: the next step overwrites it
+                aux[layer.layer_id] = x  # a view of the tails' workspace, concatenated (copied) below
         return x, self.norm(x)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
