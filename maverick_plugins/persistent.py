@@ -129,6 +129,12 @@ def gemv_chain_ref(x, stages, eps: float = 1e-5) -> list[torch.Tensor]:
     return [o.reshape(-1) for o in outs]
 
 
+def check_inputs(xs, inputs: tuple[int, ...]) -> None:
+    """A chain's call: one tensor per input, of its size."""
+    if len(xs) != len(inputs) or any(x.numel() != k for x, k in zip(xs, inputs)):
+        raise ValueError(f"the chain's inputs have {list(inputs)} elements, got {[list(x.shape) for x in xs]}")
+
+
 class ReferenceChain:
     """GemvChain's interface over gemv_chain_ref (CPU, or wherever the kernel does not run)."""
 
@@ -138,9 +144,7 @@ class ReferenceChain:
         self.outs: list[torch.Tensor] = []
 
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
-        if len(xs) != len(self.inputs) or any(x.numel() != k for x, k in zip(xs, self.inputs)):
-            raise ValueError(f"the chain's inputs have {list(self.inputs)} elements, got "
-                             f"{[list(x.shape) for x in xs]}")
+        check_inputs(xs, self.inputs)
         self.outs = gemv_chain_ref(xs, self.stages, self.eps)
         return self.outs[-1]
 

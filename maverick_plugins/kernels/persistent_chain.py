@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..persistent import checked_stages
+from ..persistent import check_inputs, checked_stages
 from .counters import last_to_arrive
 from .e4m3 import to_e4m3
 from .fp8_gemv import k_pieces
@@ -197,18 +197,22 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_p
         tl.atomic_xchg(ctr_ptr + 1, 0)
 
 
+def _aligned(v: int) -> int:
+    """v rounded up to a multiple of ALIGN (weight rows and workspace parts start on one)."""
+    return -(-v // ALIGN.value) * ALIGN.value
+
+
 def _packed(weights: list[torch.Tensor], dtype: torch.dtype, dev) -> torch.Tensor:
     """The weights' rows one after the other, each padded with zeros to a multiple of ALIGN elements."""
-    a = ALIGN.value
     parts = []
     for w in weights:
         rows = w.to(dtype).reshape(-1, w.shape[-1])
         k = rows.shape[1]
-        pad = torch.zeros(rows.shape[0], -(-k // a) * a, dtype=dtype, device=dev)
+        pad = torch.zeros(rows.shape[0], _aligned(k), dtype=dtype, device=dev)
         pad.view(torch.uint8 if dtype.itemsize == 1 else torch.int16)[:, :k].copy_(
             rows.view(torch.uint8 if dtype.itemsize == 1 else torch.int16))
         parts.append(pad.reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(a, dtype=dtype, device=dev)
+    return torch.cat(parts) if parts else torch.zeros(ALIGN.value, dtype=dtype, device=dev)
 
 
 def _share(weights: list[torch.Tensor], packed: torch.Tensor) -> None:
@@ -239,10 +243,9 @@ class GemvChain:
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
         dev = stages[0].weight.device
-        self.inputs, self.n_out = tuple(inputs or (stages[0].k,)), stages[-1].n_out
+        self.inputs = tuple(inputs or (stages[0].k,))
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
         a = ALIGN.value
-        up = lambda v: -(-v // a) * a  # noqa: E731
         self.input_offs, end = [], start  # the inputs, then each stage's output, from `start` in act
         for i, k in enumerate(self.inputs):
             placed = input_at[i] if i < len(input_at) else None
@@ -252,11 +255,11 @@ class GemvChain:
                 self.input_offs.append(placed)
             else:
                 self.input_offs.append(end)
-                end += up(k)
+                end += _aligned(k)
         offs = []
         for st in stages:
             offs.append(end)
-            end += up(st.n_out)
+            end += _aligned(st.n_out)
         at = lambda src: self.input_offs[-1 - src] if src < 0 else offs[src]  # noqa: E731
         desc, first, w_off, rw_off, sc_off, g_off = [], 0, 0, 0, 0, 0
         e_max = 2
@@ -271,15 +274,16 @@ class GemvChain:
                    RES_OFF: at(-1 if st.residual_from is None else st.residual_from),
                    DEP0: deps[0], DEP1: deps[1], DEP2: deps[2]}
             if st.experts_from is not None:
-                row.update({LOGITS_OFF: offs[st.experts_from], E_WSTRIDE: st.rows * up(st.k), E_SSTRIDE: st.rows})
-            size = st.weight[..., :1].numel() * up(st.k)  # rows padded to a multiple of ALIGN
+                row.update({LOGITS_OFF: offs[st.experts_from], E_WSTRIDE: st.rows * _aligned(st.k),
+                            E_SSTRIDE: st.rows})
+            size = st.weight[..., :1].numel() * _aligned(st.k)  # rows padded to a multiple of ALIGN
             if st.router:
                 rw_off += size
                 e_max = max(e_max, st.rows)
             else:
                 w_off += size
                 sc_off += st.row_scales.numel()
-            g_off += up(st.k) if st.norm_weight is not None else 0
+            g_off += _aligned(st.k) if st.norm_weight is not None else 0
             first += triton.cdiv(st.n_out, rows >> st.swiglu)
             desc.append([row.get(c, 0) for c in _COLUMNS])
         desc.append([first if c is FIRST else 0 for c in _COLUMNS])  # the end of the last stage's tiles
@@ -305,8 +309,7 @@ class GemvChain:
                              f"got {workspace.dtype} of {workspace.numel()}, start {start}")
         self.act = workspace  # the chain's inputs and every stage's output (several chains may share one)
         self.counters = torch.zeros(2 + len(stages), dtype=torch.int32, device=dev)
-        ka, kb = k_pieces(max(st.k for st in stages))
-        self.ka, self.kb = ka, kb
+        self.ka, self.kb = k_pieces(max(st.k for st in stages))
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         # about 230 registers a thread at 8 warps: one program an SM is resident, a second one waits for it
         # (and takes no tile before it runs, so it cannot hold up the queue)
@@ -315,9 +318,7 @@ class GemvChain:
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
         """The inputs ([K] or [1, K] each) -> the last stage's output [N] bf16 (a view of the chain's
         workspace: the next call overwrites it)."""
-        if len(xs) != len(self.inputs) or any(x.numel() != k for x, k in zip(xs, self.inputs)):
-            raise ValueError(f"the chain's inputs have {list(self.inputs)} elements, got "
-                             f"{[list(x.shape) for x in xs]}")
+        check_inputs(xs, self.inputs)
         for x, start in zip(xs, self.input_offs):
             slot = self.act[start:start + x.numel()]
             if x.data_ptr() != slot.data_ptr():  # an input placed in the workspace needs no copy
@@ -339,5 +340,4 @@ class GemvChain:
 def footprint(stages, inputs: tuple[int, ...] | None = None) -> int:
     """Workspace elements a chain needs at most (every input copied in)."""
     stages = checked_stages(stages, inputs)
-    a = ALIGN.value
-    return sum(-(-k // a) * a for k in (inputs or (stages[0].k,))) + sum(-(-st.n_out // a) * a for st in stages)
+    return sum(map(_aligned, inputs or (stages[0].k,))) + sum(_aligned(st.n_out) for st in stages)
