@@ -112,7 +112,7 @@ def test_layer_tail_shares_the_modules_weights(model):
 def test_one_token_steps_through_the_tails_match_the_layers(model, monkeypatch):
     """MAVERICK_PERSISTENT=1: a runner's one-token steps run each layer as attention + its tail (here the
     tails' reference); the logits of a decode step match the layer-by-layer forward within the tails'
-    roundings, the same top token, and prefill (many tokens) keeps the layers. A bad value is refused."""
+    roundings, the same top token (up to near ties), and prefill (many tokens) keeps the layers. A bad value is refused."""
     from helpers import one_token_step_logits, prompt_ids
 
     from maverick.runtime.model_runner import ModelRunner
@@ -128,7 +128,11 @@ def test_one_token_steps_through_the_tails_match_the_layers(model, monkeypatch):
     finally:
         model.tails = None
     # 0.045 here over 4 layers (the stream after the tail's qkv stage instead: 1.3)
-    assert rel(got, want) < 0.1 and int(got[-1].argmax()) == int(want[-1].argmax())
+    assert rel(got, want) < 0.1
+    # the top token, or one the layer-by-layer step ranks within the roundings' reach of it (random weights
+    # give near ties: on an H100 the top token differed at a relative difference of 0.031)
+    top, last = int(got[-1].argmax()), want[-1].float()
+    assert last[top] >= last.max() - 2 * (got[-1].float() - last).abs().max()
     monkeypatch.setenv("MAVERICK_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="MAVERICK_PERSISTENT='yes': expected 0 or 1"):
         ModelRunner(model, 64, 2, 16, device=DEV)
