@@ -582,8 +582,8 @@ def test_rope_cos_sin_kernel(T):
 
 
 def test_gemv_chain_in_one_persistent_launch():
-    """A chain of FP8 GEMVs as one launch of a few programs taking tiles from a queue, each waiting on its
-    input stage's counter: the same bits as the chain of fp8_gemv launches (the same arithmetic: every
+    """A chain of FP8 GEMVs as one launch, each program running its share of the tiles in order, each tile
+    waiting on its input stage's counter: the same bits as the chain of fp8_gemv launches (the same arithmetic: every
     stage's K not a power of two or a partial last tile somewhere), the first stage as fp8_linear_ref,
     called twice (the counters come back to zero), and shapes that do not chain refused."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
@@ -596,7 +596,7 @@ def test_gemv_chain_in_one_persistent_launch():
     for k, n in zip(dims, dims[1:]):
         w8, ws = _fp8_weight(n, k, rows=True)
         stages.append((w8, ws, torch.tensor(2.0 ** -3, device=DEV)))
-    chain = GemvChain(stages, rows=4, programs=3)
+    chain = GemvChain(stages, rows=4)
     for call in range(2):
         x = act(1, dims[0]).to(torch.bfloat16)
         got = chain(x).clone()
@@ -609,8 +609,10 @@ def test_gemv_chain_in_one_persistent_launch():
             assert torch.equal(got, want.reshape(-1)), call
         assert rel(got, gemv_chain_ref(x, stages)[-1]) < (2e-2 if GPU else 0.2), call
         assert int(chain.counters.abs().sum()) == 0, call
-    one = GemvChain(stages[:1], rows=8, programs=2)(x).float()
+    one = GemvChain(stages[:1], rows=8)(x).float()
     assert rel(one, ops.fp8_linear_ref(x, *stages[0], torch.bfloat16).reshape(-1)) < 1e-2
+    with pytest.raises(ValueError, match=r"programs=100000: expected 1\.\.\d+ \(one an SM"):
+        GemvChain(stages, programs=100_000)  # tiles wait on each other: more programs than run at once hang
     with pytest.raises(ValueError, match=r"stage 1: K=40 but its input \(stage 0\) has 33 elements"):
         GemvChain([stages[2], stages[1]])
     with pytest.raises(ValueError, match=r"inputs have \[96\] elements"):
@@ -641,7 +643,7 @@ def test_dense_mlp_blocks_in_one_persistent_launch():
     for b, (w13, s13, w2, s2, g) in enumerate(blocks):
         stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g),
                    ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
-    chain = GemvChain(stages, rows=4, programs=3, eps=eps)
+    chain = GemvChain(stages, rows=4, eps=eps)
     for call in range(3):
         h = act(1, H).to(torch.bfloat16)
         got = chain(h).clone().float()
@@ -707,7 +709,7 @@ def test_moe_block_in_one_persistent_launch():
     g = (1 + 0.1 * torch.randn(H, device=DEV)).to(torch.bfloat16)
     stages += [ChainStage(w13, s13 / H ** 0.5, xs, swiglu=True, norm_weight=g),
                ChainStage(w2, s2 / I ** 0.5, xs, residual_from=4)]
-    chain = GemvChain(stages, rows=4, programs=3, eps=eps)
+    chain = GemvChain(stages, rows=4, eps=eps)
     picks = set()
     for call in range(6):
         h = act(1, H).to(torch.bfloat16)
@@ -759,7 +761,7 @@ def test_decoder_layer_tail_with_two_inputs_in_one_persistent_launch():
               ChainStage(*w["fc13"], xs, swiglu=True, norm_weight=g1),
               ChainStage(*w["fc2"], xs, residual_from=0),
               ChainStage(*w["qkv"], xs, norm_weight=g2)]
-    chain = GemvChain(stages, rows=4, programs=3, eps=eps, inputs=(A, H))
+    chain = GemvChain(stages, rows=4, eps=eps, inputs=(A, H))
     for call in range(2):
         o, x = act(1, A).to(torch.bfloat16), act(1, H).to(torch.bfloat16)
         got = chain(o, x).clone()

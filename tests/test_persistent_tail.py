@@ -46,7 +46,7 @@ def test_layer_tail_stages_are_the_layers_ops(model, layer_id):
     nxt = model.layers[layer_id + 1] if layer_id + 1 < len(model.layers) else None
     stages = layer_tail_stages(layer, nxt)
     q, H = layer.self_attn.o_proj.weight.shape[1], model.cfg.hidden_size
-    chain = GemvChain(stages, rows=4, programs=3, eps=model.cfg.rms_norm_eps, inputs=(q, H))
+    chain = GemvChain(stages, rows=4, eps=model.cfg.rms_norm_eps, inputs=(q, H))
     gen = torch.Generator().manual_seed(layer_id)
     for call in range(2):
         o = torch.randn(1, q, generator=gen).to(DEV, torch.bfloat16)
@@ -148,9 +148,9 @@ def test_layer_tails_share_one_workspace_and_carry_the_stream_in_place(model):
     q, H = model.layers[0].self_attn.o_proj.weight.shape[1], model.cfg.hidden_size
     s0, s1 = layer_tail_stages(model.layers[0], model.layers[1]), layer_tail_stages(model.layers[1], model.layers[2])
     ws = torch.zeros(footprint(s0, (q, H)) + footprint(s1, (q, H)), dtype=torch.bfloat16, device=DEV)
-    a = GemvChain(s0, rows=4, programs=2, inputs=(q, H), workspace=ws)
-    b = GemvChain(s1, rows=4, programs=2, inputs=(q, H), workspace=ws, start=a.end, input_at=(None, a.spans[-2][0]))
-    alone = GemvChain(s1, rows=4, programs=2, inputs=(q, H))
+    a = GemvChain(s0, rows=4, inputs=(q, H), workspace=ws)
+    b = GemvChain(s1, rows=4, inputs=(q, H), workspace=ws, start=a.end, input_at=(None, a.spans[-2][0]))
+    alone = GemvChain(s1, rows=4, inputs=(q, H))
     gen = torch.Generator().manual_seed(2)
     o0, o1 = (torch.randn(1, q, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
     x = (4 * torch.randn(1, H, generator=gen)).to(DEV, torch.bfloat16)

@@ -72,7 +72,7 @@ def _wait(desc_ptr, ctr_ptr, d):
     """Until every tile of stage d (if d >= 0, an earlier stage) has signalled."""
     if d >= 0:
         need = tl.load(desc_ptr + d * COLS + TILES)
-        while tl.atomic_add(ctr_ptr + 2 + d, 0, sem="acquire", scope="gpu") < need:
+        while tl.atomic_add(ctr_ptr + 1 + d, 0, sem="acquire", scope="gpu") < need:
             pass
 
 
@@ -109,73 +109,107 @@ def _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB: tl.constexpr):
 
 
 @triton.jit
-def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage_ptr, ctr_ptr, S, TOTAL, NPROG, E, eps,
-                  ROWS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, E_POW2: tl.constexpr,
+def _tile(desc_ptr, stage_ptr, t, TOTAL, r, ROWS: tl.constexpr):
+    """Tile t's stage, its row in desc, the stage's fields the weights need, the output each tile row
+    feeds (j), the weight row it reads (wrow; SwiGLU tiles interleave gate and up rows) and which rows are
+    in range. Past the last tile: the last tile's (its caller masks it off)."""
+    s = tl.load(stage_ptr + tl.minimum(t, TOTAL - 1))
+    st = desc_ptr + s * COLS
+    n, first, flags = tl.load(st + N), tl.load(st + FIRST), tl.load(st + FLAGS)
+    sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
+    j = (t - first) * (ROWS >> sw) + (r >> sw)
+    return s, st, n, first, flags, sw, j, (r & sw) * n + j, (j < n) & (t < TOTAL)
+
+
+@triton.jit
+def _fp8_rows(w_ptr, ws_ptr, st, wrow, valid, pick, ka, kb, KB: tl.constexpr):
+    """A tile's FP8 weight rows (two pieces, KA and KB columns) and their scales; expert stages: expert
+    `pick`'s. Rows start ALIGN elements apart and padding columns hold zeros: whole 16-byte loads."""
+    k = tl.load(st + K)
+    stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    # hints on each term: one on an if's result is lost, and so is one on a sum that folds away (pick 0),
+    # and the loads then go byte by byte
+    w_base = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + tl.multiple_of(
+        pick.to(tl.int64) * tl.load(st + E_WSTRIDE), ALIGN)
+    rows = w_base + wrow.to(tl.int64) * stride
+    wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < stride)[None, :], other=0.0)
+    wb = wa
+    if KB > 0:
+        wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < stride)[None, :], other=0.0)
+    s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
+    return wa, wb, tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
+
+
+@triton.jit
+def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage_ptr, ctr_ptr, S, TOTAL, NPROG, E,
+                  eps, ROWS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, E_POW2: tl.constexpr,
                   PDL: tl.constexpr):
-    """desc: a row of COLS int64 a stage (the column names above; DEPn: stages to wait for, -1 none). stage:
-    each tile's stage (int32), one load: a scan of the desc rows cost a dependent L2 load a stage, after
-    every acquire emptied L1 (about 70 us a tile over 96 stages, measured on H100). ctr:
-    [0] the tile queue, [1] programs done, [2 + s] tiles of stage s done; the last program out sets them
-    back to 0 (the next call and graph replay start from zero). rw: the router stages' bf16 weights."""
-    pdl_enter(PDL)  # the first stage's input may be the previous kernel's output
+    """desc: a row of COLS int64 a stage (the column names above; DEPn: stages to wait for, -1 none).
+    stage: each tile's stage (int32). ctr: [0] programs done, [1 + s] tiles of stage s done; the last
+    program out sets them back to 0 (the next call and graph replay start from zero). rw: the router
+    stages' bf16 weights.
+
+    Program p runs tiles p, p + NPROG, ... in order, so it knows its next tile without a queue and loads
+    that tile's weights before it waits for (and computes) the current one: one tile's weights are always
+    in flight. Consecutive tiles of one stage wait once and read the input once, and the program signals the
+    stage once, with the count of its tiles there. Every program must be resident (NPROG <= SMs) since a
+    tile waits on tiles other programs hold; the smallest unfinished tile then always runs."""
     dt = act_ptr.dtype.element_ty
     ka = tl.arange(0, KA)
     kb = ka  # unused without a second piece
     if KB > 0:
         kb = KA + tl.arange(0, KB)
     r = tl.arange(0, ROWS)
-    # relaxed: the queue orders nothing, the stage counters' release/acquire order the data
-    t = tl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
+    zero = tl.full([], 0, tl.int32)
+    t = tl.program_id(0)
+    s, st, n, first, flags, sw, j, wrow, valid = _tile(desc_ptr, stage_ptr, t, TOTAL, r, ROWS)
+    # weights depend on nothing: the first tile's stream before the predecessor's wait (not a router's, nor
+    # an expert's, which needs the pick)
+    wa, wb, ws = _fp8_rows(w_ptr, ws_ptr, st, wrow, valid & ((flags & (ROUTER | EXPERTS)) == 0), zero, ka, kb, KB)
+    pdl_enter(PDL)  # the first stage's input may be the previous kernel's output
+    x_stage = zero - 1  # the stage whose input xa, xb hold (waited for)
+    xa = tl.zeros([KA], dt)
+    xb = tl.zeros([KB if KB > 0 else KA], dt)
+    done = zero  # this program's tiles of stage s not yet signalled
     while t < TOTAL:
-        s = tl.load(stage_ptr + t)
-        st = desc_ptr + s * COLS
-        n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
-        x_off = tl.multiple_of(tl.load(st + X_OFF), ALIGN)
-        sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
-        j = (t - first) * (ROWS >> sw) + (r >> sw)  # the output each weight row feeds
-        valid = j < n
-        wrow = (r & sw) * n + j
-        pick = t * 0  # tensors: an expert stage's pick sets them
-        score = (t * 0 + 1).to(tl.float32)
-        if flags & EXPERTS:  # the pick first: it chooses the weights
+        k = tl.load(st + K)
+        # the next tile's weights first: they stream while this tile waits and computes
+        tn = t + NPROG
+        sn, stn, nn, first_n, flags_n, swn, jn, wrown, validn = _tile(desc_ptr, stage_ptr, tn, TOTAL, r, ROWS)
+        na, nb, nws = _fp8_rows(w_ptr, ws_ptr, stn, wrown, validn & ((flags_n & (ROUTER | EXPERTS)) == 0), zero,
+                                ka, kb, KB)
+        fresh = s != x_stage  # a new stage: wait for what it reads, then read its input
+        if fresh:
             _wait_inputs(desc_ptr, ctr_ptr, st)
+        score = (zero + 1).to(tl.float32)
+        if flags & EXPERTS:  # the pick chooses the weights: loaded now, not ahead
             offs_e = tl.arange(0, E_POW2)  # .cg: the router's tiles wrote the logits, past this SM's L1
             lg = tl.load(act_ptr + tl.load(st + LOGITS_OFF) + offs_e, mask=offs_e < E, other=float("-inf"),
                          cache_modifier=".cg").to(tl.float32)
             pick, best = argmax_lowest(lg, offs_e, E_POW2)
             if flags & SCORED:
                 score = sigmoid_score(best, dt).to(tl.float32)
-        # rows start ALIGN elements apart (packed so): 16-byte loads of the FP8 weights
-        stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-        # the hint on a plain op (one on the if's result above would be lost)
-        w_base = tl.multiple_of(tl.load(st + W_OFF) + pick.to(tl.int64) * tl.load(st + E_WSTRIDE), ALIGN)
-        s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
-        rows = w_base + wrow.to(tl.int64) * stride
-        a_mask = valid[:, None] & (ka < stride)[None, :]  # padding columns hold zeros: whole 16-byte loads
-        b_mask = valid[:, None] & (kb < stride)[None, :]
+            wa, wb, ws = _fp8_rows(w_ptr, ws_ptr, st, wrow, valid, pick, ka, kb, KB)
+        if fresh:
+            xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb,
+                            KB)
+            x_stage = s
         if flags & ROUTER:  # bf16 weights, the router kernel's fp32 sums of unquantized products
-            ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
-            if KB > 0:
-                rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
-            _wait_inputs(desc_ptr, ctr_ptr, st)
-            xa, xb = _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB)
+            stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+            rows = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + wrow.to(tl.int64) * stride
+            ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < stride)[None, :], other=0.0)
             y = tl.sum(ra.to(tl.float32) * xa.to(tl.float32)[None, :], axis=1)
             if KB > 0:
+                rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < stride)[None, :],
+                             other=0.0)
                 y += tl.sum(rb.to(tl.float32) * xb.to(tl.float32)[None, :], axis=1)
-        else:  # the tile's weights before the wait (but after an expert tile's pick): nothing writes them
-            wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
-            if KB > 0:
-                wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
-            ws = tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
-            if (flags & EXPERTS) == 0:
-                _wait_inputs(desc_ptr, ctr_ptr, st)
-            xa, xb = _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB)
+        else:
             x_scale = tl.load(xs_ptr + s)
-            xa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
-            acc = tl.sum(wa.to(tl.float32) * to_e4m3(xa, x_scale).to(tl.float32)[None, :], axis=1)
+            xsa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
+            acc = tl.sum(wa.to(tl.float32) * to_e4m3(xsa, x_scale).to(tl.float32)[None, :], axis=1)
             if KB > 0:
-                xb = (xb.to(tl.float32) * score).to(dt)
-                acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
+                xsb = (xb.to(tl.float32) * score).to(dt)
+                acc += tl.sum(wb.to(tl.float32) * to_e4m3(xsb, x_scale).to(tl.float32)[None, :], axis=1)
             y = acc * (x_scale * ws)
         out_off = tl.multiple_of(tl.load(st + OUT_OFF), ALIGN)
         if sw:
@@ -188,14 +222,17 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage
                 res = tl.load(act_ptr + tl.load(st + RES_OFF) + j, mask=valid, other=0.0, cache_modifier=".cg")
                 yo = (res.to(tl.float32) + yo.to(tl.float32)).to(dt)
             tl.store(act_ptr + out_off + j, yo, mask=valid)
-        tl.debug_barrier()  # every thread's store before the release
-        tl.atomic_add(ctr_ptr + 2 + s, 1, sem="release", scope="gpu")
-        t = tl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
-    if last_to_arrive(ctr_ptr + 1, NPROG):  # every tile is done: reset for the next call
-        tl.atomic_xchg(ctr_ptr, 0)
+        done += 1
+        if (sn != s) | (tn >= TOTAL):  # this program's last tile of stage s: signal them all at once
+            tl.debug_barrier()  # every thread's store before the release
+            tl.atomic_add(ctr_ptr + 1 + s, done, sem="release", scope="gpu")
+            done = zero
+        t, s, st, n, first, flags, sw, j, wrow, valid = tn, sn, stn, nn, first_n, flags_n, swn, jn, wrown, validn
+        wa, wb, ws = na, nb, nws
+    if last_to_arrive(ctr_ptr, NPROG):  # every tile is done: reset for the next call
         for i in range(0, S):
-            tl.atomic_xchg(ctr_ptr + 2 + i, 0)
-        tl.atomic_xchg(ctr_ptr + 1, 0)
+            tl.atomic_xchg(ctr_ptr + 1 + i, 0)
+        tl.atomic_xchg(ctr_ptr, 0)
 
 
 def _aligned(v: int) -> int:
@@ -311,12 +348,16 @@ class GemvChain:
             raise ValueError(f"workspace: expected bf16 with at least {end} elements and start a multiple of {a}, "
                              f"got {workspace.dtype} of {workspace.numel()}, start {start}")
         self.act = workspace  # the chain's inputs and every stage's output (several chains may share one)
-        self.counters = torch.zeros(2 + len(stages), dtype=torch.int32, device=dev)
+        self.counters = torch.zeros(1 + len(stages), dtype=torch.int32, device=dev)
         self.ka, self.kb = k_pieces(max(st.k for st in stages))
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
-        # about 230 registers a thread at 8 warps: one program an SM is resident, a second one waits for it
-        # (and takes no tile before it runs, so it cannot hold up the queue)
-        self.programs = programs or min(self.tiles, 2 * sms)
+        # every program resident at once (tiles wait on other programs' tiles): about 240 registers a thread
+        # at 8 warps leave room for one an SM. The interpreter runs programs one after another: one program
+        # there, which takes the tiles in order.
+        most = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        if programs is not None and not 1 <= programs <= most:
+            raise ValueError(f"programs={programs}: expected 1..{most} (one an SM on {dev}: tiles wait on other "
+                             f"programs' tiles, so every program must run at once)")
+        self.programs = min(programs or most, self.tiles)
 
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
         """The inputs ([K] or [1, K] each) -> the last stage's output [N] bf16 (a view of the chain's
