@@ -619,6 +619,31 @@ def test_gemv_chain_in_one_persistent_launch():
         chain(torch.zeros(95, device=DEV))
 
 
+def test_gemv_chain_narrow_stages_take_more_rows():
+    """A stage with K at most half (a quarter) of the chain's widest takes tiles of twice (four times) the rows
+    and half (a quarter) the columns: the same bits as the fp8_gemv launches in the interpreter, a SwiGLU
+    stage, K not a multiple of 16 and partial last tiles included."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+    from maverick_plugins.kernels.persistent_chain import WIDE, GemvChain
+    from maverick_plugins.persistent import ChainStage
+
+    torch.manual_seed(11)
+    xs = torch.tensor(2.0 ** -3, device=DEV)
+    shapes = [(128, 256, False), (80, 128, True), (64, 40, False), (256, 64, False)]  # (rows, K, SwiGLU)
+    stages = [ChainStage(*_fp8_weight(n, k, rows=True), xs, swiglu=sw) for n, k, sw in shapes]
+    chain = GemvChain(stages, rows=4)
+    assert chain.desc[:, WIDE.value].tolist() == [0, 1, 2, 2]
+    x = act(1, 256).to(torch.bfloat16)
+    got = chain(x)
+    want = x
+    for st in stages:
+        want = fp8_gemv(want, st.weight, st.row_scales, xs, torch.bfloat16, swiglu=st.swiglu, config=(4, 4))
+    if GPU:  # the sums' order may differ between the two kernels' layouts
+        assert rel(got, want.reshape(-1)) < 1e-2
+    else:
+        assert torch.equal(got, want.reshape(-1))
+
+
 def test_dense_mlp_blocks_in_one_persistent_launch():
     """Two dense MLP blocks (RMSNorm, fc13 + SwiGLU, fc2, residual add) as four stages of one launch, called
     three times: close to gemv_chain_ref, the MLPs' part of the output (out - x) too; on a GPU also close to

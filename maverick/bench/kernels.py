@@ -131,12 +131,12 @@ def bench_router(h, e, m):
              graph_us([lambda w=w: x @ w.t() for w in ws]), read)]
 
 
-def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True):
+def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True, prefetch=True):
     """A chain of 2 x `layers` FP8 GEMVs (h -> i -> h, one token: the dense MLP's fc2-like shapes without
     SwiGLU) as one persistent launch (kernels/persistent_chain.py) against one fp8_gemv launch a stage
     with PDL, as a step runs them today (the cuBLAS column). Over 1 GB of weights: every read from HBM.
-    waits=False: the ablation without the stage waits (its output is wrong; the time is what the tiles
-    cost without dependencies)."""
+    Ablations: waits=False, without the stage waits (its output is wrong; the time is what the tiles cost
+    without dependencies); prefetch=False, without asking L2 for the next tile's weights."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
     from maverick_plugins.kernels.persistent_chain import DEP0, DEP2, GemvChain
 
@@ -144,7 +144,7 @@ def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True):
     for j in range(2 * layers):
         n, k = (i, h) if j % 2 == 0 else (h, i)
         stages.append((fp8_weight(n, k), torch.full((n,), 1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")))
-    chain = GemvChain(stages, rows=rows, num_warps=num_warps)
+    chain = GemvChain(stages, rows=rows, num_warps=num_warps, prefetch=prefetch)
     if not waits:
         chain.desc[:, DEP0.value:DEP2.value + 1] = -1
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
@@ -158,7 +158,8 @@ def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True):
     nbytes = 2 * layers * h * i
     return (f"GEMV chain {h}->{i}->{h} x{layers}, rows {rows}, {num_warps} warps, one persistent launch of "
             f"{chain.programs} programs"
-            f"{'' if waits else ', NO WAITS (ablation: wrong output)'} (cuBLAS column: a launch a stage)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
+            f"{'' if waits else ', NO WAITS (ablation: wrong output)'}{'' if prefetch else ', no L2 prefetch'} "
+            f"(cuBLAS column: a launch a stage)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
             graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
 
 
@@ -330,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in (8, 4):
             rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, r))
             rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
-        for r, warps, waits in ((8, 8, True), (4, 8, True), (8, 16, True), (16, 16, True), (8, 8, False)):
-            rows.append(bench_chain(H, M_ // tp, 48, r, warps, waits))
+        for r, warps, waits, prefetch in ((8, 8, True, True), (4, 8, True, True), (8, 16, True, True),
+                                          (8, 8, True, False), (8, 8, False, True)):
+            rows.append(bench_chain(H, M_ // tp, 48, r, warps, waits, prefetch))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))

@@ -55,10 +55,10 @@ from .router_pick import argmax_lowest, sigmoid_score
 # stage flags, and the desc columns of a stage (constexpr: the kernel reads them; the host takes .value)
 SWIGLU, RESIDUAL, NORM, ROUTER, EXPERTS, SCORED = (tl.constexpr(1 << i) for i in range(6))
 W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF, E_WSTRIDE, \
-    E_SSTRIDE, TILES, COLS = (tl.constexpr(i) for i in range(18))
+    E_SSTRIDE, TILES, WIDE, COLS = (tl.constexpr(i) for i in range(19))
 ALIGN = tl.constexpr(16)  # elements: every weight row, workspace part and norm weight starts on a multiple
 _COLUMNS = (W_OFF, N, K, X_OFF, SC_OFF, FIRST, FLAGS, OUT_OFF, RES_OFF, G_OFF, DEP0, DEP1, DEP2, LOGITS_OFF,
-            E_WSTRIDE, E_SSTRIDE, TILES)
+            E_WSTRIDE, E_SSTRIDE, TILES, WIDE)
 
 
 @triton.jit
@@ -109,126 +109,155 @@ def _input(act_ptr, g_ptr, st, x_off, k, flags, eps, ka, kb, KB: tl.constexpr):
 
 
 @triton.jit
-def _tile(desc_ptr, stage_ptr, t, TOTAL, r, ROWS: tl.constexpr):
-    """Tile t's stage, its row in desc, the stage's fields the weights need, the output each tile row
-    feeds (j), the weight row it reads (wrow; SwiGLU tiles interleave gate and up rows) and which rows are
-    in range. Past the last tile: the last tile's (its caller masks it off)."""
-    s = tl.load(stage_ptr + tl.minimum(t, TOTAL - 1))
-    st = desc_ptr + s * COLS
-    n, first, flags = tl.load(st + N), tl.load(st + FIRST), tl.load(st + FLAGS)
-    sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
-    j = (t - first) * (ROWS >> sw) + (r >> sw)
-    return s, st, n, first, flags, sw, j, (r & sw) * n + j, (j < n) & (t < TOTAL)
+def _prefetch_l2(ptr, nbytes, lane):
+    """Hopper bulk prefetch of nbytes (a multiple of 16, 16-byte aligned) at ptr into L2, by the thread whose
+    lane is 0 (one request, not one a thread). GPU only: the interpreter has no inline PTX."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.eq.s32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r", [ptr, nbytes, lane], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _fp8_rows(w_ptr, ws_ptr, st, wrow, valid, pick, ka, kb, KB: tl.constexpr):
-    """A tile's FP8 weight rows (two pieces, KA and KB columns) and their scales; expert stages: expert
-    `pick`'s. Rows start ALIGN elements apart and padding columns hold zeros: whole 16-byte loads."""
-    k = tl.load(st + K)
-    stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-    # hints on each term: one on an if's result is lost, and so is one on a sum that folds away (pick 0),
-    # and the loads then go byte by byte
+def _prefetch_tile(w_ptr, desc_ptr, stage_ptr, t, TOTAL, ROWS: tl.constexpr, THREADS: tl.constexpr):
+    """Ask L2 for tile t's FP8 weight rows (the gate and the up block of a SwiGLU tile): they are contiguous,
+    so one request a block. Not for router tiles (bf16, few), nor expert tiles (the expert is not known yet)."""
+    s = tl.load(stage_ptr + tl.minimum(t, TOTAL - 1))
+    st = desc_ptr + s * COLS
+    flags = tl.load(st + FLAGS)
+    if (t < TOTAL) & ((flags & (ROUTER | EXPERTS)) == 0):
+        n, first, k = tl.load(st + N), tl.load(st + FIRST), tl.load(st + K)
+        sw = flags & SWIGLU
+        per = (ROWS << tl.load(st + WIDE)) >> sw  # outputs a tile
+        row0 = (t - first) * per
+        stride = (k + ALIGN - 1) // ALIGN * ALIGN
+        nbytes = (tl.minimum(per, n - row0) * stride).to(tl.int32)
+        base = w_ptr + tl.load(st + W_OFF) + row0 * stride
+        lane = tl.arange(0, THREADS)
+        _prefetch_l2(base + lane * 0, nbytes + lane * 0, lane)
+        if sw:
+            _prefetch_l2(base + n * stride + lane * 0, nbytes + lane * 0, lane)
+
+
+@triton.jit
+def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+              RT: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, E_POW2: tl.constexpr):
+    """Tile t of stage s (row st of desc) as RT weight rows of WA (+ WB) columns: waits for the stage's
+    inputs first if `fresh` (this program's first tile of the stage), loads, multiplies, stores."""
+    dt = act_ptr.dtype.element_ty
+    ka = tl.arange(0, WA)
+    kb = ka  # unused without a second piece
+    if WB > 0:
+        kb = WA + tl.arange(0, WB)
+    r = tl.arange(0, RT)
+    n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
+    sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
+    j = (t - first) * (RT >> sw) + (r >> sw)  # the output each weight row feeds
+    valid = j < n
+    wrow = (r & sw) * n + j
+    stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)  # rows start ALIGN elements apart
+    a_mask = valid[:, None] & (ka < stride)[None, :]  # padding columns hold zeros: whole 16-byte loads
+    b_mask = valid[:, None] & (kb < stride)[None, :]
+    pick = t * 0  # tensors: an expert stage's pick sets them
+    score = (t * 0 + 1).to(tl.float32)
+    if flags & EXPERTS:  # the pick first: it chooses the weights
+        if fresh:
+            _wait_inputs(desc_ptr, ctr_ptr, st)
+        offs_e = tl.arange(0, E_POW2)  # .cg: the router's tiles wrote the logits, past this SM's L1
+        lg = tl.load(act_ptr + tl.load(st + LOGITS_OFF) + offs_e, mask=offs_e < E, other=float("-inf"),
+                     cache_modifier=".cg").to(tl.float32)
+        pick, best = argmax_lowest(lg, offs_e, E_POW2)
+        if flags & SCORED:
+            score = sigmoid_score(best, dt).to(tl.float32)
+    # hints on each term: one on an if's result is lost, and so is one on a sum that folds away (pick 0), and
+    # the loads then go byte by byte
     w_base = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + tl.multiple_of(
         pick.to(tl.int64) * tl.load(st + E_WSTRIDE), ALIGN)
     rows = w_base + wrow.to(tl.int64) * stride
-    wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < stride)[None, :], other=0.0)
-    wb = wa
-    if KB > 0:
-        wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < stride)[None, :], other=0.0)
-    s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
-    return wa, wb, tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
+    if flags & ROUTER:  # bf16 weights, the router kernel's fp32 sums of unquantized products
+        ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
+        if WB > 0:
+            rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+        if fresh:
+            _wait_inputs(desc_ptr, ctr_ptr, st)
+        xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb, WB)
+        y = tl.sum(ra.to(tl.float32) * xa.to(tl.float32)[None, :], axis=1)
+        if WB > 0:
+            y += tl.sum(rb.to(tl.float32) * xb.to(tl.float32)[None, :], axis=1)
+    else:  # the weights before the wait (but after an expert tile's pick): nothing writes them
+        wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
+        if WB > 0:
+            wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+        s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
+        ws = tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
+        if fresh and (flags & EXPERTS) == 0:
+            _wait_inputs(desc_ptr, ctr_ptr, st)
+        xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb, WB)
+        x_scale = tl.load(xs_ptr + s)
+        xa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
+        acc = tl.sum(wa.to(tl.float32) * to_e4m3(xa, x_scale).to(tl.float32)[None, :], axis=1)
+        if WB > 0:
+            xb = (xb.to(tl.float32) * score).to(dt)
+            acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
+        y = acc * (x_scale * ws)
+    out_off = tl.multiple_of(tl.load(st + OUT_OFF), ALIGN)
+    if sw:
+        gate, up = tl.split(tl.reshape(y, (RT // 2, 2)))
+        jo = (t - first) * (RT // 2) + tl.arange(0, RT // 2)
+        tl.store(act_ptr + out_off + jo, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=jo < n)
+    else:
+        yo = y.to(dt)
+        if flags & RESIDUAL:  # the bf16 add of the reference: both operands rounded, then the sum
+            res = tl.load(act_ptr + tl.load(st + RES_OFF) + j, mask=valid, other=0.0, cache_modifier=".cg")
+            yo = (res.to(tl.float32) + yo.to(tl.float32)).to(dt)
+        tl.store(act_ptr + out_off + j, yo, mask=valid)
 
 
 @triton.jit
 def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage_ptr, ctr_ptr, S, TOTAL, NPROG, E,
                   eps, ROWS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, E_POW2: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PREFETCH: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr):
     """desc: a row of COLS int64 a stage (the column names above; DEPn: stages to wait for, -1 none).
     stage: each tile's stage (int32). ctr: [0] programs done, [1 + s] tiles of stage s done; the last
     program out sets them back to 0 (the next call and graph replay start from zero). rw: the router
     stages' bf16 weights.
 
-    Program p runs tiles p, p + NPROG, ... in order, so it knows its next tile without a queue and loads
-    that tile's weights before it waits for (and computes) the current one: one tile's weights are always
-    in flight. Consecutive tiles of one stage wait once and read the input once, and the program signals the
-    stage once, with the count of its tiles there. Every program must be resident (NPROG <= SMs) since a
-    tile waits on tiles other programs hold; the smallest unfinished tile then always runs."""
-    dt = act_ptr.dtype.element_ty
-    ka = tl.arange(0, KA)
-    kb = ka  # unused without a second piece
-    if KB > 0:
-        kb = KA + tl.arange(0, KB)
-    r = tl.arange(0, ROWS)
-    zero = tl.full([], 0, tl.int32)
+    Program p runs tiles p, p + NPROG, ... in order, so it knows its next tile without a queue: with
+    PREFETCH it asks L2 for that tile's weights before it runs the current one. Consecutive tiles of one
+    stage wait once, and the program signals the stage once, with the count of its tiles there. Every
+    program must be resident (NPROG <= SMs) since a tile waits on tiles other programs hold; the smallest
+    unfinished tile then always runs. A stage's tiles are ROWS << WIDE rows of KA + KB >> WIDE columns:
+    the same registers for any K, and no multiplies of masked columns for narrow ones."""
     t = tl.program_id(0)
-    s, st, n, first, flags, sw, j, wrow, valid = _tile(desc_ptr, stage_ptr, t, TOTAL, r, ROWS)
-    # weights depend on nothing: the first tile's stream before the predecessor's wait (not a router's, nor
-    # an expert's, which needs the pick)
-    wa, wb, ws = _fp8_rows(w_ptr, ws_ptr, st, wrow, valid & ((flags & (ROUTER | EXPERTS)) == 0), zero, ka, kb, KB)
+    if PREFETCH:  # weights depend on nothing: the first tile's stream before the predecessor's wait
+        _prefetch_tile(w_ptr, desc_ptr, stage_ptr, t, TOTAL, ROWS, THREADS)
     pdl_enter(PDL)  # the first stage's input may be the previous kernel's output
-    x_stage = zero - 1  # the stage whose input xa, xb hold (waited for)
-    xa = tl.zeros([KA], dt)
-    xb = tl.zeros([KB if KB > 0 else KA], dt)
-    done = zero  # this program's tiles of stage s not yet signalled
+    x_stage = t * 0 - 1  # the stage this program last waited for
+    done = t * 0  # this program's tiles of that stage not yet signalled
     while t < TOTAL:
-        k = tl.load(st + K)
-        # the next tile's weights first: they stream while this tile waits and computes
+        s = tl.load(stage_ptr + t)
+        st = desc_ptr + s * COLS
         tn = t + NPROG
-        sn, stn, nn, first_n, flags_n, swn, jn, wrown, validn = _tile(desc_ptr, stage_ptr, tn, TOTAL, r, ROWS)
-        na, nb, nws = _fp8_rows(w_ptr, ws_ptr, stn, wrown, validn & ((flags_n & (ROUTER | EXPERTS)) == 0), zero,
-                                ka, kb, KB)
-        fresh = s != x_stage  # a new stage: wait for what it reads, then read its input
-        if fresh:
-            _wait_inputs(desc_ptr, ctr_ptr, st)
-        score = (zero + 1).to(tl.float32)
-        if flags & EXPERTS:  # the pick chooses the weights: loaded now, not ahead
-            offs_e = tl.arange(0, E_POW2)  # .cg: the router's tiles wrote the logits, past this SM's L1
-            lg = tl.load(act_ptr + tl.load(st + LOGITS_OFF) + offs_e, mask=offs_e < E, other=float("-inf"),
-                         cache_modifier=".cg").to(tl.float32)
-            pick, best = argmax_lowest(lg, offs_e, E_POW2)
-            if flags & SCORED:
-                score = sigmoid_score(best, dt).to(tl.float32)
-            wa, wb, ws = _fp8_rows(w_ptr, ws_ptr, st, wrow, valid, pick, ka, kb, KB)
-        if fresh:
-            xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb,
-                            KB)
-            x_stage = s
-        if flags & ROUTER:  # bf16 weights, the router kernel's fp32 sums of unquantized products
-            stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-            rows = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + wrow.to(tl.int64) * stride
-            ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < stride)[None, :], other=0.0)
-            y = tl.sum(ra.to(tl.float32) * xa.to(tl.float32)[None, :], axis=1)
-            if KB > 0:
-                rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < stride)[None, :],
-                             other=0.0)
-                y += tl.sum(rb.to(tl.float32) * xb.to(tl.float32)[None, :], axis=1)
+        sn = tl.load(stage_ptr + tl.minimum(tn, TOTAL - 1))
+        if PREFETCH:
+            _prefetch_tile(w_ptr, desc_ptr, stage_ptr, tn, TOTAL, ROWS, THREADS)
+        fresh = s != x_stage
+        wide = tl.load(st + WIDE)
+        if wide == 0:
+            _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+                      ROWS, KA, KB, E_POW2)
+        elif wide == 1:
+            _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+                      2 * ROWS, KA // 2, 0, E_POW2)
         else:
-            x_scale = tl.load(xs_ptr + s)
-            xsa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
-            acc = tl.sum(wa.to(tl.float32) * to_e4m3(xsa, x_scale).to(tl.float32)[None, :], axis=1)
-            if KB > 0:
-                xsb = (xb.to(tl.float32) * score).to(dt)
-                acc += tl.sum(wb.to(tl.float32) * to_e4m3(xsb, x_scale).to(tl.float32)[None, :], axis=1)
-            y = acc * (x_scale * ws)
-        out_off = tl.multiple_of(tl.load(st + OUT_OFF), ALIGN)
-        if sw:
-            gate, up = tl.split(tl.reshape(y, (ROWS // 2, 2)))
-            jo = (t - first) * (ROWS // 2) + tl.arange(0, ROWS // 2)
-            tl.store(act_ptr + out_off + jo, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=jo < n)
-        else:
-            yo = y.to(dt)
-            if flags & RESIDUAL:  # the bf16 add of the reference: both operands rounded, then the sum
-                res = tl.load(act_ptr + tl.load(st + RES_OFF) + j, mask=valid, other=0.0, cache_modifier=".cg")
-                yo = (res.to(tl.float32) + yo.to(tl.float32)).to(dt)
-            tl.store(act_ptr + out_off + j, yo, mask=valid)
+            _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+                      4 * ROWS, KA // 4, 0, E_POW2)
+        x_stage = s
         done += 1
         if (sn != s) | (tn >= TOTAL):  # this program's last tile of stage s: signal them all at once
             tl.debug_barrier()  # every thread's store before the release
             tl.atomic_add(ctr_ptr + 1 + s, done, sem="release", scope="gpu")
-            done = zero
-        t, s, st, n, first, flags, sw, j, wrow, valid = tn, sn, stn, nn, first_n, flags_n, swn, jn, wrown, validn
-        wa, wb, ws = na, nb, nws
+            done = t * 0
+        t = tn
     if last_to_arrive(ctr_ptr, NPROG):  # every tile is done: reset for the next call
         for i in range(0, S):
             tl.atomic_xchg(ctr_ptr + 1 + i, 0)
@@ -238,6 +267,15 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage
 def _aligned(v: int) -> int:
     """v rounded up to a multiple of ALIGN (weight rows and workspace parts start on one)."""
     return -(-v // ALIGN.value) * ALIGN.value
+
+
+def _wide(k: int, ka: int) -> int:
+    """A stage's tile shape: rows << w rows of ka >> w columns (w = 0: ka + kb columns), the narrowest that
+    holds K. K=2048 and 1024 at one TP8 rank (fc2 of the dense MLP, of the experts): 2 and 4 times the rows."""
+    for w in (2, 1):
+        if _aligned(k) <= ka >> w and ka >> w >= ALIGN.value:
+            return w
+    return 0
 
 
 def _packed(weights: list[torch.Tensor], dtype: torch.dtype, dev) -> torch.Tensor:
@@ -276,11 +314,14 @@ class GemvChain:
 
     def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
                  eps: float = 1e-5, inputs: tuple[int, ...] | None = None, share_weights: bool = False,
-                 workspace: torch.Tensor | None = None, start: int = 0, input_at: tuple[int | None, ...] = ()):
+                 workspace: torch.Tensor | None = None, start: int = 0, input_at: tuple[int | None, ...] = (),
+                 prefetch: bool = True):
         stages = checked_stages(stages, inputs)
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
         dev = stages[0].weight.device
+        self.ka, self.kb = k_pieces(max(st.k for st in stages))
+        self.prefetch = prefetch and dev.type == "cuda"  # inline PTX: not in the interpreter
         self.inputs = tuple(inputs or (stages[0].k,))
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
         a = ALIGN.value
@@ -314,7 +355,8 @@ class GemvChain:
             if st.experts_from is not None:
                 row.update({LOGITS_OFF: offs[st.experts_from], E_WSTRIDE: st.rows * _aligned(st.k),
                             E_SSTRIDE: st.rows})
-            row[TILES] = triton.cdiv(st.n_out, rows >> st.swiglu)
+            row[WIDE] = _wide(st.k, self.ka)
+            row[TILES] = triton.cdiv(st.n_out, (rows << row[WIDE]) >> st.swiglu)
             size = st.weight[..., :1].numel() * _aligned(st.k)  # rows padded to a multiple of ALIGN
             if st.router:
                 rw_off += size
@@ -349,7 +391,6 @@ class GemvChain:
                              f"got {workspace.dtype} of {workspace.numel()}, start {start}")
         self.act = workspace  # the chain's inputs and every stage's output (several chains may share one)
         self.counters = torch.zeros(1 + len(stages), dtype=torch.int32, device=dev)
-        self.ka, self.kb = k_pieces(max(st.k for st in stages))
         # every program resident at once (tiles wait on other programs' tiles): about 240 registers a thread
         # at 8 warps leave room for one an SM. The interpreter runs programs one after another: one program
         # there, which takes the tiles in order.
@@ -370,8 +411,8 @@ class GemvChain:
         _chain_kernel[(self.programs,)](
             self.weights, self.router_weights, self.row_scales, self.input_scales, self.norm_weights, self.act,
             self.desc, self.tile_stage, self.counters, len(self.desc), self.tiles, self.programs, self.e, self.eps,
-            ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e),
-            **pdl_launch(xs[0].device), num_warps=self.num_warps)
+            ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e), PREFETCH=self.prefetch,
+            THREADS=32 * self.num_warps, **pdl_launch(xs[0].device), num_warps=self.num_warps)
         return self.output(-1)
 
     def output(self, stage: int) -> torch.Tensor:
