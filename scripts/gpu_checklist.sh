@@ -4,10 +4,10 @@
 # first token (eager prefill vs its CUDA graph), the end-to-end engine run. Each part has its own time
 # limit; full logs go to $OUT (default ./gpu-logs), a summary is printed last.
 # Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
-# Parts: tests tune kernels tp chain step ttft e2e engine spec compiles persistent (default: all but spec,
-# compiles and persistent).
+# Parts: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent (default: all
+# but spec, compiles, compiles-spec and persistent).
 # One device call runs at most 10 minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain
-# step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 330 s), "persistent" (<= 400 s), then on 2-4 GPUs "tp
+# step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 450 s), "compiles-spec" (<= 180 s), "persistent" (<= 400 s), then on 2-4 GPUs "tp
 # e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
@@ -30,8 +30,9 @@ run() {  # name, seconds, command...
 for part in $PARTS; do
   case $part in
     tests) multi=$([ "$GPUS" -ge 2 ] && echo tests/test_allreduce.py)  # its GPU tests need 2 and 4 GPUs
-           # the 4-GPU case fails (never skips) where it cannot run; leave it out on 2 GPUs
-           only=(); [ "$GPUS" -lt 4 ] && only=(-k "not on_gpus[4]")
+           # the 4-GPU case fails (never skips) where it cannot run; leave it out on 2 GPUs. The load-and-serve
+           # compile tests (about a minute each) run in the compiles part.
+           only=(-k "not serving_after_load"); [ "$GPUS" -lt 4 ] && only=(-k "not on_gpus[4] and not serving_after_load")
            run gpu_tests 330 python3 -m pytest -q -o addopts="" tests/test_kernels.py tests/test_gpu.py $multi "${only[@]}" -p no:cacheprovider ;;
     tune) run tune 300 python3 -m maverick.bench tune ;;
     kernels) run kernels 150 python3 -m maverick.bench kernels ;;
@@ -49,12 +50,13 @@ for part in $PARTS; do
           run spec 150 python3 -m maverick.bench spec --draft-lens 1,2,3,4 --json "$OUT/spec.json"
           run spec_fp8 90 python3 -m maverick.bench spec --draft-lens 2,3 --draft-fp8 all --json "$OUT/spec_fp8.json"
           run spec_e2e 150 python3 -m maverick.bench spec-e2e --concurrency 1,4 --draft-lens 1,2,3 --json "$OUT/spec_e2e.json" ;;
-    compiles) run compiles 150 python3 -m maverick.bench compiles --max-batch-size 16 --max-num-tokens 1024 --max-seq-len 2048
-              run compiles_spec 180 python3 -m maverick.bench compiles --max-batch-size 8 --max-num-tokens 1024 --max-seq-len 2048 --max-draft-len 3 ;;
+    compiles) run compiles_tests 300 python3 -m pytest -q -o addopts="" tests/test_gpu.py -k serving_after_load -p no:cacheprovider
+              run compiles 150 python3 -m maverick.bench compiles --max-batch-size 16 --max-num-tokens 1024 --max-seq-len 2048 ;;
+    compiles-spec) run compiles_spec 180 python3 -m maverick.bench compiles --max-batch-size 8 --max-num-tokens 1024 --max-seq-len 2048 --max-draft-len 3 ;;
     persistent) run persistent_tests 120 python3 -m pytest -q -o addopts="" tests/test_gpu.py tests/test_kernels.py tests/test_persistent_tail.py -k "persistent or chain or dense_mlp or moe_block_in_one or decoder_layer_tail or layer_tail" -p no:cacheprovider
                 run persistent_kernels 140 python3 -m maverick.bench kernels --ops chain --tokens 1
                 run persistent_step 140 python3 -m maverick.bench step --batches 1 --contexts 1024,8192 --persistent --json "$OUT/persistent_step.json" ;;
-    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles persistent)" >&2; exit 2 ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"

@@ -440,8 +440,9 @@ def test_warmup_with_a_draft_runs_a_round_and_leaves_the_cache_as_it_was(spec_pa
     runner.warmup(max_num_tokens)
     spec_rounds = [r for r in rounds if r[0][1]]
     assert spec_rounds == ([[(126, 1, 126)]] if max_num_tokens > 128 else [[(29, 2, 29)], [(28, 3, 28)]])
-    # then the draft alone at every extend size 1..k+1 and each prefill tile's sizes (outside any round)
-    assert extends[-10:] == [[1], [2], [3], [4], [9], [16], [17], [32], [33], [64]]
+    # then the draft alone at every size the decode attention kernel takes (1..8 new tokens, k + 1 = 4 among
+    # them) and each prefill tile's sizes (outside any round)
+    assert extends[-14:] == [[1], [2], [3], [4], [5], [6], [7], [8], [9], [16], [17], [32], [33], [64]]
     assert runner.kv.all_free
     monkeypatch.undo()
     reqs, _ = _generate(runner, prompts, _greedy_params())

@@ -903,3 +903,17 @@ def test_persistent_layers_match_the_layer_by_layer_step(monkeypatch):
     assert r < 0.1 and int(eager[-1].argmax()) == int(want[-1].argmax()), r
     runner.capture_cuda_graphs([1])
     assert torch.equal(one_token_step_logits(runner, ids), eager)
+
+
+@pytest.mark.parametrize("draft", [0, 3])
+def test_serving_after_load_compiles_and_captures_nothing(draft, capsys):
+    """One TP8 rank at full Maverick shapes (random FP8 weights), loaded as the runtime loads it (warm-up,
+    graphs), then requests of every batch size and prompt size class (and random ones), with and without an
+    EAGLE-3 draft verifying 3: no Triton specialization and no CUDA graph capture while serving (a user's
+    first requests of a new shape would pay for a compiler). maverick-bench compiles --strict counts them."""
+    from maverick.bench.compiles import main
+
+    args = ["--max-batch-size", "4", "--max-num-tokens", "256", "--max-seq-len", "512", "--strict"]
+    rc = main(args + (["--max-draft-len", str(draft)] if draft else []))
+    out = capsys.readouterr().out
+    assert rc == 0 and "0 Triton specializations, 0 graph captures" in out, out

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--max-draft-len", type=int, default=0,
                    help="with an EAGLE-3 draft at NVIDIA's Maverick head shapes (random weights) verifying this many")
+    p.add_argument("--strict", action="store_true", help="exit 1 if serving compiled or captured anything")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: maverick-bench compiles needs a CUDA GPU", file=sys.stderr)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
           f"specializations, {serving.captures} graph captures")
     for line, full in zip(new_specializations(at_load.compiles, serving.compiles), serving.compiles):
         print(f"  compiled while serving: {line}\n    {full}")
-    return 0
+    return 1 if a.strict and (serving.compiles or serving.captures) else 0
 
 
 def describe(name: str, params: list[str], compile: dict) -> str:

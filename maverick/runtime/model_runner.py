@@ -112,11 +112,14 @@ class ModelRunner:
 
     def _warm_draft_extends(self) -> None:
         """The draft's eager extends at each size class its attention kernels specialize on (outside the
-        round graphs: rounds that max_tokens or a chunk end cuts short, a prompt's first): 1..k+1 positions
-        (the decode kernel's row tile follows them; the graphs hold only 1 and k+1), then prompt lengths at
-        each prefill tile (16, 32, 64 rows), one a multiple of 16 and one not. With k = 3 on H100, serving
-        still compiled the decode, merge and prefill attention kernels (4 specializations) before this."""
-        sizes = [*range(1, self.spec.k + 2), 9, 16, 17, 32, 33, 64]
+        round graphs: rounds that max_tokens or a chunk end cuts short, a prompt's first): every count of
+        positions the decode attention kernel takes (its row tile follows them: 7 and 8 positions at 5 query
+        heads a KV head fill 64 rows, which k + 1 = 4 never reach; the graphs hold only 1 and k+1), then
+        prompt lengths at each prefill tile (16, 32, 64 rows), one a multiple of 16 and one not. Serving
+        compiled the decode and merge kernels of 64 rows (7-8-token prompts) at k = 3 on H100 while only
+        1..k+1 were warmed."""
+        decode_max = dispatch.table(self.device).attention_max_new_tokens
+        sizes = [*range(1, max(self.spec.k + 1, decode_max) + 1), 9, 16, 17, 32, 33, 64]
         for q in sorted(set(sizes)):
             if q >= self.max_seq_len or not self.kv.can_grow(-1, q + 1):
                 continue
