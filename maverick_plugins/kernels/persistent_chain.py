@@ -1,12 +1,22 @@
-"""A chain of FP8 GEMVs as one persistent launch: tiles from a queue, each waiting on a counter for its input.
+"""A chain of FP8 GEMVs as one persistent launch: each program runs its tiles in order, each tile waiting on a
+counter for its input.
 
 The first piece of a persistent decode kernel. A decode step at batch 1 is a chain of small weight
 streams, and each launch pays a fixed ramp that PDL hides only in part: the 48-layer GEMV chain reached
-44% of bandwidth at one H200 rank. Here the whole chain is one grid of about two programs an SM. A program
-takes the next tile (ROWS weight rows of one stage) from a queue counter. It loads that tile's weights
-first, since weights depend on nothing. Then it waits until every tile of the stages it reads has
-signalled, reads their output, and signals its own stage. So the next stage's weights stream in while the
-current stage finishes, with no launch between them.
+44% of bandwidth at one H200 rank. Here the whole chain is one grid of one program an SM (about 240
+registers a thread at 8 warps leave room for one). Program p runs tiles p, p + programs, ... (a tile: ROWS
+weight rows of one stage), so it knows its next tile without a queue and asks L2 for that tile's weights
+(one bulk prefetch a contiguous block) before it runs the current one. A tile loads its weights before it
+waits until every tile of the stages it reads has signalled; the program waits once a stage and signals
+once a stage, with the count of its tiles there. Stages with K at most a half (a quarter) of the widest
+take tiles of twice (four times) the rows and fewer columns: the same registers, no multiplies of masked
+columns (fc2 of the dense MLP, K=2048 at TP8; of the experts, K=1024).
+
+Measured (H100, one TP8 rank's shapes, 50f1ecd; BENCHMARKS.md): the 48-layer GEMV chain in 1.06 ms against
+0.46 ms as one launch a stage; 0.85 ms without the waits (the tiles alone: one program an SM issues 0.3
+instructions a cycle a scheduler, L1 scoreboard stalls first); the waits cost about 2.2 us a stage. The
+tiles' FP32 math after the wait, not the stream, sets the pace (benchmarks/HISTORY.md part 19: the
+counters, and what comes next).
 
 A stage may also do what the launches around a GEMV do in a decoder layer, so a dense MLP block (RMSNorm,
 fc13 + SwiGLU, fc2, residual add) is two stages and no other launch:
@@ -22,16 +32,15 @@ fc13 + SwiGLU, fc2, residual add) is two stages and no other launch:
   logits (ties: the lowest id), picked in the tile itself; scored: the input times sigmoid(logit of e), the
   score Llama 4 puts on the expert's input. So the router's pick feeds the expert tiles with no host
   round trip and no pick step. Such a tile waits before it loads its weights (it needs e); the shared
-  expert's tiles, queued before, stream theirs meanwhile.
+  expert's tiles, numbered before, stream theirs meanwhile.
 A stage reads its input from any earlier stage (by default the one before) or from one of the chain's
 inputs (a layer's attention output and residual stream, say), and waits for exactly the
 stages it reads: its input, its residual and its router.
 
-Tiles are queued in stage order. A tile waits only on tiles that were taken before it, by programs that
-are already running and never wait on later tiles, so the chain cannot deadlock whatever the grid size or
-residency. The Triton interpreter (CPU) runs programs one after another and still completes: the first
-program takes every tile in order. Every stage writes its own part of the workspace, so no tile
-overwrites what a later one still reads.
+Tiles are numbered in stage order and a tile waits only on lower-numbered ones. Every program is resident
+(at most one an SM), so the lowest unfinished tile always runs: no deadlock. The Triton interpreter (CPU)
+runs programs one after another, so there the chain is one program, which runs every tile in order. Every
+stage writes its own part of the workspace, so no tile overwrites what a later one still reads.
 
 The arithmetic is that of the launches it replaces: add_rms_norm's norm (fp32 sums, bf16 rounding, times
 the weight), fp8_gemv's products (x quantized with the stage's static scale, exact e4m3 products, fp32 sums,
@@ -139,94 +148,68 @@ def _prefetch_tile(w_ptr, desc_ptr, stage_ptr, t, TOTAL, ROWS: tl.constexpr, THR
 
 
 @triton.jit
-def _rows(st, t, RT: tl.constexpr):
-    """Tile t of the stage at st as RT weight rows: the output each row feeds (j; SwiGLU tiles interleave
-    gate and up rows), the weight row it reads, which rows are in range, and the row stride."""
-    n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
-    r = tl.arange(0, RT)
-    sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
-    j = (t - first) * (RT >> sw) + (r >> sw)
-    stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)  # rows start ALIGN elements apart
-    return j, (r & sw) * n + j, j < n, stride
-
-
-@triton.jit
-def _weights(w_ptr, ws_ptr, st, t, pick, on, RT: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr):
-    """The tile's FP8 weight rows (WA and WB columns) and their scales; expert stages: expert `pick`'s. Only
-    where `on` (masked loads read nothing). Padding columns hold zeros: whole 16-byte loads."""
-    j, wrow, valid, stride = _rows(st, t, RT)
-    ka = tl.arange(0, WA)
-    kb = WA + tl.arange(0, WB if WB > 0 else WA)
-    valid = valid & on
-    # hints on each term: one on an if's result is lost, and so is one on a sum that folds away (pick 0), and
-    # the loads then go byte by byte
-    w_base = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + tl.multiple_of(
-        pick.to(tl.int64) * tl.load(st + E_WSTRIDE), ALIGN)
-    rows = w_base + wrow.to(tl.int64) * stride
-    wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < stride)[None, :], other=0.0)
-    wb = wa
-    if WB > 0:
-        wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < stride)[None, :], other=0.0)
-    s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
-    return wa, wb, tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
-
-
-@triton.jit
-def _stage_input(act_ptr, g_ptr, xs_ptr, desc_ptr, ctr_ptr, s, st, E, eps, WA: tl.constexpr, WB: tl.constexpr,
-                 E_POW2: tl.constexpr):
-    """A program's first tile of stage s: wait for what the stage reads, pick its expert (expert stages:
-    the top-1 of the router stage's logits), and quantize its input (RMSNormed, times the expert's score)
-    once for all the program's tiles of the stage. -> (input pieces in e4m3, the pick)."""
+def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+              RT: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, E_POW2: tl.constexpr):
+    """Tile t of stage s (row st of desc) as RT weight rows of WA (+ WB) columns: waits for the stage's
+    inputs first if `fresh` (this program's first tile of the stage), loads, multiplies, stores."""
     dt = act_ptr.dtype.element_ty
-    _wait_inputs(desc_ptr, ctr_ptr, st)
-    flags = tl.load(st + FLAGS)
-    pick = s * 0
-    score = (s * 0 + 1).to(tl.float32)
-    if flags & EXPERTS:
+    ka = tl.arange(0, WA)
+    kb = ka  # unused without a second piece
+    if WB > 0:
+        kb = WA + tl.arange(0, WB)
+    r = tl.arange(0, RT)
+    n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
+    sw = flags & SWIGLU  # 1: tile row r is gate (even r) or up (odd r) of output (r >> 1)
+    j = (t - first) * (RT >> sw) + (r >> sw)  # the output each weight row feeds
+    valid = j < n
+    wrow = (r & sw) * n + j
+    stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)  # rows start ALIGN elements apart
+    a_mask = valid[:, None] & (ka < stride)[None, :]  # padding columns hold zeros: whole 16-byte loads
+    b_mask = valid[:, None] & (kb < stride)[None, :]
+    pick = t * 0  # tensors: an expert stage's pick sets them
+    score = (t * 0 + 1).to(tl.float32)
+    if flags & EXPERTS:  # the pick first: it chooses the weights
+        if fresh:
+            _wait_inputs(desc_ptr, ctr_ptr, st)
         offs_e = tl.arange(0, E_POW2)  # .cg: the router's tiles wrote the logits, past this SM's L1
         lg = tl.load(act_ptr + tl.load(st + LOGITS_OFF) + offs_e, mask=offs_e < E, other=float("-inf"),
                      cache_modifier=".cg").to(tl.float32)
         pick, best = argmax_lowest(lg, offs_e, E_POW2)
         if flags & SCORED:
             score = sigmoid_score(best, dt).to(tl.float32)
-    ka = tl.arange(0, WA)
-    kb = WA + tl.arange(0, WB if WB > 0 else WA)
-    xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), tl.load(st + K), flags, eps,
-                    ka, kb, WB)
-    x_scale = tl.load(xs_ptr + s)
-    # moe_gemv rounds score * x to bf16 (exact at score 1), then quantizes
-    qa = to_e4m3((xa.to(tl.float32) * score).to(dt), x_scale)
-    qb = to_e4m3((xb.to(tl.float32) * score).to(dt), x_scale)
-    return qa, qb, pick
-
-
-@triton.jit
-def _finish(rw_ptr, xs_ptr, g_ptr, act_ptr, s, st, t, wa, wb, ws, qa, qb, eps, RT: tl.constexpr, WA: tl.constexpr,
-            WB: tl.constexpr):
-    """The tile's outputs from its weights and the stage's quantized input (router stages: from the bf16
-    router rows and the unquantized input), stored: SwiGLU, residual add."""
-    dt = act_ptr.dtype.element_ty
-    j, wrow, valid, stride = _rows(st, t, RT)
-    n, k, first, flags = tl.load(st + N), tl.load(st + K), tl.load(st + FIRST), tl.load(st + FLAGS)
-    ka = tl.arange(0, WA)
-    kb = WA + tl.arange(0, WB if WB > 0 else WA)
+    # hints on each term: one on an if's result is lost, and so is one on a sum that folds away (pick 0), and
+    # the loads then go byte by byte
+    w_base = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + tl.multiple_of(
+        pick.to(tl.int64) * tl.load(st + E_WSTRIDE), ALIGN)
+    rows = w_base + wrow.to(tl.int64) * stride
     if flags & ROUTER:  # bf16 weights, the router kernel's fp32 sums of unquantized products
-        rows = tl.multiple_of(tl.load(st + W_OFF), ALIGN) + wrow.to(tl.int64) * stride
-        ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=valid[:, None] & (ka < stride)[None, :], other=0.0)
+        ra = tl.load(rw_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
+        if WB > 0:
+            rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+        if fresh:
+            _wait_inputs(desc_ptr, ctr_ptr, st)
         xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb, WB)
         y = tl.sum(ra.to(tl.float32) * xa.to(tl.float32)[None, :], axis=1)
         if WB > 0:
-            rb = tl.load(rw_ptr + rows[:, None] + kb[None, :], mask=valid[:, None] & (kb < stride)[None, :],
-                         other=0.0)
             y += tl.sum(rb.to(tl.float32) * xb.to(tl.float32)[None, :], axis=1)
-    else:
-        x_scale = tl.load(xs_ptr + s)
-        acc = tl.sum(wa.to(tl.float32) * qa.to(tl.float32)[None, :], axis=1)
+    else:  # the weights before the wait (but after an expert tile's pick): nothing writes them
+        wa = tl.load(w_ptr + rows[:, None] + ka[None, :], mask=a_mask, other=0.0)
         if WB > 0:
-            acc += tl.sum(wb.to(tl.float32) * qb.to(tl.float32)[None, :], axis=1)
+            wb = tl.load(w_ptr + rows[:, None] + kb[None, :], mask=b_mask, other=0.0)
+        s_base = tl.load(st + SC_OFF) + pick.to(tl.int64) * tl.load(st + E_SSTRIDE)
+        ws = tl.load(ws_ptr + s_base + wrow, mask=valid, other=0.0)
+        if fresh and (flags & EXPERTS) == 0:
+            _wait_inputs(desc_ptr, ctr_ptr, st)
+        xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb, WB)
+        x_scale = tl.load(xs_ptr + s)
+        xa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
+        acc = tl.sum(wa.to(tl.float32) * to_e4m3(xa, x_scale).to(tl.float32)[None, :], axis=1)
+        if WB > 0:
+            xb = (xb.to(tl.float32) * score).to(dt)
+            acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
         y = acc * (x_scale * ws)
     out_off = tl.multiple_of(tl.load(st + OUT_OFF), ALIGN)
-    if flags & SWIGLU:
+    if sw:
         gate, up = tl.split(tl.reshape(y, (RT // 2, 2)))
         jo = (t - first) * (RT // 2) + tl.arange(0, RT // 2)
         tl.store(act_ptr + out_off + jo, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=jo < n)
@@ -236,25 +219,6 @@ def _finish(rw_ptr, xs_ptr, g_ptr, act_ptr, s, st, t, wa, wb, ws, qa, qb, eps, R
             res = tl.load(act_ptr + tl.load(st + RES_OFF) + j, mask=valid, other=0.0, cache_modifier=".cg")
             yo = (res.to(tl.float32) + yo.to(tl.float32)).to(dt)
         tl.store(act_ptr + out_off + j, yo, mask=valid)
-
-
-@triton.jit
-def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, qa, qb, pick, E,
-              eps, RT: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, E_POW2: tl.constexpr):
-    """Tile t of stage s as RT weight rows of WA (+ WB) columns. The weights load before the wait (nothing
-    writes them), except an expert tile's, which follow the pick. fresh: the program's first tile of the
-    stage, which waits and quantizes the input (qa, qb) and picks the expert for the rest. -> (qa, qb, pick)."""
-    flags = tl.load(st + FLAGS)
-    if flags & EXPERTS:
-        if fresh:
-            qa, qb, pick = _stage_input(act_ptr, g_ptr, xs_ptr, desc_ptr, ctr_ptr, s, st, E, eps, WA, WB, E_POW2)
-        wa, wb, ws = _weights(w_ptr, ws_ptr, st, t, pick, True, RT, WA, WB)
-    else:
-        wa, wb, ws = _weights(w_ptr, ws_ptr, st, t, s * 0, (flags & ROUTER) == 0, RT, WA, WB)
-        if fresh:
-            qa, qb, pick = _stage_input(act_ptr, g_ptr, xs_ptr, desc_ptr, ctr_ptr, s, st, E, eps, WA, WB, E_POW2)
-    _finish(rw_ptr, xs_ptr, g_ptr, act_ptr, s, st, t, wa, wb, ws, qa, qb, eps, RT, WA, WB)
-    return qa, qb, pick
 
 
 @triton.jit
@@ -268,23 +232,16 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage
 
     Program p runs tiles p, p + NPROG, ... in order, so it knows its next tile without a queue: with
     PREFETCH it asks L2 for that tile's weights before it runs the current one. Consecutive tiles of one
-    stage wait once and quantize the input once, and the program signals the stage once, with the count
-    of its tiles there. Every program must be resident (NPROG <= SMs) since a tile waits on tiles other
-    programs hold; the smallest unfinished tile then always runs. A stage's tiles are ROWS << WIDE rows of
-    KA + KB >> WIDE columns: the same registers for any K, and no multiplies of masked columns for narrow
-    ones."""
+    stage wait once, and the program signals the stage once, with the count of its tiles there. Every
+    program must be resident (NPROG <= SMs) since a tile waits on tiles other programs hold; the smallest
+    unfinished tile then always runs. A stage's tiles are ROWS << WIDE rows of KA + KB >> WIDE columns:
+    the same registers for any K, and no multiplies of masked columns for narrow ones."""
     t = tl.program_id(0)
     if PREFETCH:  # weights depend on nothing: the first tile's stream before the predecessor's wait
         _prefetch_tile(w_ptr, desc_ptr, stage_ptr, t, TOTAL, ROWS, THREADS)
     pdl_enter(PDL)  # the first stage's input may be the previous kernel's output
     x_stage = t * 0 - 1  # the stage this program last waited for
     done = t * 0  # this program's tiles of that stage not yet signalled
-    pick = t * 0
-    # the stage's quantized input, one pair of pieces a tile width (WIDE 0, 1, 2), kept across its tiles
-    q0a = tl.zeros([KA], tl.float8e4nv)
-    q0b = tl.zeros([KB if KB > 0 else KA], tl.float8e4nv)
-    q1 = tl.zeros([KA // 2], tl.float8e4nv)
-    q2 = tl.zeros([KA // 4], tl.float8e4nv)
     while t < TOTAL:
         s = tl.load(stage_ptr + t)
         st = desc_ptr + s * COLS
@@ -295,14 +252,14 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage
         fresh = s != x_stage
         wide = tl.load(st + WIDE)
         if wide == 0:
-            q0a, q0b, pick = _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t,
-                                       fresh, q0a, q0b, pick, E, eps, ROWS, KA, KB, E_POW2)
+            _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+                      ROWS, KA, KB, E_POW2)
         elif wide == 1:
-            q1, q1_unused, pick = _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t,
-                                    fresh, q1, q1, pick, E, eps, 2 * ROWS, KA // 2, 0, E_POW2)
+            _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+                      2 * ROWS, KA // 2, 0, E_POW2)
         else:
-            q2, q2_unused, pick = _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t,
-                                    fresh, q2, q2, pick, E, eps, 4 * ROWS, KA // 4, 0, E_POW2)
+            _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
+                      4 * ROWS, KA // 4, 0, E_POW2)
         x_stage = s
         done += 1
         if (sn != s) | (tn >= TOTAL):  # this program's last tile of stage s: signal them all at once
