@@ -60,7 +60,7 @@ def hang_dump_s() -> float:
 def persistent() -> bool:
     """MAVERICK_PERSISTENT=1: one-token steps run each decoder layer as its attention kernel and one persistent
     launch for the rest (o_proj, FFN, the next qkv; maverick/layers/persistent_tail.py), on one rank. Off by
-    default until measured in the step; 0 or unset: off."""
+    default: measured at twice the layer-by-layer step's time (H100, BENCHMARKS.md); 0 or unset: off."""
     value = os.environ.get("MAVERICK_PERSISTENT", "0").strip()
     if value not in ("0", "1"):
         raise ValueError(f"MAVERICK_PERSISTENT={value!r}: expected 0 or 1")
