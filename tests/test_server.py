@@ -300,7 +300,8 @@ def test_api_key_edge_cases(tiny_engine):
 
 
 def test_sigterm_ends_long_streams_with_an_error_event_and_done(tiny_engine):
-    s = Server(tiny_engine, "--shutdown-grace", "0.5")
+    # a grace far shorter than the 240 tokens take on a CPU (0.5 s once let a fast run finish them all)
+    s = Server(tiny_engine, "--shutdown-grace", "0.1")
     try:
         body = {"model": MODEL, "prompt": "The harbor", "max_tokens": 240, "temperature": 0, "stream": True,
                 "ignore_eos": True}
