@@ -28,7 +28,7 @@ print(torch.cuda.get_device_name(), "tiles", chain.tiles, "programs", nprog, flu
 
 
 def build(nbuf, nc=8):
-    smem = nbuf * 40960 + 16 * nbuf + 4 * 5120
+    smem = nbuf * (40960 + 16 + 112) + 4 * 5120  # slots, mbarriers, tile headers (112 bytes), the input
     for arch in ((), ("-arch=sm_90a",), ("--gpu-architecture=compute_90a",)):
         try:
             k = cp.RawKernel(src, "chain_ws", options=("-std=c++17", "-I/usr/local/cuda/include", f"-DNBUF={nbuf}", f"-DNC={nc}", *arch))
