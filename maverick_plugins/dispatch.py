@@ -182,6 +182,30 @@ TABLES = {
 DEFAULT = H200  # any other device, and the Triton interpreter on CPU
 
 
+def override_tables(assignments: list[str]) -> dict:
+    """Set threshold fields of every device's table for this process, from "field=value" strings (an A/B of
+    one entry in one run: `maverick-bench --table moe_block_max_tokens=4 spec ...`). The integer fields (the
+    thresholds) only; the values set, by field."""
+    global DEFAULT
+    fields = sorted(f.name for f in dataclasses.fields(DeviceTable) if f.type in ("int", int))
+    values = {}
+    for item in assignments:
+        name, eq, raw = item.partition("=")
+        if not eq or name not in fields:
+            raise ValueError(f"--table {item!r}: expected FIELD=VALUE with FIELD one of {fields}")
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ValueError(f"--table {item!r}: expected an integer value") from None
+        if values[name] < 0:
+            raise ValueError(f"--table {item!r}: expected a value >= 0")
+    for prefix, t in TABLES.items():
+        TABLES[prefix] = dataclasses.replace(t, **values)
+    DEFAULT = dataclasses.replace(DEFAULT, **values)
+    _table.cache_clear()
+    return values
+
+
 def table(device: torch.device) -> DeviceTable:
     """The table of `device` (by name prefix), looked up once per device."""
     return _table(_index(device)) if device.type == "cuda" else DEFAULT

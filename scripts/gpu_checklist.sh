@@ -4,11 +4,12 @@
 # first token (eager prefill vs its CUDA graph), the end-to-end engine run. Each part has its own time
 # limit; full logs go to $OUT (default ./gpu-logs), a summary is printed last.
 # Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
-# Parts: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent (default: all
-# but spec, compiles, compiles-spec and persistent).
+# Parts: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws
+# (default: all but spec, compiles, compiles-spec, persistent, moe-block and ws).
 # One device call runs at most 10 minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain
-# step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 450 s), "compiles-spec" (<= 180 s), "persistent" (<= 400 s), then on 2-4 GPUs "tp
-# e2e" (<= 550 s).
+# step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 450 s), "compiles-spec" (<= 180 s), "moe-block"
+# (<= 400 s), "ws" (<= 150 s: the warp-specialized chain experiment), "persistent" (<= 400 s), then on 2-4
+# GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -56,7 +57,12 @@ for part in $PARTS; do
     persistent) run persistent_tests 120 python3 -m pytest -q -o addopts="" tests/test_gpu.py tests/test_kernels.py tests/test_persistent_tail.py -k "persistent or chain or dense_mlp or moe_block_in_one or decoder_layer_tail or layer_tail" -p no:cacheprovider
                 run persistent_kernels 140 python3 -m maverick.bench kernels --ops chain --tokens 1
                 run persistent_step 140 python3 -m maverick.bench step --batches 1 --contexts 1024,8192 --persistent --json "$OUT/persistent_step.json" ;;
-    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent)" >&2; exit 2 ;;
+    moe-block) for m in 1 4; do  # the fused MoE block up to 1 or 4 tokens: decode batches 1-4 and the verify
+                 run step_moe_block_$m 100 python3 -m maverick.bench --table moe_block_max_tokens=$m step --batches 1,2,3,4 --contexts 1024 --json "$OUT/step_moe_block_$m.json"
+                 run spec_moe_block_$m 100 python3 -m maverick.bench --table moe_block_max_tokens=$m spec --draft-lens 2,3 --draft-fp8 all --json "$OUT/spec_moe_block_$m.json"
+               done ;;
+    ws) run chain_ws 150 python3 benchmarks/experiments/chain_ws_bench.py ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"

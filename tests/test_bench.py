@@ -270,3 +270,28 @@ def test_spec_acceptance_at_other_draft_lengths_follows_the_chain_model(capsys):
         chain_rate(4.5, 3)
     assert main(["--acceptance", "2.9,4.5"]) == 2
     assert "error: --acceptance: an acceptance length at K=3 lies in [1, 4], got 4.5" in capsys.readouterr().err
+
+
+def test_table_overrides_set_a_threshold_for_the_run(monkeypatch, capsys):
+    """maverick-bench --table FIELD=VALUE (before the subcommand) sets that threshold in every device's
+    dispatch table for the run, and names what it set; unknown fields and values that are not integers are
+    refused, naming the valid fields."""
+    import torch
+
+    from maverick.bench.cli import bench_main
+    from maverick_plugins import dispatch
+
+    monkeypatch.setattr(dispatch, "TABLES", dict(dispatch.TABLES))
+    monkeypatch.setattr(dispatch, "DEFAULT", dispatch.DEFAULT)
+    assert dispatch.table(torch.device("cpu")).moe_block_max_tokens == 1
+    assert bench_main(["--table", "moe_block_max_tokens=4", "--table", "gemv_max_tokens=3"]) == 2  # no subcommand
+    out = capsys.readouterr().out
+    assert "dispatch table overrides: moe_block_max_tokens=4, gemv_max_tokens=3" in out and "usage:" in out
+    assert dispatch.table(torch.device("cpu")).moe_block_max_tokens == 4
+    assert all(t.moe_block_max_tokens == 4 and t.gemv_max_tokens == 3 for t in dispatch.TABLES.values())
+    assert bench_main(["--table", "moe_block=4", "host-batch"]) == 2
+    assert "expected FIELD=VALUE with FIELD one of [" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected an integer value"):
+        dispatch.override_tables(["gemm_max_tokens=many"])
+    with pytest.raises(ValueError, match="'name=x': expected FIELD=VALUE"):
+        dispatch.override_tables(["name=x"])  # not a threshold

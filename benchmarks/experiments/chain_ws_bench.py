@@ -50,6 +50,13 @@ def build(nbuf, nc=8):
 
 
 want = chain(x).clone()
+ref_act = chain.act.clone()  # every stage's output, for the stage-by-stage check
+
+
+def stage_rel(i):
+    start, n = chain.spans[i]
+    a, b = chain.act[start:start + n].float(), ref_act[start:start + n].float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 for nbuf in (4, 2):
     run, ctr = build(nbuf)
     chain.act.zero_()
@@ -60,6 +67,10 @@ for nbuf in (4, 2):
     rel = float((got.float() - want.float()).norm() / want.float().norm())
     print(f"NBUF={nbuf}: rel to the Triton chain {rel:.2e}, counters back to 0: {int(ctr.abs().sum()) == 0}",
           f"max |out| {float(want.float().abs().max()):.3g}", flush=True)
+    rels = [stage_rel(j) for j in range(S)]
+    worst = max(range(S), key=rels.__getitem__)
+    print(f"  stage by stage: first four {[f'{r:.1e}' for r in rels[:4]]}, worst {rels[worst]:.1e} at stage {worst}",
+          flush=True)
     run()
     torch.cuda.synchronize()
     rel2 = float((chain.output(-1).float() - want.float()).norm() / want.float().norm())

@@ -37,13 +37,27 @@ _STEP_DEFAULTS = {"ttft": ["--batches", "", "--ttft", "128,1024"], "e2e": ["--ba
 
 
 def _usage(prog: str, table: dict) -> str:
-    lines = [f"usage: {prog} SUBCOMMAND [options]   ({prog} SUBCOMMAND --help for its options)", ""]
+    lines = [f"usage: {prog} [--table FIELD=VALUE ...] SUBCOMMAND [options]   ({prog} SUBCOMMAND --help for its "
+             "options; --table sets a threshold of maverick_plugins/dispatch.py's tables for the run)", ""]
     lines += [f"  {name:<15} {what}" for name, (_, what) in table.items()]
     return "\n".join(lines)
 
 
 def _run(prog: str, table: dict, argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = []
+    while len(argv) >= 2 and argv[0] == "--table":  # dispatch-table overrides before the subcommand
+        overrides.append(argv[1])
+        argv = argv[2:]
+    if overrides:
+        from maverick_plugins import dispatch
+
+        try:
+            values = dispatch.override_tables(overrides)
+        except ValueError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+        print("dispatch table overrides: " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(prog, table))
         return 0 if argv else 2
