@@ -12,7 +12,7 @@ once a stage, with the count of its tiles there. Stages with K at most a half (a
 take tiles of twice (four times) the rows and fewer columns: the same registers, no multiplies of masked
 columns (fc2 of the dense MLP, K=2048 at TP8; of the experts, K=1024).
 
-Measured (H100, one TP8 rank's shapes, 50f1ecd; BENCHMARKS.md): the 48-layer GEMV chain in 1.06 ms against
+Measured (H100, one TP8 rank's shapes, 50f1ecd; BENCHMARKS.md): the 48-layer GEMV chain in 1.07 ms against
 0.46 ms as one launch a stage; 0.85 ms without the waits (the tiles alone: one program an SM issues 0.3
 instructions a cycle a scheduler, L1 scoreboard stalls first); the waits cost about 2.2 us a stage. The
 tiles' FP32 math after the wait, not the stream, sets the pace (benchmarks/HISTORY.md part 19: the
@@ -319,7 +319,9 @@ class GemvChain:
     stage's K. The weights are packed once, here, into one buffer; share_weights: the stages' weight
     tensors then become views of it (the model's modules keep working, on one copy). workspace / start /
     input_at: the chain's parts from element `start` of a shared bf16 workspace, and inputs that already sit
-    in it (another chain's output) read there without a copy; `end` is where the next chain may start."""
+    in it (another chain's output) read there without a copy; `end` is where the next chain may start.
+    programs: at most one an SM (every program must run at once), by default one an SM (one on CPU).
+    prefetch: ask L2 for each program's next tile (on CUDA; 2% faster on the GEMV chain, H100)."""
 
     def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
                  eps: float = 1e-5, inputs: tuple[int, ...] | None = None, share_weights: bool = False,
