@@ -15,8 +15,8 @@ torch.manual_seed(0)
 stages = []
 for j in range(2 * layers):
     n, k = (i, h) if j % 2 == 0 else (h, i)
-    # outputs of unit rms at every stage (x / (8/448) quantized, weights of rms 32, row scales of rms 1): values that
-    # decayed would sit where e4m3 is coarsest and make the two kernels' last-bit differences grow
+    # outputs of unit rms at every stage (x / (8/448) quantized, weights of rms 32, row scales of rms 1):
+    # decayed values would sit where e4m3 is coarsest and make the two kernels' last-bit differences grow
     stages.append((fp8_weight(n, k), (torch.rand(n, device="cuda") + 0.5) * 0.96 / (32 * k ** 0.5),
                    torch.tensor(8 / 448, device="cuda")))
 chain = GemvChain(stages, rows=8)
@@ -32,7 +32,8 @@ def build(nbuf, nc=8):
     smem = nbuf * (40960 + 16 + 112) + 4 * 5120  # slots, mbarriers, tile headers (112 bytes), the input
     for arch in ((), ("-arch=sm_90a",), ("--gpu-architecture=compute_90a",)):
         try:
-            k = cp.RawKernel(src, "chain_ws", options=("-std=c++17", "-I/usr/local/cuda/include", f"-DNBUF={nbuf}", f"-DNC={nc}", *arch))
+            k = cp.RawKernel(src, "chain_ws", options=("-std=c++17", "-I/usr/local/cuda/include", f"-DNBUF={nbuf}",
+                                                       f"-DNC={nc}", *arch))
             k.max_dynamic_shared_size_bytes = smem
             break
         except Exception as e:  # noqa: BLE001
