@@ -5,10 +5,11 @@
 # limit; full logs go to $OUT (default ./gpu-logs), a summary is printed last.
 # Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
 # Parts: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws
-# (default: all but spec, compiles, compiles-spec, persistent, moe-block and ws).
+# ncu-chain (default: all but spec, compiles, compiles-spec, persistent, moe-block, ws and ncu-chain).
 # One device call runs at most 10 minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain
 # step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 450 s), "compiles-spec" (<= 180 s), "moe-block"
-# (<= 400 s), "ws" (<= 150 s: the warp-specialized chain experiment), "persistent" (<= 400 s), then on 2-4
+# (<= 400 s), "ws" (<= 150 s: the warp-specialized chain experiment), "ncu-chain" (<= 350 s: Nsight Compute
+# counters of the persistent chain and of fp8_gemv), "persistent" (<= 400 s), then on 2-4
 # GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
@@ -62,7 +63,12 @@ for part in $PARTS; do
                  run spec_moe_block_$m 100 python3 -m maverick.bench --table moe_block_max_tokens=$m spec --draft-lens 2,3 --draft-fp8 all --json "$OUT/spec_moe_block_$m.json"
                done ;;
     ws) run chain_ws 150 python3 benchmarks/experiments/chain_ws_bench.py ;;
-    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws)" >&2; exit 2 ;;
+    ncu-chain) sections=(--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats
+                         --section InstructionStats --section MemoryWorkloadAnalysis --section SchedulerStats)
+               ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+               run ncu_chain 200 "$ncu" -k regex:_chain_kernel --launch-skip 2 --launch-count 1 "${sections[@]}" --section SourceCounters python3 benchmarks/experiments/ncu_chain.py
+               run ncu_fp8_gemv 150 "$ncu" -k regex:_fp8_gemv_kernel --launch-skip 4 --launch-count 1 "${sections[@]}" python3 benchmarks/experiments/ncu_chain.py ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws ncu-chain)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
