@@ -25,7 +25,9 @@
 #ifndef NC
 #define NC 8
 #endif
-#define SLOT 40960
+#ifndef SLOT
+#define SLOT 40960  // bytes: the largest tile (8 rows of K=5120)
+#endif
 #define KMAX 5120
 #define COLS 18
 #define C_W_OFF 0
