@@ -5,12 +5,13 @@
 # limit; full logs go to $OUT (default ./gpu-logs), a summary is printed last.
 # Usage: MAVERICK_COMMIT=<sha> bash scripts/gpu_checklist.sh [part ...]
 # Parts: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws
-# ncu-chain (default: all but spec, compiles, compiles-spec, persistent, moe-block, ws and ncu-chain).
+# ncu-chain ranks ranks-e2e (default: all but spec, compiles, compiles-spec, persistent, moe-block, ws, ncu-chain,
+# ranks and ranks-e2e). ranks and ranks-e2e run real TP over every GPU of the machine (the 8-GPU run).
 # One device call runs at most 10 minutes: e.g. "tests ttft" (<= 450 s), "tune kernels" (<= 450 s), "chain
 # step" (<= 440 s), "spec" (<= 560 s), "compiles" (<= 450 s), "compiles-spec" (<= 180 s), "moe-block"
 # (<= 400 s), "ws" (<= 150 s: the warp-specialized chain experiment), "ncu-chain" (<= 350 s: Nsight Compute
-# counters of the persistent chain and of fp8_gemv), "persistent" (<= 400 s), then on 2-4
-# GPUs "tp e2e" (<= 550 s).
+# counters of the persistent chain and of fp8_gemv), "persistent" (<= 400 s), "ranks" (<= 560 s), "ranks-e2e"
+# (<= 550 s), then on 2-4 GPUs "tp e2e" (<= 550 s).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -40,6 +41,13 @@ for part in $PARTS; do
     kernels) run kernels 150 python3 -m maverick.bench kernels ;;
     tp) if [ "$GPUS" -ge 2 ]; then run tp_check 150 torchrun --nproc_per_node="$(( GPUS >= 4 ? 4 : 2 ))" -m maverick.bench.check_tp
           MAVERICK_HANG_DUMP_S=40 run llm_tp 120 python3 -m maverick.bench.check_llm_tp --tp 2; fi ;;
+    ranks) if [ "$GPUS" -ge 2 ]; then  # real TP over every GPU (8 on a DGX): the checks, then the step for real
+             run tp_check_all 120 torchrun --nproc_per_node="$GPUS" -m maverick.bench.check_tp
+             MAVERICK_HANG_DUMP_S=40 run llm_tp_all 120 python3 -m maverick.bench.check_llm_tp --tp "$GPUS"
+             run step_ranks 200 torchrun --nproc_per_node="$GPUS" -m maverick.bench step --batches 1,8,64 --contexts 1024,8192 --ttft 128,1024 --json "$OUT/step_ranks.json"
+             MAVERICK_FUSED_ALLREDUCE=0 run step_ranks_nccl 120 torchrun --nproc_per_node="$GPUS" -m maverick.bench step --batches 1,8 --contexts 1024 --json "$OUT/step_ranks_nccl.json"; fi ;;
+    ranks-e2e) if [ "$GPUS" -ge 2 ]; then
+                 run e2e_ranks 550 torchrun --nproc_per_node="$GPUS" -m maverick.bench step --batches "" --contexts "" --e2e 128/2048,1024/2048 --concurrency 1,16,64,256 --json "$OUT/e2e_ranks.json"; fi ;;
     chain) run chain 160 python3 -m maverick.bench chain ;;
     step) run step 100 python3 -m maverick.bench step --batches 1,8 --contexts 1024,8192 --json "$OUT/step.json"
           run step_two_launch 90 python3 -m maverick.bench step --batches 1,8 --contexts 1024,8192 --no-splitk-serial --json "$OUT/step_two_launch.json"
@@ -68,7 +76,7 @@ for part in $PARTS; do
                ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
                run ncu_chain 200 "$ncu" -k regex:_chain_kernel --launch-skip 2 --launch-count 1 "${sections[@]}" --section SourceCounters python3 benchmarks/experiments/ncu_chain.py
                run ncu_fp8_gemv 150 "$ncu" -k regex:_fp8_gemv_kernel --launch-skip 4 --launch-count 1 "${sections[@]}" python3 benchmarks/experiments/ncu_chain.py ;;
-    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws ncu-chain)" >&2; exit 2 ;;
+    *) echo "unknown part $part (expected: tests tune kernels tp chain step ttft e2e engine spec compiles compiles-spec persistent moe-block ws ncu-chain ranks ranks-e2e)" >&2; exit 2 ;;
   esac
 done
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $GPUS, commit ${MAVERICK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
