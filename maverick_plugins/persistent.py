@@ -153,11 +153,12 @@ class ReferenceChain:
 
 
 def persistent_chains(stage_lists, eps: float, inputs: tuple[int, ...], carry: tuple[int, int] | None = None,
-                      share_weights: bool = False) -> list:
+                      share_weights: bool = False, dot: bool = False) -> list:
     """One chain per stage list, as persistent launches on CUDA (kernels/persistent_chain.py), else their
     reference. On CUDA the chains share one workspace, and with carry = (i, s) chain j's input i is chain
     j - 1's stage s output, read where it lies (a decoder layer's residual stream: no copy between layers).
-    share_weights: the stages' weights become views of the chains' packed buffers."""
+    share_weights: the stages' weights become views of the chains' packed buffers. dot: the kernels' products on
+    tensor cores (GemvChain's dot)."""
     if not stage_lists[0] or not ChainStage(*stage_lists[0][0]).weight.is_cuda:
         return [ReferenceChain(stages, eps, inputs) for stages in stage_lists]
     from .kernels.persistent_chain import GemvChain, footprint
@@ -171,6 +172,6 @@ def persistent_chains(stage_lists, eps: float, inputs: tuple[int, ...], carry: t
             i, s = carry
             input_at = tuple(chains[-1].spans[s][0] if j == i else None for j in range(len(inputs)))
         chains.append(GemvChain(stages, eps=eps, inputs=inputs, share_weights=share_weights, workspace=workspace,
-                                start=start, input_at=input_at))
+                                start=start, input_at=input_at, dot=dot))
         start = chains[-1].end
     return chains

@@ -139,9 +139,10 @@ def chain_kernels():
     sig = {"w_ptr": "*fp8e4nv", "rw_ptr": "*bf16", "ws_ptr": "*fp32", "xs_ptr": "*fp32", "g_ptr": "*bf16",
            "act_ptr": "*bf16", "desc_ptr": "*i64", "stage_ptr": "*i32", "ctr_ptr": "*i32", "S": _I32, "TOTAL": _I32, "NPROG": _I32,
            "E": _I32, "eps": "fp32"}
-    for rows, warps in ((4, 4), (4, 8), (8, 8)):  # one TP8 rank: K up to 5120 = 4096 + 1024, 128 experts
-        yield f"persistent_chain rows={rows} warps={warps}", persistent_chain._chain_kernel, sig, {
-            "ROWS": rows, "KA": 4096, "KB": 1024, "E_POW2": 128, "PREFETCH": True, "THREADS": 32 * warps,
+    for rows, warps, dot in ((4, 4, False), (4, 8, False), (8, 8, False), (8, 8, True)):  # one TP8 rank: K up to
+        # 5120 = 4096 + 1024, 128 experts
+        yield f"persistent_chain rows={rows} warps={warps}{' dot' if dot else ''}", persistent_chain._chain_kernel, sig, {
+            "ROWS": rows, "KA": 4096, "KB": 1024, "E_POW2": 128, "PREFETCH": True, "THREADS": 32 * warps, "DOT": dot,
             "PDL": True}, warps
 
 

@@ -759,12 +759,12 @@ def test_step_start_kernels_at_model_shapes():
             assert not rows[0].any() and rows[1].equal(weight[25255])
 
 
-@pytest.mark.parametrize("rows,programs", [(4, None), (8, 7)])
-def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(rows, programs):
+@pytest.mark.parametrize("rows,programs,dot", [(4, None, False), (8, 7, False), (8, None, True)])
+def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(rows, programs, dot):
     """Eight FP8 GEMV stages (5120 -> 2048 -> 5120, ...) as one persistent launch, captured in a CUDA graph and
     replayed with new inputs: within the sums' order of the chain of fp8_gemv launches and of the reference,
-    with few programs too (7: every program runs many tiles, and waits for stages other programs run), and
-    the counters back at zero after each replay."""
+    with few programs too (7: every program runs many tiles, and waits for stages other programs run), the
+    products on tensor cores too (dot), and the counters back at zero after each replay."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
     from maverick_plugins.kernels.persistent_chain import GemvChain
     from maverick_plugins.persistent import gemv_chain_ref
@@ -775,7 +775,7 @@ def test_persistent_gemv_chain_at_rank_shapes_in_a_graph(rows, programs):
         n, k = (2048, 5120) if j % 2 == 0 else (5120, 2048)
         w8 = (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
         stages.append((w8, torch.rand(n, device="cuda") * 1e-3 + 5e-4, torch.tensor(8 / 448, device="cuda")))
-    chain = GemvChain(stages, rows=rows, programs=programs)
+    chain = GemvChain(stages, rows=rows, programs=programs, dot=dot)
     x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
     g, out = _captured(lambda: chain(x))
     for seed in range(3):

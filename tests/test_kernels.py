@@ -644,6 +644,29 @@ def test_gemv_chain_narrow_stages_take_more_rows():
         assert torch.equal(got, want.reshape(-1))
 
 
+def test_gemv_chain_products_on_tensor_cores():
+    """dot=True: each tile's products as a matrix product on tensor cores (the K columns cut into 16 slices, the
+    diagonal blocks summed), at every tile shape (K=5120 in two pieces, K=1536 at twice the rows, K=64 at four
+    times): the same output as the FMA path (in the interpreter, bit for bit; on a GPU within the sums'
+    order); chains too narrow for it refused."""
+    from maverick_plugins.kernels.persistent_chain import WIDE, GemvChain
+    from maverick_plugins.persistent import ChainStage
+
+    torch.manual_seed(13)
+    xs = torch.tensor(2.0 ** -5, device=DEV)
+    stages = [ChainStage(*_fp8_weight(n, k, rows=True), xs) for n, k in ((1536, 5120), (64, 1536), (96, 64))]
+    fma, dot = GemvChain(stages, rows=4), GemvChain(stages, rows=4, dot=True)
+    assert dot.desc[:, WIDE.value].tolist() == [0, 1, 2]
+    x = act(1, 5120).to(torch.bfloat16)
+    want, got = fma(x).float().clone(), dot(x).float()
+    if GPU:
+        assert rel(got, want) < 1e-2
+    else:
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"dot=True: the tile widths \(K pieces 64 \+ 32\) must be at least 512"):
+        GemvChain([ChainStage(*_fp8_weight(8, 96, rows=True), xs)], dot=True)
+
+
 def test_dense_mlp_blocks_in_one_persistent_launch():
     """Two dense MLP blocks (RMSNorm, fc13 + SwiGLU, fc2, residual add) as four stages of one launch, called
     three times: close to gemv_chain_ref, the MLPs' part of the output (out - x) too; on a GPU also close to

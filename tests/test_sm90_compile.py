@@ -83,11 +83,13 @@ def test_persistent_chain_builds_with_16_byte_weight_loads_and_no_spills():
     """The chain's FP8 weight rows load 16 bytes at a time (the packing's alignment hints reach the loads:
     a hint on an if's result once did not, and every weight byte was its own load), without spills at
     8 warps; the tile counters are released and read with acquire; the next tile's weights are asked of L2
-    (the first tile's and every next one's, gate and up blocks: 4 bulk prefetches)."""
+    (the first tile's and every next one's, gate and up blocks: 4 bulk prefetches); with dot, the products
+    are tensor-core instructions, which the FMA variants have none of."""
     got = _compile("persistent_chain")
-    assert len(got) == 3, got
+    assert len(got) == 4, got
     for name, info in got.items():
         assert "byte_loads=0" in info and "prefetch=4" in info, (name, info)
+        assert ("mma=0" in info) != name.endswith(" dot"), (name, info)  # dot: the products on tensor cores
         assert "release_add=0" not in info, (name, info)
         if "warps=8" in name:
             assert "stack=0" in info, (name, info)

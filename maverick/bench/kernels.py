@@ -131,12 +131,13 @@ def bench_router(h, e, m):
              graph_us([lambda w=w: x @ w.t() for w in ws]), read)]
 
 
-def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True, prefetch=True):
+def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True, prefetch=True, dot=False):
     """A chain of 2 x `layers` FP8 GEMVs (h -> i -> h, one token: the dense MLP's fc2-like shapes without
     SwiGLU) as one persistent launch (kernels/persistent_chain.py) against one fp8_gemv launch a stage
     with PDL, as a step runs them today (the cuBLAS column). Over 1 GB of weights: every read from HBM.
     Ablations: waits=False, without the stage waits (its output is wrong; the time is what the tiles cost
-    without dependencies); prefetch=False, without asking L2 for the next tile's weights."""
+    without dependencies); prefetch=False, without asking L2 for the next tile's weights. dot: the products on
+    tensor cores."""
     from maverick_plugins.kernels.fp8_gemv import fp8_gemv
     from maverick_plugins.kernels.persistent_chain import DEP0, DEP2, GemvChain
 
@@ -144,7 +145,7 @@ def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True, prefetch=True):
     for j in range(2 * layers):
         n, k = (i, h) if j % 2 == 0 else (h, i)
         stages.append((fp8_weight(n, k), torch.full((n,), 1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")))
-    chain = GemvChain(stages, rows=rows, num_warps=num_warps, prefetch=prefetch)
+    chain = GemvChain(stages, rows=rows, num_warps=num_warps, prefetch=prefetch, dot=dot)
     if not waits:
         chain.desc[:, DEP0.value:DEP2.value + 1] = -1
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
@@ -158,12 +159,13 @@ def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True, prefetch=True):
     nbytes = 2 * layers * h * i
     return (f"GEMV chain {h}->{i}->{h} x{layers}, rows {rows}, {num_warps} warps, one persistent launch of "
             f"{chain.programs} programs"
-            f"{'' if waits else ', NO WAITS (ablation: wrong output)'}{'' if prefetch else ', no L2 prefetch'} "
+            f"{'' if waits else ', NO WAITS (ablation: wrong output)'}{'' if prefetch else ', no L2 prefetch'}"
+            f"{', products on tensor cores' if dot else ''} "
             f"(cuBLAS column: a launch a stage)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
             graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
 
 
-def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
+def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None, dot=False):
     """`layers` dense MLP blocks of one rank (RMSNorm, fc13 + SwiGLU h -> 2 x i, fc2 i -> h, residual add) as
     one persistent launch, against the launches a step runs for them today (the cuBLAS column: fp8_gemv with
     SwiGLU, fp8_gemv, add_rms_norm: three a block, with PDL). 24 blocks at TP8 are the 24 dense layers' MLPs,
@@ -182,7 +184,7 @@ def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
         blocks.append((w13, s13, w2, s2, g))
         stages += [ChainStage(w13, s13, xs, swiglu=True, norm_weight=g),
                    ChainStage(w2, s2, xs, residual_from=2 * b - 1)]
-    chain = GemvChain(stages, rows=rows, programs=programs)
+    chain = GemvChain(stages, rows=rows, programs=programs, dot=dot)
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
 
     def separate():
@@ -193,13 +195,13 @@ def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None):
         return res
 
     nbytes = 3 * layers * h * i
-    return (f"dense MLP blocks {h}->2x{i}->{h} x{layers}, rows {rows}, one persistent launch of {chain.programs} "
-            f"programs (cuBLAS column: 3 launches a block)", 1, nbytes / 1e6,
+    return (f"dense MLP blocks {h}->2x{i}->{h} x{layers}, rows {rows}{', products on tensor cores' if dot else ''}, "
+            f"one persistent launch of {chain.programs} programs (cuBLAS column: 3 launches a block)", 1, nbytes / 1e6,
             graph_us([lambda: chain(x)], reps=2, iters=20), graph_us([separate], reps=2, iters=20),
             graph_us(plain_read(nbytes), reps=2, iters=20))
 
 
-def bench_ffn_chain(h, i_dense, i_moe, experts, layers, rows=4, programs=None):
+def bench_ffn_chain(h, i_dense, i_moe, experts, layers, rows=4, programs=None, dot=False):
     """The FFN half of `layers` decoder-layer pairs of one rank at batch 1 (Maverick alternates dense and MoE
     layers): a dense MLP block then a MoE block (router, shared and routed fc13 + SwiGLU, both fc2s), each with
     its norm and residual, as one persistent launch; against the launches a step runs for them today (the
@@ -232,7 +234,7 @@ def bench_ffn_chain(h, i_dense, i_moe, experts, layers, rows=4, programs=None):
                               experts_from=f, scored=True),
                    ChainStage(sdn, s.expand(h), xs, input_from=f + 1, residual_from=f - 1),
                    ChainStage(dn, s.expand(experts, h), xs, input_from=f + 2, residual_from=f + 3, experts_from=f)]
-    chain = GemvChain(stages, rows=rows, programs=programs)
+    chain = GemvChain(stages, rows=rows, programs=programs, dot=dot)
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
 
     def separate():
@@ -245,7 +247,8 @@ def bench_ffn_chain(h, i_dense, i_moe, experts, layers, rows=4, programs=None):
 
     nbytes = layers * (3 * h * i_dense + 6 * h * i_moe + 2 * experts * h)
     return (f"FFN half of {layers} layer pairs (dense {h}->2x{i_dense}->{h}; MoE {experts} experts + shared, "
-            f"{h}->2x{i_moe}->{h}), rows {rows}, one persistent launch of {chain.programs} programs (cuBLAS "
+            f"{h}->2x{i_moe}->{h}), rows {rows}{', products on tensor cores' if dot else ''}, one persistent launch "
+            f"of {chain.programs} programs (cuBLAS "
             f"column: 5 launches a pair)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
             graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
 
@@ -331,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in (8, 4):
             rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, r))
             rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
-        for r, warps, waits, prefetch in ((8, 8, True, True), (4, 8, True, True), (8, 16, True, True),
-                                          (8, 8, True, False), (8, 8, False, True)):
-            rows.append(bench_chain(H, M_ // tp, 48, r, warps, waits, prefetch))
+        rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, 8, dot=True))
+        rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, 8, dot=True))
+        for r, warps, waits, prefetch, dot in ((8, 8, True, True, False), (4, 8, True, True, False),
+                                               (8, 8, True, False, False), (8, 8, False, True, False),
+                                               (8, 8, True, True, True), (8, 8, False, True, True),
+                                               (4, 8, True, True, True)):
+            rows.append(bench_chain(H, M_ // tp, 48, r, warps, waits, prefetch, dot))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
             rows.append(bench_attention(ctx, b))

@@ -220,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.bytes_floor_ms:.3f} ms for {r.bytes_per_step / 1e9:.3f} GB, FLOPs {r.flop_floor_ms:.3f} ms for "
                 f"{r.flops_per_step / 1e12:.2f} TFLOP), {r.ratio:.0%} of the floor", flush=True)
     if a.persistent:  # after the plain rows, on the same weights (the chains share them): an in-run A/B
-        model.use_persistent()
-        for ctx in contexts:
-            r = decode_step(runner, cfg, build, 1, ctx, bw, a.tp_size, peak)
-            rows.append(("persistent", r))
-            say(f"  decode b=1 ctx={ctx}, persistent tails: {r.step_ms:.3f} ms/step, {r.ratio:.0%} of the floor",
-                flush=True)
+        for dot in (False, True):  # the chains' products by FMAs, then on tensor cores
+            model.use_persistent(dot)
+            path = "persistent, tensor cores" if dot else "persistent"
+            for ctx in contexts:
+                r = decode_step(runner, cfg, build, 1, ctx, bw, a.tp_size, peak)
+                rows.append((path, r))
+                say(f"  decode b=1 ctx={ctx}, {path} tails: {r.step_ms:.3f} ms/step, {r.ratio:.0%} of the floor",
+                    flush=True)
         model.tails = None  # the rest of the run as without the flag
     ttft = {}
     for n in ttfts:

@@ -58,14 +58,14 @@ def layer_tail_stages(layer, next_layer=None) -> list[ChainStage]:
     return stages
 
 
-def layer_tails(layers, eps: float) -> list:
+def layer_tails(layers, eps: float, dot: bool = False) -> list:
     """Every layer's tail as a chain (the last without a next qkv), built for one-token steps: the chains
     share the layers' weights (no second copy) and one workspace, each reading the residual stream where
     the previous layer's chain wrote it (its stage before the qkv). One rank only: the tail has no
-    all-reduce yet."""
+    all-reduce yet. dot: their products on tensor cores."""
     if world_size() > 1:
         raise ValueError(f"MAVERICK_PERSISTENT=1 runs on one rank (one-rank mode or TP 1); this run has "
                          f"{world_size()} ranks")
     q, H = layers[0].self_attn.o_proj.weight.shape[1], layers[0].post_attention_layernorm.weight.numel()
     stages = [layer_tail_stages(layer, nxt) for layer, nxt in zip(layers, list(layers[1:]) + [None])]
-    return persistent_chains(stages, eps, (q, H), carry=(1, -2), share_weights=True)
+    return persistent_chains(stages, eps, (q, H), carry=(1, -2), share_weights=True, dot=dot)

@@ -75,11 +75,12 @@ class Llama4ForCausalLM(nn.Module):
         """Per-layer K (and V) pool shape; one extra scratch block at the end."""
         return (num_blocks + 1, block_size, self.layers[0].self_attn.kv_heads, self.cfg.head_dim)
 
-    def use_persistent(self) -> None:
+    def use_persistent(self, dot: bool = False) -> None:
         """One-token steps as two launches a layer: attention, then one persistent launch for o_proj, the
         FFN and the next layer's qkv (maverick/layers/persistent_tail.py). The chains share the layers'
-        weights (no second copy) and one workspace. One rank only: the tail has no all-reduce yet."""
-        self.tails = layer_tails(self.layers, self.cfg.rms_norm_eps)
+        weights (no second copy) and one workspace. One rank only: the tail has no all-reduce yet. dot: the
+        chains' products on tensor cores."""
+        self.tails = layer_tails(self.layers, self.cfg.rms_norm_eps, dot)
 
     def forward(self, batch: ForwardBatch, kv_caches: list, aux_layers: tuple[int, ...] = ()):
         """fp32 logits [N, vocab] for the tokens in batch.logits_indices (KV of every token cached). With

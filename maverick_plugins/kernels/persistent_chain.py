@@ -16,7 +16,8 @@ Measured (H100, one TP8 rank's shapes, 50f1ecd; BENCHMARKS.md): the 48-layer GEM
 0.46 ms as one launch a stage; 0.85 ms without the waits (the tiles alone: one program an SM issues 0.3
 instructions a cycle a scheduler, L1 scoreboard stalls first); the waits cost about 2.2 us a stage. The
 tiles' FP32 math after the wait, not the stream, sets the pace (benchmarks/HISTORY.md part 19: the
-counters, and what comes next).
+counters, and what comes next). Hence the dot option: each tile's products on tensor cores, one
+instruction for thousands of products in place of a conversion and an FMA each (not yet measured).
 
 A stage may also do what the launches around a GEMV do in a decoder layer, so a dense MLP block (RMSNorm,
 fc13 + SwiGLU, fc2, residual add) is two stages and no other launch:
@@ -148,8 +149,26 @@ def _prefetch_tile(w_ptr, desc_ptr, stage_ptr, t, TOTAL, ROWS: tl.constexpr, THR
 
 
 @triton.jit
+def _products(w, q, RT: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr):
+    """sum over k of w[r, k] * q[k] for each of the RT rows (e4m3 weights and input, fp32 sums). DOT: on tensor
+    cores, the W columns cut into 16 slices: rows (r, slice p) of a [RT x 16, W / 16] matrix times the slices
+    of q as 16 columns, of which block p of row (r, p) is wanted (the diagonal); 16 times the products, but
+    an instruction per 16 x 8 x 32 of them instead of a conversion and an FMA per product."""
+    if DOT:
+        P: tl.constexpr = 16
+        a = tl.reshape(w, (RT * P, W // P))
+        b = tl.trans(tl.reshape(q, (P, W // P)))
+        c = tl.reshape(tl.dot(a, b, out_dtype=tl.float32), (RT, P, P))
+        i = tl.arange(0, P)
+        diag = (i[:, None] == i[None, :])[None, :, :]
+        return tl.sum(tl.sum(tl.where(diag, c, 0.0), axis=2), axis=1)
+    else:
+        return tl.sum(w.to(tl.float32) * q.to(tl.float32)[None, :], axis=1)
+
+
+@triton.jit
 def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
-              RT: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, E_POW2: tl.constexpr):
+              RT: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, E_POW2: tl.constexpr, DOT: tl.constexpr):
     """Tile t of stage s (row st of desc) as RT weight rows of WA (+ WB) columns: waits for the stage's
     inputs first if `fresh` (this program's first tile of the stage), loads, multiplies, stores."""
     dt = act_ptr.dtype.element_ty
@@ -203,10 +222,10 @@ def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, 
         xa, xb = _input(act_ptr, g_ptr, st, tl.multiple_of(tl.load(st + X_OFF), ALIGN), k, flags, eps, ka, kb, WB)
         x_scale = tl.load(xs_ptr + s)
         xa = (xa.to(tl.float32) * score).to(dt)  # moe_gemv rounds score * x to bf16 (exact at score 1)
-        acc = tl.sum(wa.to(tl.float32) * to_e4m3(xa, x_scale).to(tl.float32)[None, :], axis=1)
+        acc = _products(wa, to_e4m3(xa, x_scale), RT, WA, DOT)
         if WB > 0:
             xb = (xb.to(tl.float32) * score).to(dt)
-            acc += tl.sum(wb.to(tl.float32) * to_e4m3(xb, x_scale).to(tl.float32)[None, :], axis=1)
+            acc += _products(wb, to_e4m3(xb, x_scale), RT, WB, DOT)
         y = acc * (x_scale * ws)
     out_off = tl.multiple_of(tl.load(st + OUT_OFF), ALIGN)
     if sw:
@@ -224,7 +243,7 @@ def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, 
 @triton.jit
 def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage_ptr, ctr_ptr, S, TOTAL, NPROG, E,
                   eps, ROWS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, E_POW2: tl.constexpr,
-                  PREFETCH: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr):
+                  PREFETCH: tl.constexpr, THREADS: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
     """desc: a row of COLS int64 a stage (the column names above; DEPn: stages to wait for, -1 none).
     stage: each tile's stage (int32). ctr: [0] programs done, [1 + s] tiles of stage s done; the last
     program out sets them back to 0 (the next call and graph replay start from zero). rw: the router
@@ -253,13 +272,13 @@ def _chain_kernel(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, stage
         wide = tl.load(st + WIDE)
         if wide == 0:
             _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
-                      ROWS, KA, KB, E_POW2)
+                      ROWS, KA, KB, E_POW2, DOT)
         elif wide == 1:
             _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
-                      2 * ROWS, KA // 2, 0, E_POW2)
+                      2 * ROWS, KA // 2, 0, E_POW2, DOT)
         else:
             _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, s, st, t, fresh, E, eps,
-                      4 * ROWS, KA // 4, 0, E_POW2)
+                      4 * ROWS, KA // 4, 0, E_POW2, DOT)
         x_stage = s
         done += 1
         if (sn != s) | (tn >= TOTAL):  # this program's last tile of stage s: signal them all at once
@@ -321,18 +340,23 @@ class GemvChain:
     input_at: the chain's parts from element `start` of a shared bf16 workspace, and inputs that already sit
     in it (another chain's output) read there without a copy; `end` is where the next chain may start.
     programs: at most one an SM (every program must run at once), by default one an SM (one on CPU).
-    prefetch: ask L2 for each program's next tile (on CUDA; 2% faster on the GEMV chain, H100)."""
+    prefetch: ask L2 for each program's next tile (on CUDA; 2% faster on the GEMV chain, H100). dot: the tiles'
+    products on tensor cores (_products); not yet measured, so off by default."""
 
     def __init__(self, stages, rows: int = 8, programs: int | None = None, num_warps: int = 8,
                  eps: float = 1e-5, inputs: tuple[int, ...] | None = None, share_weights: bool = False,
                  workspace: torch.Tensor | None = None, start: int = 0, input_at: tuple[int | None, ...] = (),
-                 prefetch: bool = True):
+                 prefetch: bool = True, dot: bool = False):
         stages = checked_stages(stages, inputs)
         if rows < 2 or rows & (rows - 1):
             raise ValueError(f"rows={rows}: expected a power of two >= 2 (a SwiGLU tile holds gate and up rows)")
         dev = stages[0].weight.device
         self.ka, self.kb = k_pieces(max(st.k for st in stages))
         self.prefetch = prefetch and dev.type == "cuda"  # inline PTX: not in the interpreter
+        if dot and not (self.ka >= 2048 and self.kb in (0,) + tuple(range(512, self.ka + 1, 16))):
+            raise ValueError(f"dot=True: the tile widths (K pieces {self.ka} + {self.kb}) must be at least 512 "
+                             f"columns at every tile shape (the widest K at least 2048; a second piece 0 or >= 512)")
+        self.dot = dot
         self.inputs = tuple(inputs or (stages[0].k,))
         self.rows, self.num_warps, self.eps = rows, num_warps, eps
         a = ALIGN.value
@@ -423,7 +447,7 @@ class GemvChain:
             self.weights, self.router_weights, self.row_scales, self.input_scales, self.norm_weights, self.act,
             self.desc, self.tile_stage, self.counters, len(self.desc), self.tiles, self.programs, self.e, self.eps,
             ROWS=self.rows, KA=self.ka, KB=self.kb, E_POW2=triton.next_power_of_2(self.e), PREFETCH=self.prefetch,
-            THREADS=32 * self.num_warps, **pdl_launch(xs[0].device), num_warps=self.num_warps)
+            THREADS=32 * self.num_warps, DOT=self.dot, **pdl_launch(xs[0].device), num_warps=self.num_warps)
         return self.output(-1)
 
     def output(self, stage: int) -> torch.Tensor:
