@@ -6,6 +6,9 @@ counts of a few instructions the tests look for, registers and stack (spill) byt
 (byte_loads: one-byte global loads, the sign of an FP8 weight stream that did not vectorize).
 Pointers and the integer arguments that are multiples of 16 at run time get Triton's divisibility
 hint, as the JIT gives them: without it loads do not vectorize and nothing is representative.
+The GPU machines may have another Triton than this machine: to build with theirs, install it apart
+(`python -m venv /tmp/tv && /tmp/tv/bin/pip install triton==X.Y.Z`) and put its site-packages first on
+PYTHONPATH when running this script.
 """
 import re
 import subprocess
