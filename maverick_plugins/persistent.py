@@ -4,8 +4,8 @@ reference a persistent decode kernel (kernels/persistent_chain.py) must meet."""
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from .activation import swiglu
 from .fp8 import fp8_linear_ref
 from .norm import rms_norm_ref
 
@@ -119,8 +119,7 @@ def gemv_chain_ref(x, stages, eps: float = 1e-5) -> list[torch.Tensor]:
             if st.scored:
                 y = (y * torch.sigmoid(logits[0, e].float()).to(torch.bfloat16))
         if st.swiglu:
-            g, u = fp8_linear_ref(y, w, ws, st.input_scale, torch.float32).chunk(2, dim=-1)
-            y = (F.silu(g) * u).to(torch.bfloat16)
+            y = swiglu(fp8_linear_ref(y, w, ws, st.input_scale, torch.float32)).to(torch.bfloat16)
         else:
             y = fp8_linear_ref(y, w, ws, st.input_scale, torch.bfloat16)
         if st.residual_from is not None:

@@ -78,6 +78,12 @@ def _times_weight(y, w):
 
 
 @triton.jit
+def _row_stride(k):
+    """Elements from one packed weight row to the next: K rounded up to ALIGN (the host's _aligned)."""
+    return tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+
+
+@triton.jit
 def _wait(desc_ptr, ctr_ptr, d):
     """Until every tile of stage d (if d >= 0, an earlier stage) has signalled."""
     if d >= 0:
@@ -139,7 +145,7 @@ def _prefetch_tile(w_ptr, desc_ptr, stage_ptr, t, TOTAL, ROWS: tl.constexpr, THR
         sw = flags & SWIGLU
         per = (ROWS << tl.load(st + WIDE)) >> sw  # outputs a tile
         row0 = (t - first) * per
-        stride = (k + ALIGN - 1) // ALIGN * ALIGN
+        stride = _row_stride(k)
         nbytes = (tl.minimum(per, n - row0) * stride).to(tl.int32)
         base = w_ptr + tl.load(st + W_OFF) + row0 * stride
         lane = tl.arange(0, THREADS)
@@ -182,7 +188,7 @@ def _run_tile(w_ptr, rw_ptr, ws_ptr, xs_ptr, g_ptr, act_ptr, desc_ptr, ctr_ptr, 
     j = (t - first) * (RT >> sw) + (r >> sw)  # the output each weight row feeds
     valid = j < n
     wrow = (r & sw) * n + j
-    stride = tl.multiple_of((k + ALIGN - 1) // ALIGN * ALIGN, ALIGN)  # rows start ALIGN elements apart
+    stride = _row_stride(k)
     a_mask = valid[:, None] & (ka < stride)[None, :]  # padding columns hold zeros: whole 16-byte loads
     b_mask = valid[:, None] & (kb < stride)[None, :]
     pick = t * 0  # tensors: an expert stage's pick sets them
