@@ -5,20 +5,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import cupy as cp
-from maverick.bench.kernels import fp8_weight, plain_read
+from maverick.bench.kernels import gemv_chain_stages, gemv_launches, plain_read
 from maverick.bench.timing import graph_us
 from maverick_plugins.kernels.persistent_chain import GemvChain
-from maverick_plugins.kernels.fp8_gemv import fp8_gemv
 
 h, i, layers = 5120, 2048, 48
 torch.manual_seed(0)
-stages = []
-for j in range(2 * layers):
-    n, k = (i, h) if j % 2 == 0 else (h, i)
-    # outputs of unit rms at every stage (x / (8/448) quantized, weights of rms 32, row scales of rms 1):
-    # decayed values would sit where e4m3 is coarsest and make the two kernels' last-bit differences grow
-    stages.append((fp8_weight(n, k), (torch.rand(n, device="cuda") + 0.5) * 0.96 / (32 * k ** 0.5),
-                   torch.tensor(8 / 448, device="cuda")))
+# outputs of unit rms at every stage (x / (8/448) quantized, weights of rms 32, row scales of rms 1): decayed
+# values would sit where e4m3 is coarsest and make the two kernels' last-bit differences grow
+stages = gemv_chain_stages(h, i, layers, lambda n, k: (torch.rand(n, device="cuda") + 0.5) * 0.96 / (32 * k ** 0.5))
 chain = GemvChain(stages, rows=8)  # the Triton chain: the reference, and its time
 x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
 src = (Path(__file__).parent / "chain_ws.cu").read_text()
@@ -78,14 +73,7 @@ for nbuf, nc, rows in ((4, 8, 8), (2, 8, 8), (4, 4, 8), (2, 8, 16)):
     print(f"  {t:.1f} us; no waits {t_free:.1f} us", flush=True)
 
 
-def separate():
-    y = x
-    for w8, ws, xs in stages:
-        y = fp8_gemv(y, w8, ws, xs, torch.bfloat16)
-    return y
-
-
 nbytes = 2 * layers * h * i
 print(f"triton persistent chain: {graph_us([lambda: chain(x)], reps=2, iters=20):.1f} us", flush=True)
-print(f"launches (fp8_gemv, PDL): {graph_us([separate], reps=2, iters=20):.1f} us", flush=True)
+print(f"launches (fp8_gemv, PDL): {graph_us([lambda: gemv_launches(x, stages)], reps=2, iters=20):.1f} us", flush=True)
 print(f"plain read of {nbytes / 1e6:.0f} MB: {graph_us(plain_read(nbytes), reps=2, iters=20):.1f} us", flush=True)

@@ -41,6 +41,27 @@ def fp8_weight(n, k):
     return (torch.randn(n, k, device="cuda") * 32).clamp(-448, 448).to(torch.float8_e4m3fn)
 
 
+def gemv_chain_stages(h, i, layers, row_scales=None):
+    """2 x `layers` FP8 GEMV stages h -> i -> h, one TP8 rank's dense-MLP-like shapes: (weight, row scales,
+    the static input scale 8/448) each; row_scales(n, k): a stage's [n] scales (by default 1e-3 each)."""
+    stages = []
+    for j in range(2 * layers):
+        n, k = (i, h) if j % 2 == 0 else (h, i)
+        w = fp8_weight(n, k)
+        ws = row_scales(n, k) if row_scales else torch.full((n,), 1e-3, device="cuda")
+        stages.append((w, ws, torch.tensor(8 / 448, device="cuda")))
+    return stages
+
+
+def gemv_launches(x, stages):
+    """The stages as one fp8_gemv launch each (with PDL), as a step runs them today: the last one's output."""
+    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
+
+    for w, ws, xs in stages:
+        x = fp8_gemv(x, w, ws, xs, torch.bfloat16)
+    return x
+
+
 def bench_gemm(name, n, k, m, rows, swiglu=False):
     n = -(-n // 16) * 16  # cuBLAS FP8 needs multiples of 16 (lm_head 25256 -> 25264)
     nbytes = n * k
@@ -138,31 +159,21 @@ def bench_chain(h, i, layers, rows=4, num_warps=8, waits=True, prefetch=True, do
     Ablations: waits=False, without the stage waits (its output is wrong; the time is what the tiles cost
     without dependencies); prefetch=False, without asking L2 for the next tile's weights. dot: the products on
     tensor cores."""
-    from maverick_plugins.kernels.fp8_gemv import fp8_gemv
     from maverick_plugins.kernels.persistent_chain import DEP0, DEP2, GemvChain
 
-    stages = []
-    for j in range(2 * layers):
-        n, k = (i, h) if j % 2 == 0 else (h, i)
-        stages.append((fp8_weight(n, k), torch.full((n,), 1e-3, device="cuda"), torch.tensor(8 / 448, device="cuda")))
+    stages = gemv_chain_stages(h, i, layers)
     chain = GemvChain(stages, rows=rows, num_warps=num_warps, prefetch=prefetch, dot=dot)
     if not waits:
         chain.desc[:, DEP0.value:DEP2.value + 1] = -1
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
-
-    def separate():
-        y = x
-        for w, ws, xs in stages:
-            y = fp8_gemv(y, w, ws, xs, torch.bfloat16)
-        return y
-
     nbytes = 2 * layers * h * i
     return (f"GEMV chain {h}->{i}->{h} x{layers}, rows {rows}, {num_warps} warps, one persistent launch of "
             f"{chain.programs} programs"
             f"{'' if waits else ', NO WAITS (ablation: wrong output)'}{'' if prefetch else ', no L2 prefetch'}"
             f"{', products on tensor cores' if dot else ''} "
             f"(cuBLAS column: a launch a stage)", 1, nbytes / 1e6, graph_us([lambda: chain(x)], reps=2, iters=20),
-            graph_us([separate], reps=2, iters=20), graph_us(plain_read(nbytes), reps=2, iters=20))
+            graph_us([lambda: gemv_launches(x, stages)], reps=2, iters=20),
+            graph_us(plain_read(nbytes), reps=2, iters=20))
 
 
 def bench_dense_mlp_chain(h, i, layers, rows=4, programs=None, dot=False):
@@ -303,47 +314,41 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| op | M | MB | ours us | cuBLAS us | plain read us | ours GB/s | read/ours |")
     print("|---|---|---|---|---|---|---|---|")
 
-    class Rows(list):  # each row printed as it is measured: a run cut short still reports what it did
-        def append(self, row):
-            name, m, mb, ours, cub, read = row
+    def show(*rows):  # each row printed as it is measured: a run cut short still reports what it did
+        for name, m, mb, ours, cub, read in rows:
             print(f"| {name} | {m} | {mb:.2f} | {ours:.1f} | {cub:.1f} | {read:.1f} | {mb * 1e3 / ours:.0f} | "
                   f"{read / ours:.0%} |", flush=True)
 
-        def extend(self, more):
-            for row in more:
-                self.append(row)
-
-    rows = Rows()
     shapes = [("qkv", (40 + 16) * 128 // tp, H, True), ("o_proj", H, 40 * 128 // tp, False),
               ("dense fc13", 2 * M_ // tp, H, True), ("dense fc2", H, M_ // tp, False),
               ("shared fc13", 2 * I // tp, H, True), ("shared fc2", H, I // tp, False),
               ("lm_head (static x scale)", 202048 // tp, H, False)]
     for m in (int(t) for t in a.tokens.split(",")):
         for name, n, k, r in shapes if "gemm" in families else ():
-            rows.append(bench_gemm(name, n, k, m, r))
+            show(bench_gemm(name, n, k, m, r))
         if "gemm" in families:
-            rows.append(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
-            rows.append(bench_lm_head(-(-202048 // tp // 16) * 16, H, m))
+            show(bench_gemm("dense fc13+swiglu", 2 * M_ // tp, H, m, True, swiglu=True))
+            show(bench_lm_head(-(-202048 // tp // 16) * 16, H, m))
         if "moe" in families:
-            rows.extend(bench_moe(H, I // tp, E, m))
+            show(*bench_moe(H, I // tp, E, m))
         if "router" in families:
-            rows.extend(bench_router(H, E, m))
+            show(*bench_router(H, E, m))
         if "step_start" in families:
-            rows.extend(bench_step_start(202048 // tp, H, m))
+            show(*bench_step_start(202048 // tp, H, m))
     if "chain" in families:
         for r in (8, 4):
-            rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, r))
-            rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, r))
-        rows.append(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, 8, dot=True))
-        rows.append(bench_dense_mlp_chain(H, M_ // tp, 24, 8, dot=True))
+            show(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, r))
+            show(bench_dense_mlp_chain(H, M_ // tp, 24, r))
+        show(bench_ffn_chain(H, M_ // tp, I // tp, 16, 24, 8, dot=True))
+        show(bench_dense_mlp_chain(H, M_ // tp, 24, 8, dot=True))
         for r, warps, waits, prefetch, dot in ((8, 8, True, True, False), (4, 8, True, True, False),
                                                (8, 8, True, False, False), (8, 8, False, True, False),
                                                (8, 8, True, True, True), (8, 8, False, True, True),
                                                (4, 8, True, True, True)):
-            rows.append(bench_chain(H, M_ // tp, 48, r, warps, waits, prefetch, dot))
+            show(bench_chain(H, M_ // tp, 48, r, warps, waits, prefetch, dot))
     for ctx in (1024, 8192, 131072) if "attention" in families else ():
         for b in (1, 8):
-            rows.append(bench_attention(ctx, b))
+            show(bench_attention(ctx, b))
 
 
 if __name__ == "__main__":
