@@ -359,7 +359,7 @@ class GemvChain:
         dev = stages[0].weight.device
         self.ka, self.kb = k_pieces(max(st.k for st in stages))
         self.prefetch = prefetch and dev.type == "cuda"  # inline PTX: not in the interpreter
-        if dot and not (self.ka >= 2048 and self.kb in (0,) + tuple(range(512, self.ka + 1, 16))):
+        if dot and not (self.ka >= 2048 and (self.kb == 0 or self.kb >= 512)):
             raise ValueError(f"dot=True: the tile widths (K pieces {self.ka} + {self.kb}) must be at least 512 "
                              f"columns at every tile shape (the widest K at least 2048; a second piece 0 or >= 512)")
         self.dot = dot
